@@ -1,0 +1,287 @@
+//! From revealed totals to the answer: the final aggregate values, with the
+//! exact types and rounding DataFusion gives them, and the post part
+//! (HAVING, ORDER BY, LIMIT, arithmetic on aggregates) as DataFusion's own
+//! plan with the Aggregate node replaced by the revealed values.
+//!
+//! Pure computation, no I/O: the gateway executes the returned plan.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, Decimal128Builder, Float64Builder, Int64Builder, RecordBatch, UInt64Builder};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::catalog::MemTable;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::Column;
+use datafusion::datasource::provider_as_source;
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, Projection};
+
+use crate::plan::{AggKind, AggregateOutput, FederatedPlan};
+use crate::PlanError;
+
+/// The revealed per-group totals, indexed `[partial][group]`; entries for
+/// local-only partials are empty.
+pub struct Revealed {
+    pub totals: Vec<Vec<i128>>,
+}
+
+/// The groups that exist: with GROUP BY, those with at least one row (as in
+/// SQL); without, the single group always.
+pub fn present_groups(plan: &FederatedPlan, revealed: &Revealed) -> Vec<usize> {
+    let rows = &revealed.totals[plan.row_count];
+    if plan.grouped {
+        (0..plan.groups.len()).filter(|&g| rows.get(g).copied().unwrap_or(0) > 0).collect()
+    } else {
+        vec![0]
+    }
+}
+
+/// Builds the batch that stands in for DataFusion's Aggregate node.
+pub fn revealed_batch(plan: &FederatedPlan, revealed: &Revealed) -> Result<RecordBatch, PlanError> {
+    let groups = present_groups(plan, revealed);
+    let agg_schema = aggregate_schema(&plan.logical)?;
+    let mut columns: Vec<ArrayRef> = plan.groups.key_arrays_for(&groups);
+    for a in &plan.aggregates {
+        columns.push(final_values(a, &groups, revealed)?);
+    }
+    let fields: Vec<Field> = agg_schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
+        .collect();
+    let schema = Arc::new(Schema::new(fields));
+    let columns = columns
+        .into_iter()
+        .zip(schema.fields())
+        .map(|(c, f)| {
+            if c.data_type() == f.data_type() {
+                Ok(c)
+            } else {
+                datafusion::arrow::compute::cast(&c, f.data_type()).map_err(|e| PlanError::Internal(e.to_string()))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(schema, columns).map_err(|e| PlanError::Internal(e.to_string()))
+}
+
+fn aggregate_schema(plan: &LogicalPlan) -> Result<datafusion::common::DFSchemaRef, PlanError> {
+    let mut found = None;
+    plan.apply(|n| {
+        if let LogicalPlan::Aggregate(a) = n {
+            found = Some(a.schema.clone());
+            return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    })
+    .map_err(|e| PlanError::Internal(e.to_string()))?;
+    found.ok_or_else(|| PlanError::Internal("no aggregate in plan".into()))
+}
+
+/// The query's plan with the Aggregate replaced by a scan of `batch`,
+/// re-labelled with the Aggregate's own (qualified) column names.
+pub fn post_plan(plan: &FederatedPlan, batch: RecordBatch) -> Result<LogicalPlan, PlanError> {
+    let agg_schema = aggregate_schema(&plan.logical)?;
+    let internal = |e: datafusion::error::DataFusionError| PlanError::Internal(e.to_string());
+    let table = MemTable::try_new(batch.schema(), vec![vec![batch]]).map_err(internal)?;
+    let scan = LogicalPlanBuilder::scan("__revealed", provider_as_source(Arc::new(table)), None)
+        .map_err(internal)?
+        .build()
+        .map_err(internal)?;
+    let exprs: Vec<Expr> = (0..agg_schema.fields().len())
+        .map(|i| {
+            let (qualifier, field) = agg_schema.qualified_field(i);
+            Expr::Column(Column::new_unqualified(format!("c{i}"))).alias_qualified(qualifier.cloned(), field.name())
+        })
+        .collect();
+    let relabel = LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(scan)).map_err(internal)?);
+    plan.logical
+        .clone()
+        .transform_up(|node| {
+            if matches!(node, LogicalPlan::Aggregate(_)) {
+                Ok(Transformed::yes(relabel.clone()))
+            } else {
+                Ok(Transformed::no(node))
+            }
+        })
+        .map(|t| t.data)
+        .map_err(internal)
+}
+
+fn pow10(n: u32) -> i128 {
+    10i128.pow(n)
+}
+
+fn final_values(a: &AggregateOutput, groups: &[usize], r: &Revealed) -> Result<ArrayRef, PlanError> {
+    let count = |g: usize| a.count.map(|i| r.totals[i][g]).unwrap_or(0);
+    let sum = |g: usize| a.sum.map(|i| r.totals[i][g]).unwrap_or(0);
+    let overflow = |what: &str| {
+        PlanError::Invalid(format!(
+            "{} of `{}` does not fit its result type {}: the exact total overflows; narrow the query",
+            what,
+            a.field.name(),
+            a.field.data_type()
+        ))
+    };
+    let dt = a.field.data_type().clone();
+    match a.kind {
+        AggKind::CountStar | AggKind::Count => {
+            let mut b = Int64Builder::with_capacity(groups.len());
+            for &g in groups {
+                b.append_value(i64::try_from(count(g)).map_err(|_| overflow("COUNT"))?);
+            }
+            Ok(Arc::new(b.finish()))
+        }
+        AggKind::Sum => match dt {
+            DataType::Int64 | DataType::Int32 | DataType::Int16 | DataType::Int8 => {
+                let mut b = Int64Builder::with_capacity(groups.len());
+                for &g in groups {
+                    if count(g) == 0 {
+                        b.append_null();
+                    } else {
+                        b.append_value(i64::try_from(sum(g)).map_err(|_| overflow("SUM"))?);
+                    }
+                }
+                Ok(Arc::new(b.finish()))
+            }
+            DataType::UInt64 | DataType::UInt32 | DataType::UInt16 | DataType::UInt8 => {
+                let mut b = UInt64Builder::with_capacity(groups.len());
+                for &g in groups {
+                    if count(g) == 0 {
+                        b.append_null();
+                    } else {
+                        b.append_value(u64::try_from(sum(g)).map_err(|_| overflow("SUM"))?);
+                    }
+                }
+                Ok(Arc::new(b.finish()))
+            }
+            DataType::Decimal128(p, s) => {
+                let mut b = Decimal128Builder::with_capacity(groups.len());
+                for &g in groups {
+                    if count(g) == 0 {
+                        b.append_null();
+                    } else {
+                        let v = rescale(sum(g), a.scale, s).ok_or_else(|| overflow("SUM"))?;
+                        if !fits_precision(v, p) {
+                            return Err(overflow("SUM"));
+                        }
+                        b.append_value(v);
+                    }
+                }
+                Ok(Arc::new(b.finish().with_precision_and_scale(p, s).map_err(|e| PlanError::Internal(e.to_string()))?))
+            }
+            _ => {
+                let mut b = Float64Builder::with_capacity(groups.len());
+                for &g in groups {
+                    if count(g) == 0 {
+                        b.append_null();
+                    } else {
+                        b.append_value(sum(g) as f64 / pow10(a.scale) as f64);
+                    }
+                }
+                Ok(Arc::new(b.finish()))
+            }
+        },
+        AggKind::Avg => match dt {
+            DataType::Decimal128(p, s) => {
+                // DataFusion: sum * 10^(s_out - s_in) / count, truncated.
+                let mut b = Decimal128Builder::with_capacity(groups.len());
+                for &g in groups {
+                    let n = count(g);
+                    if n == 0 {
+                        b.append_null();
+                        continue;
+                    }
+                    let v = rescale(sum(g), a.scale, s).ok_or_else(|| overflow("AVG"))? / n;
+                    if !fits_precision(v, p) {
+                        return Err(overflow("AVG"));
+                    }
+                    b.append_value(v);
+                }
+                Ok(Arc::new(b.finish().with_precision_and_scale(p, s).map_err(|e| PlanError::Internal(e.to_string()))?))
+            }
+            _ => {
+                let mut b = Float64Builder::with_capacity(groups.len());
+                for &g in groups {
+                    let n = count(g);
+                    if n == 0 {
+                        b.append_null();
+                    } else {
+                        b.append_value(sum(g) as f64 / pow10(a.scale) as f64 / n as f64);
+                    }
+                }
+                Ok(Arc::new(b.finish()))
+            }
+        },
+        AggKind::VarSamp | AggKind::VarPop | AggKind::StddevSamp | AggKind::StddevPop => {
+            let sq = a.sum_squares.ok_or_else(|| PlanError::Internal("variance without squares".into()))?;
+            let sample = matches!(a.kind, AggKind::VarSamp | AggKind::StddevSamp);
+            let root = matches!(a.kind, AggKind::StddevSamp | AggKind::StddevPop);
+            let mut b = Float64Builder::with_capacity(groups.len());
+            for &g in groups {
+                let n = count(g);
+                let v = variance(n, sum(g), r.totals[sq][g], a.scale, sample);
+                match v {
+                    Some(v) => b.append_value(if root { v.sqrt() } else { v }),
+                    None => b.append_null(),
+                }
+            }
+            Ok(Arc::new(b.finish()))
+        }
+    }
+}
+
+/// Variance from n, S1 = Σx·10^s and S2 = Σx²·10^s, exact in integers up to
+/// the final division: (n·S2·10^s − S1²) / (n·(n−1) or n²) / 10^(2s).
+pub fn variance(n: i128, s1: i128, s2: i128, scale: u32, sample: bool) -> Option<f64> {
+    if n == 0 || (sample && n == 1) {
+        return None;
+    }
+    if n == 1 {
+        return Some(0.0);
+    }
+    let denom = if sample { n * (n - 1) } else { n * n };
+    let exact = n
+        .checked_mul(s2)
+        .and_then(|v| v.checked_mul(pow10(scale)))
+        .and_then(|v| s1.checked_mul(s1).and_then(|q| v.checked_sub(q)));
+    let scale2 = pow10(2 * scale) as f64;
+    let v = match exact {
+        Some(num) => num as f64 / denom as f64 / scale2,
+        None => {
+            let (n, s1, s2) = (n as f64, s1 as f64 / pow10(scale) as f64, s2 as f64 / pow10(scale) as f64);
+            (n * s2 - s1 * s1) / denom as f64
+        }
+    };
+    Some(v.max(0.0))
+}
+
+fn rescale(v: i128, from: u32, to: i8) -> Option<i128> {
+    let to = to.max(0) as u32;
+    if to >= from {
+        v.checked_mul(pow10(to - from))
+    } else {
+        Some(v / pow10(from - to))
+    }
+}
+
+fn fits_precision(v: i128, p: u8) -> bool {
+    p >= 38 || v.unsigned_abs() < 10u128.pow(p as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variance_matches_the_textbook_formula() {
+        // x = 1, 2, 3, 4 at scale 0: mean 2.5, var_pop 1.25, var_samp 5/3.
+        assert_eq!(variance(4, 10, 30, 0, false), Some(1.25));
+        let v = variance(4, 10, 30, 0, true).unwrap();
+        assert!((v - 5.0 / 3.0).abs() < 1e-15);
+        // The same at scale 2: S1 = 1000, S2 = Σx²·100 = 3000.
+        assert_eq!(variance(4, 1000, 3000, 2, false), Some(1.25));
+        assert_eq!(variance(1, 5, 25, 0, true), None);
+        assert_eq!(variance(1, 5, 25, 0, false), Some(0.0));
+        assert_eq!(variance(0, 0, 0, 0, false), None);
+    }
+}

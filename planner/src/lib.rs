@@ -1,0 +1,51 @@
+//! Council's planner: SQL text → [`FederatedPlan`].
+//!
+//! Invariants:
+//! - **No I/O.** The planner reads only the SQL text, the federated catalog and
+//!   the query options it is given. Tables are planned against empty stand-ins
+//!   that carry the catalog's schema.
+//! - **Deterministic.** The same SQL, catalog and options give the same plan
+//!   and the same fingerprint on every gateway; that is how gateways agree
+//!   without trusting each other's plans.
+//! - **Fails closed.** Anything that is not positively understood (a construct,
+//!   an aggregate, a group column without a public domain) is refused with an
+//!   error that names it and its position.
+#![forbid(unsafe_code)]
+
+pub mod ast_check;
+pub mod catalog;
+pub mod finalize;
+pub mod plan;
+
+pub use catalog::{Catalog, ColumnDef, ColumnType, Domain, DomainValue, TableDef};
+pub use plan::{
+    plan_query, AggKind, AggregateOutput, ColumnUses, FederatedPlan, GroupColumn, GroupSpace,
+    LocalPart, Partial, PartialKind, QueryOptions,
+};
+
+/// Why a query could not be planned. Every message names the cause and, where
+/// there is one, the fix.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum PlanError {
+    #[error("SQL syntax error: {0}")]
+    Syntax(String),
+    #[error("not supported yet: {construct} ({position}). {hint}")]
+    NotSupported { construct: String, position: String, hint: String },
+    #[error("not permitted: {construct} ({position}). {hint}")]
+    NotPermitted { construct: String, position: String, hint: String },
+    #[error("catalog error: {0}")]
+    Catalog(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("internal planner error: {0}; please report this")]
+    Internal(String),
+}
+
+impl PlanError {
+    pub(crate) fn not_supported(construct: impl Into<String>, position: impl Into<String>, hint: impl Into<String>) -> Self {
+        PlanError::NotSupported { construct: construct.into(), position: position.into(), hint: hint.into() }
+    }
+    pub(crate) fn not_permitted(construct: impl Into<String>, position: impl Into<String>, hint: impl Into<String>) -> Self {
+        PlanError::NotPermitted { construct: construct.into(), position: position.into(), hint: hint.into() }
+    }
+}

@@ -1,0 +1,712 @@
+//! SQL → [`FederatedPlan`]: the local part every party runs, the secure step
+//! that combines the partials, what is revealed to whom, and the post part.
+//!
+//! DataFusion plans the SQL against empty tables with the catalog's schema.
+//! The plan must have the shape `[Limit] [Sort] Projection [Filter(HAVING)]
+//! Aggregate [Filter(WHERE)] TableScan`; everything above the Aggregate runs
+//! on revealed values only, everything below runs at each party on its own
+//! rows, and the Aggregate itself is split into linear partials (counts, sums,
+//! sums of squares) that are combined under additive secret sharing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, BooleanArray, Int64Array, StringArray};
+use datafusion::arrow::datatypes::{DataType, FieldRef};
+use datafusion::datasource::empty::EmptyTable;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::Column;
+use datafusion::functions_aggregate::count::count_all;
+use datafusion::functions_aggregate::expr_fn::{count, max, min, sum};
+use datafusion::logical_expr::{cast, Aggregate, Expr, ExprSchemable, LogicalPlan};
+use datafusion::prelude::SessionContext;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::catalog::{Catalog, ColumnType, DomainValue, TableDef, DEFAULT_FLOAT_SCALE, MAX_GROUPS};
+use crate::PlanError;
+
+/// Options the querying analyst may set; part of the fingerprint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryOptions {
+    /// The MPC engine; only `additive` exists so far.
+    #[serde(default)]
+    pub engine: Engine,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// Additive N-party sharing over Z_2^64: linear operators only; secure
+    /// against any coalition of all parties but one (semi-honest).
+    #[default]
+    Additive,
+}
+
+/// The SQL aggregate the analyst wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum AggKind {
+    CountStar,
+    Count,
+    Sum,
+    Avg,
+    VarSamp,
+    VarPop,
+    StddevSamp,
+    StddevPop,
+}
+
+impl AggKind {
+    /// The name a policy uses for this aggregate.
+    pub fn policy_name(self) -> &'static str {
+        match self {
+            AggKind::CountStar | AggKind::Count => "count",
+            AggKind::Sum => "sum",
+            AggKind::Avg => "avg",
+            AggKind::VarSamp | AggKind::VarPop => "var",
+            AggKind::StddevSamp | AggKind::StddevPop => "stddev",
+        }
+    }
+}
+
+/// A linear partial each party computes over its own rows, per group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PartialKind {
+    /// Rows in the group (after WHERE).
+    RowCount,
+    /// Non-NULL values of the argument.
+    Count,
+    /// Σ x, as an integer at the partial's scale.
+    Sum,
+    /// Σ x², exact at twice the scale locally, shared rounded to the scale.
+    SumSquares,
+    /// Local only, never shared: the extremes of x prove that the local
+    /// 128-bit sums cannot have wrapped.
+    LocalMin,
+    LocalMax,
+}
+
+impl PartialKind {
+    pub fn is_shared(self) -> bool {
+        !matches!(self, PartialKind::LocalMin | PartialKind::LocalMax)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Partial {
+    pub kind: PartialKind,
+    /// The aggregate's argument, with column names unqualified.
+    pub arg: Option<Expr>,
+    /// Decimal digits of the fixed-point encoding.
+    pub scale: u32,
+    /// Index of the partial (of the same argument) that counts non-NULL values.
+    pub count_of_arg: Option<usize>,
+}
+
+impl Partial {
+    fn describe(&self) -> String {
+        let arg = self.arg.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "*".into());
+        match self.kind {
+            PartialKind::RowCount => "COUNT(*)".into(),
+            PartialKind::Count => format!("COUNT({arg})"),
+            PartialKind::Sum => format!("SUM({arg}) at scale {}", self.scale),
+            PartialKind::SumSquares => format!("SUM(({arg})^2) at scale {}", self.scale),
+            PartialKind::LocalMin => format!("MIN({arg}) (local overflow guard, never shared)"),
+            PartialKind::LocalMax => format!("MAX({arg}) (local overflow guard, never shared)"),
+        }
+    }
+}
+
+/// One public group column and its declared values; NULL is the last value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupColumn {
+    pub name: String,
+    pub data_type: DataType,
+    pub values: Vec<Option<DomainValue>>,
+}
+
+/// The cross product of the group columns' domains: every party computes a
+/// partial for every group in it, so no party's set of keys is revealed.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GroupSpace {
+    pub columns: Vec<GroupColumn>,
+}
+
+impl GroupSpace {
+    pub fn len(&self) -> usize {
+        self.columns.iter().map(|c| c.values.len()).product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The key of group `index`, one value per column (row-major order).
+    pub fn key(&self, mut index: usize) -> Vec<Option<DomainValue>> {
+        let mut key = vec![None; self.columns.len()];
+        for (i, c) in self.columns.iter().enumerate().rev() {
+            let n = c.values.len();
+            key[i] = c.values[index % n].clone();
+            index /= n;
+        }
+        key
+    }
+
+    /// The public companion of every share batch: one Arrow array per group
+    /// column, `len()` rows, in group-index order.
+    pub fn key_arrays(&self) -> Vec<ArrayRef> {
+        self.key_arrays_for(&(0..self.len()).collect::<Vec<_>>())
+    }
+
+    /// Key arrays for the given group indices only.
+    pub fn key_arrays_for(&self, indices: &[usize]) -> Vec<ArrayRef> {
+        let keys: Vec<Vec<Option<DomainValue>>> = indices.iter().map(|&i| self.key(i)).collect();
+        self.columns
+            .iter()
+            .enumerate()
+            .map(|(ci, c)| -> ArrayRef {
+                match c.data_type {
+                    DataType::Int64 => Arc::new(Int64Array::from_iter(keys.iter().map(|k| match &k[ci] {
+                        Some(DomainValue::Int(v)) => Some(*v),
+                        _ => None,
+                    }))),
+                    DataType::Boolean => Arc::new(BooleanArray::from_iter(keys.iter().map(|k| match &k[ci] {
+                        Some(DomainValue::Bool(v)) => Some(*v),
+                        _ => None,
+                    }))),
+                    _ => Arc::new(StringArray::from_iter(keys.iter().map(|k| match &k[ci] {
+                        Some(DomainValue::Text(v)) => Some(v.clone()),
+                        _ => None,
+                    }))),
+                }
+            })
+            .collect()
+    }
+}
+
+/// What each party runs on its own rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalPart {
+    /// The federated table.
+    pub table: String,
+    pub filter: Option<Expr>,
+    pub group_columns: Vec<String>,
+    pub partials: Vec<Partial>,
+}
+
+impl LocalPart {
+    /// The DataFusion aggregate expressions, aliased `p0`, `p1`, …
+    pub fn aggregate_exprs(&self) -> Vec<Expr> {
+        self.partials
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let fixed = |precision: u8| {
+                    let arg = p.arg.clone().unwrap_or_else(|| datafusion::logical_expr::lit(1i64));
+                    cast(arg, DataType::Decimal128(precision, p.scale as i8))
+                };
+                let e = match p.kind {
+                    PartialKind::RowCount => count_all(),
+                    PartialKind::Count => count(p.arg.clone().unwrap_or_else(|| datafusion::logical_expr::lit(1i64))),
+                    PartialKind::Sum => sum(fixed(38)),
+                    // 18 digits per factor keep every product below 10^36.
+                    PartialKind::SumSquares => sum(fixed(18) * fixed(18)),
+                    PartialKind::LocalMin => min(fixed(38)),
+                    PartialKind::LocalMax => max(fixed(38)),
+                };
+                e.alias(format!("p{i}"))
+            })
+            .collect()
+    }
+
+    /// The local part as SQL, for EXPLAIN and for audits.
+    pub fn to_sql(&self) -> String {
+        let sql_of = |e: &Expr| match datafusion::sql::unparser::expr_to_sql(e) {
+            Ok(s) => s.to_string(),
+            Err(_) => e.to_string(),
+        };
+        let mut items: Vec<String> = self.group_columns.clone();
+        items.extend(self.aggregate_exprs().iter().map(sql_of));
+        let mut s = format!("SELECT {} FROM {}", items.join(", "), self.table);
+        if let Some(f) = &self.filter {
+            let _ = write!(s, " WHERE {}", sql_of(f));
+        }
+        if !self.group_columns.is_empty() {
+            let _ = write!(s, " GROUP BY {}", self.group_columns.join(", "));
+        }
+        s
+    }
+}
+
+/// One output aggregate of the DataFusion plan and the partials it needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregateOutput {
+    pub kind: AggKind,
+    /// DataFusion's output field (name and type), which the revealed values
+    /// take, so that the post part is DataFusion's own.
+    pub field: FieldRef,
+    pub count: Option<usize>,
+    pub sum: Option<usize>,
+    pub sum_squares: Option<usize>,
+    pub scale: u32,
+}
+
+/// Which columns the query uses, and how: the policy checks this.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ColumnUses {
+    pub filter: BTreeSet<String>,
+    pub group_by: BTreeSet<String>,
+    /// Column → the policy names of the aggregates applied to it.
+    pub aggregate: BTreeMap<String, BTreeSet<&'static str>>,
+    pub count_star: bool,
+}
+
+/// The plan every gateway computes for itself.
+#[derive(Debug, Clone)]
+pub struct FederatedPlan {
+    pub sql: String,
+    pub parties: Vec<String>,
+    pub options: QueryOptions,
+    pub table: String,
+    pub local: LocalPart,
+    pub groups: GroupSpace,
+    /// Whether the query has GROUP BY (without it, one row is always returned).
+    pub grouped: bool,
+    pub aggregates: Vec<AggregateOutput>,
+    /// Index of the RowCount partial, which decides which groups exist.
+    pub row_count: usize,
+    pub uses: ColumnUses,
+    /// DataFusion's logical plan of the whole query.
+    pub logical: LogicalPlan,
+    pub catalog_digest: String,
+    pub fingerprint: String,
+}
+
+impl FederatedPlan {
+    /// Indices of the partials that are secret-shared and revealed.
+    pub fn shared_partials(&self) -> Vec<usize> {
+        (0..self.local.partials.len()).filter(|&i| self.local.partials[i].kind.is_shared()).collect()
+    }
+
+    /// The disclosure manifest and plan, for EXPLAIN.
+    pub fn explain(&self, leader: &str) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "Federated plan {}", &self.fingerprint[..16]);
+        let _ = writeln!(s, "  parties: {}", self.parties.join(", "));
+        let _ = writeln!(s, "  engine: additive secret sharing over Z_2^64 among all {} parties", self.parties.len());
+        let _ = writeln!(s, "1. Local part (each party, on its own rows only; raw rows never leave the party):");
+        let _ = writeln!(s, "     {}", self.local.to_sql());
+        if self.grouped {
+            let dims: Vec<String> = self
+                .groups
+                .columns
+                .iter()
+                .map(|c| format!("{} ({} declared values + NULL)", c.name, c.values.len() - 1))
+                .collect();
+            let _ = writeln!(
+                s,
+                "   then spread over the public group domain: {} = {} groups (zero where a party has none)",
+                dims.join(" x "),
+                self.groups.len()
+            );
+        }
+        let shared = self.shared_partials();
+        let _ = writeln!(s, "2. Secure step: each party splits its partials into additive shares, one per party:");
+        for &i in &shared {
+            let _ = writeln!(s, "     {}", self.local.partials[i].describe());
+        }
+        let _ = writeln!(
+            s,
+            "   Shares travel as Arrow batches of UInt64 over mutual TLS; each party adds the shares it holds."
+        );
+        let _ = writeln!(s, "3. Reveal: the per-group totals of the partials above, to {leader} (the querying gateway) only.");
+        let _ = writeln!(
+            s,
+            "   {leader} learns each group's total row count (even if not selected) and the totals listed; \
+             no party learns another party's partials."
+        );
+        let _ = writeln!(s, "4. Post part at {leader}, on revealed values only:");
+        for line in post_lines(&self.logical) {
+            let _ = writeln!(s, "     {line}");
+        }
+        let _ = writeln!(
+            s,
+            "Output leakage: the revealed aggregates themselves say something about the rows behind them \
+             (small groups, differences between queries); the policies bound what may be asked."
+        );
+        s
+    }
+}
+
+fn post_lines(plan: &LogicalPlan) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in plan.display_indent().to_string().lines() {
+        if line.trim_start().starts_with("Aggregate:") {
+            out.push(format!("{}<revealed aggregates>", &line[..line.len() - line.trim_start().len()]));
+            break;
+        }
+        out.push(line.to_string());
+    }
+    out
+}
+
+/// Plans `sql` over `catalog` for the federation `parties` (sorted ids).
+pub async fn plan_query(
+    sql: &str,
+    catalog: &Catalog,
+    parties: &[String],
+    options: &QueryOptions,
+) -> Result<FederatedPlan, PlanError> {
+    let stmt = crate::ast_check::parse_and_check(sql)?;
+    let ctx = SessionContext::new();
+    for t in catalog.tables.values() {
+        ctx.register_table(t.name.as_str(), Arc::new(EmptyTable::new(t.schema())))
+            .map_err(|e| PlanError::Internal(e.to_string()))?;
+    }
+    let logical = ctx
+        .state()
+        .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(stmt)))
+        .await
+        .map_err(|e| PlanError::Invalid(clean_df_error(&e.to_string())))?;
+
+    let agg = find_aggregate(&logical)?;
+    let (filter, table_name) = local_input(&agg.input)?;
+    let table = catalog
+        .table(&table_name)
+        .ok_or_else(|| PlanError::Invalid(format!("`{table_name}` is not a federated table in the catalog")))?;
+
+    let mut uses = ColumnUses::default();
+    if let Some(f) = &filter {
+        for c in f.column_refs() {
+            uses.filter.insert(c.name.clone());
+        }
+    }
+
+    // Group columns: plain columns with a public domain.
+    let mut groups = GroupSpace::default();
+    let mut group_columns = Vec::new();
+    for g in &agg.group_expr {
+        let Expr::Column(c) = g else {
+            return Err(PlanError::not_supported(
+                format!("GROUP BY expression `{g}`"),
+                "GROUP BY",
+                "group by a column whose domain the catalog declares",
+            ));
+        };
+        let col = table
+            .column(&c.name)
+            .ok_or_else(|| PlanError::Internal(format!("group column {} not in table", c.name)))?;
+        let Some(domain) = &col.domain else {
+            return Err(PlanError::not_permitted(
+                format!("GROUP BY {}", c.name),
+                "GROUP BY",
+                format!(
+                    "column `{}` has no public domain in the catalog, so grouping by it would reveal which values exist; \
+                     declare its values (domain = [...]) in the catalog",
+                    c.name
+                ),
+            ));
+        };
+        uses.group_by.insert(c.name.clone());
+        let mut values: Vec<Option<DomainValue>> = domain.values.iter().cloned().map(Some).collect();
+        values.push(None);
+        groups.columns.push(GroupColumn { name: c.name.clone(), data_type: col.ty.arrow_type(), values });
+        group_columns.push(c.name.clone());
+    }
+    let group_count = groups.columns.iter().try_fold(1usize, |acc, c| acc.checked_mul(c.values.len()));
+    match group_count {
+        Some(n) if n <= MAX_GROUPS => {}
+        _ => {
+            return Err(PlanError::not_permitted(
+                "this GROUP BY",
+                "GROUP BY",
+                format!("the group domains multiply to more than {MAX_GROUPS} groups; group by fewer columns"),
+            ))
+        }
+    }
+
+    // Aggregates → partials.
+    let mut partials: Vec<Partial> = vec![Partial { kind: PartialKind::RowCount, arg: None, scale: 0, count_of_arg: None }];
+    let input_schema = agg.input.schema();
+    let mut aggregates = Vec::new();
+    for (i, e) in agg.aggr_expr.iter().enumerate() {
+        let field = agg.schema.field(agg.group_expr.len() + i).clone();
+        let inner = match e {
+            Expr::Alias(a) => a.expr.as_ref(),
+            other => other,
+        };
+        let Expr::AggregateFunction(af) = inner else {
+            return Err(PlanError::Internal(format!("unexpected aggregate expression {e}")));
+        };
+        let name = af.func.name().to_ascii_lowercase();
+        if af.params.distinct {
+            return Err(PlanError::not_supported(
+                format!("{}(DISTINCT ...)", name.to_uppercase()),
+                "SELECT list",
+                "distinct counts need secure set union, which is not built yet",
+            ));
+        }
+        if af.params.filter.is_some() || !af.params.order_by.is_empty() {
+            return Err(PlanError::not_supported(
+                format!("FILTER or ORDER BY inside {}", name.to_uppercase()),
+                "SELECT list",
+                "move the condition to WHERE",
+            ));
+        }
+        let arg = af.params.args.first().cloned();
+        let is_star = matches!(&arg, Some(Expr::Literal(v, _)) if !v.is_null()) && name == "count";
+        let kind = match name.as_str() {
+            "count" if is_star => AggKind::CountStar,
+            "count" => AggKind::Count,
+            "sum" => AggKind::Sum,
+            "avg" | "mean" => AggKind::Avg,
+            "var" | "var_samp" | "var_sample" => AggKind::VarSamp,
+            "var_pop" | "var_population" => AggKind::VarPop,
+            "stddev" | "stddev_samp" => AggKind::StddevSamp,
+            "stddev_pop" => AggKind::StddevPop,
+            other => {
+                return Err(PlanError::not_supported(
+                    format!("aggregate {}", other.to_uppercase()),
+                    "SELECT list",
+                    "Council computes COUNT, SUM, AVG, VAR_SAMP, VAR_POP, STDDEV_SAMP and STDDEV_POP so far",
+                ))
+            }
+        };
+        if kind == AggKind::CountStar {
+            uses.count_star = true;
+            aggregates.push(AggregateOutput { kind, field, count: Some(0), sum: None, sum_squares: None, scale: 0 });
+            continue;
+        }
+        let Some(arg) = arg else {
+            return Err(PlanError::Invalid(format!("{} needs an argument", name.to_uppercase())));
+        };
+        if af.params.args.len() != 1 {
+            return Err(PlanError::Invalid(format!("{} takes one argument", name.to_uppercase())));
+        }
+        let refs: Vec<String> = arg.column_refs().iter().map(|c| c.name.clone()).collect();
+        if refs.is_empty() && kind != AggKind::Count {
+            return Err(PlanError::Invalid(format!(
+                "{}({arg}) aggregates a constant; aggregate a column",
+                name.to_uppercase()
+            )));
+        }
+        for r in &refs {
+            uses.aggregate.entry(r.clone()).or_default().insert(kind.policy_name());
+        }
+        let arg_type = arg.get_type(input_schema).map_err(|e| PlanError::Invalid(clean_df_error(&e.to_string())))?;
+        let arg = unqualify(arg)?;
+        let scale = if kind == AggKind::Count { 0 } else { encoding_scale(&arg_type, &refs, table, &name)? };
+        let mut intern = |kind: PartialKind, count_of_arg: Option<usize>| -> usize {
+            let p = Partial { kind, arg: Some(arg.clone()), scale, count_of_arg };
+            if let Some(i) = partials.iter().position(|q| q.kind == p.kind && q.arg == p.arg && q.scale == p.scale) {
+                i
+            } else {
+                partials.push(p);
+                partials.len() - 1
+            }
+        };
+        let count_idx = intern(PartialKind::Count, None);
+        let mut out = AggregateOutput { kind, field, count: Some(count_idx), sum: None, sum_squares: None, scale };
+        if kind != AggKind::Count {
+            out.sum = Some(intern(PartialKind::Sum, Some(count_idx)));
+            intern(PartialKind::LocalMin, Some(count_idx));
+            intern(PartialKind::LocalMax, Some(count_idx));
+        }
+        if matches!(kind, AggKind::VarSamp | AggKind::VarPop | AggKind::StddevSamp | AggKind::StddevPop) {
+            out.sum_squares = Some(intern(PartialKind::SumSquares, Some(count_idx)));
+        }
+        aggregates.push(out);
+    }
+
+    let filter = filter.map(unqualify).transpose()?;
+    let local = LocalPart { table: table.name.clone(), filter, group_columns, partials };
+    let grouped = !agg.group_expr.is_empty();
+    let catalog_digest = catalog.digest();
+    let mut plan = FederatedPlan {
+        sql: sql.to_string(),
+        parties: parties.to_vec(),
+        options: options.clone(),
+        table: table.name.clone(),
+        local,
+        groups,
+        grouped,
+        aggregates,
+        row_count: 0,
+        uses,
+        logical: logical.clone(),
+        catalog_digest,
+        fingerprint: String::new(),
+    };
+    plan.fingerprint = fingerprint(&plan);
+    Ok(plan)
+}
+
+fn encoding_scale(ty: &DataType, refs: &[String], table: &TableDef, func: &str) -> Result<u32, PlanError> {
+    match ty {
+        DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => Ok(0),
+        DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64 => Ok(0),
+        DataType::Decimal128(_, s) if *s >= 0 && *s <= 18 => Ok(*s as u32),
+        DataType::Float16 | DataType::Float32 | DataType::Float64 => Ok(refs
+            .iter()
+            .filter_map(|r| match table.column(r).map(|c| &c.ty) {
+                Some(ColumnType::Float { scale }) => Some(*scale),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(DEFAULT_FLOAT_SCALE)),
+        other => Err(PlanError::Invalid(format!(
+            "{}() over a value of type {other} is not supported; aggregate a numeric column",
+            func.to_uppercase()
+        ))),
+    }
+}
+
+fn unqualify(e: Expr) -> Result<Expr, PlanError> {
+    e.transform_up(|e| match e {
+        Expr::Column(c) if c.relation.is_some() => Ok(Transformed::yes(Expr::Column(Column::new_unqualified(c.name)))),
+        other => Ok(Transformed::no(other)),
+    })
+    .map(|t| t.data)
+    .map_err(|err| PlanError::Internal(err.to_string()))
+}
+
+fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate, PlanError> {
+    match plan {
+        LogicalPlan::Projection(p) => find_aggregate(&p.input),
+        LogicalPlan::Sort(s) => find_aggregate(&s.input),
+        LogicalPlan::Limit(l) => find_aggregate(&l.input),
+        LogicalPlan::Filter(f) => find_aggregate(&f.input),
+        LogicalPlan::Aggregate(a) => Ok(a),
+        LogicalPlan::TableScan(_) | LogicalPlan::SubqueryAlias(_) => Err(PlanError::not_permitted(
+            "a query without aggregates",
+            "SELECT list",
+            "it would return a party's raw rows; every output must be an aggregate (COUNT, SUM, AVG, ...) \
+             or a GROUP BY column",
+        )),
+        LogicalPlan::Distinct(_) => Err(PlanError::not_permitted(
+            "DISTINCT",
+            "SELECT",
+            "it would reveal which raw values exist",
+        )),
+        LogicalPlan::Window(_) => Err(PlanError::not_supported("window functions", "SELECT list", "")),
+        LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => Err(PlanError::Invalid(
+            "the query reads no federated table; name one in FROM".into(),
+        )),
+        other => Err(PlanError::not_supported(
+            format!("plan node {}", other.display()),
+            "query",
+            "Council answers one aggregate SELECT over a federated table",
+        )),
+    }
+}
+
+fn local_input(plan: &LogicalPlan) -> Result<(Option<Expr>, String), PlanError> {
+    match plan {
+        LogicalPlan::Filter(f) => {
+            let (inner, t) = local_input(&f.input)?;
+            let pred = match inner {
+                Some(i) => i.and(f.predicate.clone()),
+                None => f.predicate.clone(),
+            };
+            Ok((Some(pred), t))
+        }
+        LogicalPlan::SubqueryAlias(a) => local_input(&a.input),
+        LogicalPlan::TableScan(t) => Ok((None, t.table_name.table().to_string())),
+        other => Err(PlanError::not_supported(
+            format!("plan node {} below the aggregate", other.display()),
+            "FROM/WHERE",
+            "query one federated table with a WHERE clause",
+        )),
+    }
+}
+
+fn fingerprint(plan: &FederatedPlan) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "council-plan v1");
+    let _ = writeln!(s, "parties {}", plan.parties.join(","));
+    let _ = writeln!(s, "catalog {}", plan.catalog_digest);
+    let _ = writeln!(s, "options {:?}", plan.options);
+    let _ = writeln!(s, "logical\n{}", plan.logical.display_indent_schema());
+    let _ = writeln!(s, "local {}", plan.local.to_sql());
+    for p in &plan.local.partials {
+        let _ = writeln!(s, "partial {:?} {:?} {}", p.kind, p.arg.as_ref().map(|a| a.to_string()), p.scale);
+    }
+    for c in &plan.groups.columns {
+        let _ = writeln!(s, "group {} {:?}", c.name, c.values);
+    }
+    for a in &plan.aggregates {
+        let _ = writeln!(s, "aggregate {:?} {} {}", a.kind, a.field.name(), a.field.data_type());
+    }
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// Strips DataFusion's error prefixes and backtrace noise for analysts.
+pub fn clean_df_error(e: &str) -> String {
+    let e = e.trim();
+    let e = e.strip_prefix("Error during planning: ").unwrap_or(e);
+    e.split("\nbacktrace").next().unwrap_or(e).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CATALOG: &str = r#"
+[tables.patients]
+columns = [
+  { name = "patient_id", type = "int" },
+  { name = "age_band", type = "text", domain = ["0-17", "18-39", "40-64", "65+"] },
+  { name = "sex", type = "text", domain = ["F", "M"] },
+  { name = "diagnosis", type = "text" },
+  { name = "cost", type = "decimal(12,2)" },
+  { name = "los", type = "int" },
+]
+"#;
+
+    fn parties() -> Vec<String> {
+        vec!["a".into(), "b".into(), "c".into()]
+    }
+
+    async fn plan(sql: &str) -> Result<FederatedPlan, PlanError> {
+        let cat = Catalog::from_toml(CATALOG, "catalog.toml").unwrap();
+        plan_query(sql, &cat, &parties(), &QueryOptions::default()).await
+    }
+
+    #[tokio::test]
+    async fn splits_aggregates_into_linear_partials() {
+        let p = plan("SELECT age_band, COUNT(*), AVG(cost), VAR_SAMP(los) FROM patients WHERE diagnosis = 'E11' GROUP BY age_band")
+            .await
+            .unwrap();
+        let kinds: Vec<PartialKind> = p.local.partials.iter().map(|p| p.kind).collect();
+        use PartialKind::*;
+        assert_eq!(kinds, vec![RowCount, Count, Sum, LocalMin, LocalMax, Count, Sum, LocalMin, LocalMax, SumSquares]);
+        assert_eq!(p.groups.len(), 5);
+        assert_eq!(p.uses.filter, BTreeSet::from(["diagnosis".to_string()]));
+        assert_eq!(p.uses.group_by, BTreeSet::from(["age_band".to_string()]));
+        let sql = p.local.to_sql();
+        assert!(sql.contains("WHERE (diagnosis = 'E11')") || sql.contains("WHERE diagnosis = 'E11'"), "{sql}");
+        assert!(sql.ends_with("GROUP BY age_band"), "{sql}");
+    }
+
+    #[tokio::test]
+    async fn fingerprint_is_deterministic_and_sensitive() {
+        let a = plan("SELECT sex, SUM(cost) FROM patients GROUP BY sex").await.unwrap();
+        let b = plan("select sex,  sum(cost) from patients group by sex").await.unwrap();
+        let c = plan("SELECT sex, SUM(cost) FROM patients WHERE los > 1 GROUP BY sex").await.unwrap();
+        assert_eq!(a.fingerprint, b.fingerprint);
+        assert_ne!(a.fingerprint, c.fingerprint);
+    }
+
+    #[tokio::test]
+    async fn refuses_raw_rows_and_undeclared_group_keys() {
+        let e = plan("SELECT cost FROM patients").await.unwrap_err().to_string();
+        assert!(e.contains("raw rows"), "{e}");
+        let e = plan("SELECT diagnosis, COUNT(*) FROM patients GROUP BY diagnosis").await.unwrap_err().to_string();
+        assert!(e.contains("no public domain"), "{e}");
+        let e = plan("SELECT COUNT(DISTINCT los) FROM patients").await.unwrap_err().to_string();
+        assert!(e.contains("DISTINCT"), "{e}");
+        let e = plan("SELECT COUNT(*) FROM nosuch").await.unwrap_err().to_string();
+        assert!(e.contains("nosuch"), "{e}");
+    }
+}
