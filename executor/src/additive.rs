@@ -1,0 +1,141 @@
+//! Engine 1: additive N-party secret sharing over Z_2^64.
+//!
+//! Each party splits its encoded partials into N shares and sends share j to
+//! party j (round `Input`). Each party adds the shares it holds into its
+//! share of the total, and sends that to the querying party (round
+//! `Result`), which alone adds them up and learns the totals. Secure against
+//! any semi-honest coalition of up to N-1 parties: every message a coalition
+//! sees from an honest party is uniformly random, save the final total.
+
+use rand::rngs::OsRng;
+use rand::SeedableRng;
+use rand::TryRngCore;
+use rand_chacha::ChaCha20Rng;
+
+use crate::ring;
+use crate::shares::SharedTable;
+use crate::transport::{Round, Transport};
+use crate::ExecError;
+
+pub struct AdditiveEngine {
+    /// All parties, in the agreed (sorted) order.
+    pub parties: Vec<String>,
+    pub me: String,
+    /// The querying party: the only one that learns the result.
+    pub leader: String,
+}
+
+impl AdditiveEngine {
+    /// Runs the protocol on this party's encoded `input` (its partials for
+    /// every group, with the public keys). Returns the decoded totals at the
+    /// leader, `None` at every other party.
+    pub async fn sum_and_reveal(
+        &self,
+        transport: &dyn Transport,
+        input: &SharedTable,
+    ) -> Result<Option<Vec<Vec<i64>>>, ExecError> {
+        let n = self.parties.len();
+        let ncols = input.columns.len();
+        let rows = input.rows;
+        let mut seed = [0u8; 32];
+        OsRng.try_fill_bytes(&mut seed).map_err(|e| ExecError::Encode(format!("OS randomness failed: {e}")))?;
+        let mut rng = ChaCha20Rng::from_seed(seed);
+        let shares = SharedTable::split(&input.keys, &input.columns, rows, n, &mut rng);
+
+        let mut mine = None;
+        let sends = self.parties.iter().zip(shares).filter_map(|(p, s)| {
+            if *p == self.me {
+                mine = Some(s);
+                None
+            } else {
+                Some((p.clone(), s))
+            }
+        });
+        let sends: Vec<(String, SharedTable)> = sends.collect();
+        let mut acc = mine.ok_or_else(|| ExecError::Encode(format!("{} is not among the parties", self.me)))?;
+        let send_all = futures::future::try_join_all(sends.iter().map(|(p, s)| async move {
+            let b = s.to_batch().map_err(|e| ExecError::Encode(e.to_string()))?;
+            transport.send(p, Round::Input, b).await.map_err(ExecError::from)
+        }));
+        let recv_all = futures::future::try_join_all(self.others().map(|p| async move {
+            let b = transport.recv(p, Round::Input).await?;
+            SharedTable::from_batch(&b, &input.keys, ncols, rows)
+                .map_err(|reason| ExecError::Malformed { peer: p.to_string(), reason })
+        }));
+        let (_, received) = futures::future::try_join(send_all, recv_all).await?;
+        for r in &received {
+            acc.add_assign(r);
+        }
+
+        if self.me != self.leader {
+            let b = acc.to_batch().map_err(|e| ExecError::Encode(e.to_string()))?;
+            transport.send(&self.leader, Round::Result, b).await?;
+            return Ok(None);
+        }
+        let results = futures::future::try_join_all(self.others().map(|p| async move {
+            let b = transport.recv(p, Round::Result).await?;
+            SharedTable::from_batch(&b, &input.keys, ncols, rows)
+                .map_err(|reason| ExecError::Malformed { peer: p.to_string(), reason })
+        }))
+        .await?;
+        for r in &results {
+            acc.add_assign(r);
+        }
+        Ok(Some(acc.columns.iter().map(|c| c.iter().map(|&v| ring::decode(v)).collect()).collect()))
+    }
+
+    fn others(&self) -> impl Iterator<Item = &String> {
+        self.parties.iter().filter(move |p| **p != self.me)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::InMemoryNetwork;
+    use std::time::Duration;
+
+    fn parties(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("p{i}")).collect()
+    }
+
+    #[tokio::test]
+    async fn leader_learns_exactly_the_sum() {
+        for n in [2, 3, 5] {
+            let ps = parties(n);
+            let net = InMemoryNetwork::connect(&ps, Duration::from_secs(5));
+            let inputs: Vec<Vec<i128>> = (0..n).map(|i| vec![i as i128 * 10 - 7, -(i as i128), 1 << 40]).collect();
+            let mut tasks = Vec::new();
+            for (i, t) in net.into_iter().enumerate() {
+                let ps = ps.clone();
+                let enc = crate::encode::to_ring(&[inputs[i].clone()], n).unwrap();
+                tasks.push(tokio::spawn(async move {
+                    let e = AdditiveEngine { parties: ps.clone(), me: ps[i].clone(), leader: ps[1].clone() };
+                    let input = SharedTable { keys: vec![], columns: enc, rows: 3 };
+                    e.sum_and_reveal(&t, &input).await.unwrap()
+                }));
+            }
+            let mut outs = Vec::new();
+            for t in tasks {
+                outs.push(t.await.unwrap());
+            }
+            for (i, o) in outs.iter().enumerate() {
+                assert_eq!(o.is_some(), i == 1, "only the leader learns the result");
+            }
+            let expect: Vec<i64> = (0..3).map(|g| inputs.iter().map(|v| v[g]).sum::<i128>() as i64).collect();
+            assert_eq!(outs[1].as_ref().unwrap()[0], expect);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_times_out_and_nothing_is_revealed() {
+        let ps = parties(3);
+        let mut net = InMemoryNetwork::connect(&ps, Duration::from_millis(200));
+        let _silent = net.pop();
+        let t1 = net.pop().unwrap();
+        let enc = crate::encode::to_ring(&[vec![5]], 3).unwrap();
+        let e = AdditiveEngine { parties: ps.clone(), me: ps[1].clone(), leader: ps[1].clone() };
+        let err = e.sum_and_reveal(&t1, &SharedTable { keys: vec![], columns: enc, rows: 1 }).await.unwrap_err();
+        assert!(err.to_string().contains("p0") || err.to_string().contains("p2"), "{err}");
+    }
+}

@@ -1,0 +1,152 @@
+//! Local partials → dense per-group integers → ring elements.
+//!
+//! The local engine returns one row per group a party has, with counts as
+//! Int64 and sums as Decimal128 (integers at the partial's scale). These are
+//! spread over the whole public domain (zero where the party has no rows) as
+//! exact i128 values, then encoded into Z_2^64 within the party bound.
+
+use arrow::array::{Array, ArrayRef, Decimal128Array, Int64Array, RecordBatch};
+
+use crate::groups::GroupIndex;
+use crate::ring;
+use crate::ExecError;
+
+/// How to read one partial column of the local result.
+#[derive(Debug, Clone, Copy)]
+pub struct PartialColumn {
+    /// Divide the local value by 10^k, rounding half away from zero (sums of
+    /// squares are computed at twice the scale and shared at the scale).
+    pub divide_pow10: u32,
+}
+
+/// Spreads the local result over the domain: `out[partial][group]`.
+/// `batches` hold the group key columns first, then one column per partial.
+pub fn dense_partials(
+    batches: &[RecordBatch],
+    index: &GroupIndex,
+    specs: &[PartialColumn],
+) -> Result<Vec<Vec<i128>>, ExecError> {
+    let nkeys = index.keys().len();
+    let mut out = vec![vec![0i128; index.len()]; specs.len()];
+    for b in batches {
+        if b.num_columns() != nkeys + specs.len() {
+            return Err(ExecError::Encode(format!(
+                "local result has {} columns, expected {}",
+                b.num_columns(),
+                nkeys + specs.len()
+            )));
+        }
+        let keys: Vec<ArrayRef> = b.columns()[..nkeys].to_vec();
+        let pos = index.lookup(&keys, b.num_rows())?;
+        for (k, spec) in specs.iter().enumerate() {
+            let col = b.column(nkeys + k);
+            let dst = &mut out[k];
+            let add = |dst: &mut Vec<i128>, g: usize, v: i128| -> Result<(), ExecError> {
+                let v = if spec.divide_pow10 == 0 { v } else { div_round(v, 10i128.pow(spec.divide_pow10)) };
+                dst[g] = dst[g]
+                    .checked_add(v)
+                    .ok_or_else(|| ExecError::Encode("a local partial overflows 128 bits".into()))?;
+                Ok(())
+            };
+            if let Some(a) = col.as_any().downcast_ref::<Int64Array>() {
+                for (row, &g) in pos.iter().enumerate() {
+                    if a.is_valid(row) {
+                        add(dst, g, a.value(row) as i128)?;
+                    }
+                }
+            } else if let Some(a) = col.as_any().downcast_ref::<Decimal128Array>() {
+                for (row, &g) in pos.iter().enumerate() {
+                    if a.is_valid(row) {
+                        add(dst, g, a.value(row))?;
+                    }
+                }
+            } else {
+                return Err(ExecError::Encode(format!(
+                    "local partial column {k} has type {}, expected Int64 or Decimal128",
+                    col.data_type()
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn div_round(v: i128, d: i128) -> i128 {
+    let q = v / d;
+    let r = v % d;
+    if 2 * r.abs() >= d {
+        q + v.signum()
+    } else {
+        q
+    }
+}
+
+/// True if a 128-bit sum of `count` terms each at most `max_abs` in magnitude
+/// (squared if `squares`) cannot have wrapped.
+pub fn sum_cannot_wrap(count: i128, max_abs: u128, squares: bool) -> bool {
+    let term = if squares { max_abs.checked_mul(max_abs) } else { Some(max_abs) };
+    match term.and_then(|t| t.checked_mul(count.max(0) as u128)) {
+        Some(total) => total < (1u128 << 127),
+        None => false,
+    }
+}
+
+/// A partial that does not fit the ring: which one, which group, how big.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutOfRange {
+    pub partial: usize,
+    pub group: usize,
+    pub value: i128,
+    pub bound: i128,
+}
+
+/// Encodes dense partials into ring elements within the party bound.
+pub fn to_ring(values: &[Vec<i128>], parties: usize) -> Result<Vec<Vec<u64>>, OutOfRange> {
+    let bound = ring::party_bound(parties);
+    values
+        .iter()
+        .enumerate()
+        .map(|(k, col)| {
+            col.iter()
+                .enumerate()
+                .map(|(g, &v)| ring::encode(v, bound).ok_or(OutOfRange { partial: k, group: g, value: v, bound }))
+                .collect()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::StringArray;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+
+    #[test]
+    fn spreads_over_the_domain_with_zeros_and_rounding() {
+        let dom: ArrayRef = Arc::new(StringArray::from(vec![Some("F"), Some("M"), None]));
+        let idx = GroupIndex::new(vec![dom]).unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+            Field::new("s", DataType::Decimal128(38, 2), true),
+        ]));
+        let b = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec![Some("M")])),
+                Arc::new(Int64Array::from(vec![3])),
+                Arc::new(Decimal128Array::from(vec![-1250i128]).with_precision_and_scale(38, 2).unwrap()),
+            ],
+        )
+        .unwrap();
+        let specs = [PartialColumn { divide_pow10: 0 }, PartialColumn { divide_pow10: 2 }];
+        let d = dense_partials(&[b], &idx, &specs).unwrap();
+        assert_eq!(d, vec![vec![0, 3, 0], vec![0, -13, 0]]);
+        assert!(!sum_cannot_wrap(1 << 20, 1 << 60, true));
+        assert!(sum_cannot_wrap(1 << 20, 1 << 50, true));
+        assert!(sum_cannot_wrap(1 << 20, 1 << 40, false));
+        let e = to_ring(&[vec![i128::from(i64::MAX)]], 2).unwrap_err();
+        assert_eq!(e.partial, 0);
+    }
+}
