@@ -1,1 +1,15 @@
+//! The `council` gateway: configuration, TLS, the peer and analyst services,
+//! the query coordinator, the analyst client and the demo.
 #![forbid(unsafe_code)]
+
+pub mod certs;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod net;
+pub mod output;
+pub mod peer;
+pub mod server;
+pub mod service;
+pub mod tls;

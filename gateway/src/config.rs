@@ -1,0 +1,192 @@
+//! A gateway's configuration file (TOML). Relative paths are resolved
+//! against the folder of the file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use connectors::{FileFormat, TableFile};
+use planner::Catalog;
+use policies::Policy;
+use serde::Deserialize;
+
+use crate::tls::TlsMaterial;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    party: String,
+    peer_listen: String,
+    analyst_listen: String,
+    catalog: PathBuf,
+    policy: PathBuf,
+    audit_log: PathBuf,
+    #[serde(default = "default_timeout_ms")]
+    peer_timeout_ms: u64,
+    tls: RawTls,
+    #[serde(default)]
+    peers: Vec<RawPeer>,
+    #[serde(default)]
+    tables: BTreeMap<String, RawTable>,
+    #[serde(default)]
+    analysts: Vec<AnalystCredential>,
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    id: String,
+    address: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    path: PathBuf,
+    #[serde(default)]
+    format: Option<String>,
+}
+
+/// An analyst of this party: a name, roles for policies, and an argon2
+/// password hash (PHC string; `council hash-password` makes one).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalystCredential {
+    pub name: String,
+    pub password_hash: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+/// Everything a gateway needs, loaded and checked.
+pub struct GatewayConfig {
+    pub party: String,
+    pub peer_listen: String,
+    pub analyst_listen: String,
+    /// Other parties: id → address.
+    pub peers: BTreeMap<String, String>,
+    pub catalog: Catalog,
+    pub policy: Policy,
+    pub tables: Vec<TableFile>,
+    pub analysts: Vec<AnalystCredential>,
+    pub tls: TlsMaterial,
+    pub audit_log: PathBuf,
+    pub peer_timeout: Duration,
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+impl GatewayConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| anyhow!("config {}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        crate::certs::check_party_id(&raw.party).with_context(|| format!("config {}: party", path.display()))?;
+
+        let cat_path = resolve(base, &raw.catalog);
+        let cat_text = std::fs::read_to_string(&cat_path).with_context(|| format!("reading catalog {}", cat_path.display()))?;
+        let catalog = Catalog::from_toml(&cat_text, &cat_path.display().to_string())?;
+
+        let pol_path = resolve(base, &raw.policy);
+        let pol_text = std::fs::read_to_string(&pol_path).with_context(|| format!("reading policy {}", pol_path.display()))?;
+        let policy = Policy::parse(&pol_text, Some(&catalog)).map_err(|problems| {
+            let lines: Vec<String> = problems.iter().map(|p| format!("  {}:{p}", pol_path.display())).collect();
+            anyhow!("policy {} has errors (run `council policy check` for details):\n{}", pol_path.display(), lines.join("\n"))
+        })?;
+        if let Some(p) = &policy.party {
+            if *p != raw.party {
+                bail!("policy {} is for party `{p}` but this gateway is `{}`", pol_path.display(), raw.party);
+            }
+        }
+
+        let mut peers = BTreeMap::new();
+        for p in raw.peers {
+            crate::certs::check_party_id(&p.id).with_context(|| format!("config {}: peers", path.display()))?;
+            if p.id == raw.party {
+                bail!("config {}: peer `{}` is this gateway itself", path.display(), p.id);
+            }
+            if peers.insert(p.id.clone(), p.address).is_some() {
+                bail!("config {}: peer `{}` is listed twice", path.display(), p.id);
+            }
+        }
+        let mut tables = Vec::new();
+        for (name, t) in raw.tables {
+            let def = catalog
+                .table(&name)
+                .ok_or_else(|| anyhow!("config {}: table `{name}` is not in the catalog {}", path.display(), cat_path.display()))?;
+            let p = resolve(base, &t.path);
+            let format = match t.format.as_deref() {
+                Some("csv") => FileFormat::Csv,
+                Some("parquet") => FileFormat::Parquet,
+                Some(other) => bail!("config {}: table `{name}`: format `{other}` is unknown; use csv or parquet", path.display()),
+                None => FileFormat::from_path(&p).unwrap_or(FileFormat::Csv),
+            };
+            tables.push(TableFile { table: def.clone(), path: p, format });
+        }
+        for t in catalog.tables.keys() {
+            if !tables.iter().any(|f| &f.table.name == t) {
+                bail!(
+                    "config {}: federated table `{t}` has no local data; add [tables.{t}] path = \"...\" \
+                     (an empty CSV with a header is fine if this party has no rows)",
+                    path.display()
+                );
+            }
+        }
+        let tls = TlsMaterial::from_files(&resolve(base, &raw.tls.ca), &resolve(base, &raw.tls.cert), &resolve(base, &raw.tls.key))
+            .with_context(|| format!("config {}: tls", path.display()))?;
+        for a in &raw.analysts {
+            argon2::PasswordHash::new(&a.password_hash)
+                .map_err(|e| anyhow!("config {}: analyst `{}`: password_hash is not a PHC string ({e}); make one with `council hash-password`", path.display(), a.name))?;
+        }
+        Ok(GatewayConfig {
+            party: raw.party,
+            peer_listen: raw.peer_listen,
+            analyst_listen: raw.analyst_listen,
+            peers,
+            catalog,
+            policy,
+            tables,
+            analysts: raw.analysts,
+            tls,
+            audit_log: resolve(base, &raw.audit_log),
+            peer_timeout: Duration::from_millis(raw.peer_timeout_ms.max(1)),
+        })
+    }
+}
+
+/// An argon2id PHC hash of `password`.
+pub fn hash_password(password: &str) -> Result<String> {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    let salt = SaltString::generate(&mut OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| anyhow!("hashing the password: {e}"))
+}
+
+pub fn verify_password(password: &str, phc: &str) -> bool {
+    use argon2::password_hash::PasswordVerifier;
+    match argon2::PasswordHash::new(phc) {
+        Ok(h) => argon2::Argon2::default().verify_password(password.as_bytes(), &h).is_ok(),
+        Err(_) => false,
+    }
+}

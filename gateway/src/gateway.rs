@@ -1,0 +1,606 @@
+//! One party's gateway: its catalog, policy, data, audit log and peers, and
+//! the life of a query, as the querying gateway (the leader) and as a peer.
+//!
+//! A query's path at the leader: plan → own policy → `propose` to every peer
+//! (each plans and decides for itself) → all fingerprints equal? → `start` →
+//! every party runs its local part and shares → the leader alone adds the
+//! result shares → post part on revealed values. Any failure before the
+//! reveal aborts every party and reveals nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use connectors::LocalSource;
+use executor::encode::{dense_partials, sum_cannot_wrap, to_ring, PartialColumn};
+use executor::transport::Mailbox;
+use executor::{AdditiveEngine, GroupIndex, SharedTable};
+use planner::finalize::{post_plan, revealed_batch, Revealed};
+use planner::{plan_query, Catalog, FederatedPlan, PartialKind, QueryOptions};
+use policies::{Analyst, AuditEntry, AuditLog, Decision, Policy};
+use sha2::{Digest, Sha256};
+
+use crate::config::{verify_password, AnalystCredential, GatewayConfig};
+use crate::peer::{PeerClients, Propose, QueryRef, QueryTransport, Verdict};
+
+/// Sessions not started within this time are dropped.
+const SESSION_TTL: Duration = Duration::from_secs(600);
+
+/// What kind of failure an analyst sees (maps to gRPC codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Bad SQL or an unsupported construct.
+    Invalid,
+    /// A policy refused.
+    Refused,
+    /// A peer is down, slow or broke the protocol; nothing was revealed.
+    Unavailable,
+    /// The computation stopped before the reveal; nothing was revealed.
+    Aborted,
+    Unauthenticated,
+    Internal,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueryFailure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl std::fmt::Display for QueryFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl QueryFailure {
+    fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        QueryFailure { kind, message: message.into() }
+    }
+}
+
+/// The answer to a query.
+pub struct QueryAnswer {
+    pub batches: Vec<RecordBatch>,
+    pub fingerprint: String,
+}
+
+/// One query at one party, between `propose` and its end.
+struct Session {
+    plan: Arc<FederatedPlan>,
+    leader: String,
+    analyst: Analyst,
+    query_id: String,
+    mailbox: Arc<Mailbox>,
+    started: AtomicBool,
+    created: Instant,
+}
+
+pub struct Gateway {
+    pub party: String,
+    /// Every party of the federation, sorted; the order shares are dealt in.
+    pub parties: Vec<String>,
+    pub peers: BTreeMap<String, String>,
+    catalog: Catalog,
+    policy: Policy,
+    source: Arc<dyn LocalSource>,
+    audit: AuditLog,
+    analysts: Vec<AnalystCredential>,
+    auth_cache: Mutex<HashMap<String, [u8; 32]>>,
+    pub(crate) clients: Arc<PeerClients>,
+    sessions: Mutex<HashMap<(String, String), Arc<Session>>>,
+    timeout: Duration,
+}
+
+impl Gateway {
+    pub async fn new(cfg: &GatewayConfig) -> anyhow::Result<Arc<Self>> {
+        let source = connectors::FileSource::open(cfg.tables.clone()).await?;
+        let audit = AuditLog::open(&cfg.audit_log)
+            .map_err(|e| anyhow::anyhow!("audit log {}: {e}", cfg.audit_log.display()))?;
+        let clients = PeerClients::new(&cfg.peers, cfg.tls.peer_client_config()?, cfg.peer_timeout)?;
+        let mut parties: Vec<String> = cfg.peers.keys().cloned().collect();
+        parties.push(cfg.party.clone());
+        parties.sort();
+        Ok(Arc::new(Gateway {
+            party: cfg.party.clone(),
+            parties,
+            peers: cfg.peers.clone(),
+            catalog: cfg.catalog.clone(),
+            policy: cfg.policy.clone(),
+            source: Arc::new(source),
+            audit,
+            analysts: cfg.analysts.clone(),
+            auth_cache: Mutex::new(HashMap::new()),
+            clients: Arc::new(clients),
+            sessions: Mutex::new(HashMap::new()),
+            timeout: cfg.peer_timeout,
+        }))
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn audit(&self, entry: AuditEntry) {
+        if let Err(e) = self.audit.append(&entry) {
+            eprintln!("[{}] AUDIT LOG WRITE FAILED: {e}", self.party);
+        }
+    }
+
+    /// Checks an analyst's password; returns the analyst as policies see them.
+    pub fn authenticate(&self, user: &str, password: &str) -> Result<Analyst, QueryFailure> {
+        let cred = self.analysts.iter().find(|a| a.name == user);
+        let denied = || QueryFailure::new(FailureKind::Unauthenticated, format!("wrong user name or password for `{user}` at gateway {}", self.party));
+        let Some(cred) = cred else { return Err(denied()) };
+        let digest: [u8; 32] = Sha256::digest(format!("{user}\0{password}\0{}", cred.password_hash).as_bytes()).into();
+        let cached = self.auth_cache.lock().unwrap_or_else(|p| p.into_inner()).get(user) == Some(&digest);
+        if !cached {
+            if !verify_password(password, &cred.password_hash) {
+                return Err(denied());
+            }
+            self.auth_cache.lock().unwrap_or_else(|p| p.into_inner()).insert(user.to_string(), digest);
+        }
+        Ok(Analyst { party: self.party.clone(), name: cred.name.clone(), roles: cred.roles.clone() })
+    }
+
+    async fn plan(&self, sql: &str, options: &QueryOptions) -> Result<FederatedPlan, planner::PlanError> {
+        plan_query(sql, &self.catalog, &self.parties, options).await
+    }
+
+    // ----- as a peer -------------------------------------------------------
+
+    /// `propose` from `from`: plan it ourselves, decide with our own policy.
+    pub async fn on_propose(&self, from: &str, p: Propose) -> Verdict {
+        let mut entry = AuditEntry {
+            event: "decision".into(),
+            query_id: p.query_id.clone(),
+            leader: from.to_string(),
+            analyst: p.analyst.to_string(),
+            sql: p.sql.clone(),
+            ..Default::default()
+        };
+        if p.analyst.party != from {
+            let v = Verdict::Deny {
+                rule: "analysts".into(),
+                reason: format!("gateway {from} may only submit queries of its own analysts, not of {}", p.analyst),
+            };
+            entry.decision = "deny".into();
+            entry.rule = Some("analysts".into());
+            self.audit(entry);
+            return v;
+        }
+        let plan = match self.plan(&p.sql, &p.options).await {
+            Ok(plan) => plan,
+            Err(e) => {
+                entry.decision = "error".into();
+                entry.outcome = Some(e.to_string());
+                self.audit(entry);
+                return Verdict::Error { message: e.to_string() };
+            }
+        };
+        entry.fingerprint = Some(plan.fingerprint.clone());
+        match self.policy.check(&plan, &p.analyst) {
+            Decision::Deny { rule, reason } => {
+                entry.decision = "deny".into();
+                entry.rule = Some(rule.clone());
+                entry.outcome = Some(reason.clone());
+                self.audit(entry);
+                Verdict::Deny { rule, reason }
+            }
+            Decision::Allow => {
+                entry.decision = "allow".into();
+                if p.explain_only {
+                    entry.event = "explain".into();
+                } else {
+                    let mut sessions = self.sessions();
+                    sessions.retain(|_, s| s.started.load(Ordering::SeqCst) || s.created.elapsed() < SESSION_TTL);
+                    let key = (from.to_string(), p.query_id.clone());
+                    if sessions.contains_key(&key) {
+                        return Verdict::Error { message: format!("query id {} is already in use", p.query_id) };
+                    }
+                    sessions.insert(
+                        key,
+                        Arc::new(Session {
+                            plan: Arc::new(plan.clone()),
+                            leader: from.to_string(),
+                            analyst: p.analyst.clone(),
+                            query_id: p.query_id.clone(),
+                            mailbox: Arc::new(Mailbox::new(self.timeout)),
+                            started: AtomicBool::new(false),
+                            created: Instant::now(),
+                        }),
+                    );
+                }
+                self.audit(entry);
+                Verdict::Allow { fingerprint: plan.fingerprint }
+            }
+        }
+    }
+
+    /// `start` from the leader: run our part in the background.
+    pub fn on_start(self: &Arc<Self>, from: &str, query_id: &str) -> Result<(), String> {
+        let s = self
+            .sessions()
+            .get(&(from.to_string(), query_id.to_string()))
+            .cloned()
+            .ok_or_else(|| format!("{} has no agreed query {query_id} from {from}", self.party))?;
+        if s.started.swap(true, Ordering::SeqCst) {
+            return Err(format!("query {query_id} was already started"));
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let outcome = match me.compute(&s).await {
+                Ok(_) => "shares sent".to_string(),
+                Err(f) => {
+                    eprintln!("[{}] query {} failed: {}", me.party, s.query_id, f.local);
+                    me.abort_everywhere(&s, &f.shared).await;
+                    format!("aborted: {}", f.local)
+                }
+            };
+            me.finish(&s, outcome);
+        });
+        Ok(())
+    }
+
+    /// `abort` from any party of the query.
+    pub fn on_abort(&self, from: &str, r: &QueryRef) {
+        let leader = if r.leader.is_empty() { from } else { r.leader.as_str() };
+        if !self.parties.iter().any(|p| p == from) {
+            return;
+        }
+        let key = (leader.to_string(), r.query_id.clone());
+        let s = self.sessions().get(&key).cloned();
+        if let Some(s) = s {
+            s.mailbox.abort(&r.reason);
+            if !s.started.load(Ordering::SeqCst) {
+                self.sessions().remove(&key);
+                self.audit(AuditEntry {
+                    event: "outcome".into(),
+                    query_id: s.query_id.clone(),
+                    leader: s.leader.clone(),
+                    analyst: s.analyst.to_string(),
+                    sql: s.plan.sql.clone(),
+                    decision: "-".into(),
+                    fingerprint: Some(s.plan.fingerprint.clone()),
+                    outcome: Some(format!("aborted by {from}: {}", r.reason)),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+
+    /// A share batch from `from`.
+    pub fn on_put(&self, from: &str, leader: &str, query_id: &str, round: executor::Round, batch: RecordBatch) -> Result<(), String> {
+        if !self.parties.iter().any(|p| p == from) {
+            return Err(format!("{from} is not a party of this federation"));
+        }
+        if round == executor::Round::Result && leader != self.party {
+            return Err(format!("result shares go to the querying gateway {leader}, not to {}", self.party));
+        }
+        let s = self
+            .sessions()
+            .get(&(leader.to_string(), query_id.to_string()))
+            .cloned()
+            .ok_or_else(|| format!("{} has no agreed query {query_id} from {leader}", self.party))?;
+        s.mailbox.deliver(from, round, batch).map_err(|e| e.to_string())
+    }
+
+    fn finish(&self, s: &Session, outcome: String) {
+        self.sessions().remove(&(s.leader.clone(), s.query_id.clone()));
+        self.audit(AuditEntry {
+            event: "outcome".into(),
+            query_id: s.query_id.clone(),
+            leader: s.leader.clone(),
+            analyst: s.analyst.to_string(),
+            sql: s.plan.sql.clone(),
+            decision: "-".into(),
+            fingerprint: Some(s.plan.fingerprint.clone()),
+            outcome: Some(outcome),
+            ..Default::default()
+        });
+    }
+
+    async fn abort_everywhere(&self, s: &Session, reason: &str) {
+        s.mailbox.abort(reason);
+        let body = serde_json::json!({ "query_id": s.query_id, "reason": reason, "leader": s.leader }).to_string();
+        let sends = self.peers.keys().map(|p| {
+            let body = body.clone().into_bytes();
+            async move {
+                let _ = self.clients.action(p, "abort", body).await;
+            }
+        });
+        futures::future::join_all(sends).await;
+    }
+
+    /// This party's share of the work: local part, encoding, secure sum.
+    /// Returns the revealed totals at the leader.
+    async fn compute(&self, s: &Session) -> Result<Option<Revealed>, PartyFailure> {
+        let plan = &s.plan;
+        let mine = |m: String| PartyFailure { shared: format!("{} aborted: {m}", self.party), local: m };
+        let batches = self.source.run(&plan.local).await.map_err(|e| PartyFailure {
+            local: e.to_string(),
+            shared: format!("{} aborted: its local part failed (details in its gateway log)", self.party),
+        })?;
+        let keys = if plan.grouped { plan.groups.key_arrays() } else { Vec::new() };
+        let index = GroupIndex::new(keys.clone()).map_err(|e| mine(e.to_string()))?;
+        let specs: Vec<PartialColumn> = plan
+            .local
+            .partials
+            .iter()
+            .map(|p| PartialColumn { divide_pow10: if p.kind == PartialKind::SumSquares { p.scale } else { 0 } })
+            .collect();
+        let dense = dense_partials(&batches, &index, &specs).map_err(|e| PartyFailure {
+            local: e.to_string(),
+            shared: format!(
+                "{} aborted: its local data does not fit the declared catalog (details in its gateway log)",
+                self.party
+            ),
+        })?;
+        check_no_wrap(plan, &batches, &index)?;
+        let shared_idx = plan.shared_partials();
+        let shared: Vec<Vec<i128>> = shared_idx.iter().map(|&i| dense[i].clone()).collect();
+        let ring = to_ring(&shared, self.parties.len()).map_err(|o| {
+            let p = &plan.local.partials[shared_idx[o.partial]];
+            PartyFailure {
+                local: format!(
+                    "partial {:?} of {:?} in group {} is {} and exceeds the per-party bound ±{} of Z_2^64 with {} parties",
+                    p.kind,
+                    p.arg.as_ref().map(|a| a.to_string()),
+                    o.group,
+                    o.value,
+                    o.bound,
+                    self.parties.len()
+                ),
+                shared: format!(
+                    "{} aborted: one of its partial sums is too large to combine exactly in Z_2^64; \
+                     lower the declared scale of the aggregated column or narrow the query",
+                    self.party
+                ),
+            }
+        })?;
+        let rows = index.len();
+        let input = SharedTable { keys, columns: ring, rows };
+        let transport = QueryTransport {
+            me: self.party.clone(),
+            header_leader: s.leader.clone(),
+            query_id: s.query_id.clone(),
+            clients: self.clients.clone(),
+            mailbox: s.mailbox.clone(),
+        };
+        let engine = AdditiveEngine { parties: self.parties.clone(), me: self.party.clone(), leader: s.leader.clone() };
+        let out = engine.sum_and_reveal(&transport, &input).await.map_err(|e| {
+            let m = e.to_string();
+            PartyFailure { shared: m.clone(), local: m }
+        })?;
+        Ok(out.map(|cols| {
+            let mut totals = vec![Vec::new(); plan.local.partials.len()];
+            for (k, &i) in shared_idx.iter().enumerate() {
+                totals[i] = cols[k].iter().map(|&v| v as i128).collect();
+            }
+            Revealed { totals }
+        }))
+    }
+
+    // ----- as the leader ---------------------------------------------------
+
+    /// Asks every peer to plan and decide; returns the agreed plan.
+    async fn agree(&self, query_id: &str, sql: &str, analyst: &Analyst, options: &QueryOptions, explain_only: bool)
+        -> Result<(FederatedPlan, Vec<(String, Verdict)>), QueryFailure> {
+        let plan = self.plan(sql, options).await.map_err(|e| QueryFailure::new(FailureKind::Invalid, e.to_string()))?;
+        let own = self.policy.check(&plan, analyst);
+        self.audit(AuditEntry {
+            event: if explain_only { "explain".into() } else { "decision".into() },
+            query_id: query_id.to_string(),
+            leader: self.party.clone(),
+            analyst: analyst.to_string(),
+            sql: sql.to_string(),
+            decision: if own == Decision::Allow { "allow".into() } else { "deny".into() },
+            rule: match &own {
+                Decision::Deny { rule, .. } => Some(rule.clone()),
+                Decision::Allow => None,
+            },
+            fingerprint: Some(plan.fingerprint.clone()),
+            ..Default::default()
+        });
+        let mut verdicts = vec![(
+            self.party.clone(),
+            match &own {
+                Decision::Allow => Verdict::Allow { fingerprint: plan.fingerprint.clone() },
+                Decision::Deny { rule, reason } => Verdict::Deny { rule: rule.clone(), reason: reason.clone() },
+            },
+        )];
+        if !explain_only {
+            if let Decision::Deny { rule, reason } = &own {
+                return Err(QueryFailure::new(FailureKind::Refused, format!("{} refused: {reason} (policy: {rule})", self.party)));
+            }
+        }
+        let proposal = Propose {
+            query_id: query_id.to_string(),
+            sql: sql.to_string(),
+            options: options.clone(),
+            analyst: analyst.clone(),
+            explain_only,
+        };
+        let body = serde_json::to_vec(&proposal).map_err(|e| QueryFailure::new(FailureKind::Internal, e.to_string()))?;
+        let asks = self.peers.keys().map(|p| {
+            let body = body.clone();
+            async move {
+                let r = self.clients.action(p, "propose", body).await;
+                let v = match r {
+                    Ok(bytes) => serde_json::from_slice::<Verdict>(&bytes)
+                        .unwrap_or_else(|e| Verdict::Error { message: format!("unreadable verdict: {e}") }),
+                    Err(e) => Verdict::Error { message: e.to_string() },
+                };
+                (p.clone(), v)
+            }
+        });
+        verdicts.extend(futures::future::join_all(asks).await);
+        if explain_only {
+            return Ok((plan, verdicts));
+        }
+        let mut failure = None;
+        for (p, v) in &verdicts {
+            let f = match v {
+                Verdict::Allow { fingerprint } if *fingerprint == plan.fingerprint => continue,
+                Verdict::Allow { fingerprint } => QueryFailure::new(
+                    FailureKind::Refused,
+                    format!(
+                        "{p} computed a different plan (fingerprint {} vs {} here); check that every gateway \
+                         runs the same Council version with the same catalog",
+                        &fingerprint[..fingerprint.len().min(16)],
+                        &plan.fingerprint[..16]
+                    ),
+                ),
+                Verdict::Deny { rule, reason } => {
+                    QueryFailure::new(FailureKind::Refused, format!("{p} refused: {reason} (policy: {rule})"))
+                }
+                Verdict::Error { message } if message.starts_with("peer ") => {
+                    QueryFailure::new(FailureKind::Unavailable, message.clone())
+                }
+                Verdict::Error { message } => QueryFailure::new(FailureKind::Invalid, format!("{p} could not plan the query: {message}")),
+            };
+            failure.get_or_insert(f);
+        }
+        if let Some(f) = failure {
+            self.abort_peers(query_id, &f.message).await;
+            return Err(f);
+        }
+        Ok((plan, verdicts))
+    }
+
+    async fn abort_peers(&self, query_id: &str, reason: &str) {
+        let body = serde_json::json!({ "query_id": query_id, "reason": reason, "leader": self.party }).to_string();
+        let sends = self.peers.keys().map(|p| {
+            let body = body.clone().into_bytes();
+            async move {
+                let _ = self.clients.action(p, "abort", body).await;
+            }
+        });
+        futures::future::join_all(sends).await;
+    }
+
+    /// EXPLAIN: the plan, the disclosure manifest and every party's verdict.
+    pub async fn explain(&self, analyst: &Analyst, sql: &str, options: &QueryOptions) -> Result<String, QueryFailure> {
+        let query_id = new_query_id();
+        let (plan, verdicts) = self.agree(&query_id, sql, analyst, options, true).await?;
+        let mut s = plan.explain(&self.party);
+        s.push_str("Verdicts:\n");
+        for (p, v) in verdicts {
+            let line = match v {
+                Verdict::Allow { fingerprint } if fingerprint == plan.fingerprint => "allow (same plan)".to_string(),
+                Verdict::Allow { fingerprint } => format!("allow, but a DIFFERENT plan {}", &fingerprint[..fingerprint.len().min(16)]),
+                Verdict::Deny { rule, reason } => format!("deny: {reason} (policy: {rule})"),
+                Verdict::Error { message } => format!("error: {message}"),
+            };
+            s.push_str(&format!("  {p}: {line}\n"));
+        }
+        Ok(s)
+    }
+
+    /// Runs a query for an authenticated analyst of this party.
+    pub async fn run_query(self: &Arc<Self>, analyst: &Analyst, sql: &str, options: &QueryOptions) -> Result<QueryAnswer, QueryFailure> {
+        let query_id = new_query_id();
+        let (plan, _) = self.agree(&query_id, sql, analyst, options, false).await?;
+        let session = Arc::new(Session {
+            plan: Arc::new(plan),
+            leader: self.party.clone(),
+            analyst: analyst.clone(),
+            query_id: query_id.clone(),
+            mailbox: Arc::new(Mailbox::new(self.timeout)),
+            started: AtomicBool::new(true),
+            created: Instant::now(),
+        });
+        self.sessions().insert((self.party.clone(), query_id.clone()), session.clone());
+
+        let starts = self.peers.keys().map(|p| {
+            let body = serde_json::json!({ "query_id": query_id }).to_string().into_bytes();
+            async move { self.clients.action(p, "start", body).await.map_err(|e| e.to_string()) }
+        });
+        let started = futures::future::join_all(starts).await;
+        let result = match started.into_iter().find_map(|r| r.err()) {
+            Some(e) => Err(PartyFailure { local: e.clone(), shared: e }),
+            None => self.compute(&session).await,
+        };
+        let revealed = match result {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                let f = PartyFailure { local: "the leader got no result".into(), shared: "internal error".into() };
+                return Err(self.fail(&session, f).await);
+            }
+            Err(f) => return Err(self.fail(&session, f).await),
+        };
+        self.finish(&session, "revealed to analyst".into());
+        let batches = post_process(&session.plan, &revealed).await?;
+        Ok(QueryAnswer { batches, fingerprint: session.plan.fingerprint.clone() })
+    }
+
+    async fn fail(&self, s: &Session, f: PartyFailure) -> QueryFailure {
+        let reason = f.shared.clone();
+        self.abort_everywhere(s, &reason).await;
+        self.finish(s, format!("aborted: {}", f.local));
+        let kind = if reason.contains("unreachable") || reason.contains("did not send") { FailureKind::Unavailable } else { FailureKind::Aborted };
+        let reason = reason.strip_prefix("query aborted: ").unwrap_or(&reason).to_string();
+        QueryFailure::new(kind, format!("{reason}; the query was aborted at every party and nothing was revealed"))
+    }
+}
+
+/// A party's failure: the full story for its own log, and what it may tell
+/// the others (no private values).
+struct PartyFailure {
+    local: String,
+    shared: String,
+}
+
+/// Proves that no local 128-bit sum wrapped: count · max|x| (squared for
+/// sums of squares) stays below 2^127 in every group.
+fn check_no_wrap(plan: &FederatedPlan, batches: &[RecordBatch], index: &GroupIndex) -> Result<(), PartyFailure> {
+    let specs: Vec<PartialColumn> = plan.local.partials.iter().map(|_| PartialColumn { divide_pow10: 0 }).collect();
+    let raw = dense_partials(batches, index, &specs).map_err(|e| PartyFailure { local: e.to_string(), shared: "local data error".into() })?;
+    for p in &plan.local.partials {
+        if !matches!(p.kind, PartialKind::Sum | PartialKind::SumSquares) {
+            continue;
+        }
+        let find = |k: PartialKind| plan.local.partials.iter().position(|q| q.kind == k && q.arg == p.arg && q.scale == p.scale);
+        let (Some(c), Some(lo), Some(hi)) = (p.count_of_arg, find(PartialKind::LocalMin), find(PartialKind::LocalMax)) else {
+            continue;
+        };
+        for g in 0..index.len() {
+            let max_abs = raw[lo][g].unsigned_abs().max(raw[hi][g].unsigned_abs());
+            if !sum_cannot_wrap(raw[c][g], max_abs, p.kind == PartialKind::SumSquares) {
+                return Err(PartyFailure {
+                    local: format!("a local sum in group {g} might exceed 128 bits (count {}, max |x| {max_abs})", raw[c][g]),
+                    shared: "a party aborted: a local sum is too large to compute exactly; narrow the query".into(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The post part: final values, then HAVING / ORDER BY / LIMIT / arithmetic
+/// by DataFusion on revealed values only.
+async fn post_process(plan: &FederatedPlan, revealed: &Revealed) -> Result<Vec<RecordBatch>, QueryFailure> {
+    let invalid = |e: planner::PlanError| QueryFailure::new(FailureKind::Invalid, e.to_string());
+    let batch = revealed_batch(plan, revealed).map_err(invalid)?;
+    let logical = post_plan(plan, batch).map_err(invalid)?;
+    let ctx = datafusion::prelude::SessionContext::new();
+    let df = ctx
+        .execute_logical_plan(logical)
+        .await
+        .map_err(|e| QueryFailure::new(FailureKind::Invalid, planner::plan::clean_df_error(&e.to_string())))?;
+    df.collect()
+        .await
+        .map_err(|e| QueryFailure::new(FailureKind::Invalid, planner::plan::clean_df_error(&e.to_string())))
+}
+
+fn new_query_id() -> String {
+    let mut b = [0u8; 16];
+    rand::Rng::fill(&mut rand::rng(), &mut b);
+    hex::encode(b)
+}

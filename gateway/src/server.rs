@@ -1,0 +1,121 @@
+//! Starting and stopping a gateway: the peer listener (mutual TLS) and the
+//! analyst listener (TLS), each an Arrow Flight service.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use arrow_flight::flight_service_server::FlightServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::GatewayConfig;
+use crate::gateway::Gateway;
+use crate::net::{tls_incoming, Admit};
+use crate::service::{AnalystService, PeerService, MAX_MESSAGE};
+
+pub struct RunningGateway {
+    pub party: String,
+    pub peer_addr: SocketAddr,
+    pub analyst_addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    shutdown: Vec<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningGateway {
+    /// Stops both listeners gracefully.
+    pub async fn stop(mut self) {
+        for s in self.shutdown.drain(..) {
+            let _ = s.send(());
+        }
+        for t in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
+    }
+
+    /// Waits until a listener fails.
+    pub async fn wait(mut self) {
+        if let Some(t) = self.tasks.pop() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Binds both listeners from the configured addresses.
+pub async fn bind(cfg: &GatewayConfig) -> Result<(TcpListener, TcpListener)> {
+    let peer = TcpListener::bind(&cfg.peer_listen)
+        .await
+        .with_context(|| format!("binding the peer listener to {}", cfg.peer_listen))?;
+    let analyst = TcpListener::bind(&cfg.analyst_listen)
+        .await
+        .with_context(|| format!("binding the analyst listener to {}", cfg.analyst_listen))?;
+    Ok((peer, analyst))
+}
+
+/// Starts a gateway on already-bound listeners.
+pub async fn start(cfg: &GatewayConfig, peer: TcpListener, analyst: TcpListener) -> Result<RunningGateway> {
+    crate::tls::install_provider();
+    let gateway = Gateway::new(cfg).await?;
+    let peer_addr = peer.local_addr()?;
+    let analyst_addr = analyst.local_addr()?;
+
+    let peers = cfg.peers.clone();
+    let admit_peer: Admit = Arc::new(move |conn: &rustls::ServerConnection| {
+        let cert = conn.peer_certificates().and_then(|c| c.first()).ok_or("no client certificate")?;
+        let party = crate::tls::party_of(cert).map_err(|e| e.to_string())?;
+        if peers.contains_key(&party) {
+            Ok(Some(party))
+        } else {
+            Err(format!("certificate names `{party}`, which is not a configured peer"))
+        }
+    });
+    let admit_any: Admit = Arc::new(|_: &rustls::ServerConnection| Ok(None));
+
+    let peer_incoming = tls_incoming(peer, cfg.tls.peer_server_config()?, admit_peer, "peer");
+    let analyst_incoming = tls_incoming(analyst, cfg.tls.analyst_server_config()?, admit_any, "analyst");
+
+    let (peer_tx, peer_rx) = oneshot::channel::<()>();
+    let (an_tx, an_rx) = oneshot::channel::<()>();
+    let peer_svc = FlightServiceServer::new(PeerService { gw: gateway.clone() })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let analyst_svc = FlightServiceServer::new(AnalystService { gw: gateway.clone() })
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let label = cfg.party.clone();
+    let t1 = tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(peer_svc)
+            .serve_with_incoming_shutdown(peer_incoming, async {
+                let _ = peer_rx.await;
+            })
+            .await;
+        if let Err(e) = r {
+            eprintln!("[{label}] peer service stopped: {e}");
+        }
+    });
+    let label = cfg.party.clone();
+    let t2 = tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(analyst_svc)
+            .serve_with_incoming_shutdown(analyst_incoming, async {
+                let _ = an_rx.await;
+            })
+            .await;
+        if let Err(e) = r {
+            eprintln!("[{label}] analyst service stopped: {e}");
+        }
+    });
+    Ok(RunningGateway {
+        party: cfg.party.clone(),
+        peer_addr,
+        analyst_addr,
+        gateway,
+        shutdown: vec![peer_tx, an_tx],
+        tasks: vec![t1, t2],
+    })
+}

@@ -1,0 +1,254 @@
+//! The gRPC services of a gateway, both Arrow Flight:
+//! - the peer service (mutual TLS; the caller is the party its certificate
+//!   names): `do_action` propose/start/abort and `do_put` share batches;
+//! - the analyst service (TLS + password): `do_get` with a JSON ticket
+//!   `{"sql": ..., "explain": bool}` streams the answer as Arrow.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arrow::array::{RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo, HandshakeRequest,
+    HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+};
+use base64::Engine as _;
+use futures::{Stream, StreamExt, TryStreamExt};
+use planner::QueryOptions;
+use serde::Deserialize;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::gateway::{FailureKind, Gateway, QueryFailure};
+use crate::net::ConnInfo;
+use crate::peer::{Propose, PutHeader, QueryRef};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Most bytes one share batch may take; far above any legal batch.
+pub const MAX_MESSAGE: usize = 256 << 20;
+
+fn caller_party<T>(req: &Request<T>) -> Result<String, Status> {
+    req.extensions()
+        .get::<ConnInfo>()
+        .and_then(|c| c.party.clone())
+        .ok_or_else(|| Status::unauthenticated("no verified party certificate on this connection"))
+}
+
+pub struct PeerService {
+    pub gw: Arc<Gateway>,
+}
+
+fn one_result(body: Vec<u8>) -> BoxStream<arrow_flight::Result> {
+    Box::pin(futures::stream::iter(vec![Ok(arrow_flight::Result { body: body.into() })]))
+}
+
+#[tonic::async_trait]
+impl FlightService for PeerService {
+    type HandshakeStream = BoxStream<HandshakeResponse>;
+    type ListFlightsStream = BoxStream<FlightInfo>;
+    type DoGetStream = BoxStream<FlightData>;
+    type DoPutStream = BoxStream<PutResult>;
+    type DoExchangeStream = BoxStream<FlightData>;
+    type DoActionStream = BoxStream<arrow_flight::Result>;
+    type ListActionsStream = BoxStream<ActionType>;
+
+    async fn do_action(&self, request: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
+        let from = caller_party(&request)?;
+        let action = request.into_inner();
+        let bad = |e: serde_json::Error| Status::invalid_argument(format!("malformed {} message: {e}", action.r#type));
+        match action.r#type.as_str() {
+            "propose" => {
+                let p: Propose = serde_json::from_slice(&action.body).map_err(bad)?;
+                let v = self.gw.on_propose(&from, p).await;
+                let body = serde_json::to_vec(&v).map_err(|e| Status::internal(e.to_string()))?;
+                Ok(Response::new(one_result(body)))
+            }
+            "start" => {
+                let r: QueryRef = serde_json::from_slice(&action.body).map_err(bad)?;
+                self.gw.on_start(&from, &r.query_id).map_err(Status::failed_precondition)?;
+                Ok(Response::new(one_result(b"{}".to_vec())))
+            }
+            "abort" => {
+                let r: QueryRef = serde_json::from_slice(&action.body).map_err(bad)?;
+                self.gw.on_abort(&from, &r);
+                Ok(Response::new(one_result(b"{}".to_vec())))
+            }
+            other => Err(Status::unimplemented(format!("unknown peer action `{other}`"))),
+        }
+    }
+
+    async fn do_put(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
+        let from = caller_party(&request)?;
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty share stream"))?;
+        let header: PutHeader = first
+            .flight_descriptor
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("share stream without a descriptor"))
+            .and_then(|d| {
+                serde_json::from_slice(&d.cmd).map_err(|e| Status::invalid_argument(format!("malformed share header: {e}")))
+            })?;
+        let all = futures::stream::once(async { Ok(first) }).chain(stream).map_err(|s| FlightError::Tonic(Box::new(s)));
+        let mut batches = FlightRecordBatchStream::new_from_flight_data(all);
+        let batch = match batches.next().await {
+            Some(Ok(b)) => b,
+            Some(Err(e)) => return Err(Status::invalid_argument(format!("unreadable share batch: {e}"))),
+            None => return Err(Status::invalid_argument("share stream without a batch")),
+        };
+        if batches.next().await.is_some() {
+            return Err(Status::invalid_argument("a share stream carries exactly one batch"));
+        }
+        self.gw
+            .on_put(&from, &header.leader, &header.query_id, header.round, batch)
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(PutResult::default())]))))
+    }
+
+    async fn handshake(&self, _r: Request<Streaming<HandshakeRequest>>) -> Result<Response<Self::HandshakeStream>, Status> {
+        Err(Status::unimplemented("peers authenticate with certificates"))
+    }
+    async fn list_flights(&self, _r: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
+        Err(Status::unimplemented("list_flights"))
+    }
+    async fn get_flight_info(&self, _r: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        Err(Status::unimplemented("get_flight_info"))
+    }
+    async fn poll_flight_info(&self, _r: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
+        Err(Status::unimplemented("poll_flight_info"))
+    }
+    async fn get_schema(&self, _r: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
+        Err(Status::unimplemented("get_schema"))
+    }
+    async fn do_get(&self, _r: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+        Err(Status::unimplemented("peers never fetch results"))
+    }
+    async fn do_exchange(&self, _r: Request<Streaming<FlightData>>) -> Result<Response<Self::DoExchangeStream>, Status> {
+        Err(Status::unimplemented("do_exchange"))
+    }
+    async fn list_actions(&self, _r: Request<Empty>) -> Result<Response<Self::ListActionsStream>, Status> {
+        Err(Status::unimplemented("list_actions"))
+    }
+}
+
+/// What an analyst asks for in a `do_get` ticket.
+#[derive(Debug, Deserialize, serde::Serialize)]
+pub struct AnalystRequest {
+    pub sql: String,
+    #[serde(default)]
+    pub explain: bool,
+    #[serde(default)]
+    pub options: QueryOptions,
+}
+
+pub struct AnalystService {
+    pub gw: Arc<Gateway>,
+}
+
+pub fn failure_status(f: &QueryFailure) -> Status {
+    match f.kind {
+        FailureKind::Invalid => Status::invalid_argument(f.message.clone()),
+        FailureKind::Refused => Status::permission_denied(f.message.clone()),
+        FailureKind::Unavailable => Status::unavailable(f.message.clone()),
+        FailureKind::Aborted => Status::aborted(f.message.clone()),
+        FailureKind::Unauthenticated => Status::unauthenticated(f.message.clone()),
+        FailureKind::Internal => Status::internal(f.message.clone()),
+    }
+}
+
+/// Reads `authorization: Basic base64(user:password)` (padded or not).
+pub fn basic_credentials(md: &tonic::metadata::MetadataMap) -> Result<(String, String), Status> {
+    let missing = || Status::unauthenticated("missing credentials: send `authorization: Basic base64(user:password)`");
+    let v = md.get("authorization").ok_or_else(missing)?.to_str().map_err(|_| missing())?;
+    let b64 = v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic ")).ok_or_else(missing)?.trim();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(b64.trim_end_matches('=')))
+        .map_err(|_| Status::unauthenticated("credentials are not valid base64"))?;
+    let text = String::from_utf8(raw).map_err(|_| Status::unauthenticated("credentials are not UTF-8"))?;
+    let (u, p) = text.split_once(':').ok_or_else(|| Status::unauthenticated("credentials must be user:password"))?;
+    Ok((u.to_string(), p.to_string()))
+}
+
+fn batches_stream(batches: Vec<RecordBatch>) -> BoxStream<FlightData> {
+    let schema = batches.first().map(|b| b.schema());
+    let mut enc = FlightDataEncoderBuilder::new();
+    if let Some(s) = schema {
+        enc = enc.with_schema(s);
+    }
+    let s = enc
+        .build(futures::stream::iter(batches.into_iter().map(Ok)))
+        .map_err(|e| Status::internal(e.to_string()));
+    Box::pin(s)
+}
+
+#[tonic::async_trait]
+impl FlightService for AnalystService {
+    type HandshakeStream = BoxStream<HandshakeResponse>;
+    type ListFlightsStream = BoxStream<FlightInfo>;
+    type DoGetStream = BoxStream<FlightData>;
+    type DoPutStream = BoxStream<PutResult>;
+    type DoExchangeStream = BoxStream<FlightData>;
+    type DoActionStream = BoxStream<arrow_flight::Result>;
+    type ListActionsStream = BoxStream<ActionType>;
+
+    async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+        let (user, password) = basic_credentials(request.metadata())?;
+        let gw = self.gw.clone();
+        let analyst = tokio::task::spawn_blocking(move || gw.authenticate(&user, &password))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|f| failure_status(&f))?;
+        let req: AnalystRequest = serde_json::from_slice(&request.get_ref().ticket)
+            .map_err(|e| Status::invalid_argument(format!("malformed ticket: {e}; send {{\"sql\": \"SELECT ...\"}}")))?;
+        if req.explain {
+            let text = self.gw.explain(&analyst, &req.sql, &req.options).await.map_err(|f| failure_status(&f))?;
+            let schema = Arc::new(Schema::new(vec![Field::new("plan", DataType::Utf8, false)]));
+            let lines: Vec<&str> = text.lines().collect();
+            let batch = RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(lines))])
+                .map_err(|e| Status::internal(e.to_string()))?;
+            return Ok(Response::new(batches_stream(vec![batch])));
+        }
+        let answer = self.gw.run_query(&analyst, &req.sql, &req.options).await.map_err(|f| failure_status(&f))?;
+        let mut resp = Response::new(batches_stream(answer.batches));
+        if let Ok(v) = answer.fingerprint.parse() {
+            resp.metadata_mut().insert("council-plan-fingerprint", v);
+        }
+        Ok(resp)
+    }
+
+    async fn handshake(&self, _r: Request<Streaming<HandshakeRequest>>) -> Result<Response<Self::HandshakeStream>, Status> {
+        Err(Status::unimplemented("send Basic credentials with each call"))
+    }
+    async fn list_flights(&self, _r: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
+        Err(Status::unimplemented("list_flights"))
+    }
+    async fn get_flight_info(&self, _r: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        Err(Status::unimplemented("get_flight_info"))
+    }
+    async fn poll_flight_info(&self, _r: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
+        Err(Status::unimplemented("poll_flight_info"))
+    }
+    async fn get_schema(&self, _r: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
+        Err(Status::unimplemented("get_schema"))
+    }
+    async fn do_put(&self, _r: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
+        Err(Status::permission_denied("analysts cannot write data"))
+    }
+    async fn do_exchange(&self, _r: Request<Streaming<FlightData>>) -> Result<Response<Self::DoExchangeStream>, Status> {
+        Err(Status::unimplemented("do_exchange"))
+    }
+    async fn do_action(&self, _r: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
+        Err(Status::unimplemented("do_action"))
+    }
+    async fn list_actions(&self, _r: Request<Empty>) -> Result<Response<Self::ListActionsStream>, Status> {
+        Err(Status::unimplemented("list_actions"))
+    }
+}
