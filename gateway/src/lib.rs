@@ -4,8 +4,10 @@
 
 pub mod certs;
 pub mod client;
+pub mod compare;
 pub mod config;
 pub mod demo;
+pub mod federation;
 pub mod gateway;
 pub mod net;
 pub mod output;

@@ -1,1 +1,311 @@
-fn main() {}
+//! `council`: the Council gateway and its tools.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use gateway::output::{render, Format};
+
+#[derive(Parser)]
+#[command(name = "council", version, about = "Council: federated SQL aggregates over secret shares, each party enforcing its own policy.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Conn {
+    /// The analyst address of your own party's gateway (host:port).
+    #[arg(long, env = "COUNCIL_GATEWAY")]
+    gateway: String,
+    /// Your analyst name at that gateway.
+    #[arg(long, env = "COUNCIL_USER")]
+    user: String,
+    /// Your password; else $COUNCIL_PASSWORD; else a prompt.
+    #[arg(long, env = "COUNCIL_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// The federation CA certificate (PEM) the gateway's certificate chains to.
+    #[arg(long, env = "COUNCIL_CA")]
+    ca: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run three hospitals' gateways on loopback with sample data and real queries.
+    Demo {
+        /// Use your own data: one folder per party, files named after the tables, optional catalog.toml.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Answer this one query (with --data or on the sample data).
+        #[arg(long)]
+        sql: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Seed of the sample data.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Make a federation CA and a certificate and key per party.
+    Certs {
+        /// Comma-separated party ids.
+        #[arg(long, value_delimiter = ',')]
+        parties: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Extra host names or IPs to put in every party certificate.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+    /// Run one party's gateway.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a query through your gateway.
+    Query {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Show the plan and every party's verdict instead of running it.
+        #[arg(long)]
+        explain: bool,
+        sql: String,
+    },
+    /// Show the federated plan, the disclosure manifest and every party's verdict.
+    Explain {
+        #[command(flatten)]
+        conn: Conn,
+        sql: String,
+    },
+    /// Check or test a policy file.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Verify an audit log's hash chain.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Print an argon2id hash of a password, for `[[analysts]] password_hash`.
+    HashPassword {
+        /// The password; else read from standard input.
+        #[arg(long)]
+        password: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy; report every error with its line.
+    Check {
+        file: PathBuf,
+        /// Also check table and column names against this catalog.
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+    },
+    /// Say whether the policy allows a query, and which rule decided. Touches no data.
+    Test {
+        file: PathBuf,
+        #[arg(long)]
+        catalog: PathBuf,
+        #[arg(long)]
+        sql: String,
+        /// The asking analyst, as PARTY:NAME.
+        #[arg(long, default_value = "analyst_party:analyst")]
+        analyst: String,
+        /// Roles of the analyst.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// Exit with an error unless the decision is this (allow or deny).
+        #[arg(long)]
+        expect: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    Verify { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn password(conn: &Conn) -> Result<String> {
+    match &conn.password {
+        Some(p) => Ok(p.clone()),
+        None => rpassword::prompt_password(format!("password for {} at {}: ", conn.user, conn.gateway))
+            .context("no --password, no $COUNCIL_PASSWORD and no terminal to ask on"),
+    }
+}
+
+async fn client(conn: &Conn) -> Result<gateway::client::AnalystClient> {
+    let ca = gateway::client::read_ca(&conn.ca)?;
+    gateway::client::AnalystClient::connect(&conn.gateway, &ca, &conn.user, &password(conn)?).await
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    gateway::tls::install_provider();
+    match cli.command {
+        Command::Demo { data, sql, format, seed } => {
+            gateway::demo::run(gateway::demo::DemoOptions { data, sql, format, seed }).await?;
+        }
+        Command::Certs { parties, out, hosts } => {
+            if parties.is_empty() {
+                bail!("name the parties: --parties hospital_a,hospital_b,hospital_c");
+            }
+            let fed = gateway::certs::make_federation("Council federation CA", &parties, &hosts)?;
+            gateway::certs::write_federation(&fed, &out)?;
+            println!("wrote {}/ca.pem, ca.key and a certificate and key per party ({})", out.display(), parties.join(", "));
+            println!("keep ca.key offline; give each party only ca.pem and its own PARTY.pem and PARTY.key");
+        }
+        Command::Serve { config } => {
+            let cfg = gateway::config::GatewayConfig::load(&config)?;
+            let (peer, analyst) = gateway::server::bind(&cfg).await?;
+            let running = gateway::server::start(&cfg, peer, analyst).await?;
+            println!(
+                "council gateway {} serving: peers on {} (mutual TLS), analysts on {} (TLS); {} peer(s): {}",
+                cfg.party,
+                running.peer_addr,
+                running.analyst_addr,
+                cfg.peers.len(),
+                cfg.peers.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {
+                    println!("shutting down");
+                    running.stop().await;
+                }
+                _ = terminate() => {
+                    println!("shutting down");
+                    running.stop().await;
+                }
+            }
+        }
+        Command::Query { conn, format, explain, sql } => {
+            let c = client(&conn).await?;
+            if explain {
+                print!("{}", c.explain(&sql).await.map_err(|e| anyhow!("{e}"))?);
+            } else {
+                let batches = c.query(&sql).await.map_err(|e| anyhow!("{e}"))?;
+                print!("{}", render(&batches, format)?);
+            }
+        }
+        Command::Explain { conn, sql } => {
+            let c = client(&conn).await?;
+            print!("{}", c.explain(&sql).await.map_err(|e| anyhow!("{e}"))?);
+        }
+        Command::Policy { command } => return policy(command).await,
+        Command::Audit { command: AuditCommand::Verify { file } } => match policies::audit::verify(&file) {
+            Ok((n, head)) => println!("{}: {n} entries, chain intact; head {head}", file.display()),
+            Err(e) => bail!("{}: {e}", file.display()),
+        },
+        Command::HashPassword { password } => {
+            let p = match password {
+                Some(p) => p,
+                None => {
+                    let mut s = String::new();
+                    std::io::stdin().read_line(&mut s)?;
+                    s.trim_end_matches(['\n', '\r']).to_string()
+                }
+            };
+            println!("{}", gateway::config::hash_password(&p)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(unix)]
+async fn terminate() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending::<()>().await,
+    }
+}
+
+#[cfg(not(unix))]
+async fn terminate() {
+    std::future::pending::<()>().await
+}
+
+async fn policy(cmd: PolicyCommand) -> Result<ExitCode> {
+    let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let load_catalog = |p: &PathBuf| -> Result<planner::Catalog> { Ok(planner::Catalog::from_toml(&read(p)?, &p.display().to_string())?) };
+    match cmd {
+        PolicyCommand::Check { file, catalog } => {
+            let cat = catalog.as_ref().map(load_catalog).transpose()?;
+            match policies::Policy::parse(&read(&file)?, cat.as_ref()) {
+                Ok(p) => {
+                    println!(
+                        "{}: ok ({} table(s), {} analyst rule(s){})",
+                        file.display(),
+                        p.tables.len(),
+                        p.allow.len(),
+                        if cat.is_some() { ", checked against the catalog" } else { "; pass --catalog to check names too" }
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(problems) => {
+                    for pr in &problems {
+                        eprintln!("{}:{}: {}", file.display(), pr.line, pr.message);
+                    }
+                    eprintln!("{} problem(s)", problems.len());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        PolicyCommand::Test { file, catalog, sql, analyst, roles, expect } => {
+            let cat = load_catalog(&catalog)?;
+            let pol = policies::Policy::parse(&read(&file)?, Some(&cat)).map_err(|pr| {
+                anyhow!("{} has errors; run `council policy check` first: {}", file.display(), pr.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))
+            })?;
+            let (party, name) = analyst.split_once(':').ok_or_else(|| anyhow!("--analyst must be PARTY:NAME"))?;
+            let who = policies::Analyst { party: party.into(), name: name.into(), roles };
+            let parties = vec![pol.party.clone().unwrap_or_else(|| "this_party".into())];
+            let plan = planner::plan_query(&sql, &cat, &parties, &Default::default()).await;
+            let decision = match plan {
+                Err(e) => {
+                    println!("deny: the planner refuses the query before any policy: {e}");
+                    "deny"
+                }
+                Ok(plan) => match pol.check(&plan, &who) {
+                    policies::Decision::Allow => {
+                        println!("allow: every column use is listed in {}", file.display());
+                        "allow"
+                    }
+                    policies::Decision::Deny { rule, reason } => {
+                        println!("deny: {reason} (policy: {rule})");
+                        "deny"
+                    }
+                },
+            };
+            match expect {
+                Some(e) if e != decision => {
+                    eprintln!("expected {e}, got {decision}");
+                    Ok(ExitCode::FAILURE)
+                }
+                _ => Ok(ExitCode::SUCCESS),
+            }
+        }
+    }
+}
