@@ -12,7 +12,6 @@ use rand::SeedableRng;
 use rand::TryRngCore;
 use rand_chacha::ChaCha20Rng;
 
-use crate::ring;
 use crate::shares::SharedTable;
 use crate::transport::{Round, Transport};
 use crate::ExecError;
@@ -33,14 +32,15 @@ impl AdditiveEngine {
         &self,
         transport: &dyn Transport,
         input: &SharedTable,
-    ) -> Result<Option<Vec<Vec<i64>>>, ExecError> {
+    ) -> Result<Option<Vec<Vec<i128>>>, ExecError> {
         let n = self.parties.len();
-        let ncols = input.columns.len();
+        let widths = input.widths();
+        let widths = &widths;
         let rows = input.rows;
         let mut seed = [0u8; 32];
         OsRng.try_fill_bytes(&mut seed).map_err(|e| ExecError::Encode(format!("OS randomness failed: {e}")))?;
         let mut rng = ChaCha20Rng::from_seed(seed);
-        let shares = SharedTable::split(&input.keys, &input.columns, rows, n, &mut rng);
+        let shares = input.split(n, &mut rng);
 
         let mut mine = None;
         let sends = self.parties.iter().zip(shares).filter_map(|(p, s)| {
@@ -59,7 +59,7 @@ impl AdditiveEngine {
         }));
         let recv_all = futures::future::try_join_all(self.others().map(|p| async move {
             let b = transport.recv(p, Round::Input).await?;
-            SharedTable::from_batch(&b, &input.keys, ncols, rows)
+            SharedTable::from_batch(&b, &input.keys, widths, rows)
                 .map_err(|reason| ExecError::Malformed { peer: p.to_string(), reason })
         }));
         let (_, received) = futures::future::try_join(send_all, recv_all).await?;
@@ -74,14 +74,14 @@ impl AdditiveEngine {
         }
         let results = futures::future::try_join_all(self.others().map(|p| async move {
             let b = transport.recv(p, Round::Result).await?;
-            SharedTable::from_batch(&b, &input.keys, ncols, rows)
+            SharedTable::from_batch(&b, &input.keys, widths, rows)
                 .map_err(|reason| ExecError::Malformed { peer: p.to_string(), reason })
         }))
         .await?;
         for r in &results {
             acc.add_assign(r);
         }
-        Ok(Some(acc.columns.iter().map(|c| c.iter().map(|&v| ring::decode(v)).collect()).collect()))
+        Ok(Some(acc.columns.iter().map(|c| c.decode()).collect()))
     }
 
     fn others(&self) -> impl Iterator<Item = &String> {
@@ -92,6 +92,7 @@ impl AdditiveEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shares::Width;
     use crate::transport::InMemoryNetwork;
     use std::time::Duration;
 
@@ -108,7 +109,7 @@ mod tests {
             let mut tasks = Vec::new();
             for (i, t) in net.into_iter().enumerate() {
                 let ps = ps.clone();
-                let enc = crate::encode::to_ring(&[inputs[i].clone()], n).unwrap();
+                let enc = crate::encode::to_ring(&[inputs[i].clone(), inputs[i].clone()], &[Width::Z64, Width::Z128], n).unwrap();
                 tasks.push(tokio::spawn(async move {
                     let e = AdditiveEngine { parties: ps.clone(), me: ps[i].clone(), leader: ps[1].clone() };
                     let input = SharedTable { keys: vec![], columns: enc, rows: 3 };
@@ -122,8 +123,9 @@ mod tests {
             for (i, o) in outs.iter().enumerate() {
                 assert_eq!(o.is_some(), i == 1, "only the leader learns the result");
             }
-            let expect: Vec<i64> = (0..3).map(|g| inputs.iter().map(|v| v[g]).sum::<i128>() as i64).collect();
+            let expect: Vec<i128> = (0..3).map(|g| inputs.iter().map(|v| v[g]).sum::<i128>()).collect();
             assert_eq!(outs[1].as_ref().unwrap()[0], expect);
+            assert_eq!(outs[1].as_ref().unwrap()[1], expect);
         }
     }
 
@@ -133,7 +135,7 @@ mod tests {
         let mut net = InMemoryNetwork::connect(&ps, Duration::from_millis(200));
         let _silent = net.pop();
         let t1 = net.pop().unwrap();
-        let enc = crate::encode::to_ring(&[vec![5]], 3).unwrap();
+        let enc = crate::encode::to_ring(&[vec![5]], &[Width::Z64], 3).unwrap();
         let e = AdditiveEngine { parties: ps.clone(), me: ps[1].clone(), leader: ps[1].clone() };
         let err = e.sum_and_reveal(&t1, &SharedTable { keys: vec![], columns: enc, rows: 1 }).await.unwrap_err();
         assert!(err.to_string().contains("p0") || err.to_string().contains("p2"), "{err}");

@@ -3,47 +3,39 @@
 //! The local engine returns one row per group a party has, with counts as
 //! Int64 and sums as Decimal128 (integers at the partial's scale). These are
 //! spread over the whole public domain (zero where the party has no rows) as
-//! exact i128 values, then encoded into Z_2^64 within the party bound.
+//! exact i128 values, then encoded into the ring within the party bound.
 
 use arrow::array::{Array, ArrayRef, Decimal128Array, Int64Array, RecordBatch};
 
 use crate::groups::GroupIndex;
 use crate::ring;
+use crate::shares::{ShareColumn, Width};
 use crate::ExecError;
-
-/// How to read one partial column of the local result.
-#[derive(Debug, Clone, Copy)]
-pub struct PartialColumn {
-    /// Divide the local value by 10^k, rounding half away from zero (sums of
-    /// squares are computed at twice the scale and shared at the scale).
-    pub divide_pow10: u32,
-}
 
 /// Spreads the local result over the domain: `out[partial][group]`.
 /// `batches` hold the group key columns first, then one column per partial.
 pub fn dense_partials(
     batches: &[RecordBatch],
     index: &GroupIndex,
-    specs: &[PartialColumn],
+    npartials: usize,
 ) -> Result<Vec<Vec<i128>>, ExecError> {
     let nkeys = index.keys().len();
-    let mut out = vec![vec![0i128; index.len()]; specs.len()];
+    let mut out = vec![vec![0i128; index.len()]; npartials];
     for b in batches {
-        if b.num_columns() != nkeys + specs.len() {
+        if b.num_columns() != nkeys + npartials {
             return Err(ExecError::Encode(format!(
                 "local result has {} columns, expected {}",
                 b.num_columns(),
-                nkeys + specs.len()
+                nkeys + npartials
             )));
         }
         let keys: Vec<ArrayRef> = b.columns()[..nkeys].to_vec();
         let pos = index.lookup(&keys, b.num_rows())?;
-        for (k, spec) in specs.iter().enumerate() {
+        for k in 0..npartials {
             let col = b.column(nkeys + k);
             let dst = &mut out[k];
             let add = |dst: &mut Vec<i128>, g: usize, v: i128| -> Result<(), ExecError> {
-                let v = if spec.divide_pow10 == 0 { v } else { div_round(v, 10i128.pow(spec.divide_pow10)) };
-                dst[g] = dst[g]
+                                dst[g] = dst[g]
                     .checked_add(v)
                     .ok_or_else(|| ExecError::Encode("a local partial overflows 128 bits".into()))?;
                 Ok(())
@@ -71,16 +63,6 @@ pub fn dense_partials(
     Ok(out)
 }
 
-fn div_round(v: i128, d: i128) -> i128 {
-    let q = v / d;
-    let r = v % d;
-    if 2 * r.abs() >= d {
-        q + v.signum()
-    } else {
-        q
-    }
-}
-
 /// True if a 128-bit sum of `count` terms each at most `max_abs` in magnitude
 /// (squared if `squares`) cannot have wrapped.
 pub fn sum_cannot_wrap(count: i128, max_abs: u128, squares: bool) -> bool {
@@ -100,17 +82,33 @@ pub struct OutOfRange {
     pub bound: i128,
 }
 
-/// Encodes dense partials into ring elements within the party bound.
-pub fn to_ring(values: &[Vec<i128>], parties: usize) -> Result<Vec<Vec<u64>>, OutOfRange> {
-    let bound = ring::party_bound(parties);
+/// Encodes dense partials into ring elements of the given widths, each
+/// within the party bound so that the sum over all parties cannot wrap.
+pub fn to_ring(values: &[Vec<i128>], widths: &[Width], parties: usize) -> Result<Vec<ShareColumn>, OutOfRange> {
     values
         .iter()
+        .zip(widths)
         .enumerate()
-        .map(|(k, col)| {
-            col.iter()
-                .enumerate()
-                .map(|(g, &v)| ring::encode(v, bound).ok_or(OutOfRange { partial: k, group: g, value: v, bound }))
-                .collect()
+        .map(|(k, (col, w))| match w {
+            Width::Z64 => {
+                let bound = ring::party_bound(parties);
+                col.iter()
+                    .enumerate()
+                    .map(|(g, &v)| ring::encode(v, bound).ok_or(OutOfRange { partial: k, group: g, value: v, bound }))
+                    .collect::<Result<Vec<u64>, _>>()
+                    .map(ShareColumn::Z64)
+            }
+            Width::Z128 => {
+                let bound = ring::party_bound_wide(parties);
+                let mut lo = Vec::with_capacity(col.len());
+                let mut hi = Vec::with_capacity(col.len());
+                for (g, &v) in col.iter().enumerate() {
+                    let (l, h) = ring::encode_wide(v, bound).ok_or(OutOfRange { partial: k, group: g, value: v, bound })?;
+                    lo.push(l);
+                    hi.push(h);
+                }
+                Ok(ShareColumn::Z128 { lo, hi })
+            }
         })
         .collect()
 }
@@ -123,7 +121,7 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
-    fn spreads_over_the_domain_with_zeros_and_rounding() {
+    fn spreads_over_the_domain_with_zeros() {
         let dom: ArrayRef = Arc::new(StringArray::from(vec![Some("F"), Some("M"), None]));
         let idx = GroupIndex::new(vec![dom]).unwrap();
         let schema = Arc::new(Schema::new(vec![
@@ -140,13 +138,12 @@ mod tests {
             ],
         )
         .unwrap();
-        let specs = [PartialColumn { divide_pow10: 0 }, PartialColumn { divide_pow10: 2 }];
-        let d = dense_partials(&[b], &idx, &specs).unwrap();
-        assert_eq!(d, vec![vec![0, 3, 0], vec![0, -13, 0]]);
+        let d = dense_partials(&[b], &idx, 2).unwrap();
+        assert_eq!(d, vec![vec![0, 3, 0], vec![0, -1250, 0]]);
         assert!(!sum_cannot_wrap(1 << 20, 1 << 60, true));
         assert!(sum_cannot_wrap(1 << 20, 1 << 50, true));
         assert!(sum_cannot_wrap(1 << 20, 1 << 40, false));
-        let e = to_ring(&[vec![i128::from(i64::MAX)]], 2).unwrap_err();
+        let e = to_ring(&[vec![i128::from(i64::MAX)]], &[Width::Z64], 2).unwrap_err();
         assert_eq!(e.partial, 0);
     }
 }

@@ -19,7 +19,7 @@ pub mod transport;
 
 pub use additive::AdditiveEngine;
 pub use groups::GroupIndex;
-pub use shares::SharedTable;
+pub use shares::{ShareColumn, SharedTable, Width};
 pub use transport::{InMemoryNetwork, Round, Transport, TransportError};
 
 /// Why a secure computation could not finish. Nothing is revealed after any

@@ -1,4 +1,8 @@
-//! The ring Z_2^64 and the signed encoding of integers into it.
+//! The rings Z_2^64 and Z_2^128 and the signed encoding of integers into them.
+//!
+//! Counts and sums live in Z_2^64. Sums of squares (for VAR and STDDEV) need
+//! twice the digits, so they live in Z_2^128, carried as two Z_2^64 limbs
+//! (low, high) that add with a carry: still UInt64 columns on the wire.
 //!
 //! Every party's partial is an integer (a count, or a sum at a fixed decimal
 //! scale). Shares are uniformly random elements of Z_2^64 that add up, with
@@ -25,6 +29,43 @@ pub fn encode(v: i128, bound: i128) -> Option<u64> {
 /// Reads a ring element as a signed integer.
 pub fn decode(v: u64) -> i64 {
     v as i64
+}
+
+/// The largest magnitude of one party's Z_2^128 partial with `parties` parties.
+pub fn party_bound_wide(parties: usize) -> i128 {
+    i128::MAX / parties.max(1) as i128
+}
+
+/// Encodes a signed integer as two limbs (low, high) of Z_2^128.
+pub fn encode_wide(v: i128, bound: i128) -> Option<(u64, u64)> {
+    if v.checked_abs().is_none_or(|a| a > bound) {
+        None
+    } else {
+        let u = v as u128;
+        Some((u as u64, (u >> 64) as u64))
+    }
+}
+
+pub fn decode_wide(lo: u64, hi: u64) -> i128 {
+    (((hi as u128) << 64) | lo as u128) as i128
+}
+
+/// (alo, ahi) += (blo, bhi) in Z_2^128, elementwise.
+pub fn add_assign_wide(alo: &mut [u64], ahi: &mut [u64], blo: &[u64], bhi: &[u64]) {
+    for i in 0..alo.len().min(ahi.len()).min(blo.len()).min(bhi.len()) {
+        let (lo, carry) = alo[i].overflowing_add(blo[i]);
+        alo[i] = lo;
+        ahi[i] = ahi[i].wrapping_add(bhi[i]).wrapping_add(carry as u64);
+    }
+}
+
+/// (alo, ahi) -= (blo, bhi) in Z_2^128, elementwise.
+pub fn sub_assign_wide(alo: &mut [u64], ahi: &mut [u64], blo: &[u64], bhi: &[u64]) {
+    for i in 0..alo.len().min(ahi.len()).min(blo.len()).min(bhi.len()) {
+        let (lo, borrow) = alo[i].overflowing_sub(blo[i]);
+        alo[i] = lo;
+        ahi[i] = ahi[i].wrapping_sub(bhi[i]).wrapping_sub(borrow as u64);
+    }
 }
 
 /// a += b elementwise, wrapping (vectorises to plain adds).
@@ -58,5 +99,21 @@ mod tests {
         }
         assert!(encode(b + 1, b).is_none());
         assert!(encode(-(b + 1), b).is_none());
+    }
+
+    #[test]
+    fn wide_limbs_add_with_carry() {
+        let b = party_bound_wide(3);
+        let vals = [b, -b / 2, 12345678901234567890123456789i128];
+        let (mut lo, mut hi) = (vec![0u64], vec![0u64]);
+        for v in vals {
+            let (l, h) = encode_wide(v, b).unwrap();
+            add_assign_wide(&mut lo, &mut hi, &[l], &[h]);
+        }
+        assert_eq!(decode_wide(lo[0], hi[0]), vals.iter().sum::<i128>());
+        let (l, h) = encode_wide(-7, b).unwrap();
+        sub_assign_wide(&mut lo, &mut hi, &[l], &[h]);
+        assert_eq!(decode_wide(lo[0], hi[0]), vals.iter().sum::<i128>() + 7);
+        assert!(encode_wide(i128::MIN, b).is_none());
     }
 }

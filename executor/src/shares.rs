@@ -9,54 +9,124 @@ use rand::{CryptoRng, RngCore};
 
 use crate::ring;
 
-/// Shares of `columns.len()` values for every group of the public domain.
+/// The ring a share column lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Width {
+    /// Z_2^64: one UInt64 column.
+    Z64,
+    /// Z_2^128: two UInt64 columns, low then high limb.
+    Z128,
+}
+
+/// One column of shares.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ShareColumn {
+    Z64(Vec<u64>),
+    Z128 { lo: Vec<u64>, hi: Vec<u64> },
+}
+
+impl ShareColumn {
+    pub fn width(&self) -> Width {
+        match self {
+            ShareColumn::Z64(_) => Width::Z64,
+            ShareColumn::Z128 { .. } => Width::Z128,
+        }
+    }
+
+    fn zeros(w: Width, rows: usize) -> Self {
+        match w {
+            Width::Z64 => ShareColumn::Z64(vec![0; rows]),
+            Width::Z128 => ShareColumn::Z128 { lo: vec![0; rows], hi: vec![0; rows] },
+        }
+    }
+
+    fn random<R: RngCore + CryptoRng>(w: Width, rows: usize, rng: &mut R) -> Self {
+        let mut fill = || {
+            let mut v = vec![0u64; rows];
+            for x in v.iter_mut() {
+                *x = rng.next_u64();
+            }
+            v
+        };
+        match w {
+            Width::Z64 => ShareColumn::Z64(fill()),
+            Width::Z128 => {
+                let lo = fill();
+                let hi = fill();
+                ShareColumn::Z128 { lo, hi }
+            }
+        }
+    }
+
+    fn add_assign(&mut self, o: &ShareColumn) {
+        match (self, o) {
+            (ShareColumn::Z64(a), ShareColumn::Z64(b)) => ring::add_assign(a, b),
+            (ShareColumn::Z128 { lo, hi }, ShareColumn::Z128 { lo: bl, hi: bh }) => ring::add_assign_wide(lo, hi, bl, bh),
+            _ => {}
+        }
+    }
+
+    fn sub_assign(&mut self, o: &ShareColumn) {
+        match (self, o) {
+            (ShareColumn::Z64(a), ShareColumn::Z64(b)) => ring::sub_assign(a, b),
+            (ShareColumn::Z128 { lo, hi }, ShareColumn::Z128 { lo: bl, hi: bh }) => ring::sub_assign_wide(lo, hi, bl, bh),
+            _ => {}
+        }
+    }
+
+    /// The column read as signed integers.
+    pub fn decode(&self) -> Vec<i128> {
+        match self {
+            ShareColumn::Z64(v) => v.iter().map(|&x| ring::decode(x) as i128).collect(),
+            ShareColumn::Z128 { lo, hi } => lo.iter().zip(hi).map(|(&l, &h)| ring::decode_wide(l, h)).collect(),
+        }
+    }
+}
+
+/// Shares of values for every group of the public domain.
 #[derive(Debug, Clone)]
 pub struct SharedTable {
     /// Public group keys, one array per group column (may be none).
     pub keys: Vec<ArrayRef>,
-    /// Share columns, each `rows` long.
-    pub columns: Vec<Vec<u64>>,
+    pub columns: Vec<ShareColumn>,
     pub rows: usize,
 }
 
 impl SharedTable {
-    pub fn zeros(keys: Vec<ArrayRef>, ncols: usize, rows: usize) -> Self {
-        SharedTable { keys, columns: vec![vec![0; rows]; ncols], rows }
+    pub fn widths(&self) -> Vec<Width> {
+        self.columns.iter().map(|c| c.width()).collect()
     }
 
-    /// Splits `values` into `n` additive shares: n-1 uniformly random, the
-    /// last the difference. Any n-1 of them are independent of `values`.
-    pub fn split<R: RngCore + CryptoRng>(keys: &[ArrayRef], values: &[Vec<u64>], rows: usize, n: usize, rng: &mut R) -> Vec<SharedTable> {
-        let mut last: Vec<Vec<u64>> = values.to_vec();
+    /// Splits this table's values into `n` additive shares: n-1 uniformly
+    /// random, the last the difference. Any n-1 of them are independent of
+    /// the values.
+    pub fn split<R: RngCore + CryptoRng>(&self, n: usize, rng: &mut R) -> Vec<SharedTable> {
+        let mut last = self.columns.clone();
         let mut out = Vec::with_capacity(n);
         for _ in 1..n {
-            let cols: Vec<Vec<u64>> = values
-                .iter()
-                .map(|_| {
-                    let mut c = vec![0u64; rows];
-                    for x in c.iter_mut() {
-                        *x = rng.next_u64();
-                    }
-                    c
-                })
-                .collect();
+            let cols: Vec<ShareColumn> = self.columns.iter().map(|c| ShareColumn::random(c.width(), self.rows, rng)).collect();
             for (l, c) in last.iter_mut().zip(&cols) {
-                ring::sub_assign(l, c);
+                l.sub_assign(c);
             }
-            out.push(SharedTable { keys: keys.to_vec(), columns: cols, rows });
+            out.push(SharedTable { keys: self.keys.clone(), columns: cols, rows: self.rows });
         }
-        out.push(SharedTable { keys: keys.to_vec(), columns: last, rows });
+        out.push(SharedTable { keys: self.keys.clone(), columns: last, rows: self.rows });
         out
     }
 
     /// Adds another share table of the same shape.
     pub fn add_assign(&mut self, other: &SharedTable) {
         for (a, b) in self.columns.iter_mut().zip(&other.columns) {
-            ring::add_assign(a, b);
+            a.add_assign(b);
         }
     }
 
-    /// The Arrow form: key columns `k0..`, then UInt64 share columns `s0..`.
+    pub fn zeros(keys: Vec<ArrayRef>, widths: &[Width], rows: usize) -> Self {
+        SharedTable { keys, columns: widths.iter().map(|w| ShareColumn::zeros(*w, rows)).collect(), rows }
+    }
+
+    /// The Arrow form: key columns `k0..`, then UInt64 share columns `s0..`
+    /// (`sN_lo`, `sN_hi` for Z_2^128).
     pub fn to_batch(&self) -> Result<RecordBatch, arrow::error::ArrowError> {
         let mut fields = Vec::new();
         let mut arrays: Vec<ArrayRef> = Vec::new();
@@ -65,16 +135,27 @@ impl SharedTable {
             arrays.push(k.clone());
         }
         for (i, c) in self.columns.iter().enumerate() {
-            fields.push(Field::new(format!("s{i}"), DataType::UInt64, false));
-            arrays.push(Arc::new(UInt64Array::from(c.clone())));
+            match c {
+                ShareColumn::Z64(v) => {
+                    fields.push(Field::new(format!("s{i}"), DataType::UInt64, false));
+                    arrays.push(Arc::new(UInt64Array::from(v.clone())));
+                }
+                ShareColumn::Z128 { lo, hi } => {
+                    fields.push(Field::new(format!("s{i}_lo"), DataType::UInt64, false));
+                    arrays.push(Arc::new(UInt64Array::from(lo.clone())));
+                    fields.push(Field::new(format!("s{i}_hi"), DataType::UInt64, false));
+                    arrays.push(Arc::new(UInt64Array::from(hi.clone())));
+                }
+            }
         }
         let opts = arrow::array::RecordBatchOptions::new().with_row_count(Some(self.rows));
         RecordBatch::try_new_with_options(Arc::new(Schema::new(fields)), arrays, &opts)
     }
 
-    /// Reads a batch a peer sent, checking it against the expected shape and
-    /// public keys. The error says what was wrong, never panics.
-    pub fn from_batch(batch: &RecordBatch, expect_keys: &[ArrayRef], ncols: usize, rows: usize) -> Result<Self, String> {
+    /// Reads a batch a peer sent, checking it against the expected widths,
+    /// row count and public keys. The error says what was wrong.
+    pub fn from_batch(batch: &RecordBatch, expect_keys: &[ArrayRef], widths: &[Width], rows: usize) -> Result<Self, String> {
+        let ncols: usize = widths.iter().map(|w| if *w == Width::Z64 { 1 } else { 2 }).sum();
         if batch.num_columns() != expect_keys.len() + ncols {
             return Err(format!(
                 "{} columns, expected {} key and {} share columns",
@@ -92,9 +173,14 @@ impl SharedTable {
                 return Err(format!("group key column {i} differs from the public domain"));
             }
         }
-        let mut columns = Vec::with_capacity(ncols);
-        for i in 0..ncols {
-            let c = batch.column(expect_keys.len() + i);
+        let mut next = expect_keys.len();
+        let schema = batch.schema();
+        let mut take = |i: usize, name: String| -> Result<Vec<u64>, String> {
+            if schema.field(next).name() != &name {
+                return Err(format!("share column {} is named `{}`, expected `{name}`", next, schema.field(next).name()));
+            }
+            let c = batch.column(next);
+            next += 1;
             let a = c
                 .as_any()
                 .downcast_ref::<UInt64Array>()
@@ -102,7 +188,18 @@ impl SharedTable {
             if a.null_count() > 0 {
                 return Err(format!("share column {i} has nulls"));
             }
-            columns.push(a.values().to_vec());
+            Ok(a.values().to_vec())
+        };
+        let mut columns = Vec::with_capacity(widths.len());
+        for (i, w) in widths.iter().enumerate() {
+            columns.push(match w {
+                Width::Z64 => ShareColumn::Z64(take(i, format!("s{i}"))?),
+                Width::Z128 => {
+                    let lo = take(i, format!("s{i}_lo"))?;
+                    let hi = take(i, format!("s{i}_hi"))?;
+                    ShareColumn::Z128 { lo, hi }
+                }
+            });
         }
         Ok(SharedTable { keys: expect_keys.to_vec(), columns, rows })
     }
@@ -116,16 +213,23 @@ mod tests {
     #[test]
     fn shares_add_up_and_survive_the_wire() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
-        let values = vec![vec![1u64, 2, 3], vec![u64::MAX, 0, 42]];
-        let shares = SharedTable::split(&[], &values, 3, 4, &mut rng);
-        let mut acc = SharedTable::zeros(vec![], 2, 3);
+        let values = SharedTable {
+            keys: vec![],
+            columns: vec![ShareColumn::Z64(vec![1, 2, 3]), ShareColumn::Z128 { lo: vec![u64::MAX, 0, 42], hi: vec![1, 2, u64::MAX] }],
+            rows: 3,
+        };
+        let widths = values.widths();
+        let shares = values.split(4, &mut rng);
+        let mut acc = SharedTable::zeros(vec![], &widths, 3);
         for s in &shares {
-            let back = SharedTable::from_batch(&s.to_batch().unwrap(), &[], 2, 3).unwrap();
+            let back = SharedTable::from_batch(&s.to_batch().unwrap(), &[], &widths, 3).unwrap();
             acc.add_assign(&back);
         }
-        assert_eq!(acc.columns, values);
-        assert_ne!(shares[0].columns, values);
-        let e = SharedTable::from_batch(&shares[0].to_batch().unwrap(), &[], 3, 3).unwrap_err();
-        assert!(e.contains("expected 0 key and 3 share columns"), "{e}");
+        assert_eq!(acc.columns, values.columns);
+        assert_ne!(shares[0].columns, values.columns);
+        let e = SharedTable::from_batch(&shares[0].to_batch().unwrap(), &[], &[Width::Z64; 4], 3).unwrap_err();
+        assert!(e.contains("expected 0 key and 4 share columns"), "{e}");
+        let e = SharedTable::from_batch(&shares[0].to_batch().unwrap(), &[], &[Width::Z64, Width::Z64, Width::Z64], 3).unwrap_err();
+        assert!(e.contains("named"), "{e}");
     }
 }

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use connectors::LocalSource;
-use executor::encode::{dense_partials, sum_cannot_wrap, to_ring, PartialColumn};
+use executor::encode::{dense_partials, sum_cannot_wrap, to_ring};
 use executor::transport::Mailbox;
-use executor::{AdditiveEngine, GroupIndex, SharedTable};
+use executor::{AdditiveEngine, GroupIndex, SharedTable, Width};
 use planner::finalize::{post_plan, revealed_batch, Revealed};
 use planner::{plan_query, Catalog, FederatedPlan, PartialKind, QueryOptions};
 use policies::{Analyst, AuditEntry, AuditLog, Decision, Policy};
@@ -329,27 +329,25 @@ impl Gateway {
         })?;
         let keys = if plan.grouped { plan.groups.key_arrays() } else { Vec::new() };
         let index = GroupIndex::new(keys.clone()).map_err(|e| mine(e.to_string()))?;
-        let specs: Vec<PartialColumn> = plan
-            .local
-            .partials
-            .iter()
-            .map(|p| PartialColumn { divide_pow10: if p.kind == PartialKind::SumSquares { p.scale } else { 0 } })
-            .collect();
-        let dense = dense_partials(&batches, &index, &specs).map_err(|e| PartyFailure {
+        let dense = dense_partials(&batches, &index, plan.local.partials.len()).map_err(|e| PartyFailure {
             local: e.to_string(),
             shared: format!(
                 "{} aborted: its local data does not fit the declared catalog (details in its gateway log)",
                 self.party
             ),
         })?;
-        check_no_wrap(plan, &batches, &index)?;
+        check_no_wrap(plan, &dense, index.len())?;
         let shared_idx = plan.shared_partials();
         let shared: Vec<Vec<i128>> = shared_idx.iter().map(|&i| dense[i].clone()).collect();
-        let ring = to_ring(&shared, self.parties.len()).map_err(|o| {
+        let widths: Vec<Width> = shared_idx
+            .iter()
+            .map(|&i| if plan.local.partials[i].kind.is_wide() { Width::Z128 } else { Width::Z64 })
+            .collect();
+        let ring = to_ring(&shared, &widths, self.parties.len()).map_err(|o| {
             let p = &plan.local.partials[shared_idx[o.partial]];
             PartyFailure {
                 local: format!(
-                    "partial {:?} of {:?} in group {} is {} and exceeds the per-party bound ±{} of Z_2^64 with {} parties",
+                    "partial {:?} of {:?} in group {} is {} and exceeds the per-party bound ±{} of the ring with {} parties",
                     p.kind,
                     p.arg.as_ref().map(|a| a.to_string()),
                     o.group,
@@ -381,7 +379,7 @@ impl Gateway {
         Ok(out.map(|cols| {
             let mut totals = vec![Vec::new(); plan.local.partials.len()];
             for (k, &i) in shared_idx.iter().enumerate() {
-                totals[i] = cols[k].iter().map(|&v| v as i128).collect();
+                totals[i] = cols[k].clone();
             }
             Revealed { totals }
         }))
@@ -559,9 +557,7 @@ struct PartyFailure {
 
 /// Proves that no local 128-bit sum wrapped: count · max|x| (squared for
 /// sums of squares) stays below 2^127 in every group.
-fn check_no_wrap(plan: &FederatedPlan, batches: &[RecordBatch], index: &GroupIndex) -> Result<(), PartyFailure> {
-    let specs: Vec<PartialColumn> = plan.local.partials.iter().map(|_| PartialColumn { divide_pow10: 0 }).collect();
-    let raw = dense_partials(batches, index, &specs).map_err(|e| PartyFailure { local: e.to_string(), shared: "local data error".into() })?;
+fn check_no_wrap(plan: &FederatedPlan, raw: &[Vec<i128>], groups: usize) -> Result<(), PartyFailure> {
     for p in &plan.local.partials {
         if !matches!(p.kind, PartialKind::Sum | PartialKind::SumSquares) {
             continue;
@@ -570,7 +566,7 @@ fn check_no_wrap(plan: &FederatedPlan, batches: &[RecordBatch], index: &GroupInd
         let (Some(c), Some(lo), Some(hi)) = (p.count_of_arg, find(PartialKind::LocalMin), find(PartialKind::LocalMax)) else {
             continue;
         };
-        for g in 0..index.len() {
+        for g in 0..groups {
             let max_abs = raw[lo][g].unsigned_abs().max(raw[hi][g].unsigned_abs());
             if !sum_cannot_wrap(raw[c][g], max_abs, p.kind == PartialKind::SumSquares) {
                 return Err(PartyFailure {

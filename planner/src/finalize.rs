@@ -230,8 +230,8 @@ fn final_values(a: &AggregateOutput, groups: &[usize], r: &Revealed) -> Result<A
     }
 }
 
-/// Variance from n, S1 = Σx·10^s and S2 = Σx²·10^s, exact in integers up to
-/// the final division: (n·S2·10^s − S1²) / (n·(n−1) or n²) / 10^(2s).
+/// Variance from n, S1 = Σx·10^s and S2 = Σx²·10^(2s), exact in integers
+/// up to the final division: (n·S2 − S1²) / (n·(n−1) or n²) / 10^(2s).
 pub fn variance(n: i128, s1: i128, s2: i128, scale: u32, sample: bool) -> Option<f64> {
     if n == 0 || (sample && n == 1) {
         return None;
@@ -240,15 +240,12 @@ pub fn variance(n: i128, s1: i128, s2: i128, scale: u32, sample: bool) -> Option
         return Some(0.0);
     }
     let denom = if sample { n * (n - 1) } else { n * n };
-    let exact = n
-        .checked_mul(s2)
-        .and_then(|v| v.checked_mul(pow10(scale)))
-        .and_then(|v| s1.checked_mul(s1).and_then(|q| v.checked_sub(q)));
+    let exact = n.checked_mul(s2).and_then(|v| s1.checked_mul(s1).and_then(|q| v.checked_sub(q)));
     let scale2 = pow10(2 * scale) as f64;
     let v = match exact {
         Some(num) => num as f64 / denom as f64 / scale2,
         None => {
-            let (n, s1, s2) = (n as f64, s1 as f64 / pow10(scale) as f64, s2 as f64 / pow10(scale) as f64);
+            let (n, s1, s2) = (n as f64, s1 as f64 / pow10(scale) as f64, s2 as f64 / scale2);
             (n * s2 - s1 * s1) / denom as f64
         }
     };
@@ -278,8 +275,8 @@ mod tests {
         assert_eq!(variance(4, 10, 30, 0, false), Some(1.25));
         let v = variance(4, 10, 30, 0, true).unwrap();
         assert!((v - 5.0 / 3.0).abs() < 1e-15);
-        // The same at scale 2: S1 = 1000, S2 = Σx²·100 = 3000.
-        assert_eq!(variance(4, 1000, 3000, 2, false), Some(1.25));
+        // The same at scale 2: S1 = 1000, S2 = Σ(100x)² = 300000.
+        assert_eq!(variance(4, 1000, 300_000, 2, false), Some(1.25));
         assert_eq!(variance(1, 5, 25, 0, true), None);
         assert_eq!(variance(1, 5, 25, 0, false), Some(0.0));
         assert_eq!(variance(0, 0, 0, 0, false), None);

@@ -79,7 +79,7 @@ pub enum PartialKind {
     Count,
     /// Σ x, as an integer at the partial's scale.
     Sum,
-    /// Σ x², exact at twice the scale locally, shared rounded to the scale.
+    /// Σ x², exact at twice the scale, shared in Z_2^128.
     SumSquares,
     /// Local only, never shared: the extremes of x prove that the local
     /// 128-bit sums cannot have wrapped.
@@ -88,6 +88,11 @@ pub enum PartialKind {
 }
 
 impl PartialKind {
+    /// Whether the partial needs the wide ring Z_2^128.
+    pub fn is_wide(self) -> bool {
+        self == PartialKind::SumSquares
+    }
+
     pub fn is_shared(self) -> bool {
         !matches!(self, PartialKind::LocalMin | PartialKind::LocalMax)
     }
@@ -111,7 +116,7 @@ impl Partial {
             PartialKind::RowCount => "COUNT(*)".into(),
             PartialKind::Count => format!("COUNT({arg})"),
             PartialKind::Sum => format!("SUM({arg}) at scale {}", self.scale),
-            PartialKind::SumSquares => format!("SUM(({arg})^2) at scale {}", self.scale),
+            PartialKind::SumSquares => format!("SUM(({arg})^2) at scale {}, in Z_2^128", 2 * self.scale),
             PartialKind::LocalMin => format!("MIN({arg}) (local overflow guard, never shared)"),
             PartialKind::LocalMax => format!("MAX({arg}) (local overflow guard, never shared)"),
         }
@@ -294,7 +299,7 @@ impl FederatedPlan {
         let mut s = String::new();
         let _ = writeln!(s, "Federated plan {}", &self.fingerprint[..16]);
         let _ = writeln!(s, "  parties: {}", self.parties.join(", "));
-        let _ = writeln!(s, "  engine: additive secret sharing over Z_2^64 among all {} parties", self.parties.len());
+        let _ = writeln!(s, "  engine: additive secret sharing over Z_2^64 (Z_2^128 for sums of squares) among all {} parties", self.parties.len());
         let _ = writeln!(s, "1. Local part (each party, on its own rows only; raw rows never leave the party):");
         let _ = writeln!(s, "     {}", self.local.to_sql());
         if self.grouped {
