@@ -74,3 +74,41 @@ fn cell(c: &ArrayRef, r: usize) -> Cell {
     };
     Cell { text, float }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float64Array, Int64Array, StringArray};
+    use arrow::datatypes::{Field, Schema};
+    use std::sync::Arc;
+
+    fn batch(g: Vec<&str>, n: Vec<i64>, v: Vec<f64>) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+            Field::new("v", DataType::Float64, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![Arc::new(StringArray::from(g)), Arc::new(Int64Array::from(n)), Arc::new(Float64Array::from(v))],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn finds_every_kind_of_difference() {
+        let a = batch(vec!["a", "b"], vec![1, 2], vec![0.1, 1e6]);
+        assert!(compare(&[a.clone()], &[a.clone()], true).is_ok());
+        let rounding = batch(vec!["a", "b"], vec![1, 2], vec![0.1 + 1e-17, 1e6 * (1.0 + 1e-12)]);
+        assert!(compare(&[a.clone()], &[rounding], true).is_ok());
+        let off = batch(vec!["a", "b"], vec![1, 3], vec![0.1, 1e6]);
+        assert!(compare(&[a.clone()], &[off], true).unwrap_err().contains("column n: 2 vs 3"));
+        let far = batch(vec!["a", "b"], vec![1, 2], vec![0.1, 1e6 + 1.0]);
+        assert!(compare(&[a.clone()], &[far], true).is_err());
+        let swapped = batch(vec!["b", "a"], vec![2, 1], vec![1e6, 0.1]);
+        assert!(compare(&[a.clone()], &[swapped.clone()], true).is_err());
+        assert!(compare(&[a.clone()], &[swapped], false).is_ok());
+        let fewer = batch(vec!["a"], vec![1], vec![0.1]);
+        assert!(compare(&[a], &[fewer], true).unwrap_err().contains("2 rows vs 1 rows"));
+    }
+}

@@ -85,6 +85,18 @@ pub struct GatewayConfig {
     pub tls: TlsMaterial,
     pub audit_log: PathBuf,
     pub peer_timeout: Duration,
+    /// Test-only fault injection; never set from a config file.
+    #[doc(hidden)]
+    pub fault: Option<Fault>,
+}
+
+/// Faults the end-to-end tests inject to play a peer that dies mid-query.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Take part until the shares are due, then fall silent (as a crashed
+    /// process would): send no shares and no abort.
+    SilentBeforeShares,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -169,6 +181,7 @@ impl GatewayConfig {
             tls,
             audit_log: resolve(base, &raw.audit_log),
             peer_timeout: Duration::from_millis(raw.peer_timeout_ms.max(1)),
+            fault: None,
         })
     }
 }

@@ -203,14 +203,17 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             let parties = write_demo_data(&work.path().join("data"), opts.seed)?;
             let parties = parties
                 .into_iter()
-                .map(|(id, dir)| PartySpec {
-                    policy_toml: demo_policy(&id, id == "hospital_a"),
-                    analysts: vec![(ANALYST.0.into(), ANALYST.1.into(), vec!["researcher".into()])],
-                    id,
-                    data_dir: dir,
+                .map(|(id, dir)| {
+                    let policy = demo_policy(&id, id == "hospital_a");
+                    PartySpec::new(&id, dir, policy, vec![(ANALYST.0.into(), ANALYST.1.into(), vec!["researcher".into()])])
                 })
                 .collect();
-            let spec = FederationSpec { parties, catalog_toml: DEMO_CATALOG.to_string(), peer_timeout: Duration::from_secs(10) };
+            let spec = FederationSpec {
+                parties,
+                catalog_toml: DEMO_CATALOG.to_string(),
+                peer_timeout: Duration::from_secs(10),
+                extra_certs: Vec::new(),
+            };
             (spec, DEMO_QUERIES.iter().map(|(t, q)| (t.to_string(), q.to_string())).collect::<Vec<_>>(), Vec::new())
         }
         Some(dir) => user_federation(dir).await?,
@@ -392,12 +395,7 @@ async fn user_federation(dir: &Path) -> Result<(FederationSpec, Vec<(String, Str
                     );
                 }
             }
-            PartySpec {
-                id: id.clone(),
-                data_dir: d.clone(),
-                policy_toml: pol,
-                analysts: vec![(ANALYST.0.into(), ANALYST.1.into(), vec![])],
-            }
+            PartySpec::new(id, d.clone(), pol, vec![(ANALYST.0.into(), ANALYST.1.into(), vec![])])
         })
         .collect();
     notes.push("demo policies for your data allow every column in every role; write real ones with `council policy check`".into());
@@ -426,7 +424,11 @@ async fn user_federation(dir: &Path) -> Result<(FederationSpec, Vec<(String, Str
             ));
         }
     }
-    Ok((FederationSpec { parties: spec_parties, catalog_toml, peer_timeout: Duration::from_secs(30) }, queries, notes))
+    Ok((
+        FederationSpec { parties: spec_parties, catalog_toml, peer_timeout: Duration::from_secs(30), extra_certs: Vec::new() },
+        queries,
+        notes,
+    ))
 }
 
 /// Infers a catalog from the first party's files, deriving the domains of

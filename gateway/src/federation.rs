@@ -31,12 +31,24 @@ pub struct PartySpec {
     pub policy_toml: String,
     /// (name, password, roles)
     pub analysts: Vec<(String, String, Vec<String>)>,
+    /// This party's own copy of the catalog, if it differs from the spec's.
+    pub catalog_override: Option<String>,
+    pub fault: Option<crate::config::Fault>,
+}
+
+impl PartySpec {
+    pub fn new(id: &str, data_dir: PathBuf, policy_toml: String, analysts: Vec<(String, String, Vec<String>)>) -> Self {
+        PartySpec { id: id.to_string(), data_dir, policy_toml, analysts, catalog_override: None, fault: None }
+    }
 }
 
 pub struct FederationSpec {
     pub parties: Vec<PartySpec>,
     pub catalog_toml: String,
     pub peer_timeout: Duration,
+    /// Extra party ids to certify with the same CA without starting them
+    /// (impostors for tests).
+    pub extra_certs: Vec<String>,
 }
 
 pub struct LocalFederation {
@@ -44,6 +56,8 @@ pub struct LocalFederation {
     pub gateways: Vec<RunningGateway>,
     pub work_dir: PathBuf,
     pub catalog: Catalog,
+    /// Certificates made for `extra_certs`: (id, cert PEM, key PEM).
+    pub extra: Vec<(String, String, String)>,
     tables: BTreeMap<String, Vec<PathBuf>>,
 }
 
@@ -53,7 +67,8 @@ impl LocalFederation {
     pub async fn start(spec: &FederationSpec, work_dir: &Path) -> Result<Self> {
         crate::tls::install_provider();
         let catalog = Catalog::from_toml(&spec.catalog_toml, "catalog")?;
-        let ids: Vec<String> = spec.parties.iter().map(|p| p.id.clone()).collect();
+        let mut ids: Vec<String> = spec.parties.iter().map(|p| p.id.clone()).collect();
+        ids.extend(spec.extra_certs.iter().cloned());
         let fed = crate::certs::make_federation("Council demo CA", &ids, &[])?;
         let mut listeners = Vec::new();
         for _ in &spec.parties {
@@ -66,6 +81,10 @@ impl LocalFederation {
         let mut gateways = Vec::new();
         let mut tables: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
         for (i, ((party, (_, cert, key)), (pl, al))) in spec.parties.iter().zip(&fed.parties).zip(listeners).enumerate() {
+            let catalog = match &party.catalog_override {
+                Some(text) => Catalog::from_toml(text, "catalog override")?,
+                None => catalog.clone(),
+            };
             let policy = Policy::parse(&party.policy_toml, Some(&catalog)).map_err(|problems| {
                 anyhow!(
                     "policy of {}: {}",
@@ -112,10 +131,12 @@ impl LocalFederation {
                 tls: TlsMaterial::from_pem(&fed.ca_cert, cert, key)?,
                 audit_log: work_dir.join("audit").join(format!("{}.log", party.id)),
                 peer_timeout: spec.peer_timeout,
+                fault: party.fault,
             };
             gateways.push(start(&cfg, pl, al).await.with_context(|| format!("starting gateway {}", party.id))?);
         }
-        Ok(LocalFederation { ca_pem: fed.ca_cert, gateways, work_dir: work_dir.to_path_buf(), catalog, tables })
+        let extra = fed.parties[spec.parties.len()..].to_vec();
+        Ok(LocalFederation { ca_pem: fed.ca_cert, gateways, work_dir: work_dir.to_path_buf(), catalog, extra, tables })
     }
 
     pub fn gateway(&self, party: &str) -> Option<&RunningGateway> {

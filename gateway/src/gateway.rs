@@ -22,7 +22,7 @@ use planner::{plan_query, Catalog, FederatedPlan, PartialKind, QueryOptions};
 use policies::{Analyst, AuditEntry, AuditLog, Decision, Policy};
 use sha2::{Digest, Sha256};
 
-use crate::config::{verify_password, AnalystCredential, GatewayConfig};
+use crate::config::{verify_password, AnalystCredential, Fault, GatewayConfig};
 use crate::peer::{PeerClients, Propose, QueryRef, QueryTransport, Verdict};
 
 /// Sessions not started within this time are dropped.
@@ -92,6 +92,7 @@ pub struct Gateway {
     pub(crate) clients: Arc<PeerClients>,
     sessions: Mutex<HashMap<(String, String), Arc<Session>>>,
     timeout: Duration,
+    fault: Option<Fault>,
 }
 
 impl Gateway {
@@ -116,6 +117,7 @@ impl Gateway {
             clients: Arc::new(clients),
             sessions: Mutex::new(HashMap::new()),
             timeout: cfg.peer_timeout,
+            fault: cfg.fault,
         }))
     }
 
@@ -371,6 +373,10 @@ impl Gateway {
             clients: self.clients.clone(),
             mailbox: s.mailbox.clone(),
         };
+        if self.fault == Some(Fault::SilentBeforeShares) {
+            // Play dead: the others must time out, abort, and reveal nothing.
+            std::future::pending::<()>().await;
+        }
         let engine = AdditiveEngine { parties: self.parties.clone(), me: self.party.clone(), leader: s.leader.clone() };
         let out = engine.sum_and_reveal(&transport, &input).await.map_err(|e| {
             let m = e.to_string();

@@ -1,1 +1,132 @@
+//! Shared helpers for Council's end-to-end tests: seeded random federated
+//! data sets, permissive policies, and starting gateways on loopback.
 
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use gateway::federation::{FederationSpec, LocalFederation, PartySpec};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub const USER: &str = "ana";
+pub const PASSWORD: &str = "correct horse";
+
+pub const CATALOG: &str = r#"
+[tables.t]
+columns = [
+  { name = "id", type = "int" },
+  { name = "g", type = "text", domain = ["a", "b", "c", "d"] },
+  { name = "h", type = "int", domain = { min = 1, max = 3 } },
+  { name = "flag", type = "bool", domain = [true, false] },
+  { name = "x", type = "int" },
+  { name = "d", type = "decimal(14,3)" },
+  { name = "f", type = "float", scale = 4 },
+  { name = "label", type = "text" },
+]
+"#;
+
+/// A policy that allows every column in every role, for `parties`.
+pub fn open_policy(party: &str, parties: &[String]) -> String {
+    let allow: Vec<String> = parties.iter().map(|p| format!("\"{p}:*\"")).collect();
+    let mut s = format!("party = \"{party}\"\n[analysts]\nallow = [{}]\n[tables.t]\ncount_star = true\n", allow.join(", "));
+    for c in ["id", "g", "h", "flag", "x", "d", "f", "label"] {
+        let group = matches!(c, "g" | "h" | "flag");
+        let _ = writeln!(
+            s,
+            "[tables.t.columns.{c}]\nfilter = true\ngroup_by = {group}\naggregate = [\"count\", \"sum\", \"avg\", \"var\", \"stddev\"]"
+        );
+    }
+    s
+}
+
+/// How a random data set is shaped.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub seed: u64,
+    /// Values of x near the bound where the sum over all parties still fits.
+    pub large: bool,
+}
+
+/// Writes `dir/<party>/t.csv` for every party: empty parties, NULLs,
+/// negative values, a group ("d") present at the first party only.
+pub fn write_random_data(dir: &Path, parties: &[String], shape: Shape) -> anyhow::Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(shape.seed);
+    let n = parties.len();
+    for (pi, p) in parties.iter().enumerate() {
+        let d = dir.join(p);
+        std::fs::create_dir_all(&d)?;
+        let mut csv = String::from("id,g,h,flag,x,d,f,label\n");
+        // Every third data set leaves the last party empty.
+        let rows = if shape.seed % 3 == 0 && pi == n - 1 { 0 } else { rng.random_range(1..120) };
+        let big = (i64::MAX as i128 / (n as i128 * 200)) as i64;
+        for i in 0..rows {
+            let groups: &[&str] = if pi == 0 { &["a", "b", "c", "d"] } else { &["a", "b", "c"] };
+            let g = if rng.random_bool(0.05) { String::new() } else { groups[rng.random_range(0..groups.len())].to_string() };
+            let h = if rng.random_bool(0.05) { String::new() } else { rng.random_range(1..=3).to_string() };
+            let flag = rng.random_bool(0.4);
+            let x = if rng.random_bool(0.1) {
+                String::new()
+            } else if shape.large {
+                rng.random_range(-big..=big).to_string()
+            } else {
+                rng.random_range(-1000i64..=1000).to_string()
+            };
+            let dv = if rng.random_bool(0.08) {
+                String::new()
+            } else {
+                let v: i64 = rng.random_range(-10_000_000_000i64..=10_000_000_000);
+                let sign = if v < 0 { "-" } else { "" };
+                format!("{sign}{}.{:03}", v.unsigned_abs() / 1000, v.unsigned_abs() % 1000)
+            };
+            let f = if rng.random_bool(0.08) {
+                String::new()
+            } else {
+                let k: i64 = rng.random_range(-100_000_000..=100_000_000);
+                format!("{}", k as f64 / 10_000.0)
+            };
+            let label = ["lime", "lemon", "plum", "kiwi"][rng.random_range(0..4)];
+            let _ = writeln!(csv, "{},{g},{h},{flag},{x},{dv},{f},{label}", pi * 100_000 + i);
+        }
+        std::fs::write(d.join("t.csv"), csv)?;
+    }
+    Ok(())
+}
+
+pub fn party_ids(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("p{i}")).collect()
+}
+
+/// Starts `n` gateways over random data; returns the federation.
+pub async fn start_random(dir: &Path, n: usize, shape: Shape, timeout: Duration) -> anyhow::Result<LocalFederation> {
+    let ids = party_ids(n);
+    write_random_data(&dir.join("data"), &ids, shape)?;
+    let spec = spec_for(dir, &ids, timeout);
+    LocalFederation::start(&spec, &dir.join("run")).await
+}
+
+pub fn spec_for(dir: &Path, ids: &[String], timeout: Duration) -> FederationSpec {
+    FederationSpec {
+        parties: ids
+            .iter()
+            .map(|p| {
+                PartySpec::new(p, dir.join("data").join(p), open_policy(p, ids), vec![(USER.into(), PASSWORD.into(), vec!["analyst".into()])])
+            })
+            .collect(),
+        catalog_toml: CATALOG.to_string(),
+        peer_timeout: timeout,
+        extra_certs: Vec::new(),
+    }
+}
+
+/// Queries over `t`, each with whether its rows come in a defined order.
+pub const QUERIES: &[(&str, bool)] = &[
+    ("SELECT COUNT(*) FROM t", true),
+    ("SELECT g, COUNT(*), COUNT(x), SUM(x), AVG(x) FROM t GROUP BY g ORDER BY g", true),
+    ("SELECT h, flag, SUM(d), AVG(d), VAR_SAMP(d), STDDEV_POP(d) FROM t GROUP BY h, flag ORDER BY h, flag", true),
+    ("SELECT g, SUM(f), AVG(f), VAR_POP(x), STDDEV_SAMP(x) FROM t WHERE x > -500 GROUP BY g ORDER BY g", true),
+    ("SELECT g, SUM(x) / COUNT(*) AS ratio, COUNT(*) AS n FROM t WHERE label LIKE 'l%' GROUP BY g HAVING COUNT(*) > 2 ORDER BY n DESC, g LIMIT 2", true),
+    ("SELECT SUM(d) AS total, VAR_SAMP(f) AS vf, STDDEV_SAMP(d) FROM t WHERE flag", true),
+    ("SELECT flag, COUNT(d), SUM(d) - SUM(x) AS diff FROM t GROUP BY flag", false),
+    ("SELECT g AS grp, AVG(d) * 2 AS twice FROM t WHERE h = 2 AND d IS NOT NULL GROUP BY g ORDER BY twice", true),
+];
