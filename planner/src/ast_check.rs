@@ -267,15 +267,15 @@ mod tests {
     #[test]
     fn names_the_construct_and_its_position() {
         let e = err("SELECT MIN(cost) FROM patients");
-        assert!(e.contains("not supported yet: aggregate MIN (line 1, column 8)"), "{e}");
+        assert!(e.contains("not supported yet: aggregate MIN at line 1, column 8"), "{e}");
         let e = err("SELECT COUNT(*) FROM patients p\n  JOIN visits v ON p.id = v.id");
-        assert!(e.contains("JOIN (line 2"), "{e}");
+        assert!(e.contains("JOIN at line 2"), "{e}");
         let e = err("SELECT * FROM patients");
-        assert!(e.starts_with("not permitted: SELECT * (line 1, column 8)"), "{e}");
+        assert!(e.starts_with("not permitted: SELECT * at line 1, column 8"), "{e}");
         let e = err("SELECT COUNT(*) OVER () FROM patients");
         assert!(e.contains("window function COUNT"), "{e}");
         let e = err("SELECT COUNT(*) FROM patients WHERE cost > (SELECT 1)");
-        assert!(e.contains("a subquery (line 1"), "{e}");
+        assert!(e.contains("a subquery at line 1"), "{e}");
         let e = err("DELETE FROM patients");
         assert!(e.contains("not permitted: DELETE statement"), "{e}");
         let e = err("SELECT COUNT(*) FROM patients GROUP BY 1");

@@ -29,9 +29,9 @@ pub use plan::{
 pub enum PlanError {
     #[error("SQL syntax error: {0}")]
     Syntax(String),
-    #[error("not supported yet: {construct} ({position}). {hint}")]
+    #[error("not supported yet: {construct} at {position}; {hint}")]
     NotSupported { construct: String, position: String, hint: String },
-    #[error("not permitted: {construct} ({position}). {hint}")]
+    #[error("not permitted: {construct} at {position}; {hint}")]
     NotPermitted { construct: String, position: String, hint: String },
     #[error("catalog error: {0}")]
     Catalog(String),

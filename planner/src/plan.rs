@@ -395,7 +395,7 @@ pub async fn plan_query(
         let Expr::Column(c) = g else {
             return Err(PlanError::not_supported(
                 format!("GROUP BY expression `{g}`"),
-                "GROUP BY",
+                "the GROUP BY clause",
                 "group by a column whose domain the catalog declares",
             ));
         };
@@ -405,7 +405,7 @@ pub async fn plan_query(
         let Some(domain) = &col.domain else {
             return Err(PlanError::not_permitted(
                 format!("GROUP BY {}", c.name),
-                "GROUP BY",
+                "the GROUP BY clause",
                 format!(
                     "column `{}` has no public domain in the catalog, so grouping by it would reveal which values exist; \
                      declare its values (domain = [...]) in the catalog",
@@ -425,7 +425,7 @@ pub async fn plan_query(
         _ => {
             return Err(PlanError::not_permitted(
                 "this GROUP BY",
-                "GROUP BY",
+                "the GROUP BY clause",
                 format!("the group domains multiply to more than {MAX_GROUPS} groups; group by fewer columns"),
             ))
         }
@@ -448,14 +448,14 @@ pub async fn plan_query(
         if af.params.distinct {
             return Err(PlanError::not_supported(
                 format!("{}(DISTINCT ...)", name.to_uppercase()),
-                "SELECT list",
+                "the SELECT list",
                 "distinct counts need secure set union, which is not built yet",
             ));
         }
         if af.params.filter.is_some() || !af.params.order_by.is_empty() {
             return Err(PlanError::not_supported(
                 format!("FILTER or ORDER BY inside {}", name.to_uppercase()),
-                "SELECT list",
+                "the SELECT list",
                 "move the condition to WHERE",
             ));
         }
@@ -473,7 +473,7 @@ pub async fn plan_query(
             other => {
                 return Err(PlanError::not_supported(
                     format!("aggregate {}", other.to_uppercase()),
-                    "SELECT list",
+                    "the SELECT list",
                     "Council computes COUNT, SUM, AVG, VAR_SAMP, VAR_POP, STDDEV_SAMP and STDDEV_POP so far",
                 ))
             }
@@ -585,22 +585,22 @@ fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate, PlanError> {
         LogicalPlan::Aggregate(a) => Ok(a),
         LogicalPlan::TableScan(_) | LogicalPlan::SubqueryAlias(_) => Err(PlanError::not_permitted(
             "a query without aggregates",
-            "SELECT list",
+            "the SELECT list",
             "it would return a party's raw rows; every output must be an aggregate (COUNT, SUM, AVG, ...) \
              or a GROUP BY column",
         )),
         LogicalPlan::Distinct(_) => Err(PlanError::not_permitted(
             "DISTINCT",
-            "SELECT",
+            "the SELECT clause",
             "it would reveal which raw values exist",
         )),
-        LogicalPlan::Window(_) => Err(PlanError::not_supported("window functions", "SELECT list", "")),
+        LogicalPlan::Window(_) => Err(PlanError::not_supported("window functions", "the SELECT list", "")),
         LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => Err(PlanError::Invalid(
             "the query reads no federated table; name one in FROM".into(),
         )),
         other => Err(PlanError::not_supported(
             format!("plan node {}", other.display()),
-            "query",
+            "the query",
             "Council answers one aggregate SELECT over a federated table",
         )),
     }
@@ -620,7 +620,7 @@ fn local_input(plan: &LogicalPlan) -> Result<(Option<Expr>, String), PlanError> 
         LogicalPlan::TableScan(t) => Ok((None, t.table_name.table().to_string())),
         other => Err(PlanError::not_supported(
             format!("plan node {} below the aggregate", other.display()),
-            "FROM/WHERE",
+            "the FROM and WHERE clauses",
             "query one federated table with a WHERE clause",
         )),
     }
