@@ -98,6 +98,9 @@ pub struct Gateway {
 impl Gateway {
     pub async fn new(cfg: &GatewayConfig) -> anyhow::Result<Arc<Self>> {
         let source = connectors::FileSource::open(cfg.tables.clone()).await?;
+        if let Some(dir) = cfg.audit_log.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+        }
         let audit = AuditLog::open(&cfg.audit_log)
             .map_err(|e| anyhow::anyhow!("audit log {}: {e}", cfg.audit_log.display()))?;
         let clients = PeerClients::new(&cfg.peers, cfg.tls.peer_client_config()?, cfg.peer_timeout)?;

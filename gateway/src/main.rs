@@ -46,6 +46,9 @@ enum Command {
         /// Seed of the sample data.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Only write the sample data (one folder per hospital) and catalog.toml to this folder.
+        #[arg(long, conflicts_with_all = ["data", "sql"])]
+        write_data: Option<PathBuf>,
     },
     /// Make a federation CA and a certificate and key per party.
     Certs {
@@ -165,7 +168,13 @@ async fn client(conn: &Conn) -> Result<gateway::client::AnalystClient> {
 async fn run(cli: Cli) -> Result<ExitCode> {
     gateway::tls::install_provider();
     match cli.command {
-        Command::Demo { data, sql, format, seed } => {
+        Command::Demo { write_data: Some(dir), seed, .. } => {
+            gateway::demo::write_demo_data(&dir, seed)?;
+            std::fs::write(dir.join("catalog.toml"), gateway::demo::DEMO_CATALOG)?;
+            println!("wrote sample data for hospital_a, hospital_b, hospital_c and catalog.toml to {}", dir.display());
+            println!("run it with: council demo --data {}", dir.display());
+        }
+        Command::Demo { data, sql, format, seed, write_data: None } => {
             gateway::demo::run(gateway::demo::DemoOptions { data, sql, format, seed }).await?;
         }
         Command::Certs { parties, out, hosts } => {

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Policy tests kept beside the policies: each line states the decision the
+# governance team expects. Run from examples/three-hospitals/.
+set -euo pipefail
+COUNCIL=${COUNCIL:-council}
+t() { "$COUNCIL" policy test "policies/$1.toml" --catalog catalog.toml --analyst "$2" --sql "$3" --expect "$4"; }
+
+for h in hospital_a hospital_b hospital_c; do
+  "$COUNCIL" policy check "policies/$h.toml" --catalog catalog.toml
+  t $h hospital_a:alice "SELECT age_band, COUNT(*), AVG(cost) FROM patients WHERE diagnosis = 'E11' GROUP BY age_band" allow
+  t $h hospital_a:alice "SELECT diagnosis, COUNT(*) FROM patients GROUP BY diagnosis" deny
+  t $h other_bank:bob "SELECT COUNT(*) FROM patients" deny
+done
+t hospital_a hospital_a:alice "SELECT COUNT(*) FROM patients WHERE patient_id < 1000100" allow
+t hospital_b hospital_a:alice "SELECT COUNT(*) FROM patients WHERE patient_id < 1000100" deny
+echo "all policy tests passed"

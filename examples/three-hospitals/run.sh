@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Three hospitals as three real `council serve` processes on 127.0.0.1,
+# queried with `council query`. Run from anywhere; needs cargo or $COUNCIL.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ -z "${COUNCIL:-}" ]; then
+  (cd ../.. && cargo build -q -p gateway)
+  COUNCIL="$(cd ../.. && pwd)/target/debug/council"
+fi
+export COUNCIL
+
+rm -rf run && mkdir -p run
+echo "== certificates: a federation CA and one certificate per hospital"
+"$COUNCIL" certs --parties hospital_a,hospital_b,hospital_c --out run/certs
+
+echo "== policy tests beside the policies"
+policies/policy-tests.sh
+
+echo "== starting three gateways"
+pids=()
+for h in hospital_a hospital_b hospital_c; do
+  "$COUNCIL" serve --config "$h.toml" > "run/$h.out" 2>&1 &
+  pids+=($!)
+done
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+
+export COUNCIL_USER=alice COUNCIL_PASSWORD=demo-password-not-secret COUNCIL_CA=run/certs/ca.pem
+q() { "$COUNCIL" query --gateway "$1" "${@:2}"; }
+for i in $(seq 1 60); do
+  if q 127.0.0.1:7201 "SELECT COUNT(*) FROM patients" > /dev/null 2>&1 \
+     && q 127.0.0.1:7202 "SELECT COUNT(*) FROM patients" > /dev/null 2>&1; then break; fi
+  sleep 0.5
+done
+
+echo "== hospital_a's analyst: diabetes patients by age band"
+q 127.0.0.1:7201 "SELECT age_band, COUNT(*) AS patients, AVG(cost) AS mean_cost FROM patients WHERE diagnosis = 'E11' GROUP BY age_band ORDER BY age_band"
+
+echo "== hospital_b's analyst, as CSV for a script"
+q 127.0.0.1:7202 --format csv "SELECT sex, COUNT(*) AS admissions, SUM(cost) AS total_cost FROM patients GROUP BY sex ORDER BY sex"
+
+echo "== as JSON"
+q 127.0.0.1:7203 --format json "SELECT readmitted, AVG(length_of_stay) AS mean_stay FROM patients GROUP BY readmitted ORDER BY readmitted"
+
+echo "== EXPLAIN: what runs where and who learns what"
+"$COUNCIL" explain --gateway 127.0.0.1:7201 "SELECT sex, STDDEV_SAMP(cost) FROM patients GROUP BY sex"
+
+echo "== a query hospital_b's policy refuses"
+if q 127.0.0.1:7201 "SELECT sex, COUNT(*) FROM patients WHERE patient_id < 1000100 GROUP BY sex"; then
+  echo "expected a refusal" >&2; exit 1
+fi
+
+echo "== audit logs"
+for h in hospital_a hospital_b hospital_c; do "$COUNCIL" audit verify "run/audit-$h.log"; done
+echo "three-hospitals example: ok"
