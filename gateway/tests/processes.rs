@@ -1,0 +1,137 @@
+//! Three real `council serve` processes on loopback (ephemeral ports),
+//! queried with the `council query` command: answers equal plaintext over
+//! the pooled data, and a killed gateway makes queries fail naming it.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gateway::federation::{plaintext, pooled_context};
+use gateway::output::{render, Format};
+
+const COUNCIL: &str = env!("CARGO_BIN_EXE_council");
+const PARTIES: [&str; 3] = ["hospital_a", "hospital_b", "hospital_c"];
+
+struct Gateways(Vec<Child>);
+
+impl Drop for Gateways {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn council(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(COUNCIL)
+        .current_dir(dir)
+        .args(args)
+        .env("COUNCIL_PASSWORD", "pw-for-tests")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn query(dir: &Path, port: u16, sql: &str) -> std::process::Output {
+    let gw = format!("127.0.0.1:{port}");
+    council(dir, &["query", "--gateway", &gw, "--user", "alice", "--ca", "certs/ca.pem", "--format", "csv", sql])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    gateway::demo::write_demo_data(&dir.join("data"), 7).unwrap();
+    std::fs::write(dir.join("catalog.toml"), gateway::demo::DEMO_CATALOG).unwrap();
+    let out = council(dir, &["certs", "--parties", "hospital_a,hospital_b,hospital_c", "--out", "certs"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let hash = gateway::config::hash_password("pw-for-tests").unwrap();
+    let peer_ports: Vec<u16> = PARTIES.iter().map(|_| free_port()).collect();
+    let analyst_ports: Vec<u16> = PARTIES.iter().map(|_| free_port()).collect();
+    for (i, p) in PARTIES.iter().enumerate() {
+        std::fs::write(dir.join(format!("{p}.policy.toml")), gateway::demo::demo_policy(p, i == 0)).unwrap();
+        let mut cfg = format!(
+            "party = \"{p}\"\npeer_listen = \"127.0.0.1:{}\"\nanalyst_listen = \"127.0.0.1:{}\"\ncatalog = \"catalog.toml\"\n\
+             policy = \"{p}.policy.toml\"\naudit_log = \"audit/{p}.log\"\npeer_timeout_ms = 3000\n\
+             [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{p}.pem\"\nkey = \"certs/{p}.key\"\n\
+             [tables.patients]\npath = \"data/{p}/patients.csv\"\n\
+             [[analysts]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n",
+            peer_ports[i], analyst_ports[i]
+        );
+        for (j, q) in PARTIES.iter().enumerate() {
+            if i != j {
+                cfg.push_str(&format!("[[peers]]\nid = \"{q}\"\naddress = \"127.0.0.1:{}\"\n", peer_ports[j]));
+            }
+        }
+        std::fs::write(dir.join(format!("{p}.toml")), cfg).unwrap();
+    }
+    let mut gws = Gateways(Vec::new());
+    for p in PARTIES {
+        let log = std::fs::File::create(dir.join(format!("{p}.out"))).unwrap();
+        let child = Command::new(COUNCIL)
+            .current_dir(dir)
+            .args(["serve", "--config", &format!("{p}.toml")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        gws.0.push(child);
+    }
+    // Wait until every gateway answers.
+    let start = Instant::now();
+    loop {
+        let ok = analyst_ports.iter().all(|&port| query(dir, port, "SELECT COUNT(*) FROM patients").status.success());
+        if ok {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "gateways did not start: {}", std::fs::read_to_string(dir.join("hospital_a.out")).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    let catalog = planner::Catalog::from_toml(gateway::demo::DEMO_CATALOG, "c").unwrap();
+    let tables = std::collections::BTreeMap::from([(
+        "patients".to_string(),
+        PARTIES.iter().map(|p| dir.join("data").join(p).join("patients.csv")).collect::<Vec<_>>(),
+    )]);
+    let pooled = pooled_context(&catalog, &tables).await.unwrap();
+    for (i, sql) in [
+        "SELECT age_band, COUNT(*) AS patients, AVG(cost) AS mean_cost FROM patients WHERE diagnosis = 'E11' GROUP BY age_band ORDER BY age_band",
+        "SELECT sex, SUM(cost) AS total, COUNT(cost) AS n FROM patients GROUP BY sex ORDER BY sex",
+        "SELECT readmitted, SUM(length_of_stay) AS days FROM patients WHERE age_band IN ('65-79', '80+') GROUP BY readmitted ORDER BY readmitted",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = query(dir, analyst_ports[i % 3], sql);
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        let expected = render(&plaintext(&pooled, sql).await.unwrap(), Format::Csv).unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), expected, "{sql}");
+    }
+
+    // The refusal reaches the CLI with the party and the rule.
+    let out = query(dir, analyst_ports[0], "SELECT COUNT(*) FROM patients WHERE patient_id < 1000100");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hospital_b refused: column patient_id may not be used in WHERE (policy: tables.patients.columns.patient_id)"), "{err}");
+
+    // Kill hospital_c outright; hospital_a's queries fail, naming it.
+    let mut c = gws.0.pop().unwrap();
+    c.kill().unwrap();
+    c.wait().unwrap();
+    let out = query(dir, analyst_ports[0], "SELECT COUNT(*) FROM patients");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("peer hospital_c"), "{err}");
+
+    for p in PARTIES {
+        let out = council(dir, &["audit", "verify", &format!("audit/{p}.log")]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
