@@ -203,3 +203,29 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
         Err(_) => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_configs_name_the_file_and_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("gw.toml");
+        std::fs::write(&p, "party = \"a\"\npeer_listen = 7\n").unwrap();
+        let e = format!("{:#}", GatewayConfig::load(&p).err().unwrap());
+        assert!(e.contains("gw.toml") && e.contains("line 2"), "{e}");
+        std::fs::write(&p, "party = \"A B\"\npeer_listen = \"x\"\nanalyst_listen = \"y\"\ncatalog = \"c\"\npolicy = \"p\"\naudit_log = \"l\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n").unwrap();
+        let e = format!("{:#}", GatewayConfig::load(&p).err().unwrap());
+        assert!(e.contains("party id `A B` is not valid"), "{e}");
+        assert!(format!("{:#}", GatewayConfig::load(&dir.path().join("none.toml")).err().unwrap()).contains("none.toml"));
+    }
+
+    #[test]
+    fn passwords_verify_against_their_hash_only() {
+        let h = hash_password("s3cret").unwrap();
+        assert!(verify_password("s3cret", &h));
+        assert!(!verify_password("s3cret ", &h));
+        assert!(!verify_password("s3cret", "not a hash"));
+    }
+}

@@ -460,8 +460,8 @@ impl Gateway {
                     format!(
                         "{p} computed a different plan (fingerprint {} vs {} here); check that every gateway \
                          runs the same Council version with the same catalog",
-                        &fingerprint[..fingerprint.len().min(16)],
-                        &plan.fingerprint[..16]
+                        short(fingerprint),
+                        short(&plan.fingerprint)
                     ),
                 ),
                 Verdict::Deny { rule, reason } => {
@@ -501,7 +501,7 @@ impl Gateway {
         for (p, v) in verdicts {
             let line = match v {
                 Verdict::Allow { fingerprint } if fingerprint == plan.fingerprint => "allow (same plan)".to_string(),
-                Verdict::Allow { fingerprint } => format!("allow, but a DIFFERENT plan {}", &fingerprint[..fingerprint.len().min(16)]),
+                Verdict::Allow { fingerprint } => format!("allow, but a DIFFERENT plan {}", short(&fingerprint)),
                 Verdict::Deny { rule, reason } => format!("deny: {reason} (policy: {rule})"),
                 Verdict::Error { message } => format!("error: {message}"),
             };
@@ -602,6 +602,11 @@ async fn post_process(plan: &FederatedPlan, revealed: &Revealed) -> Result<Vec<R
     df.collect()
         .await
         .map_err(|e| QueryFailure::new(FailureKind::Invalid, planner::plan::clean_df_error(&e.to_string())))
+}
+
+/// The first 16 characters of a fingerprint (which may come from a peer).
+fn short(fingerprint: &str) -> String {
+    fingerprint.chars().take(16).collect()
 }
 
 fn new_query_id() -> String {

@@ -252,3 +252,24 @@ impl FlightService for AnalystService {
         Err(Status::unimplemented("list_actions"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(v: &str) -> tonic::metadata::MetadataMap {
+        let mut m = tonic::metadata::MetadataMap::new();
+        m.insert("authorization", v.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn basic_credentials_padded_or_not() {
+        // "alice:pw" is YWxpY2U6cHc= padded.
+        assert_eq!(basic_credentials(&md("Basic YWxpY2U6cHc=")).unwrap(), ("alice".into(), "pw".into()));
+        assert_eq!(basic_credentials(&md("Basic YWxpY2U6cHc")).unwrap(), ("alice".into(), "pw".into()));
+        assert!(basic_credentials(&md("Bearer abc")).is_err());
+        assert!(basic_credentials(&md("Basic !!!")).is_err());
+        assert!(basic_credentials(&tonic::metadata::MetadataMap::new()).unwrap_err().message().contains("missing credentials"));
+    }
+}

@@ -139,3 +139,24 @@ pub fn party_of(cert: &CertificateDer<'_>) -> Result<String> {
     }
     Ok(cn)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_party_id_is_read_from_the_certificate() {
+        let fed = crate::certs::make_federation("test CA", &["hospital_a".into(), "bank-b".into()], &[]).unwrap();
+        for (p, cert, key) in &fed.parties {
+            let m = TlsMaterial::from_pem(&fed.ca_cert, cert, key).unwrap();
+            assert_eq!(&party_of(&m.cert_chain[0]).unwrap(), p);
+            m.peer_server_config().unwrap();
+            m.peer_client_config().unwrap();
+        }
+        // The CA itself has no DNS name: not a party.
+        let ca = parse_certs(&fed.ca_cert, "ca").unwrap();
+        assert!(party_of(&ca[0]).is_err());
+        assert!(parse_certs("not a pem", "x").unwrap_err().to_string().contains("no certificate"));
+        assert!(crate::certs::make_federation("x", &["Bad Name".into()], &[]).is_err());
+    }
+}

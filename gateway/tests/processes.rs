@@ -135,3 +135,31 @@ async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_over_the_users_own_files_infers_the_catalog_and_answers_one_query() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    gateway::demo::write_demo_data(dir, 3).unwrap();
+    let sql = "SELECT age_band, COUNT(*) AS n, SUM(length_of_stay) AS days FROM patients WHERE sex = 'F' GROUP BY age_band ORDER BY age_band";
+    let out = Command::new(COUNCIL)
+        .args(["demo", "--data", dir.to_str().unwrap(), "--sql", sql, "--format", "csv"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("derived the domain of patients.age_band"), "{stderr}");
+    assert!(stderr.contains("equals the plaintext answer"), "{stderr}");
+
+    let ctx = datafusion::prelude::SessionContext::new();
+    for p in PARTIES {
+        let path = dir.join(p).join("patients.csv");
+        ctx.register_csv(p, path.to_str().unwrap(), datafusion::prelude::CsvReadOptions::new()).await.unwrap();
+    }
+    ctx.sql("CREATE VIEW patients AS SELECT * FROM hospital_a UNION ALL SELECT * FROM hospital_b UNION ALL SELECT * FROM hospital_c")
+        .await
+        .unwrap();
+    let expected = render(&ctx.sql(sql).await.unwrap().collect().await.unwrap(), Format::Csv).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+}

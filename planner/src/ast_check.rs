@@ -292,3 +292,38 @@ mod tests {
         .unwrap();
     }
 }
+
+/// Where `column` is first used in the statement, for errors found after
+/// planning (which has no positions).
+pub fn column_position(stmt: &Statement, column: &str) -> Option<String> {
+    let mut found = None;
+    let _ = datafusion::sql::sqlparser::ast::visit_expressions(stmt, |e: &Expr| {
+        let hit = match e {
+            Expr::Identifier(i) => i.value.eq_ignore_ascii_case(column),
+            Expr::CompoundIdentifier(parts) => parts.last().is_some_and(|i| i.value.eq_ignore_ascii_case(column)),
+            _ => false,
+        };
+        if hit {
+            found = Some(position(e.span()));
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    found
+}
+
+/// Where a call of the function `name` first appears.
+pub fn function_position(stmt: &Statement, name: &str) -> Option<String> {
+    let mut found = None;
+    let _ = datafusion::sql::sqlparser::ast::visit_expressions(stmt, |e: &Expr| {
+        if let Expr::Function(f) = e {
+            if f.name.to_string().eq_ignore_ascii_case(name) {
+                found = Some(position(e.span()));
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    });
+    found
+}

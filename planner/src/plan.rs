@@ -297,7 +297,7 @@ impl FederatedPlan {
     /// The disclosure manifest and plan, for EXPLAIN.
     pub fn explain(&self, leader: &str) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "Federated plan {}", &self.fingerprint[..16]);
+        let _ = writeln!(s, "Federated plan {}", self.fingerprint.chars().take(16).collect::<String>());
         let _ = writeln!(s, "  parties: {}", self.parties.join(", "));
         let _ = writeln!(s, "  engine: additive secret sharing over Z_2^64 (Z_2^128 for sums of squares) among all {} parties", self.parties.len());
         let _ = writeln!(s, "1. Local part (each party, on its own rows only; raw rows never leave the party):");
@@ -364,6 +364,9 @@ pub async fn plan_query(
     options: &QueryOptions,
 ) -> Result<FederatedPlan, PlanError> {
     let stmt = crate::ast_check::parse_and_check(sql)?;
+    let ast = stmt.clone();
+    let at_column = |c: &str| crate::ast_check::column_position(&ast, c).unwrap_or_else(|| "the GROUP BY clause".into());
+    let at_function = |f: &str| crate::ast_check::function_position(&ast, f).unwrap_or_else(|| "the SELECT list".into());
     let ctx = SessionContext::new();
     for t in catalog.tables.values() {
         ctx.register_table(t.name.as_str(), Arc::new(EmptyTable::new(t.schema())))
@@ -405,7 +408,7 @@ pub async fn plan_query(
         let Some(domain) = &col.domain else {
             return Err(PlanError::not_permitted(
                 format!("GROUP BY {}", c.name),
-                "the GROUP BY clause",
+                at_column(&c.name),
                 format!(
                     "column `{}` has no public domain in the catalog, so grouping by it would reveal which values exist; \
                      declare its values (domain = [...]) in the catalog",
@@ -448,14 +451,14 @@ pub async fn plan_query(
         if af.params.distinct {
             return Err(PlanError::not_supported(
                 format!("{}(DISTINCT ...)", name.to_uppercase()),
-                "the SELECT list",
+                at_function(&name),
                 "distinct counts need secure set union, which is not built yet",
             ));
         }
         if af.params.filter.is_some() || !af.params.order_by.is_empty() {
             return Err(PlanError::not_supported(
                 format!("FILTER or ORDER BY inside {}", name.to_uppercase()),
-                "the SELECT list",
+                at_function(&name),
                 "move the condition to WHERE",
             ));
         }
@@ -709,8 +712,9 @@ columns = [
         assert!(e.contains("raw rows"), "{e}");
         let e = plan("SELECT diagnosis, COUNT(*) FROM patients GROUP BY diagnosis").await.unwrap_err().to_string();
         assert!(e.contains("no public domain"), "{e}");
+        assert!(e.contains("GROUP BY diagnosis at line 1, column 8"), "{e}");
         let e = plan("SELECT COUNT(DISTINCT los) FROM patients").await.unwrap_err().to_string();
-        assert!(e.contains("DISTINCT"), "{e}");
+        assert!(e.contains("COUNT(DISTINCT ...) at line 1, column 8"), "{e}");
         let e = plan("SELECT COUNT(*) FROM nosuch").await.unwrap_err().to_string();
         assert!(e.contains("nosuch"), "{e}");
     }

@@ -219,3 +219,32 @@ async fn concurrent_queries_from_several_leaders_do_not_mix() {
         fed.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partials_beyond_the_ring_bound_abort_instead_of_wrapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = party_ids(2);
+    write_random_data(&dir.path().join("data"), &ids, Shape { seed: 9, large: false }).unwrap();
+    // p0's sum of x is 1.2e19: each value fits in i64, the sum does not fit
+    // the per-party bound (2^63 - 1) / 2 of Z_2^64.
+    let rows = "id,g,h,flag,x,d,f,label\n1,a,1,true,4000000000000000000,1.0,1,lime\n2,a,1,true,4000000000000000000,1.0,1,lime\n3,a,1,true,4000000000000000000,1.0,1,lime\n";
+    std::fs::write(dir.path().join("data/p0/t.csv"), rows).unwrap();
+    // p1 holds a group key outside the declared domain.
+    let odd = "id,g,h,flag,x,d,f,label\n7,secret-key,1,true,1,1.0,1,lime\n";
+    std::fs::write(dir.path().join("data/p1/t.csv"), odd).unwrap();
+    let spec = spec_for(dir.path(), &ids, Duration::from_secs(5));
+    let fed = LocalFederation::start(&spec, &dir.path().join("run")).await.unwrap();
+    let c = fed.client("p1", USER, PASSWORD).await.unwrap();
+    let e = c.query("SELECT SUM(x) FROM t WHERE g = 'a'").await.unwrap_err();
+    assert!(e.message.contains("p0 aborted") && e.message.contains("too large to combine exactly"), "{}", e.message);
+    assert!(e.message.contains("nothing was revealed"), "{}", e.message);
+    assert!(!e.message.contains("4000000000000000000"), "a party's value leaked: {}", e.message);
+
+    let c = fed.client("p0", USER, PASSWORD).await.unwrap();
+    let e = c.query("SELECT g, COUNT(*) FROM t GROUP BY g").await.unwrap_err();
+    assert!(e.message.contains("p1 aborted") && e.message.contains("declared catalog"), "{}", e.message);
+    assert!(!e.message.contains("secret-key"), "a party's key leaked: {}", e.message);
+    // Queries that do not touch the bad values still work.
+    assert!(c.query("SELECT COUNT(*) FROM t WHERE h = 1").await.is_ok());
+    fed.stop().await;
+}
