@@ -263,19 +263,9 @@ impl Gateway {
         let s = self.sessions().get(&key).cloned();
         if let Some(s) = s {
             s.mailbox.abort(&r.reason);
+            // A started session ends in its own task, which sees the abort.
             if !s.started.load(Ordering::SeqCst) {
-                self.sessions().remove(&key);
-                self.audit(AuditEntry {
-                    event: "outcome".into(),
-                    query_id: s.query_id.clone(),
-                    leader: s.leader.clone(),
-                    analyst: s.analyst.to_string(),
-                    sql: s.plan.sql.clone(),
-                    decision: "-".into(),
-                    fingerprint: Some(s.plan.fingerprint.clone()),
-                    outcome: Some(format!("aborted by {from}: {}", r.reason)),
-                    ..Default::default()
-                });
+                self.finish(&s, format!("aborted by {from}: {}", r.reason));
             }
         }
     }
@@ -313,7 +303,13 @@ impl Gateway {
 
     async fn abort_everywhere(&self, s: &Session, reason: &str) {
         s.mailbox.abort(reason);
-        let body = serde_json::json!({ "query_id": s.query_id, "reason": reason, "leader": s.leader }).to_string();
+        self.abort_peers(&s.leader, &s.query_id, reason).await;
+    }
+
+    /// Tells every peer to drop the query (best effort: a peer that cannot
+    /// be reached times out on its own).
+    async fn abort_peers(&self, leader: &str, query_id: &str, reason: &str) {
+        let body = serde_json::json!({ "query_id": query_id, "reason": reason, "leader": leader }).to_string();
         let sends = self.peers.keys().map(|p| {
             let body = body.clone().into_bytes();
             async move {
@@ -475,21 +471,10 @@ impl Gateway {
             failure.get_or_insert(f);
         }
         if let Some(f) = failure {
-            self.abort_peers(query_id, &f.message).await;
+            self.abort_peers(&self.party, query_id, &f.message).await;
             return Err(f);
         }
         Ok((plan, verdicts))
-    }
-
-    async fn abort_peers(&self, query_id: &str, reason: &str) {
-        let body = serde_json::json!({ "query_id": query_id, "reason": reason, "leader": self.party }).to_string();
-        let sends = self.peers.keys().map(|p| {
-            let body = body.clone().into_bytes();
-            async move {
-                let _ = self.clients.action(p, "abort", body).await;
-            }
-        });
-        futures::future::join_all(sends).await;
     }
 
     /// EXPLAIN: the plan, the disclosure manifest and every party's verdict.

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use arrow_flight::flight_service_server::FlightServiceServer;
+use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -84,32 +84,8 @@ pub async fn start(cfg: &GatewayConfig, peer: TcpListener, analyst: TcpListener)
     let analyst_svc = FlightServiceServer::new(AnalystService { gw: gateway.clone() })
         .max_decoding_message_size(16 << 20)
         .max_encoding_message_size(MAX_MESSAGE);
-    let label = cfg.party.clone();
-    let t1 = tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(peer_svc)
-            .serve_with_incoming_shutdown(peer_incoming, async {
-                let _ = peer_rx.await;
-            })
-            .await;
-        if let Err(e) = r {
-            eprintln!("[{label}] peer service stopped: {e}");
-        }
-    });
-    let label = cfg.party.clone();
-    let t2 = tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(analyst_svc)
-            .serve_with_incoming_shutdown(analyst_incoming, async {
-                let _ = an_rx.await;
-            })
-            .await;
-        if let Err(e) = r {
-            eprintln!("[{label}] analyst service stopped: {e}");
-        }
-    });
+    let t1 = spawn_flight(peer_svc, peer_incoming, peer_rx, format!("{} peer service", cfg.party));
+    let t2 = spawn_flight(analyst_svc, analyst_incoming, an_rx, format!("{} analyst service", cfg.party));
     Ok(RunningGateway {
         party: cfg.party.clone(),
         peer_addr,
@@ -117,5 +93,26 @@ pub async fn start(cfg: &GatewayConfig, peer: TcpListener, analyst: TcpListener)
         gateway,
         shutdown: vec![peer_tx, an_tx],
         tasks: vec![t1, t2],
+    })
+}
+
+/// Serves one Flight service on `incoming` until `stop` fires.
+fn spawn_flight<T: FlightService>(
+    svc: FlightServiceServer<T>,
+    incoming: tokio_stream::wrappers::ReceiverStream<Result<crate::net::TaggedStream, std::io::Error>>,
+    stop: oneshot::Receiver<()>,
+    label: String,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop.await;
+            })
+            .await;
+        if let Err(e) = r {
+            eprintln!("[{label}] stopped: {e}");
+        }
     })
 }
