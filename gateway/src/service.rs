@@ -208,8 +208,9 @@ impl FlightService for AnalystService {
             .map_err(|f| failure_status(&f))?;
         let req: AnalystRequest = serde_json::from_slice(&request.get_ref().ticket)
             .map_err(|e| Status::invalid_argument(format!("malformed ticket: {e}; send {{\"sql\": \"SELECT ...\"}}")))?;
-        if req.explain {
-            let text = self.gw.explain(&analyst, &req.sql, &req.options).await.map_err(|f| failure_status(&f))?;
+        let (explain_sql, sql) = planner::split_explain(&req.sql);
+        if req.explain || explain_sql {
+            let text = self.gw.explain(&analyst, sql, &req.options).await.map_err(|f| failure_status(&f))?;
             let schema = Arc::new(Schema::new(vec![Field::new("plan", DataType::Utf8, false)]));
             let lines: Vec<&str> = text.lines().collect();
             let batch = RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(lines))])

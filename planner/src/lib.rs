@@ -49,3 +49,32 @@ impl PlanError {
         PlanError::NotPermitted { construct: construct.into(), position: position.into(), hint: hint.into() }
     }
 }
+
+/// Splits a leading `EXPLAIN` off `sql`: `(true, rest)` for `EXPLAIN SELECT
+/// ...`, `(false, sql)` otherwise. `EXPLAIN ANALYZE` is kept whole, so the
+/// planner refuses it (it would run the query).
+pub fn split_explain(sql: &str) -> (bool, &str) {
+    let t = sql.trim_start();
+    let Some(head) = t.get(..8) else { return (false, sql) };
+    if head.eq_ignore_ascii_case("explain ") || head.eq_ignore_ascii_case("explain\n") {
+        let rest = t[8..].trim_start();
+        let analyze = rest.get(..7).is_some_and(|w| w.eq_ignore_ascii_case("analyze"));
+        if !analyze {
+            return (true, rest);
+        }
+    }
+    (false, sql)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_explain;
+
+    #[test]
+    fn explain_prefix() {
+        assert_eq!(split_explain("  explain SELECT 1"), (true, "SELECT 1"));
+        assert_eq!(split_explain("EXPLAIN ANALYZE SELECT 1"), (false, "EXPLAIN ANALYZE SELECT 1"));
+        assert_eq!(split_explain("SELECT explain FROM t"), (false, "SELECT explain FROM t"));
+        assert_eq!(split_explain("ex"), (false, "ex"));
+    }
+}

@@ -333,3 +333,30 @@ aggregate = ["sum", "avg"]
         assert_eq!(typo[0].line, 2);
     }
 }
+
+#[cfg(test)]
+mod fail_closed {
+    use super::*;
+    use planner::QueryOptions;
+
+    #[tokio::test]
+    async fn a_minimum_group_size_fails_closed() {
+        let cat = Catalog::from_toml("[tables.t]\ncolumns = [{ name = \"g\", type = \"text\", domain = [\"a\"] }]", "c").unwrap();
+        let pol = Policy::parse(
+            "[analysts]\nallow = [\"a:*\"]\n[results]\nmin_group_size = 5\n[tables.t]\ncount_star = true\n[tables.t.columns.g]\ngroup_by = true\n",
+            Some(&cat),
+        )
+        .unwrap();
+        let plan = planner::plan_query("SELECT g, COUNT(*) FROM t GROUP BY g", &cat, &["a".into()], &QueryOptions::default()).await.unwrap();
+        let who = Analyst { party: "a".into(), name: "x".into(), roles: vec![] };
+        match pol.check(&plan, &who) {
+            Decision::Deny { rule, reason } => {
+                assert_eq!(rule, "results.min_group_size");
+                assert!(reason.contains("at least 5 rows"), "{reason}");
+            }
+            d => panic!("{d:?}"),
+        }
+        let bad = Policy::parse("[results]\nrecipients = \"everyone\"\n", None).unwrap_err();
+        assert!(bad[0].message.contains("querying_party"), "{bad:?}");
+    }
+}

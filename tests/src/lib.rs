@@ -129,4 +129,9 @@ pub const QUERIES: &[(&str, bool)] = &[
     ("SELECT SUM(d) AS total, VAR_SAMP(f) AS vf, STDDEV_SAMP(d) FROM t WHERE flag", true),
     ("SELECT flag, COUNT(d), SUM(d) - SUM(x) AS diff FROM t GROUP BY flag", false),
     ("SELECT g AS grp, AVG(d) * 2 AS twice FROM t WHERE h = 2 AND d IS NOT NULL GROUP BY g ORDER BY twice", true),
+    ("SELECT COUNT(*) AS n, h FROM t GROUP BY h ORDER BY h", true),
+    ("SELECT g, ROUND(AVG(x), 2) AS r FROM t GROUP BY g ORDER BY g", true),
+    ("SELECT h, SUM(x) FROM t WHERE g IS NULL OR x BETWEEN -10 AND 500 GROUP BY h ORDER BY h", true),
+    ("SELECT SUM(d * 2) AS dd, AVG(x + 1) AS x1, COUNT(f) FROM t WHERE label IN ('lime', 'plum')", true),
+    ("SELECT g, flag, h, COUNT(*) FROM t GROUP BY g, flag, h", false),
 ];

@@ -78,6 +78,11 @@ async fn unsupported_sql_and_wrong_passwords_get_clear_errors() {
     assert!(e.message.contains("JOIN at line 1, column 29"), "{}", e.message);
     let e = c.query("SELECT COUNT(nope) FROM t").await.unwrap_err();
     assert!(e.message.contains("nope"), "{}", e.message);
+    let plan = c.query("EXPLAIN SELECT g, SUM(x) FROM t GROUP BY g").await.unwrap();
+    let text = arrow::util::pretty::pretty_format_batches(&plan).unwrap().to_string();
+    assert!(text.contains("Local part") && text.contains("p1: allow (same plan)"), "{text}");
+    let e = c.query("EXPLAIN ANALYZE SELECT COUNT(*) FROM t").await.unwrap_err();
+    assert!(e.message.contains("not permitted: EXPLAIN statement"), "{}", e.message);
     let bad = fed.client("p0", USER, "wrong").await.unwrap();
     let e = bad.query("SELECT COUNT(*) FROM t").await.unwrap_err();
     assert_eq!(e.code, tonic::Code::Unauthenticated);
