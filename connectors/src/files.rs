@@ -45,12 +45,19 @@ impl FileSource {
     /// Registers every table, checking that its columns can be read exactly
     /// as the catalog declares them. A mismatch is refused here, at startup.
     pub async fn open(tables: Vec<TableFile>) -> Result<Self, SourceError> {
-        let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(false));
+        let ctx =
+            SessionContext::new_with_config(SessionConfig::new().with_information_schema(false));
         let mut described = Vec::new();
         for t in tables {
             let name = t.table.name.clone();
-            let err = |reason: String| SourceError::Table { table: name.clone(), reason };
-            let path = t.path.to_str().ok_or_else(|| err(format!("path {} is not UTF-8", t.path.display())))?;
+            let err = |reason: String| SourceError::Table {
+                table: name.clone(),
+                reason,
+            };
+            let path = t
+                .path
+                .to_str()
+                .ok_or_else(|| err(format!("path {} is not UTF-8", t.path.display())))?;
             if !t.path.exists() {
                 return Err(err(format!("file {} does not exist", t.path.display())));
             }
@@ -59,13 +66,20 @@ impl FileSource {
             match t.format {
                 FileFormat::Csv => {
                     let ext = extension_of(&t.path, ".csv");
-                    let opts = CsvReadOptions::new().has_header(true).schema(&schema).file_extension(&ext);
-                    ctx.register_csv(&raw, path, opts).await.map_err(|e| err(e.to_string()))?;
+                    let opts = CsvReadOptions::new()
+                        .has_header(true)
+                        .schema(&schema)
+                        .file_extension(&ext);
+                    ctx.register_csv(&raw, path, opts)
+                        .await
+                        .map_err(|e| err(e.to_string()))?;
                 }
                 FileFormat::Parquet => {
                     let ext = extension_of(&t.path, ".parquet");
                     let opts = ParquetReadOptions::default().file_extension(&ext);
-                    ctx.register_parquet(&raw, path, opts).await.map_err(|e| err(e.to_string()))?;
+                    ctx.register_parquet(&raw, path, opts)
+                        .await
+                        .map_err(|e| err(e.to_string()))?;
                 }
             }
             let df = ctx.table(&raw).await.map_err(|e| err(e.to_string()))?;
@@ -77,7 +91,13 @@ impl FileSource {
                     .fields()
                     .iter()
                     .find(|f| f.name() == &c.name)
-                    .ok_or_else(|| err(format!("column `{}` is missing from {}", c.name, t.path.display())))?;
+                    .ok_or_else(|| {
+                        err(format!(
+                            "column `{}` is missing from {}",
+                            c.name,
+                            t.path.display()
+                        ))
+                    })?;
                 if !exact_cast(field.data_type(), &want) {
                     return Err(err(format!(
                         "column `{}` is {} in {} but the catalog declares {}; it cannot be read exactly",
@@ -88,11 +108,19 @@ impl FileSource {
                     )));
                 }
                 let e = Expr::Column(Column::new_unqualified(c.name.clone()));
-                let e = if field.data_type() == &want { e } else { cast(e, want) };
+                let e = if field.data_type() == &want {
+                    e
+                } else {
+                    cast(e, want)
+                };
                 exprs.push(e.alias(c.name.clone()));
             }
-            let view = df.select(exprs).map_err(|e| err(e.to_string()))?.into_view();
-            ctx.register_table(name.as_str(), view).map_err(|e| err(e.to_string()))?;
+            let view = df
+                .select(exprs)
+                .map_err(|e| err(e.to_string()))?
+                .into_view();
+            ctx.register_table(name.as_str(), view)
+                .map_err(|e| err(e.to_string()))?;
             described.push(format!("{name}: {:?} {}", t.format, t.path.display()));
         }
         Ok(FileSource { ctx, described })
@@ -103,7 +131,10 @@ fn extension_of(path: &Path, default: &str) -> String {
     if path.is_dir() {
         return default.to_string();
     }
-    path.extension().and_then(|e| e.to_str()).map(|e| format!(".{e}")).unwrap_or_default()
+    path.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| format!(".{e}"))
+        .unwrap_or_default()
 }
 
 /// Whether every value of `from` is represented exactly in `to`.
@@ -114,8 +145,12 @@ fn exact_cast(from: &DataType, to: &DataType) -> bool {
         (Int8 | Int16 | Int32 | Int64 | UInt8 | UInt16 | UInt32, Int64) => true,
         (Float16 | Float32, Float64) => true,
         (Int8 | Int16 | Int32 | Int64 | UInt8 | UInt16 | UInt32, Float64) => false,
-        (Decimal128(p, s), Decimal128(tp, ts)) => s <= ts && (*p as i16 - *s as i16) <= (*tp as i16 - *ts as i16),
-        (Int8 | Int16 | Int32 | UInt8 | UInt16, Decimal128(tp, ts)) => *tp as i16 - *ts as i16 >= 10,
+        (Decimal128(p, s), Decimal128(tp, ts)) => {
+            s <= ts && (*p as i16 - *s as i16) <= (*tp as i16 - *ts as i16)
+        }
+        (Int8 | Int16 | Int32 | UInt8 | UInt16, Decimal128(tp, ts)) => {
+            *tp as i16 - *ts as i16 >= 10
+        }
         (Int64 | UInt32, Decimal128(tp, ts)) => *tp as i16 - *ts as i16 >= 19,
         (Utf8 | LargeUtf8 | Utf8View, Utf8) => true,
         (Date32, Date32) => true,
@@ -130,13 +165,18 @@ impl LocalSource for FileSource {
     }
 
     async fn run(&self, part: &LocalPart) -> Result<Vec<RecordBatch>, SourceError> {
-        let run = |e: datafusion::error::DataFusionError| SourceError::Run(planner::plan::clean_df_error(&e.to_string()));
+        let run = |e: datafusion::error::DataFusionError| {
+            SourceError::Run(planner::plan::clean_df_error(&e.to_string()))
+        };
         let mut df = self.ctx.table(part.table.as_str()).await.map_err(run)?;
         if let Some(f) = &part.filter {
             df = df.filter(f.clone()).map_err(run)?;
         }
-        let groups: Vec<Expr> =
-            part.group_columns.iter().map(|g| Expr::Column(Column::new_unqualified(g.clone()))).collect();
+        let groups: Vec<Expr> = part
+            .group_columns
+            .iter()
+            .map(|g| Expr::Column(Column::new_unqualified(g.clone())))
+            .collect();
         df = df.aggregate(groups, part.aggregate_exprs()).map_err(run)?;
         df.collect().await.map_err(run)
     }
@@ -148,19 +188,48 @@ pub fn find_table_file(dir: &Path, table: &TableDef) -> Option<TableFile> {
     for (ext, format) in [("csv", FileFormat::Csv), ("parquet", FileFormat::Parquet)] {
         let p = dir.join(format!("{}.{ext}", table.name));
         if p.is_file() {
-            return Some(TableFile { table: table.clone(), path: p, format });
+            return Some(TableFile {
+                table: table.clone(),
+                path: p,
+                format,
+            });
         }
     }
     let d = dir.join(&table.name);
     if d.is_dir() {
-        let entries: Vec<PathBuf> = std::fs::read_dir(&d).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        let entries: Vec<PathBuf> = std::fs::read_dir(&d)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
         let format = entries.iter().find_map(|p| FileFormat::from_path(p))?;
-        return Some(TableFile { table: table.clone(), path: d, format });
+        return Some(TableFile {
+            table: table.clone(),
+            path: d,
+            format,
+        });
     }
     None
 }
 
 pub type SharedSource = Arc<dyn LocalSource>;
+
+impl FileSource {
+    /// Every row of a table, for the plaintext reference of the demo and the
+    /// tests only. The gateway never calls this: raw rows never leave a party.
+    pub async fn read_rows_for_reference(
+        &self,
+        table: &str,
+    ) -> Result<Vec<RecordBatch>, SourceError> {
+        let run = |e: datafusion::error::DataFusionError| SourceError::Run(e.to_string());
+        self.ctx
+            .table(table)
+            .await
+            .map_err(run)?
+            .collect()
+            .await
+            .map_err(run)
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -178,23 +247,24 @@ mod tests {
         )
         .unwrap();
         let table = cat.table("t").unwrap().clone();
-        let src = FileSource::open(vec![find_table_file(dir.path(), &table).unwrap()]).await.unwrap();
-        let plan = planner::plan_query("SELECT g, SUM(x) FROM t WHERE x > 1 GROUP BY g", &cat, &["p".into()], &QueryOptions::default())
+        let src = FileSource::open(vec![find_table_file(dir.path(), &table).unwrap()])
             .await
             .unwrap();
+        let plan = planner::plan_query(
+            "SELECT g, SUM(x) FROM t WHERE x > 1 GROUP BY g",
+            &cat,
+            &["p".into()],
+            &QueryOptions::default(),
+        )
+        .await
+        .unwrap();
         let out = src.run(&plan.local).await.unwrap();
         let text = pretty_format_batches(&out).unwrap().to_string();
-        assert!(text.contains("| a | 1  | 1  | 1.50 | 1.50 | 1.50 |"), "{text}");
+        assert!(
+            text.contains("| a | 1  | 1  | 1.50 | 1.50 | 1.50 |"),
+            "{text}"
+        );
         let rows: usize = out.iter().map(|b| b.num_rows()).sum();
         assert_eq!(rows, 3, "{text}");
-    }
-}
-
-impl FileSource {
-    /// Every row of a table, for the plaintext reference of the demo and the
-    /// tests only. The gateway never calls this: raw rows never leave a party.
-    pub async fn read_rows_for_reference(&self, table: &str) -> Result<Vec<RecordBatch>, SourceError> {
-        let run = |e: datafusion::error::DataFusionError| SourceError::Run(e.to_string());
-        self.ctx.table(table).await.map_err(run)?.collect().await.map_err(run)
     }
 }

@@ -38,7 +38,9 @@ impl AdditiveEngine {
         let widths = &widths;
         let rows = input.rows;
         let mut seed = [0u8; 32];
-        OsRng.try_fill_bytes(&mut seed).map_err(|e| ExecError::Encode(format!("OS randomness failed: {e}")))?;
+        OsRng
+            .try_fill_bytes(&mut seed)
+            .map_err(|e| ExecError::Encode(format!("OS randomness failed: {e}")))?;
         let mut rng = ChaCha20Rng::from_seed(seed);
         let shares = input.split(n, &mut rng);
 
@@ -52,15 +54,23 @@ impl AdditiveEngine {
             }
         });
         let sends: Vec<(String, SharedTable)> = sends.collect();
-        let mut acc = mine.ok_or_else(|| ExecError::Encode(format!("{} is not among the parties", self.me)))?;
+        let mut acc =
+            mine.ok_or_else(|| ExecError::Encode(format!("{} is not among the parties", self.me)))?;
         let send_all = futures::future::try_join_all(sends.iter().map(|(p, s)| async move {
             let b = s.to_batch().map_err(|e| ExecError::Encode(e.to_string()))?;
-            transport.send(p, Round::Input, b).await.map_err(ExecError::from)
+            transport
+                .send(p, Round::Input, b)
+                .await
+                .map_err(ExecError::from)
         }));
         let recv_all = futures::future::try_join_all(self.others().map(|p| async move {
             let b = transport.recv(p, Round::Input).await?;
-            SharedTable::from_batch(&b, &input.keys, widths, rows)
-                .map_err(|reason| ExecError::Malformed { peer: p.to_string(), reason })
+            SharedTable::from_batch(&b, &input.keys, widths, rows).map_err(|reason| {
+                ExecError::Malformed {
+                    peer: p.to_string(),
+                    reason,
+                }
+            })
         }));
         let (_, received) = futures::future::try_join(send_all, recv_all).await?;
         for r in &received {
@@ -68,14 +78,20 @@ impl AdditiveEngine {
         }
 
         if self.me != self.leader {
-            let b = acc.to_batch().map_err(|e| ExecError::Encode(e.to_string()))?;
+            let b = acc
+                .to_batch()
+                .map_err(|e| ExecError::Encode(e.to_string()))?;
             transport.send(&self.leader, Round::Result, b).await?;
             return Ok(None);
         }
         let results = futures::future::try_join_all(self.others().map(|p| async move {
             let b = transport.recv(p, Round::Result).await?;
-            SharedTable::from_batch(&b, &input.keys, widths, rows)
-                .map_err(|reason| ExecError::Malformed { peer: p.to_string(), reason })
+            SharedTable::from_batch(&b, &input.keys, widths, rows).map_err(|reason| {
+                ExecError::Malformed {
+                    peer: p.to_string(),
+                    reason,
+                }
+            })
         }))
         .await?;
         for r in &results {
@@ -105,14 +121,29 @@ mod tests {
         for n in [2, 3, 5] {
             let ps = parties(n);
             let net = InMemoryNetwork::connect(&ps, Duration::from_secs(5));
-            let inputs: Vec<Vec<i128>> = (0..n).map(|i| vec![i as i128 * 10 - 7, -(i as i128), 1 << 40]).collect();
+            let inputs: Vec<Vec<i128>> = (0..n)
+                .map(|i| vec![i as i128 * 10 - 7, -(i as i128), 1 << 40])
+                .collect();
             let mut tasks = Vec::new();
             for (i, t) in net.into_iter().enumerate() {
                 let ps = ps.clone();
-                let enc = crate::encode::to_ring(&[inputs[i].clone(), inputs[i].clone()], &[Width::Z64, Width::Z128], n).unwrap();
+                let enc = crate::encode::to_ring(
+                    &[inputs[i].clone(), inputs[i].clone()],
+                    &[Width::Z64, Width::Z128],
+                    n,
+                )
+                .unwrap();
                 tasks.push(tokio::spawn(async move {
-                    let e = AdditiveEngine { parties: ps.clone(), me: ps[i].clone(), leader: ps[1].clone() };
-                    let input = SharedTable { keys: vec![], columns: enc, rows: 3 };
+                    let e = AdditiveEngine {
+                        parties: ps.clone(),
+                        me: ps[i].clone(),
+                        leader: ps[1].clone(),
+                    };
+                    let input = SharedTable {
+                        keys: vec![],
+                        columns: enc,
+                        rows: 3,
+                    };
                     e.sum_and_reveal(&t, &input).await.unwrap()
                 }));
             }
@@ -123,7 +154,9 @@ mod tests {
             for (i, o) in outs.iter().enumerate() {
                 assert_eq!(o.is_some(), i == 1, "only the leader learns the result");
             }
-            let expect: Vec<i128> = (0..3).map(|g| inputs.iter().map(|v| v[g]).sum::<i128>()).collect();
+            let expect: Vec<i128> = (0..3)
+                .map(|g| inputs.iter().map(|v| v[g]).sum::<i128>())
+                .collect();
             assert_eq!(outs[1].as_ref().unwrap()[0], expect);
             assert_eq!(outs[1].as_ref().unwrap()[1], expect);
         }
@@ -136,8 +169,25 @@ mod tests {
         let _silent = net.pop();
         let t1 = net.pop().unwrap();
         let enc = crate::encode::to_ring(&[vec![5]], &[Width::Z64], 3).unwrap();
-        let e = AdditiveEngine { parties: ps.clone(), me: ps[1].clone(), leader: ps[1].clone() };
-        let err = e.sum_and_reveal(&t1, &SharedTable { keys: vec![], columns: enc, rows: 1 }).await.unwrap_err();
-        assert!(err.to_string().contains("p0") || err.to_string().contains("p2"), "{err}");
+        let e = AdditiveEngine {
+            parties: ps.clone(),
+            me: ps[1].clone(),
+            leader: ps[1].clone(),
+        };
+        let err = e
+            .sum_and_reveal(
+                &t1,
+                &SharedTable {
+                    keys: vec![],
+                    columns: enc,
+                    rows: 1,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("p0") || err.to_string().contains("p2"),
+            "{err}"
+        );
     }
 }

@@ -31,13 +31,12 @@ pub fn dense_partials(
         }
         let keys: Vec<ArrayRef> = b.columns()[..nkeys].to_vec();
         let pos = index.lookup(&keys, b.num_rows())?;
-        for k in 0..npartials {
+        for (k, dst) in out.iter_mut().enumerate() {
             let col = b.column(nkeys + k);
-            let dst = &mut out[k];
             let add = |dst: &mut Vec<i128>, g: usize, v: i128| -> Result<(), ExecError> {
-                                dst[g] = dst[g]
-                    .checked_add(v)
-                    .ok_or_else(|| ExecError::Encode("a local partial overflows 128 bits".into()))?;
+                dst[g] = dst[g].checked_add(v).ok_or_else(|| {
+                    ExecError::Encode("a local partial overflows 128 bits".into())
+                })?;
                 Ok(())
             };
             if let Some(a) = col.as_any().downcast_ref::<Int64Array>() {
@@ -66,7 +65,11 @@ pub fn dense_partials(
 /// True if a 128-bit sum of `count` terms each at most `max_abs` in magnitude
 /// (squared if `squares`) cannot have wrapped.
 pub fn sum_cannot_wrap(count: i128, max_abs: u128, squares: bool) -> bool {
-    let term = if squares { max_abs.checked_mul(max_abs) } else { Some(max_abs) };
+    let term = if squares {
+        max_abs.checked_mul(max_abs)
+    } else {
+        Some(max_abs)
+    };
     match term.and_then(|t| t.checked_mul(count.max(0) as u128)) {
         Some(total) => total < (1u128 << 127),
         None => false,
@@ -84,7 +87,11 @@ pub struct OutOfRange {
 
 /// Encodes dense partials into ring elements of the given widths, each
 /// within the party bound so that the sum over all parties cannot wrap.
-pub fn to_ring(values: &[Vec<i128>], widths: &[Width], parties: usize) -> Result<Vec<ShareColumn>, OutOfRange> {
+pub fn to_ring(
+    values: &[Vec<i128>],
+    widths: &[Width],
+    parties: usize,
+) -> Result<Vec<ShareColumn>, OutOfRange> {
     values
         .iter()
         .zip(widths)
@@ -94,7 +101,14 @@ pub fn to_ring(values: &[Vec<i128>], widths: &[Width], parties: usize) -> Result
                 let bound = ring::party_bound(parties);
                 col.iter()
                     .enumerate()
-                    .map(|(g, &v)| ring::encode(v, bound).ok_or(OutOfRange { partial: k, group: g, value: v, bound }))
+                    .map(|(g, &v)| {
+                        ring::encode(v, bound).ok_or(OutOfRange {
+                            partial: k,
+                            group: g,
+                            value: v,
+                            bound,
+                        })
+                    })
                     .collect::<Result<Vec<u64>, _>>()
                     .map(ShareColumn::Z64)
             }
@@ -103,7 +117,12 @@ pub fn to_ring(values: &[Vec<i128>], widths: &[Width], parties: usize) -> Result
                 let mut lo = Vec::with_capacity(col.len());
                 let mut hi = Vec::with_capacity(col.len());
                 for (g, &v) in col.iter().enumerate() {
-                    let (l, h) = ring::encode_wide(v, bound).ok_or(OutOfRange { partial: k, group: g, value: v, bound })?;
+                    let (l, h) = ring::encode_wide(v, bound).ok_or(OutOfRange {
+                        partial: k,
+                        group: g,
+                        value: v,
+                        bound,
+                    })?;
                     lo.push(l);
                     hi.push(h);
                 }
@@ -134,7 +153,11 @@ mod tests {
             vec![
                 Arc::new(StringArray::from(vec![Some("M")])),
                 Arc::new(Int64Array::from(vec![3])),
-                Arc::new(Decimal128Array::from(vec![-1250i128]).with_precision_and_scale(38, 2).unwrap()),
+                Arc::new(
+                    Decimal128Array::from(vec![-1250i128])
+                        .with_precision_and_scale(38, 2)
+                        .unwrap(),
+                ),
             ],
         )
         .unwrap();

@@ -22,19 +22,39 @@ impl GroupIndex {
     /// No key columns means a single group (a query without GROUP BY).
     pub fn new(keys: Vec<ArrayRef>) -> Result<Self, ExecError> {
         if keys.is_empty() {
-            return Ok(GroupIndex { keys, converter: None, index: HashMap::new(), len: 1 });
+            return Ok(GroupIndex {
+                keys,
+                converter: None,
+                index: HashMap::new(),
+                len: 1,
+            });
         }
         let len = keys[0].len();
-        let fields = keys.iter().map(|k| SortField::new(k.data_type().clone())).collect();
+        let fields = keys
+            .iter()
+            .map(|k| SortField::new(k.data_type().clone()))
+            .collect();
         let converter = RowConverter::new(fields).map_err(|e| ExecError::Encode(e.to_string()))?;
-        let rows = converter.convert_columns(&keys).map_err(|e| ExecError::Encode(e.to_string()))?;
+        let rows = converter
+            .convert_columns(&keys)
+            .map_err(|e| ExecError::Encode(e.to_string()))?;
         let mut index = HashMap::with_capacity(len);
         for (i, r) in rows.iter().enumerate() {
-            if index.insert(r.as_ref().to_vec().into_boxed_slice(), i).is_some() {
-                return Err(ExecError::Encode("the group domain lists a key twice".into()));
+            if index
+                .insert(r.as_ref().to_vec().into_boxed_slice(), i)
+                .is_some()
+            {
+                return Err(ExecError::Encode(
+                    "the group domain lists a key twice".into(),
+                ));
             }
         }
-        Ok(GroupIndex { keys, converter: Some(converter), index, len })
+        Ok(GroupIndex {
+            keys,
+            converter: Some(converter),
+            index,
+            len,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -66,10 +86,18 @@ impl GroupIndex {
         let cast_cols = columns
             .iter()
             .zip(&self.keys)
-            .map(|(c, k)| if c.data_type() == k.data_type() { Ok(c.clone()) } else { cast(c, k.data_type()) })
+            .map(|(c, k)| {
+                if c.data_type() == k.data_type() {
+                    Ok(c.clone())
+                } else {
+                    cast(c, k.data_type())
+                }
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ExecError::Encode(e.to_string()))?;
-        let local = converter.convert_columns(&cast_cols).map_err(|e| ExecError::Encode(e.to_string()))?;
+        let local = converter
+            .convert_columns(&cast_cols)
+            .map_err(|e| ExecError::Encode(e.to_string()))?;
         let mut out = Vec::with_capacity(rows);
         for (row, r) in local.iter().enumerate() {
             match self.index.get(r.as_ref()) {
@@ -77,7 +105,10 @@ impl GroupIndex {
                 None => {
                     let shown: Vec<String> = cast_cols
                         .iter()
-                        .map(|c| arrow::util::display::array_value_to_string(c, row).unwrap_or_else(|_| "?".into()))
+                        .map(|c| {
+                            arrow::util::display::array_value_to_string(c, row)
+                                .unwrap_or_else(|_| "?".into())
+                        })
                         .collect();
                     return Err(ExecError::Encode(format!(
                         "local data has group key ({}) outside the declared public domain; add it to the \
@@ -105,6 +136,9 @@ mod tests {
         assert_eq!(idx.lookup(&[local], 2).unwrap(), vec![2, 1]);
         let bad: ArrayRef = Arc::new(StringArray::from(vec![Some("X")]));
         let e = idx.lookup(&[bad], 1).unwrap_err().to_string();
-        assert!(e.contains("group key (X) outside the declared public domain"), "{e}");
+        assert!(
+            e.contains("group key (X) outside the declared public domain"),
+            "{e}"
+        );
     }
 }

@@ -36,7 +36,10 @@ impl ShareColumn {
     fn zeros(w: Width, rows: usize) -> Self {
         match w {
             Width::Z64 => ShareColumn::Z64(vec![0; rows]),
-            Width::Z128 => ShareColumn::Z128 { lo: vec![0; rows], hi: vec![0; rows] },
+            Width::Z128 => ShareColumn::Z128 {
+                lo: vec![0; rows],
+                hi: vec![0; rows],
+            },
         }
     }
 
@@ -61,7 +64,9 @@ impl ShareColumn {
     fn add_assign(&mut self, o: &ShareColumn) {
         match (self, o) {
             (ShareColumn::Z64(a), ShareColumn::Z64(b)) => ring::add_assign(a, b),
-            (ShareColumn::Z128 { lo, hi }, ShareColumn::Z128 { lo: bl, hi: bh }) => ring::add_assign_wide(lo, hi, bl, bh),
+            (ShareColumn::Z128 { lo, hi }, ShareColumn::Z128 { lo: bl, hi: bh }) => {
+                ring::add_assign_wide(lo, hi, bl, bh)
+            }
             _ => {}
         }
     }
@@ -69,7 +74,9 @@ impl ShareColumn {
     fn sub_assign(&mut self, o: &ShareColumn) {
         match (self, o) {
             (ShareColumn::Z64(a), ShareColumn::Z64(b)) => ring::sub_assign(a, b),
-            (ShareColumn::Z128 { lo, hi }, ShareColumn::Z128 { lo: bl, hi: bh }) => ring::sub_assign_wide(lo, hi, bl, bh),
+            (ShareColumn::Z128 { lo, hi }, ShareColumn::Z128 { lo: bl, hi: bh }) => {
+                ring::sub_assign_wide(lo, hi, bl, bh)
+            }
             _ => {}
         }
     }
@@ -78,7 +85,11 @@ impl ShareColumn {
     pub fn decode(&self) -> Vec<i128> {
         match self {
             ShareColumn::Z64(v) => v.iter().map(|&x| ring::decode(x) as i128).collect(),
-            ShareColumn::Z128 { lo, hi } => lo.iter().zip(hi).map(|(&l, &h)| ring::decode_wide(l, h)).collect(),
+            ShareColumn::Z128 { lo, hi } => lo
+                .iter()
+                .zip(hi)
+                .map(|(&l, &h)| ring::decode_wide(l, h))
+                .collect(),
         }
     }
 }
@@ -104,13 +115,25 @@ impl SharedTable {
         let mut last = self.columns.clone();
         let mut out = Vec::with_capacity(n);
         for _ in 1..n {
-            let cols: Vec<ShareColumn> = self.columns.iter().map(|c| ShareColumn::random(c.width(), self.rows, rng)).collect();
+            let cols: Vec<ShareColumn> = self
+                .columns
+                .iter()
+                .map(|c| ShareColumn::random(c.width(), self.rows, rng))
+                .collect();
             for (l, c) in last.iter_mut().zip(&cols) {
                 l.sub_assign(c);
             }
-            out.push(SharedTable { keys: self.keys.clone(), columns: cols, rows: self.rows });
+            out.push(SharedTable {
+                keys: self.keys.clone(),
+                columns: cols,
+                rows: self.rows,
+            });
         }
-        out.push(SharedTable { keys: self.keys.clone(), columns: last, rows: self.rows });
+        out.push(SharedTable {
+            keys: self.keys.clone(),
+            columns: last,
+            rows: self.rows,
+        });
         out
     }
 
@@ -122,7 +145,14 @@ impl SharedTable {
     }
 
     pub fn zeros(keys: Vec<ArrayRef>, widths: &[Width], rows: usize) -> Self {
-        SharedTable { keys, columns: widths.iter().map(|w| ShareColumn::zeros(*w, rows)).collect(), rows }
+        SharedTable {
+            keys,
+            columns: widths
+                .iter()
+                .map(|w| ShareColumn::zeros(*w, rows))
+                .collect(),
+            rows,
+        }
     }
 
     /// The Arrow form: key columns `k0..`, then UInt64 share columns `s0..`
@@ -154,8 +184,16 @@ impl SharedTable {
 
     /// Reads a batch a peer sent, checking it against the expected widths,
     /// row count and public keys. The error says what was wrong.
-    pub fn from_batch(batch: &RecordBatch, expect_keys: &[ArrayRef], widths: &[Width], rows: usize) -> Result<Self, String> {
-        let ncols: usize = widths.iter().map(|w| if *w == Width::Z64 { 1 } else { 2 }).sum();
+    pub fn from_batch(
+        batch: &RecordBatch,
+        expect_keys: &[ArrayRef],
+        widths: &[Width],
+        rows: usize,
+    ) -> Result<Self, String> {
+        let ncols: usize = widths
+            .iter()
+            .map(|w| if *w == Width::Z64 { 1 } else { 2 })
+            .sum();
         if batch.num_columns() != expect_keys.len() + ncols {
             return Err(format!(
                 "{} columns, expected {} key and {} share columns",
@@ -170,21 +208,29 @@ impl SharedTable {
         for (i, k) in expect_keys.iter().enumerate() {
             let got = batch.column(i);
             if got.data_type() != k.data_type() || got.to_data() != k.to_data() {
-                return Err(format!("group key column {i} differs from the public domain"));
+                return Err(format!(
+                    "group key column {i} differs from the public domain"
+                ));
             }
         }
         let mut next = expect_keys.len();
         let schema = batch.schema();
         let mut take = |i: usize, name: String| -> Result<Vec<u64>, String> {
             if schema.field(next).name() != &name {
-                return Err(format!("share column {} is named `{}`, expected `{name}`", next, schema.field(next).name()));
+                return Err(format!(
+                    "share column {} is named `{}`, expected `{name}`",
+                    next,
+                    schema.field(next).name()
+                ));
             }
             let c = batch.column(next);
             next += 1;
-            let a = c
-                .as_any()
-                .downcast_ref::<UInt64Array>()
-                .ok_or_else(|| format!("share column {i} has type {}, expected UInt64", c.data_type()))?;
+            let a = c.as_any().downcast_ref::<UInt64Array>().ok_or_else(|| {
+                format!(
+                    "share column {i} has type {}, expected UInt64",
+                    c.data_type()
+                )
+            })?;
             if a.null_count() > 0 {
                 return Err(format!("share column {i} has nulls"));
             }
@@ -201,7 +247,11 @@ impl SharedTable {
                 }
             });
         }
-        Ok(SharedTable { keys: expect_keys.to_vec(), columns, rows })
+        Ok(SharedTable {
+            keys: expect_keys.to_vec(),
+            columns,
+            rows,
+        })
     }
 }
 
@@ -215,7 +265,13 @@ mod tests {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
         let values = SharedTable {
             keys: vec![],
-            columns: vec![ShareColumn::Z64(vec![1, 2, 3]), ShareColumn::Z128 { lo: vec![u64::MAX, 0, 42], hi: vec![1, 2, u64::MAX] }],
+            columns: vec![
+                ShareColumn::Z64(vec![1, 2, 3]),
+                ShareColumn::Z128 {
+                    lo: vec![u64::MAX, 0, 42],
+                    hi: vec![1, 2, u64::MAX],
+                },
+            ],
             rows: 3,
         };
         let widths = values.widths();
@@ -227,9 +283,16 @@ mod tests {
         }
         assert_eq!(acc.columns, values.columns);
         assert_ne!(shares[0].columns, values.columns);
-        let e = SharedTable::from_batch(&shares[0].to_batch().unwrap(), &[], &[Width::Z64; 4], 3).unwrap_err();
+        let e = SharedTable::from_batch(&shares[0].to_batch().unwrap(), &[], &[Width::Z64; 4], 3)
+            .unwrap_err();
         assert!(e.contains("expected 0 key and 4 share columns"), "{e}");
-        let e = SharedTable::from_batch(&shares[0].to_batch().unwrap(), &[], &[Width::Z64, Width::Z64, Width::Z64], 3).unwrap_err();
+        let e = SharedTable::from_batch(
+            &shares[0].to_batch().unwrap(),
+            &[],
+            &[Width::Z64, Width::Z64, Width::Z64],
+            3,
+        )
+        .unwrap_err();
         assert!(e.contains("named"), "{e}");
     }
 }

@@ -25,7 +25,11 @@ pub enum TransportError {
     #[error("peer {peer} is unreachable: {reason}")]
     Unreachable { peer: String, reason: String },
     #[error("peer {peer} did not send its {round:?} shares within {secs:.1} s; it may be down or overloaded")]
-    Timeout { peer: String, round: Round, secs: f64 },
+    Timeout {
+        peer: String,
+        round: Round,
+        secs: f64,
+    },
     #[error("query aborted: {0}")]
     Aborted(String),
     #[error("peer {peer} broke the protocol: {reason}")]
@@ -55,7 +59,11 @@ pub struct Mailbox {
 
 impl Mailbox {
     pub fn new(timeout: Duration) -> Self {
-        Mailbox { state: Mutex::new(MailboxState::default()), notify: Notify::new(), timeout }
+        Mailbox {
+            state: Mutex::new(MailboxState::default()),
+            notify: Notify::new(),
+            timeout,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MailboxState> {
@@ -66,14 +74,22 @@ impl Mailbox {
 
     /// Stores a batch from `from`. A second batch for the same round is a
     /// protocol violation, not an overwrite.
-    pub fn deliver(&self, from: &str, round: Round, batch: RecordBatch) -> Result<(), TransportError> {
+    pub fn deliver(
+        &self,
+        from: &str,
+        round: Round,
+        batch: RecordBatch,
+    ) -> Result<(), TransportError> {
         let mut st = self.lock();
         if let Some(r) = &st.aborted {
             return Err(TransportError::Aborted(r.clone()));
         }
         let key = (from.to_string(), round);
         if st.arrived.contains_key(&key) || st.taken.contains(&key) {
-            return Err(TransportError::Protocol { peer: from.into(), reason: format!("sent its {round:?} shares twice") });
+            return Err(TransportError::Protocol {
+                peer: from.into(),
+                reason: format!("sent its {round:?} shares twice"),
+            });
         }
         st.arrived.insert(key, batch);
         drop(st);
@@ -115,7 +131,11 @@ impl Mailbox {
                 }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(TransportError::Timeout { peer: from.into(), round, secs: self.timeout.as_secs_f64() });
+                return Err(TransportError::Timeout {
+                    peer: from.into(),
+                    round,
+                    secs: self.timeout.as_secs_f64(),
+                });
             }
         }
     }
@@ -131,9 +151,19 @@ pub struct InMemoryTransport {
 
 impl InMemoryNetwork {
     pub fn connect(parties: &[String], timeout: Duration) -> Vec<InMemoryTransport> {
-        let boxes: Arc<HashMap<String, Arc<Mailbox>>> =
-            Arc::new(parties.iter().map(|p| (p.clone(), Arc::new(Mailbox::new(timeout)))).collect());
-        parties.iter().map(|p| InMemoryTransport { me: p.clone(), boxes: boxes.clone() }).collect()
+        let boxes: Arc<HashMap<String, Arc<Mailbox>>> = Arc::new(
+            parties
+                .iter()
+                .map(|p| (p.clone(), Arc::new(Mailbox::new(timeout))))
+                .collect(),
+        );
+        parties
+            .iter()
+            .map(|p| InMemoryTransport {
+                me: p.clone(),
+                boxes: boxes.clone(),
+            })
+            .collect()
     }
 }
 
@@ -149,7 +179,10 @@ impl Transport for InMemoryTransport {
         let mb = self
             .boxes
             .get(to)
-            .ok_or_else(|| TransportError::Unreachable { peer: to.into(), reason: "no such party".into() })?;
+            .ok_or_else(|| TransportError::Unreachable {
+                peer: to.into(),
+                reason: "no such party".into(),
+            })?;
         mb.deliver(&self.me, round, batch)
     }
     async fn recv(&self, from: &str, round: Round) -> Result<RecordBatch, TransportError> {

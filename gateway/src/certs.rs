@@ -8,7 +8,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 
 /// The files `certs` writes, relative to the output folder.
@@ -33,7 +34,9 @@ pub struct Federation {
 pub fn check_party_id(p: &str) -> Result<()> {
     if p.is_empty()
         || p.len() > 63
-        || !p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        || !p
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
         || !p.chars().next().is_some_and(|c| c.is_ascii_lowercase())
     {
         bail!("party id `{p}` is not valid: use 1-63 lower-case letters, digits, `_` or `-`, starting with a letter");
@@ -42,14 +45,28 @@ pub fn check_party_id(p: &str) -> Result<()> {
 }
 
 /// Makes a CA named `ca_name` and certificates for `parties`.
-pub fn make_federation(ca_name: &str, parties: &[String], extra_hosts: &[String]) -> Result<Federation> {
+pub fn make_federation(
+    ca_name: &str,
+    parties: &[String],
+    extra_hosts: &[String],
+) -> Result<Federation> {
     let ca_key = KeyPair::generate().context("generating the CA key")?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.distinguished_name.push(DnType::CommonName, ca_name);
-    ca_params.distinguished_name.push(DnType::OrganizationName, "Council federation");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let ca_cert = ca_params.self_signed(&ca_key).context("signing the CA certificate")?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, ca_name);
+    ca_params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Council federation");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params
+        .self_signed(&ca_key)
+        .context("signing the CA certificate")?;
     let ca_cert_pem = ca_cert.pem();
     let ca_key_pem = ca_key.serialize_pem();
     let issuer = Issuer::new(ca_params, ca_key);
@@ -58,18 +75,37 @@ pub fn make_federation(ca_name: &str, parties: &[String], extra_hosts: &[String]
     for p in parties {
         check_party_id(p)?;
         let key = KeyPair::generate().context("generating a party key")?;
-        let mut sans = vec![p.clone(), "localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        let mut sans = vec![
+            p.clone(),
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ];
         sans.extend(extra_hosts.iter().cloned());
-        let mut params = CertificateParams::new(sans).with_context(|| format!("certificate names for {p}"))?;
-        params.distinguished_name.push(DnType::CommonName, p.as_str());
-        params.distinguished_name.push(DnType::OrganizationName, "Council federation");
+        let mut params =
+            CertificateParams::new(sans).with_context(|| format!("certificate names for {p}"))?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, p.as_str());
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Council federation");
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &issuer).with_context(|| format!("signing the certificate of {p}"))?;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params
+            .signed_by(&key, &issuer)
+            .with_context(|| format!("signing the certificate of {p}"))?;
         out.push((p.clone(), cert.pem(), key.serialize_pem()));
     }
-    Ok(Federation { ca_cert: ca_cert_pem, ca_key: ca_key_pem, parties: out })
+    Ok(Federation {
+        ca_cert: ca_cert_pem,
+        ca_key: ca_key_pem,
+        parties: out,
+    })
 }
 
 /// Writes a federation to `dir`: ca.pem, ca.key, PARTY.pem, PARTY.key.

@@ -72,18 +72,33 @@ impl AnalystClient {
     }
 
     async fn get(&self, req: &AnalystRequest) -> Result<Vec<RecordBatch>, GatewayError> {
-        let ticket = Ticket { ticket: serde_json::to_vec(req).map_err(|e| GatewayError { code: tonic::Code::Internal, message: e.to_string() })?.into() };
+        let ticket = Ticket {
+            ticket: serde_json::to_vec(req)
+                .map_err(|e| GatewayError {
+                    code: tonic::Code::Internal,
+                    message: e.to_string(),
+                })?
+                .into(),
+        };
         let mut r = tonic::Request::new(ticket);
         r.metadata_mut().insert(
             "authorization",
-            self.auth.parse().map_err(|_| GatewayError { code: tonic::Code::InvalidArgument, message: "user name or password has characters that cannot be sent".into() })?,
+            self.auth.parse().map_err(|_| GatewayError {
+                code: tonic::Code::InvalidArgument,
+                message: "user name or password has characters that cannot be sent".into(),
+            })?,
         );
         let mut c = self.client.clone();
         let stream = c.do_get(r).await.map_err(|s| self.status(s))?.into_inner();
-        let batches = FlightRecordBatchStream::new_from_flight_data(stream.map_err(|s| FlightError::Tonic(Box::new(s))));
+        let batches = FlightRecordBatchStream::new_from_flight_data(
+            stream.map_err(|s| FlightError::Tonic(Box::new(s))),
+        );
         batches.try_collect().await.map_err(|e| match e {
             FlightError::Tonic(s) => self.status(*s),
-            other => GatewayError { code: tonic::Code::Internal, message: other.to_string() },
+            other => GatewayError {
+                code: tonic::Code::Internal,
+                message: other.to_string(),
+            },
         })
     }
 
@@ -93,15 +108,29 @@ impl AnalystClient {
         } else {
             s.message().to_string()
         };
-        GatewayError { code: s.code(), message }
+        GatewayError {
+            code: s.code(),
+            message,
+        }
     }
 
     pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, GatewayError> {
-        self.get(&AnalystRequest { sql: sql.to_string(), explain: false, options: Default::default() }).await
+        self.get(&AnalystRequest {
+            sql: sql.to_string(),
+            explain: false,
+            options: Default::default(),
+        })
+        .await
     }
 
     pub async fn explain(&self, sql: &str) -> Result<String, GatewayError> {
-        let batches = self.get(&AnalystRequest { sql: sql.to_string(), explain: true, options: Default::default() }).await?;
+        let batches = self
+            .get(&AnalystRequest {
+                sql: sql.to_string(),
+                explain: true,
+                options: Default::default(),
+            })
+            .await?;
         let mut out = String::new();
         for b in batches {
             if let Some(col) = b.column(0).as_any().downcast_ref::<StringArray>() {
@@ -117,7 +146,8 @@ impl AnalystClient {
 
 /// Reads the CA certificate file named by `path`.
 pub fn read_ca(path: &std::path::Path) -> Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading CA certificate {}", path.display()))
+    std::fs::read_to_string(path)
+        .with_context(|| format!("reading CA certificate {}", path.display()))
 }
 
 pub type SharedClient = Arc<AnalystClient>;

@@ -109,32 +109,53 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 
 impl GatewayConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        let raw: RawConfig = toml::from_str(&text).map_err(|e| anyhow!("config {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let raw: RawConfig =
+            toml::from_str(&text).map_err(|e| anyhow!("config {}: {e}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        crate::certs::check_party_id(&raw.party).with_context(|| format!("config {}: party", path.display()))?;
+        crate::certs::check_party_id(&raw.party)
+            .with_context(|| format!("config {}: party", path.display()))?;
 
         let cat_path = resolve(base, &raw.catalog);
-        let cat_text = std::fs::read_to_string(&cat_path).with_context(|| format!("reading catalog {}", cat_path.display()))?;
+        let cat_text = std::fs::read_to_string(&cat_path)
+            .with_context(|| format!("reading catalog {}", cat_path.display()))?;
         let catalog = Catalog::from_toml(&cat_text, &cat_path.display().to_string())?;
 
         let pol_path = resolve(base, &raw.policy);
-        let pol_text = std::fs::read_to_string(&pol_path).with_context(|| format!("reading policy {}", pol_path.display()))?;
+        let pol_text = std::fs::read_to_string(&pol_path)
+            .with_context(|| format!("reading policy {}", pol_path.display()))?;
         let policy = Policy::parse(&pol_text, Some(&catalog)).map_err(|problems| {
-            let lines: Vec<String> = problems.iter().map(|p| format!("  {}:{p}", pol_path.display())).collect();
-            anyhow!("policy {} has errors (run `council policy check` for details):\n{}", pol_path.display(), lines.join("\n"))
+            let lines: Vec<String> = problems
+                .iter()
+                .map(|p| format!("  {}:{p}", pol_path.display()))
+                .collect();
+            anyhow!(
+                "policy {} has errors (run `council policy check` for details):\n{}",
+                pol_path.display(),
+                lines.join("\n")
+            )
         })?;
         if let Some(p) = &policy.party {
             if *p != raw.party {
-                bail!("policy {} is for party `{p}` but this gateway is `{}`", pol_path.display(), raw.party);
+                bail!(
+                    "policy {} is for party `{p}` but this gateway is `{}`",
+                    pol_path.display(),
+                    raw.party
+                );
             }
         }
 
         let mut peers = BTreeMap::new();
         for p in raw.peers {
-            crate::certs::check_party_id(&p.id).with_context(|| format!("config {}: peers", path.display()))?;
+            crate::certs::check_party_id(&p.id)
+                .with_context(|| format!("config {}: peers", path.display()))?;
             if p.id == raw.party {
-                bail!("config {}: peer `{}` is this gateway itself", path.display(), p.id);
+                bail!(
+                    "config {}: peer `{}` is this gateway itself",
+                    path.display(),
+                    p.id
+                );
             }
             if peers.insert(p.id.clone(), p.address).is_some() {
                 bail!("config {}: peer `{}` is listed twice", path.display(), p.id);
@@ -142,17 +163,28 @@ impl GatewayConfig {
         }
         let mut tables = Vec::new();
         for (name, t) in raw.tables {
-            let def = catalog
-                .table(&name)
-                .ok_or_else(|| anyhow!("config {}: table `{name}` is not in the catalog {}", path.display(), cat_path.display()))?;
+            let def = catalog.table(&name).ok_or_else(|| {
+                anyhow!(
+                    "config {}: table `{name}` is not in the catalog {}",
+                    path.display(),
+                    cat_path.display()
+                )
+            })?;
             let p = resolve(base, &t.path);
             let format = match t.format.as_deref() {
                 Some("csv") => FileFormat::Csv,
                 Some("parquet") => FileFormat::Parquet,
-                Some(other) => bail!("config {}: table `{name}`: format `{other}` is unknown; use csv or parquet", path.display()),
+                Some(other) => bail!(
+                    "config {}: table `{name}`: format `{other}` is unknown; use csv or parquet",
+                    path.display()
+                ),
                 None => FileFormat::from_path(&p).unwrap_or(FileFormat::Csv),
             };
-            tables.push(TableFile { table: def.clone(), path: p, format });
+            tables.push(TableFile {
+                table: def.clone(),
+                path: p,
+                format,
+            });
         }
         for t in catalog.tables.keys() {
             if !tables.iter().any(|f| &f.table.name == t) {
@@ -163,8 +195,12 @@ impl GatewayConfig {
                 );
             }
         }
-        let tls = TlsMaterial::from_files(&resolve(base, &raw.tls.ca), &resolve(base, &raw.tls.cert), &resolve(base, &raw.tls.key))
-            .with_context(|| format!("config {}: tls", path.display()))?;
+        let tls = TlsMaterial::from_files(
+            &resolve(base, &raw.tls.ca),
+            &resolve(base, &raw.tls.cert),
+            &resolve(base, &raw.tls.key),
+        )
+        .with_context(|| format!("config {}: tls", path.display()))?;
         for a in &raw.analysts {
             argon2::PasswordHash::new(&a.password_hash)
                 .map_err(|e| anyhow!("config {}: analyst `{}`: password_hash is not a PHC string ({e}); make one with `council hash-password`", path.display(), a.name))?;
@@ -199,7 +235,9 @@ pub fn hash_password(password: &str) -> Result<String> {
 pub fn verify_password(password: &str, phc: &str) -> bool {
     use argon2::password_hash::PasswordVerifier;
     match argon2::PasswordHash::new(phc) {
-        Ok(h) => argon2::Argon2::default().verify_password(password.as_bytes(), &h).is_ok(),
+        Ok(h) => argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok(),
         Err(_) => false,
     }
 }
@@ -218,7 +256,13 @@ mod tests {
         std::fs::write(&p, "party = \"A B\"\npeer_listen = \"x\"\nanalyst_listen = \"y\"\ncatalog = \"c\"\npolicy = \"p\"\naudit_log = \"l\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n").unwrap();
         let e = format!("{:#}", GatewayConfig::load(&p).err().unwrap());
         assert!(e.contains("party id `A B` is not valid"), "{e}");
-        assert!(format!("{:#}", GatewayConfig::load(&dir.path().join("none.toml")).err().unwrap()).contains("none.toml"));
+        assert!(format!(
+            "{:#}",
+            GatewayConfig::load(&dir.path().join("none.toml"))
+                .err()
+                .unwrap()
+        )
+        .contains("none.toml"));
     }
 
     #[test]

@@ -93,21 +93,39 @@ const MIXES: [HospitalMix; 3] = [
         id: "hospital_a",
         rows: 1200,
         ages: [2, 8, 12, 20, 30, 28],
-        diagnoses: &[("E11", 30, 4200.0, 4.0), ("I10", 25, 2100.0, 2.0), ("N18", 15, 9800.0, 7.0), ("F32", 10, 3100.0, 9.0), ("J45", 8, 1500.0, 2.0), ("I21", 12, 18500.0, 6.0)],
+        diagnoses: &[
+            ("E11", 30, 4200.0, 4.0),
+            ("I10", 25, 2100.0, 2.0),
+            ("N18", 15, 9800.0, 7.0),
+            ("F32", 10, 3100.0, 9.0),
+            ("J45", 8, 1500.0, 2.0),
+            ("I21", 12, 18500.0, 6.0),
+        ],
         readmit: 0.14,
     },
     HospitalMix {
         id: "hospital_b",
         rows: 800,
         ages: [35, 20, 15, 12, 10, 8],
-        diagnoses: &[("J45", 35, 1400.0, 2.0), ("E11", 15, 3900.0, 3.0), ("F32", 20, 2900.0, 8.0), ("I10", 10, 2000.0, 2.0), ("C50", 5, 24000.0, 5.0)],
+        diagnoses: &[
+            ("J45", 35, 1400.0, 2.0),
+            ("E11", 15, 3900.0, 3.0),
+            ("F32", 20, 2900.0, 8.0),
+            ("I10", 10, 2000.0, 2.0),
+            ("C50", 5, 24000.0, 5.0),
+        ],
         readmit: 0.09,
     },
     HospitalMix {
         id: "hospital_c",
         rows: 450,
         ages: [0, 4, 10, 26, 34, 26],
-        diagnoses: &[("I21", 40, 21000.0, 7.0), ("I10", 30, 2300.0, 2.0), ("E11", 20, 4600.0, 4.0), ("N18", 10, 10400.0, 8.0)],
+        diagnoses: &[
+            ("I21", 40, 21000.0, 7.0),
+            ("I10", 30, 2300.0, 2.0),
+            ("E11", 20, 4600.0, 4.0),
+            ("N18", 10, 10400.0, 8.0),
+        ],
         readmit: 0.18,
     },
 ];
@@ -134,7 +152,8 @@ pub fn write_demo_data(dir: &Path, seed: u64) -> Result<Vec<(String, PathBuf)>> 
     for (h, mix) in MIXES.iter().enumerate() {
         let d = dir.join(mix.id);
         std::fs::create_dir_all(&d)?;
-        let mut csv = String::from("patient_id,age_band,sex,diagnosis,cost,length_of_stay,readmitted\n");
+        let mut csv =
+            String::from("patient_id,age_band,sex,diagnosis,cost,length_of_stay,readmitted\n");
         for i in 0..mix.rows {
             let id = (h as i64 + 1) * 1_000_000 + i as i64;
             let ages: Vec<(usize, u32)> = mix.ages.iter().copied().enumerate().collect();
@@ -143,7 +162,11 @@ pub fn write_demo_data(dir: &Path, seed: u64) -> Result<Vec<(String, PathBuf)>> 
             let (dx, _, mean_cost, mean_stay) = *pick(&mut rng, mix.diagnoses, |d| d.1);
             let factor: f64 = rng.random_range(0.4..1.9);
             let cost_cents = (mean_cost * factor * 100.0).round() as i64;
-            let cost = if rng.random_bool(0.02) { String::new() } else { format!("{}.{:02}", cost_cents / 100, cost_cents % 100) };
+            let cost = if rng.random_bool(0.02) {
+                String::new()
+            } else {
+                format!("{}.{:02}", cost_cents / 100, cost_cents % 100)
+            };
             let stay = ((mean_stay * rng.random_range(0.3..1.8)).round() as i64).max(0);
             let readmitted = rng.random_bool(mix.readmit);
             let _ = writeln!(csv, "{id},{age},{sex},{dx},{cost},{stay},{readmitted}");
@@ -183,8 +206,10 @@ pub const DEMO_REFUSED: (&str, &str) = (
     "SELECT sex, COUNT(*) FROM patients WHERE patient_id < 1000100 GROUP BY sex",
 );
 
-pub const DEMO_UNSUPPORTED: (&str, &str) =
-    ("A construct Council does not compute yet", "SELECT age_band, MAX(cost) FROM patients GROUP BY age_band");
+pub const DEMO_UNSUPPORTED: (&str, &str) = (
+    "A construct Council does not compute yet",
+    "SELECT age_band, MAX(cost) FROM patients GROUP BY age_band",
+);
 
 const ANALYST: (&str, &str) = ("alice", "demo-password-not-secret");
 
@@ -205,7 +230,16 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
                 .into_iter()
                 .map(|(id, dir)| {
                     let policy = demo_policy(&id, id == "hospital_a");
-                    PartySpec::new(&id, dir, policy, vec![(ANALYST.0.into(), ANALYST.1.into(), vec!["researcher".into()])])
+                    PartySpec::new(
+                        &id,
+                        dir,
+                        policy,
+                        vec![(
+                            ANALYST.0.into(),
+                            ANALYST.1.into(),
+                            vec!["researcher".into()],
+                        )],
+                    )
                 })
                 .collect();
             let spec = FederationSpec {
@@ -214,14 +248,23 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
                 peer_timeout: Duration::from_secs(10),
                 extra_certs: Vec::new(),
             };
-            (spec, DEMO_QUERIES.iter().map(|(t, q)| (t.to_string(), q.to_string())).collect::<Vec<_>>(), Vec::new())
+            (
+                spec,
+                DEMO_QUERIES
+                    .iter()
+                    .map(|(t, q)| (t.to_string(), q.to_string()))
+                    .collect::<Vec<_>>(),
+                Vec::new(),
+            )
         }
         Some(dir) => user_federation(dir).await?,
     };
     let single = opts.sql.clone();
     if opts.data.is_none() && single.is_none() {
         println!("Council demo: three hospitals, three gateways on 127.0.0.1 with mutual TLS.");
-        println!("Each hospital keeps its own patients table; only secret shares of per-group partial");
+        println!(
+            "Each hospital keeps its own patients table; only secret shares of per-group partial"
+        );
         println!("aggregates cross the network, and only the final aggregates are revealed, to the querying gateway.\n");
     }
     for n in &notes {
@@ -252,7 +295,10 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         print!("{}", render(&secure, opts.format)?);
         match plaintext(&pooled, &sql).await {
             Ok(plain) => match compare(&secure, &plain, has_order_by(&sql)) {
-                Ok(()) => eprintln!("checked: equals the plaintext answer over the pooled data ({:.0} ms)", elapsed.as_secs_f64() * 1e3),
+                Ok(()) => eprintln!(
+                    "checked: equals the plaintext answer over the pooled data ({:.0} ms)",
+                    elapsed.as_secs_f64() * 1e3
+                ),
                 Err(d) => {
                     eprintln!("MISMATCH with the plaintext answer: {d}");
                     all_ok = false;
@@ -276,7 +322,15 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             let ms = t.elapsed().as_secs_f64() * 1e3;
             let plain = plaintext(&pooled, sql).await?;
             let verdict = compare(&secure, &plain, has_order_by(sql));
-            println!("{}", side_by_side(&render(&secure, Format::Table)?, &render(&plain, Format::Table)?, "Council (secret-shared)", "Plaintext over pooled data"));
+            println!(
+                "{}",
+                side_by_side(
+                    &render(&secure, Format::Table)?,
+                    &render(&plain, Format::Table)?,
+                    "Council (secret-shared)",
+                    "Plaintext over pooled data"
+                )
+            );
             match verdict {
                 Ok(()) => println!("   ✓ same answer ({ms:.0} ms through the gateways)\n"),
                 Err(d) => {
@@ -307,7 +361,9 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
                 Err(e) => println!("   error: {e}"),
             }
             println!();
-            println!("Every gateway appended each decision and outcome to its hash-chained audit log.");
+            println!(
+                "Every gateway appended each decision and outcome to its hash-chained audit log."
+            );
         }
     }
     fed.stop().await;
@@ -324,7 +380,12 @@ fn has_order_by(sql: &str) -> bool {
 fn side_by_side(a: &str, b: &str, ta: &str, tb: &str) -> String {
     let al: Vec<&str> = a.lines().collect();
     let bl: Vec<&str> = b.lines().collect();
-    let wa = al.iter().map(|l| l.chars().count()).max().unwrap_or(0).max(ta.len());
+    let wa = al
+        .iter()
+        .map(|l| l.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(ta.len());
     let wb = bl.iter().map(|l| l.chars().count()).max().unwrap_or(0);
     if wa + wb + 6 > 150 {
         return format!("   {ta}\n{}\n   {tb}\n{}", indent(a), indent(b));
@@ -340,12 +401,17 @@ fn side_by_side(a: &str, b: &str, ta: &str, tb: &str) -> String {
 }
 
 fn indent(s: &str) -> String {
-    s.lines().map(|l| format!("   {l}")).collect::<Vec<_>>().join("\n")
+    s.lines()
+        .map(|l| format!("   {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// `--data DIR`: one folder per party, files named after the tables, an
 /// optional catalog.toml (else inferred, with domains derived and said so).
-async fn user_federation(dir: &Path) -> Result<(FederationSpec, Vec<(String, String)>, Vec<String>)> {
+async fn user_federation(
+    dir: &Path,
+) -> Result<(FederationSpec, Vec<(String, String)>, Vec<String>)> {
     let mut parties: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -371,10 +437,17 @@ async fn user_federation(dir: &Path) -> Result<(FederationSpec, Vec<(String, Str
     let catalog = planner::Catalog::from_toml(&catalog_toml, &cat_path.display().to_string())?;
     let ids: Vec<String> = parties
         .iter()
-        .map(|p| p.file_name().and_then(|n| n.to_str()).unwrap_or("party").to_ascii_lowercase().replace([' ', '.'], "_"))
+        .map(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("party")
+                .to_ascii_lowercase()
+                .replace([' ', '.'], "_")
+        })
         .collect();
     for id in &ids {
-        crate::certs::check_party_id(id).with_context(|| format!("folder names become party ids in {}", dir.display()))?;
+        crate::certs::check_party_id(id)
+            .with_context(|| format!("folder names become party ids in {}", dir.display()))?;
     }
     let allow: Vec<String> = ids.iter().map(|i| format!("\"{i}:*\"")).collect();
     let mut queries = Vec::new();
@@ -400,11 +473,18 @@ async fn user_federation(dir: &Path) -> Result<(FederationSpec, Vec<(String, Str
         .collect();
     notes.push("demo policies for your data allow every column in every role; write real ones with `council policy check`".into());
     for t in catalog.tables.values() {
-        queries.push((format!("Rows of {}", t.name), format!("SELECT COUNT(*) AS row_count FROM {}", t.name)));
+        queries.push((
+            format!("Rows of {}", t.name),
+            format!("SELECT COUNT(*) AS row_count FROM {}", t.name),
+        ));
         let group = t.columns.iter().find(|c| c.domain.is_some());
         let num = t.columns.iter().find(|c| {
-            matches!(c.ty, planner::ColumnType::Int | planner::ColumnType::Decimal { .. } | planner::ColumnType::Float { .. })
-                && c.domain.is_none()
+            matches!(
+                c.ty,
+                planner::ColumnType::Int
+                    | planner::ColumnType::Decimal { .. }
+                    | planner::ColumnType::Float { .. }
+            ) && c.domain.is_none()
         });
         if let (Some(g), Some(x)) = (group, num) {
             queries.push((
@@ -420,12 +500,21 @@ async fn user_federation(dir: &Path) -> Result<(FederationSpec, Vec<(String, Str
         if let Some(x) = num {
             queries.push((
                 format!("Spread of {}", x.name),
-                format!("SELECT COUNT({x}) AS n, AVG({x}) AS mean, STDDEV_SAMP({x}) AS sd FROM {t}", x = x.name, t = t.name),
+                format!(
+                    "SELECT COUNT({x}) AS n, AVG({x}) AS mean, STDDEV_SAMP({x}) AS sd FROM {t}",
+                    x = x.name,
+                    t = t.name
+                ),
             ));
         }
     }
     Ok((
-        FederationSpec { parties: spec_parties, catalog_toml, peer_timeout: Duration::from_secs(30), extra_certs: Vec::new() },
+        FederationSpec {
+            parties: spec_parties,
+            catalog_toml,
+            peer_timeout: Duration::from_secs(30),
+            extra_certs: Vec::new(),
+        },
         queries,
         notes,
     ))
@@ -437,38 +526,58 @@ async fn infer_catalog(parties: &[PathBuf]) -> Result<(String, Vec<String>)> {
     use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
     let mut notes = Vec::new();
     let first = &parties[0];
-    let mut files: Vec<PathBuf> = std::fs::read_dir(first)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| connectors::FileFormat::from_path(p).is_some()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(first)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| connectors::FileFormat::from_path(p).is_some())
+        .collect();
     files.sort();
     if files.is_empty() {
         bail!("{} has no .csv or .parquet files", first.display());
     }
     let mut text = String::from("# Inferred by council demo from the data.\n");
     for f in files {
-        let name = f.file_stem().and_then(|s| s.to_str()).ok_or_else(|| anyhow!("bad file name {}", f.display()))?.to_ascii_lowercase();
+        let name = f
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .ok_or_else(|| anyhow!("bad file name {}", f.display()))?
+            .to_ascii_lowercase();
         let ctx = SessionContext::new();
         for (i, p) in parties.iter().enumerate() {
             let path = p.join(f.file_name().unwrap_or_default());
             let path_s = path.to_str().ok_or_else(|| anyhow!("path is not UTF-8"))?;
             let t = format!("p{i}");
             match connectors::FileFormat::from_path(&path) {
-                Some(connectors::FileFormat::Parquet) => ctx.register_parquet(&t, path_s, ParquetReadOptions::default()).await?,
+                Some(connectors::FileFormat::Parquet) => {
+                    ctx.register_parquet(&t, path_s, ParquetReadOptions::default())
+                        .await?
+                }
                 _ => ctx.register_csv(&t, path_s, CsvReadOptions::new()).await?,
             }
         }
-        let union: Vec<String> = (0..parties.len()).map(|i| format!("SELECT * FROM p{i}")).collect();
-        let df = ctx.sql(&format!("SELECT * FROM p0 LIMIT 0")).await?;
+        let union: Vec<String> = (0..parties.len())
+            .map(|i| format!("SELECT * FROM p{i}"))
+            .collect();
+        let df = ctx.sql("SELECT * FROM p0 LIMIT 0").await?;
         let schema = df.schema().clone();
         let _ = writeln!(text, "[tables.{name}]\ncolumns = [");
         for field in schema.fields() {
             let col = field.name().to_ascii_lowercase();
             let ty = match field.data_type() {
-                DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 | DataType::UInt8 | DataType::UInt16 | DataType::UInt32 => "int".to_string(),
+                DataType::Int8
+                | DataType::Int16
+                | DataType::Int32
+                | DataType::Int64
+                | DataType::UInt8
+                | DataType::UInt16
+                | DataType::UInt32 => "int".to_string(),
                 DataType::Float16 | DataType::Float32 | DataType::Float64 => "float".to_string(),
                 DataType::Decimal128(p, s) => format!("decimal({p},{s})"),
                 DataType::Boolean => "bool".to_string(),
                 DataType::Date32 => "date".to_string(),
                 DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "text".to_string(),
-                other => bail!("column {col} of {name} has type {other}, which Council cannot read yet"),
+                other => {
+                    bail!("column {col} of {name} has type {other}, which Council cannot read yet")
+                }
             };
             let mut domain = String::new();
             if matches!(ty.as_str(), "text" | "bool" | "int") {

@@ -37,8 +37,20 @@ pub struct PartySpec {
 }
 
 impl PartySpec {
-    pub fn new(id: &str, data_dir: PathBuf, policy_toml: String, analysts: Vec<(String, String, Vec<String>)>) -> Self {
-        PartySpec { id: id.to_string(), data_dir, policy_toml, analysts, catalog_override: None, fault: None }
+    pub fn new(
+        id: &str,
+        data_dir: PathBuf,
+        policy_toml: String,
+        analysts: Vec<(String, String, Vec<String>)>,
+    ) -> Self {
+        PartySpec {
+            id: id.to_string(),
+            data_dir,
+            policy_toml,
+            analysts,
+            catalog_override: None,
+            fault: None,
+        }
     }
 }
 
@@ -76,11 +88,20 @@ impl LocalFederation {
             let analyst = TcpListener::bind("127.0.0.1:0").await?;
             listeners.push((peer, analyst));
         }
-        let peer_addrs: Vec<String> = listeners.iter().map(|(p, _)| p.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>()?;
+        let peer_addrs: Vec<String> = listeners
+            .iter()
+            .map(|(p, _)| p.local_addr().map(|a| a.to_string()))
+            .collect::<Result<_, _>>()?;
         std::fs::create_dir_all(work_dir.join("audit"))?;
         let mut gateways = Vec::new();
         let mut tables: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
-        for (i, ((party, (_, cert, key)), (pl, al))) in spec.parties.iter().zip(&fed.parties).zip(listeners).enumerate() {
+        for (i, ((party, (_, cert, key)), (pl, al))) in spec
+            .parties
+            .iter()
+            .zip(&fed.parties)
+            .zip(listeners)
+            .enumerate()
+        {
             let catalog = match &party.catalog_override {
                 Some(text) => Catalog::from_toml(text, "catalog override")?,
                 None => catalog.clone(),
@@ -89,7 +110,11 @@ impl LocalFederation {
                 anyhow!(
                     "policy of {}: {}",
                     party.id,
-                    problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")
+                    problems
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 )
             })?;
             let mut files = Vec::new();
@@ -104,13 +129,22 @@ impl LocalFederation {
                         t.name
                     )
                 })?;
-                tables.entry(t.name.clone()).or_default().push(f.path.clone());
+                tables
+                    .entry(t.name.clone())
+                    .or_default()
+                    .push(f.path.clone());
                 files.push(f);
             }
             let analysts = party
                 .analysts
                 .iter()
-                .map(|(n, p, r)| Ok(AnalystCredential { name: n.clone(), password_hash: hash_password(p)?, roles: r.clone() }))
+                .map(|(n, p, r)| {
+                    Ok(AnalystCredential {
+                        name: n.clone(),
+                        password_hash: hash_password(p)?,
+                        roles: r.clone(),
+                    })
+                })
                 .collect::<Result<Vec<_>>>()?;
             let peers: BTreeMap<String, String> = spec
                 .parties
@@ -133,10 +167,21 @@ impl LocalFederation {
                 peer_timeout: spec.peer_timeout,
                 fault: party.fault,
             };
-            gateways.push(start(&cfg, pl, al).await.with_context(|| format!("starting gateway {}", party.id))?);
+            gateways.push(
+                start(&cfg, pl, al)
+                    .await
+                    .with_context(|| format!("starting gateway {}", party.id))?,
+            );
         }
         let extra = fed.parties[spec.parties.len()..].to_vec();
-        Ok(LocalFederation { ca_pem: fed.ca_cert, gateways, work_dir: work_dir.to_path_buf(), catalog, extra, tables })
+        Ok(LocalFederation {
+            ca_pem: fed.ca_cert,
+            gateways,
+            work_dir: work_dir.to_path_buf(),
+            catalog,
+            extra,
+            tables,
+        })
     }
 
     pub fn gateway(&self, party: &str) -> Option<&RunningGateway> {
@@ -145,7 +190,9 @@ impl LocalFederation {
 
     /// An analyst client of `party`'s gateway, over TLS.
     pub async fn client(&self, party: &str, user: &str, password: &str) -> Result<AnalystClient> {
-        let g = self.gateway(party).ok_or_else(|| anyhow!("no gateway {party}"))?;
+        let g = self
+            .gateway(party)
+            .ok_or_else(|| anyhow!("no gateway {party}"))?;
         AnalystClient::connect(&g.analyst_addr.to_string(), &self.ca_pem, user, password).await
     }
 
@@ -171,17 +218,25 @@ impl LocalFederation {
 }
 
 /// Registers each federated table as the union of all parties' files.
-pub async fn pooled_context(catalog: &Catalog, tables: &BTreeMap<String, Vec<PathBuf>>) -> Result<SessionContext> {
+pub async fn pooled_context(
+    catalog: &Catalog,
+    tables: &BTreeMap<String, Vec<PathBuf>>,
+) -> Result<SessionContext> {
     let ctx = SessionContext::new();
     for t in catalog.tables.values() {
         let mut partitions: Vec<Vec<RecordBatch>> = Vec::new();
         for path in tables.get(&t.name).into_iter().flatten() {
-            let format = connectors::FileFormat::from_path(path).unwrap_or(connectors::FileFormat::Csv);
+            let format =
+                connectors::FileFormat::from_path(path).unwrap_or(connectors::FileFormat::Csv);
             let f = if path.is_dir() {
                 find_table_file(path.parent().unwrap_or(Path::new(".")), t)
                     .ok_or_else(|| anyhow!("no files for {} in {}", t.name, path.display()))?
             } else {
-                connectors::TableFile { table: t.clone(), path: path.clone(), format }
+                connectors::TableFile {
+                    table: t.clone(),
+                    path: path.clone(),
+                    format,
+                }
             };
             let src = FileSource::open(vec![f]).await?;
             partitions.push(src.read_rows_for_reference(&t.name).await?);

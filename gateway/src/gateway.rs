@@ -57,7 +57,10 @@ impl std::fmt::Display for QueryFailure {
 
 impl QueryFailure {
     fn new(kind: FailureKind, message: impl Into<String>) -> Self {
-        QueryFailure { kind, message: message.into() }
+        QueryFailure {
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -99,11 +102,13 @@ impl Gateway {
     pub async fn new(cfg: &GatewayConfig) -> anyhow::Result<Arc<Self>> {
         let source = connectors::FileSource::open(cfg.tables.clone()).await?;
         if let Some(dir) = cfg.audit_log.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
         }
         let audit = AuditLog::open(&cfg.audit_log)
             .map_err(|e| anyhow::anyhow!("audit log {}: {e}", cfg.audit_log.display()))?;
-        let clients = PeerClients::new(&cfg.peers, cfg.tls.peer_client_config()?, cfg.peer_timeout)?;
+        let clients =
+            PeerClients::new(&cfg.peers, cfg.tls.peer_client_config()?, cfg.peer_timeout)?;
         let mut parties: Vec<String> = cfg.peers.keys().cloned().collect();
         parties.push(cfg.party.clone());
         parties.sort();
@@ -141,20 +146,47 @@ impl Gateway {
     /// Checks an analyst's password; returns the analyst as policies see them.
     pub fn authenticate(&self, user: &str, password: &str) -> Result<Analyst, QueryFailure> {
         let cred = self.analysts.iter().find(|a| a.name == user);
-        let denied = || QueryFailure::new(FailureKind::Unauthenticated, format!("wrong user name or password for `{user}` at gateway {}", self.party));
-        let Some(cred) = cred else { return Err(denied()) };
-        let digest: [u8; 32] = Sha256::digest(format!("{user}\0{password}\0{}", cred.password_hash).as_bytes()).into();
-        let cached = self.auth_cache.lock().unwrap_or_else(|p| p.into_inner()).get(user) == Some(&digest);
+        let denied = || {
+            QueryFailure::new(
+                FailureKind::Unauthenticated,
+                format!(
+                    "wrong user name or password for `{user}` at gateway {}",
+                    self.party
+                ),
+            )
+        };
+        let Some(cred) = cred else {
+            return Err(denied());
+        };
+        let digest: [u8; 32] =
+            Sha256::digest(format!("{user}\0{password}\0{}", cred.password_hash).as_bytes()).into();
+        let cached = self
+            .auth_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(user)
+            == Some(&digest);
         if !cached {
             if !verify_password(password, &cred.password_hash) {
                 return Err(denied());
             }
-            self.auth_cache.lock().unwrap_or_else(|p| p.into_inner()).insert(user.to_string(), digest);
+            self.auth_cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(user.to_string(), digest);
         }
-        Ok(Analyst { party: self.party.clone(), name: cred.name.clone(), roles: cred.roles.clone() })
+        Ok(Analyst {
+            party: self.party.clone(),
+            name: cred.name.clone(),
+            roles: cred.roles.clone(),
+        })
     }
 
-    async fn plan(&self, sql: &str, options: &QueryOptions) -> Result<FederatedPlan, planner::PlanError> {
+    async fn plan(
+        &self,
+        sql: &str,
+        options: &QueryOptions,
+    ) -> Result<FederatedPlan, planner::PlanError> {
         plan_query(sql, &self.catalog, &self.parties, options).await
     }
 
@@ -173,7 +205,10 @@ impl Gateway {
         if p.analyst.party != from {
             let v = Verdict::Deny {
                 rule: "analysts".into(),
-                reason: format!("gateway {from} may only submit queries of its own analysts, not of {}", p.analyst),
+                reason: format!(
+                    "gateway {from} may only submit queries of its own analysts, not of {}",
+                    p.analyst
+                ),
             };
             entry.decision = "deny".into();
             entry.rule = Some("analysts".into());
@@ -186,7 +221,9 @@ impl Gateway {
                 entry.decision = "error".into();
                 entry.outcome = Some(e.to_string());
                 self.audit(entry);
-                return Verdict::Error { message: e.to_string() };
+                return Verdict::Error {
+                    message: e.to_string(),
+                };
             }
         };
         entry.fingerprint = Some(plan.fingerprint.clone());
@@ -204,10 +241,14 @@ impl Gateway {
                     entry.event = "explain".into();
                 } else {
                     let mut sessions = self.sessions();
-                    sessions.retain(|_, s| s.started.load(Ordering::SeqCst) || s.created.elapsed() < SESSION_TTL);
+                    sessions.retain(|_, s| {
+                        s.started.load(Ordering::SeqCst) || s.created.elapsed() < SESSION_TTL
+                    });
                     let key = (from.to_string(), p.query_id.clone());
                     if sessions.contains_key(&key) {
-                        return Verdict::Error { message: format!("query id {} is already in use", p.query_id) };
+                        return Verdict::Error {
+                            message: format!("query id {} is already in use", p.query_id),
+                        };
                     }
                     sessions.insert(
                         key,
@@ -223,7 +264,9 @@ impl Gateway {
                     );
                 }
                 self.audit(entry);
-                Verdict::Allow { fingerprint: plan.fingerprint }
+                Verdict::Allow {
+                    fingerprint: plan.fingerprint,
+                }
             }
         }
     }
@@ -255,7 +298,11 @@ impl Gateway {
 
     /// `abort` from any party of the query.
     pub fn on_abort(&self, from: &str, r: &QueryRef) {
-        let leader = if r.leader.is_empty() { from } else { r.leader.as_str() };
+        let leader = if r.leader.is_empty() {
+            from
+        } else {
+            r.leader.as_str()
+        };
         if !self.parties.iter().any(|p| p == from) {
             return;
         }
@@ -271,23 +318,41 @@ impl Gateway {
     }
 
     /// A share batch from `from`.
-    pub fn on_put(&self, from: &str, leader: &str, query_id: &str, round: executor::Round, batch: RecordBatch) -> Result<(), String> {
+    pub fn on_put(
+        &self,
+        from: &str,
+        leader: &str,
+        query_id: &str,
+        round: executor::Round,
+        batch: RecordBatch,
+    ) -> Result<(), String> {
         if !self.parties.iter().any(|p| p == from) {
             return Err(format!("{from} is not a party of this federation"));
         }
         if round == executor::Round::Result && leader != self.party {
-            return Err(format!("result shares go to the querying gateway {leader}, not to {}", self.party));
+            return Err(format!(
+                "result shares go to the querying gateway {leader}, not to {}",
+                self.party
+            ));
         }
         let s = self
             .sessions()
             .get(&(leader.to_string(), query_id.to_string()))
             .cloned()
-            .ok_or_else(|| format!("{} has no agreed query {query_id} from {leader}", self.party))?;
-        s.mailbox.deliver(from, round, batch).map_err(|e| e.to_string())
+            .ok_or_else(|| {
+                format!(
+                    "{} has no agreed query {query_id} from {leader}",
+                    self.party
+                )
+            })?;
+        s.mailbox
+            .deliver(from, round, batch)
+            .map_err(|e| e.to_string())
     }
 
     fn finish(&self, s: &Session, outcome: String) {
-        self.sessions().remove(&(s.leader.clone(), s.query_id.clone()));
+        self.sessions()
+            .remove(&(s.leader.clone(), s.query_id.clone()));
         self.audit(AuditEntry {
             event: "outcome".into(),
             query_id: s.query_id.clone(),
@@ -309,7 +374,8 @@ impl Gateway {
     /// Tells every peer to drop the query (best effort: a peer that cannot
     /// be reached times out on its own).
     async fn abort_peers(&self, leader: &str, query_id: &str, reason: &str) {
-        let body = serde_json::json!({ "query_id": query_id, "reason": reason, "leader": leader }).to_string();
+        let body = serde_json::json!({ "query_id": query_id, "reason": reason, "leader": leader })
+            .to_string();
         let sends = self.peers.keys().map(|p| {
             let body = body.clone().into_bytes();
             async move {
@@ -323,12 +389,26 @@ impl Gateway {
     /// Returns the revealed totals at the leader.
     async fn compute(&self, s: &Session) -> Result<Option<Revealed>, PartyFailure> {
         let plan = &s.plan;
-        let mine = |m: String| PartyFailure { shared: format!("{} aborted: {m}", self.party), local: m };
-        let batches = self.source.run(&plan.local).await.map_err(|e| PartyFailure {
-            local: e.to_string(),
-            shared: format!("{} aborted: its local part failed (details in its gateway log)", self.party),
-        })?;
-        let keys = if plan.grouped { plan.groups.key_arrays() } else { Vec::new() };
+        let mine = |m: String| PartyFailure {
+            shared: format!("{} aborted: {m}", self.party),
+            local: m,
+        };
+        let batches = self
+            .source
+            .run(&plan.local)
+            .await
+            .map_err(|e| PartyFailure {
+                local: e.to_string(),
+                shared: format!(
+                    "{} aborted: its local part failed (details in its gateway log)",
+                    self.party
+                ),
+            })?;
+        let keys = if plan.grouped {
+            plan.groups.key_arrays()
+        } else {
+            Vec::new()
+        };
         let index = GroupIndex::new(keys.clone()).map_err(|e| mine(e.to_string()))?;
         let dense = dense_partials(&batches, &index, plan.local.partials.len()).map_err(|e| PartyFailure {
             local: e.to_string(),
@@ -342,7 +422,13 @@ impl Gateway {
         let shared: Vec<Vec<i128>> = shared_idx.iter().map(|&i| dense[i].clone()).collect();
         let widths: Vec<Width> = shared_idx
             .iter()
-            .map(|&i| if plan.local.partials[i].kind.is_wide() { Width::Z128 } else { Width::Z64 })
+            .map(|&i| {
+                if plan.local.partials[i].kind.is_wide() {
+                    Width::Z128
+                } else {
+                    Width::Z64
+                }
+            })
             .collect();
         let ring = to_ring(&shared, &widths, self.parties.len()).map_err(|o| {
             let p = &plan.local.partials[shared_idx[o.partial]];
@@ -364,7 +450,11 @@ impl Gateway {
             }
         })?;
         let rows = index.len();
-        let input = SharedTable { keys, columns: ring, rows };
+        let input = SharedTable {
+            keys,
+            columns: ring,
+            rows,
+        };
         let transport = QueryTransport {
             me: self.party.clone(),
             header_leader: s.leader.clone(),
@@ -376,11 +466,21 @@ impl Gateway {
             // Play dead: the others must time out, abort, and reveal nothing.
             std::future::pending::<()>().await;
         }
-        let engine = AdditiveEngine { parties: self.parties.clone(), me: self.party.clone(), leader: s.leader.clone() };
-        let out = engine.sum_and_reveal(&transport, &input).await.map_err(|e| {
-            let m = e.to_string();
-            PartyFailure { shared: m.clone(), local: m }
-        })?;
+        let engine = AdditiveEngine {
+            parties: self.parties.clone(),
+            me: self.party.clone(),
+            leader: s.leader.clone(),
+        };
+        let out = engine
+            .sum_and_reveal(&transport, &input)
+            .await
+            .map_err(|e| {
+                let m = e.to_string();
+                PartyFailure {
+                    shared: m.clone(),
+                    local: m,
+                }
+            })?;
         Ok(out.map(|cols| {
             let mut totals = vec![Vec::new(); plan.local.partials.len()];
             for (k, &i) in shared_idx.iter().enumerate() {
@@ -393,17 +493,34 @@ impl Gateway {
     // ----- as the leader ---------------------------------------------------
 
     /// Asks every peer to plan and decide; returns the agreed plan.
-    async fn agree(&self, query_id: &str, sql: &str, analyst: &Analyst, options: &QueryOptions, explain_only: bool)
-        -> Result<(FederatedPlan, Vec<(String, Verdict)>), QueryFailure> {
-        let plan = self.plan(sql, options).await.map_err(|e| QueryFailure::new(FailureKind::Invalid, e.to_string()))?;
+    async fn agree(
+        &self,
+        query_id: &str,
+        sql: &str,
+        analyst: &Analyst,
+        options: &QueryOptions,
+        explain_only: bool,
+    ) -> Result<(FederatedPlan, Vec<(String, Verdict)>), QueryFailure> {
+        let plan = self
+            .plan(sql, options)
+            .await
+            .map_err(|e| QueryFailure::new(FailureKind::Invalid, e.to_string()))?;
         let own = self.policy.check(&plan, analyst);
         self.audit(AuditEntry {
-            event: if explain_only { "explain".into() } else { "decision".into() },
+            event: if explain_only {
+                "explain".into()
+            } else {
+                "decision".into()
+            },
             query_id: query_id.to_string(),
             leader: self.party.clone(),
             analyst: analyst.to_string(),
             sql: sql.to_string(),
-            decision: if own == Decision::Allow { "allow".into() } else { "deny".into() },
+            decision: if own == Decision::Allow {
+                "allow".into()
+            } else {
+                "deny".into()
+            },
             rule: match &own {
                 Decision::Deny { rule, .. } => Some(rule.clone()),
                 Decision::Allow => None,
@@ -414,13 +531,21 @@ impl Gateway {
         let mut verdicts = vec![(
             self.party.clone(),
             match &own {
-                Decision::Allow => Verdict::Allow { fingerprint: plan.fingerprint.clone() },
-                Decision::Deny { rule, reason } => Verdict::Deny { rule: rule.clone(), reason: reason.clone() },
+                Decision::Allow => Verdict::Allow {
+                    fingerprint: plan.fingerprint.clone(),
+                },
+                Decision::Deny { rule, reason } => Verdict::Deny {
+                    rule: rule.clone(),
+                    reason: reason.clone(),
+                },
             },
         )];
         if !explain_only {
             if let Decision::Deny { rule, reason } = &own {
-                return Err(QueryFailure::new(FailureKind::Refused, format!("{} refused: {reason} (policy: {rule})", self.party)));
+                return Err(QueryFailure::new(
+                    FailureKind::Refused,
+                    format!("{} refused: {reason} (policy: {rule})", self.party),
+                ));
             }
         }
         let proposal = Propose {
@@ -430,15 +555,21 @@ impl Gateway {
             analyst: analyst.clone(),
             explain_only,
         };
-        let body = serde_json::to_vec(&proposal).map_err(|e| QueryFailure::new(FailureKind::Internal, e.to_string()))?;
+        let body = serde_json::to_vec(&proposal)
+            .map_err(|e| QueryFailure::new(FailureKind::Internal, e.to_string()))?;
         let asks = self.peers.keys().map(|p| {
             let body = body.clone();
             async move {
                 let r = self.clients.action(p, "propose", body).await;
                 let v = match r {
-                    Ok(bytes) => serde_json::from_slice::<Verdict>(&bytes)
-                        .unwrap_or_else(|e| Verdict::Error { message: format!("unreadable verdict: {e}") }),
-                    Err(e) => Verdict::Error { message: e.to_string() },
+                    Ok(bytes) => serde_json::from_slice::<Verdict>(&bytes).unwrap_or_else(|e| {
+                        Verdict::Error {
+                            message: format!("unreadable verdict: {e}"),
+                        }
+                    }),
+                    Err(e) => Verdict::Error {
+                        message: e.to_string(),
+                    },
                 };
                 (p.clone(), v)
             }
@@ -478,15 +609,24 @@ impl Gateway {
     }
 
     /// EXPLAIN: the plan, the disclosure manifest and every party's verdict.
-    pub async fn explain(&self, analyst: &Analyst, sql: &str, options: &QueryOptions) -> Result<String, QueryFailure> {
+    pub async fn explain(
+        &self,
+        analyst: &Analyst,
+        sql: &str,
+        options: &QueryOptions,
+    ) -> Result<String, QueryFailure> {
         let query_id = new_query_id();
         let (plan, verdicts) = self.agree(&query_id, sql, analyst, options, true).await?;
         let mut s = plan.explain(&self.party);
         s.push_str("Verdicts:\n");
         for (p, v) in verdicts {
             let line = match v {
-                Verdict::Allow { fingerprint } if fingerprint == plan.fingerprint => "allow (same plan)".to_string(),
-                Verdict::Allow { fingerprint } => format!("allow, but a DIFFERENT plan {}", short(&fingerprint)),
+                Verdict::Allow { fingerprint } if fingerprint == plan.fingerprint => {
+                    "allow (same plan)".to_string()
+                }
+                Verdict::Allow { fingerprint } => {
+                    format!("allow, but a DIFFERENT plan {}", short(&fingerprint))
+                }
                 Verdict::Deny { rule, reason } => format!("deny: {reason} (policy: {rule})"),
                 Verdict::Error { message } => format!("error: {message}"),
             };
@@ -496,7 +636,12 @@ impl Gateway {
     }
 
     /// Runs a query for an authenticated analyst of this party.
-    pub async fn run_query(self: &Arc<Self>, analyst: &Analyst, sql: &str, options: &QueryOptions) -> Result<QueryAnswer, QueryFailure> {
+    pub async fn run_query(
+        self: &Arc<Self>,
+        analyst: &Analyst,
+        sql: &str,
+        options: &QueryOptions,
+    ) -> Result<QueryAnswer, QueryFailure> {
         let query_id = new_query_id();
         let (plan, _) = self.agree(&query_id, sql, analyst, options, false).await?;
         let session = Arc::new(Session {
@@ -508,37 +653,64 @@ impl Gateway {
             started: AtomicBool::new(true),
             created: Instant::now(),
         });
-        self.sessions().insert((self.party.clone(), query_id.clone()), session.clone());
+        self.sessions()
+            .insert((self.party.clone(), query_id.clone()), session.clone());
 
         let starts = self.peers.keys().map(|p| {
-            let body = serde_json::json!({ "query_id": query_id }).to_string().into_bytes();
-            async move { self.clients.action(p, "start", body).await.map_err(|e| e.to_string()) }
+            let body = serde_json::json!({ "query_id": query_id })
+                .to_string()
+                .into_bytes();
+            async move {
+                self.clients
+                    .action(p, "start", body)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
         });
         let started = futures::future::join_all(starts).await;
         let result = match started.into_iter().find_map(|r| r.err()) {
-            Some(e) => Err(PartyFailure { local: e.clone(), shared: e }),
+            Some(e) => Err(PartyFailure {
+                local: e.clone(),
+                shared: e,
+            }),
             None => self.compute(&session).await,
         };
         let revealed = match result {
             Ok(Some(r)) => r,
             Ok(None) => {
-                let f = PartyFailure { local: "the leader got no result".into(), shared: "internal error".into() };
+                let f = PartyFailure {
+                    local: "the leader got no result".into(),
+                    shared: "internal error".into(),
+                };
                 return Err(self.fail(&session, f).await);
             }
             Err(f) => return Err(self.fail(&session, f).await),
         };
         self.finish(&session, "revealed to analyst".into());
         let batches = post_process(&session.plan, &revealed).await?;
-        Ok(QueryAnswer { batches, fingerprint: session.plan.fingerprint.clone() })
+        Ok(QueryAnswer {
+            batches,
+            fingerprint: session.plan.fingerprint.clone(),
+        })
     }
 
     async fn fail(&self, s: &Session, f: PartyFailure) -> QueryFailure {
         let reason = f.shared.clone();
         self.abort_everywhere(s, &reason).await;
         self.finish(s, format!("aborted: {}", f.local));
-        let kind = if reason.contains("unreachable") || reason.contains("did not send") { FailureKind::Unavailable } else { FailureKind::Aborted };
-        let reason = reason.strip_prefix("query aborted: ").unwrap_or(&reason).to_string();
-        QueryFailure::new(kind, format!("{reason}; the query was aborted at every party and nothing was revealed"))
+        let kind = if reason.contains("unreachable") || reason.contains("did not send") {
+            FailureKind::Unavailable
+        } else {
+            FailureKind::Aborted
+        };
+        let reason = reason
+            .strip_prefix("query aborted: ")
+            .unwrap_or(&reason)
+            .to_string();
+        QueryFailure::new(
+            kind,
+            format!("{reason}; the query was aborted at every party and nothing was revealed"),
+        )
     }
 }
 
@@ -551,13 +723,27 @@ struct PartyFailure {
 
 /// Proves that no local 128-bit sum wrapped: count · max|x| (squared for
 /// sums of squares) stays below 2^127 in every group.
-fn check_no_wrap(plan: &FederatedPlan, raw: &[Vec<i128>], groups: usize) -> Result<(), PartyFailure> {
+#[allow(clippy::needless_range_loop)]
+fn check_no_wrap(
+    plan: &FederatedPlan,
+    raw: &[Vec<i128>],
+    groups: usize,
+) -> Result<(), PartyFailure> {
     for p in &plan.local.partials {
         if !matches!(p.kind, PartialKind::Sum | PartialKind::SumSquares) {
             continue;
         }
-        let find = |k: PartialKind| plan.local.partials.iter().position(|q| q.kind == k && q.arg == p.arg && q.scale == p.scale);
-        let (Some(c), Some(lo), Some(hi)) = (p.count_of_arg, find(PartialKind::LocalMin), find(PartialKind::LocalMax)) else {
+        let find = |k: PartialKind| {
+            plan.local
+                .partials
+                .iter()
+                .position(|q| q.kind == k && q.arg == p.arg && q.scale == p.scale)
+        };
+        let (Some(c), Some(lo), Some(hi)) = (
+            p.count_of_arg,
+            find(PartialKind::LocalMin),
+            find(PartialKind::LocalMax),
+        ) else {
             continue;
         };
         for g in 0..groups {
@@ -575,18 +761,26 @@ fn check_no_wrap(plan: &FederatedPlan, raw: &[Vec<i128>], groups: usize) -> Resu
 
 /// The post part: final values, then HAVING / ORDER BY / LIMIT / arithmetic
 /// by DataFusion on revealed values only.
-async fn post_process(plan: &FederatedPlan, revealed: &Revealed) -> Result<Vec<RecordBatch>, QueryFailure> {
+async fn post_process(
+    plan: &FederatedPlan,
+    revealed: &Revealed,
+) -> Result<Vec<RecordBatch>, QueryFailure> {
     let invalid = |e: planner::PlanError| QueryFailure::new(FailureKind::Invalid, e.to_string());
     let batch = revealed_batch(plan, revealed).map_err(invalid)?;
     let logical = post_plan(plan, batch).map_err(invalid)?;
     let ctx = datafusion::prelude::SessionContext::new();
-    let df = ctx
-        .execute_logical_plan(logical)
-        .await
-        .map_err(|e| QueryFailure::new(FailureKind::Invalid, planner::plan::clean_df_error(&e.to_string())))?;
-    df.collect()
-        .await
-        .map_err(|e| QueryFailure::new(FailureKind::Invalid, planner::plan::clean_df_error(&e.to_string())))
+    let df = ctx.execute_logical_plan(logical).await.map_err(|e| {
+        QueryFailure::new(
+            FailureKind::Invalid,
+            planner::plan::clean_df_error(&e.to_string()),
+        )
+    })?;
+    df.collect().await.map_err(|e| {
+        QueryFailure::new(
+            FailureKind::Invalid,
+            planner::plan::clean_df_error(&e.to_string()),
+        )
+    })
 }
 
 /// The first 16 characters of a fingerprint (which may come from a peer).

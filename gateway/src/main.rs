@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use gateway::output::{render, Format};
 
 #[derive(Parser)]
-#[command(name = "council", version, about = "Council: federated SQL aggregates over secret shares, each party enforcing its own policy.")]
+#[command(
+    name = "council",
+    version,
+    about = "Council: federated SQL aggregates over secret shares, each party enforcing its own policy."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -136,7 +140,10 @@ enum AuditCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -155,8 +162,10 @@ fn main() -> ExitCode {
 fn password(conn: &Conn) -> Result<String> {
     match &conn.password {
         Some(p) => Ok(p.clone()),
-        None => rpassword::prompt_password(format!("password for {} at {}: ", conn.user, conn.gateway))
-            .context("no --password, no $COUNCIL_PASSWORD and no terminal to ask on"),
+        None => {
+            rpassword::prompt_password(format!("password for {} at {}: ", conn.user, conn.gateway))
+                .context("no --password, no $COUNCIL_PASSWORD and no terminal to ask on")
+        }
     }
 }
 
@@ -168,22 +177,49 @@ async fn client(conn: &Conn) -> Result<gateway::client::AnalystClient> {
 async fn run(cli: Cli) -> Result<ExitCode> {
     gateway::tls::install_provider();
     match cli.command {
-        Command::Demo { write_data: Some(dir), seed, .. } => {
+        Command::Demo {
+            write_data: Some(dir),
+            seed,
+            ..
+        } => {
             gateway::demo::write_demo_data(&dir, seed)?;
             std::fs::write(dir.join("catalog.toml"), gateway::demo::DEMO_CATALOG)?;
-            println!("wrote sample data for hospital_a, hospital_b, hospital_c and catalog.toml to {}", dir.display());
+            println!(
+                "wrote sample data for hospital_a, hospital_b, hospital_c and catalog.toml to {}",
+                dir.display()
+            );
             println!("run it with: council demo --data {}", dir.display());
         }
-        Command::Demo { data, sql, format, seed, write_data: None } => {
-            gateway::demo::run(gateway::demo::DemoOptions { data, sql, format, seed }).await?;
+        Command::Demo {
+            data,
+            sql,
+            format,
+            seed,
+            write_data: None,
+        } => {
+            gateway::demo::run(gateway::demo::DemoOptions {
+                data,
+                sql,
+                format,
+                seed,
+            })
+            .await?;
         }
-        Command::Certs { parties, out, hosts } => {
+        Command::Certs {
+            parties,
+            out,
+            hosts,
+        } => {
             if parties.is_empty() {
                 bail!("name the parties: --parties hospital_a,hospital_b,hospital_c");
             }
             let fed = gateway::certs::make_federation("Council federation CA", &parties, &hosts)?;
             gateway::certs::write_federation(&fed, &out)?;
-            println!("wrote {}/ca.pem, ca.key and a certificate and key per party ({})", out.display(), parties.join(", "));
+            println!(
+                "wrote {}/ca.pem, ca.key and a certificate and key per party ({})",
+                out.display(),
+                parties.join(", ")
+            );
             println!("keep ca.key offline; give each party only ca.pem and its own PARTY.pem and PARTY.key");
         }
         Command::Serve { config } => {
@@ -209,7 +245,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Query { conn, format, explain, sql } => {
+        Command::Query {
+            conn,
+            format,
+            explain,
+            sql,
+        } => {
             let c = client(&conn).await?;
             if explain {
                 print!("{}", c.explain(&sql).await.map_err(|e| anyhow!("{e}"))?);
@@ -223,7 +264,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", c.explain(&sql).await.map_err(|e| anyhow!("{e}"))?);
         }
         Command::Policy { command } => return policy(command).await,
-        Command::Audit { command: AuditCommand::Verify { file } } => match policies::audit::verify(&file) {
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => match policies::audit::verify(&file) {
             Ok((n, head)) => println!("{}: {n} entries, chain intact; head {head}", file.display()),
             Err(e) => bail!("{}: {e}", file.display()),
         },
@@ -258,8 +301,15 @@ async fn terminate() {
 }
 
 async fn policy(cmd: PolicyCommand) -> Result<ExitCode> {
-    let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-    let load_catalog = |p: &PathBuf| -> Result<planner::Catalog> { Ok(planner::Catalog::from_toml(&read(p)?, &p.display().to_string())?) };
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let load_catalog = |p: &PathBuf| -> Result<planner::Catalog> {
+        Ok(planner::Catalog::from_toml(
+            &read(p)?,
+            &p.display().to_string(),
+        )?)
+    };
     match cmd {
         PolicyCommand::Check { file, catalog } => {
             let cat = catalog.as_ref().map(load_catalog).transpose()?;
@@ -270,7 +320,11 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode> {
                         file.display(),
                         p.tables.len(),
                         p.allow.len(),
-                        if cat.is_some() { ", checked against the catalog" } else { "; pass --catalog to check names too" }
+                        if cat.is_some() {
+                            ", checked against the catalog"
+                        } else {
+                            "; pass --catalog to check names too"
+                        }
                     );
                     Ok(ExitCode::SUCCESS)
                 }
@@ -283,13 +337,33 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode> {
                 }
             }
         }
-        PolicyCommand::Test { file, catalog, sql, analyst, roles, expect } => {
+        PolicyCommand::Test {
+            file,
+            catalog,
+            sql,
+            analyst,
+            roles,
+            expect,
+        } => {
             let cat = load_catalog(&catalog)?;
             let pol = policies::Policy::parse(&read(&file)?, Some(&cat)).map_err(|pr| {
-                anyhow!("{} has errors; run `council policy check` first: {}", file.display(), pr.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))
+                anyhow!(
+                    "{} has errors; run `council policy check` first: {}",
+                    file.display(),
+                    pr.iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
             })?;
-            let (party, name) = analyst.split_once(':').ok_or_else(|| anyhow!("--analyst must be PARTY:NAME"))?;
-            let who = policies::Analyst { party: party.into(), name: name.into(), roles };
+            let (party, name) = analyst
+                .split_once(':')
+                .ok_or_else(|| anyhow!("--analyst must be PARTY:NAME"))?;
+            let who = policies::Analyst {
+                party: party.into(),
+                name: name.into(),
+                roles,
+            };
             let parties = vec![pol.party.clone().unwrap_or_else(|| "this_party".into())];
             let plan = planner::plan_query(&sql, &cat, &parties, &Default::default()).await;
             let decision = match plan {

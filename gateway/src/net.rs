@@ -39,13 +39,21 @@ impl Connected for TaggedStream {
 }
 
 impl AsyncRead for TaggedStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TaggedStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -67,7 +75,8 @@ impl AsyncWrite for TaggedStream {
 }
 
 /// Decides whether an authenticated peer may connect; returns its party id.
-pub type Admit = Arc<dyn Fn(&rustls::ServerConnection) -> Result<Option<String>, String> + Send + Sync>;
+pub type Admit =
+    Arc<dyn Fn(&rustls::ServerConnection) -> Result<Option<String>, String> + Send + Sync>;
 
 /// Accepts TLS connections on `listener`, handshakes each in its own task
 /// (a slow or hostile client cannot stall the others), and yields those
@@ -99,7 +108,9 @@ pub fn tls_incoming(
             let admit = admit.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let hs = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await;
+                let hs =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
+                        .await;
                 let stream = match hs {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
@@ -113,7 +124,15 @@ pub fn tls_incoming(
                 };
                 match admit(stream.get_ref().1) {
                     Ok(party) => {
-                        let _ = tx.send(Ok(TaggedStream { inner: stream, info: ConnInfo { remote: Some(remote), party } })).await;
+                        let _ = tx
+                            .send(Ok(TaggedStream {
+                                inner: stream,
+                                info: ConnInfo {
+                                    remote: Some(remote),
+                                    party,
+                                },
+                            }))
+                            .await;
                     }
                     Err(why) => eprintln!("[{label}] connection from {remote} refused: {why}"),
                 }
@@ -145,7 +164,9 @@ impl tower::Service<http::Uri> for TlsDialer {
         Box::pin(async move {
             let tcp = TcpStream::connect(&me.addr).await?;
             tcp.set_nodelay(true)?;
-            let tls = TlsConnector::from(me.config).connect(me.server_name, tcp).await?;
+            let tls = TlsConnector::from(me.config)
+                .connect(me.server_name, tcp)
+                .await?;
             Ok(TokioIo::new(tls))
         })
     }
@@ -157,5 +178,6 @@ pub fn server_name_for(addr: &str) -> anyhow::Result<ServerName<'static>> {
         Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
         None => addr,
     };
-    ServerName::try_from(host.to_string()).map_err(|e| anyhow::anyhow!("`{host}` is not a valid host name: {e}"))
+    ServerName::try_from(host.to_string())
+        .map_err(|e| anyhow::anyhow!("`{host}` is not a valid host name: {e}"))
 }

@@ -14,15 +14,36 @@ pub fn render(batches: &[RecordBatch], format: Format) -> Result<String> {
     match format {
         Format::Table => {
             if batches.iter().all(|b| b.num_rows() == 0) {
-                let cols: Vec<String> = batches.first().map(|b| b.schema().fields().iter().map(|f| f.name().clone()).collect()).unwrap_or_default();
-                return Ok(format!("(no rows{})\n", if cols.is_empty() { String::new() } else { format!("; columns: {}", cols.join(", ")) }));
+                let cols: Vec<String> = batches
+                    .first()
+                    .map(|b| {
+                        b.schema()
+                            .fields()
+                            .iter()
+                            .map(|f| f.name().clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                return Ok(format!(
+                    "(no rows{})\n",
+                    if cols.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; columns: {}", cols.join(", "))
+                    }
+                ));
             }
-            Ok(format!("{}\n", arrow::util::pretty::pretty_format_batches(batches)?))
+            Ok(format!(
+                "{}\n",
+                arrow::util::pretty::pretty_format_batches(batches)?
+            ))
         }
         Format::Csv => {
             let mut buf = Vec::new();
             {
-                let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut buf);
+                let mut w = arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut buf);
                 for b in batches {
                     w.write(b)?;
                 }

@@ -42,10 +42,17 @@ pub struct Propose {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
-    Allow { fingerprint: String },
-    Deny { rule: String, reason: String },
+    Allow {
+        fingerprint: String,
+    },
+    Deny {
+        rule: String,
+        reason: String,
+    },
     /// The gateway could not plan the query at all.
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,18 +81,30 @@ pub struct PeerClients {
 
 fn unreachable(peer: &str, addr: &str, s: &tonic::Status) -> TransportError {
     let msg = s.message();
-    let reason = if msg.is_empty() { format!("{:?}", s.code()) } else { msg.to_string() };
-    TransportError::Unreachable { peer: peer.to_string(), reason: format!("{reason} (at {addr})") }
+    let reason = if msg.is_empty() {
+        format!("{:?}", s.code())
+    } else {
+        msg.to_string()
+    };
+    TransportError::Unreachable {
+        peer: peer.to_string(),
+        reason: format!("{reason} (at {addr})"),
+    }
 }
 
 impl PeerClients {
-    pub fn new(peers: &BTreeMap<String, String>, tls: Arc<rustls::ClientConfig>, timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(
+        peers: &BTreeMap<String, String>,
+        tls: Arc<rustls::ClientConfig>,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let mut clients = BTreeMap::new();
         for (id, addr) in peers {
             let dialer = TlsDialer {
                 addr: addr.clone(),
-                server_name: ServerName::try_from(id.clone())
-                    .map_err(|e| anyhow::anyhow!("peer id `{id}` is not usable as a TLS name: {e}"))?,
+                server_name: ServerName::try_from(id.clone()).map_err(|e| {
+                    anyhow::anyhow!("peer id `{id}` is not usable as a TLS name: {e}")
+                })?,
                 config: tls.clone(),
             };
             let channel = Endpoint::from_shared(format!("http://{id}.council"))?
@@ -105,15 +124,26 @@ impl PeerClients {
         self.clients
             .get(peer)
             .map(|(a, c)| (a.as_str(), c.clone()))
-            .ok_or_else(|| TransportError::Unreachable { peer: peer.into(), reason: "not a configured peer".into() })
+            .ok_or_else(|| TransportError::Unreachable {
+                peer: peer.into(),
+                reason: "not a configured peer".into(),
+            })
     }
 
     /// Sends an action and returns the body of its single reply.
-    pub async fn action(&self, peer: &str, kind: &str, body: Vec<u8>) -> Result<Vec<u8>, TransportError> {
+    pub async fn action(
+        &self,
+        peer: &str,
+        kind: &str,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, TransportError> {
         let (addr, mut c) = self.client(peer)?;
         let call = async {
             let mut stream = c
-                .do_action(Action { r#type: kind.to_string(), body: body.into() })
+                .do_action(Action {
+                    r#type: kind.to_string(),
+                    body: body.into(),
+                })
                 .await
                 .map_err(|s| status_error(peer, addr, s))?
                 .into_inner();
@@ -127,13 +157,21 @@ impl PeerClients {
             Ok(r) => r,
             Err(_) => Err(TransportError::Unreachable {
                 peer: peer.into(),
-                reason: format!("no answer within {:.1} s (at {addr})", self.timeout.as_secs_f64()),
+                reason: format!(
+                    "no answer within {:.1} s (at {addr})",
+                    self.timeout.as_secs_f64()
+                ),
             }),
         }
     }
 
     /// Streams one batch to `peer` under `header`.
-    pub async fn put(&self, peer: &str, header: &PutHeader, batch: RecordBatch) -> Result<(), TransportError> {
+    pub async fn put(
+        &self,
+        peer: &str,
+        header: &PutHeader,
+        batch: RecordBatch,
+    ) -> Result<(), TransportError> {
         let (addr, mut c) = self.client(peer)?;
         let cmd = serde_json::to_vec(header).map_err(|e| TransportError::Aborted(e.to_string()))?;
         let input = futures::stream::iter(vec![Ok(batch)]);
@@ -142,7 +180,11 @@ impl PeerClients {
             .build(input)
             .filter_map(|r| async move { r.ok() });
         let call = async {
-            let mut resp = c.do_put(flight).await.map_err(|s| status_error(peer, addr, s))?.into_inner();
+            let mut resp = c
+                .do_put(flight)
+                .await
+                .map_err(|s| status_error(peer, addr, s))?
+                .into_inner();
             while let Some(r) = resp.next().await {
                 r.map_err(|s| status_error(peer, addr, s))?;
             }
@@ -152,7 +194,10 @@ impl PeerClients {
             Ok(r) => r,
             Err(_) => Err(TransportError::Unreachable {
                 peer: peer.into(),
-                reason: format!("did not take our shares within {:.1} s (at {addr})", self.timeout.as_secs_f64()),
+                reason: format!(
+                    "did not take our shares within {:.1} s (at {addr})",
+                    self.timeout.as_secs_f64()
+                ),
             }),
         }
     }
@@ -160,11 +205,15 @@ impl PeerClients {
 
 fn status_error(peer: &str, addr: &str, s: tonic::Status) -> TransportError {
     match s.code() {
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
-            unreachable(peer, addr, &s)
-        }
+        tonic::Code::Unavailable
+        | tonic::Code::Unknown
+        | tonic::Code::Cancelled
+        | tonic::Code::DeadlineExceeded => unreachable(peer, addr, &s),
         tonic::Code::Aborted => TransportError::Aborted(s.message().to_string()),
-        _ => TransportError::Protocol { peer: peer.to_string(), reason: s.message().to_string() },
+        _ => TransportError::Protocol {
+            peer: peer.to_string(),
+            reason: s.message().to_string(),
+        },
     }
 }
 
@@ -187,7 +236,11 @@ impl Transport for QueryTransport {
         if to == self.me {
             return self.mailbox.deliver(&self.me, round, batch);
         }
-        let header = PutHeader { leader: self.header_leader.clone(), query_id: self.query_id.clone(), round };
+        let header = PutHeader {
+            leader: self.header_leader.clone(),
+            query_id: self.query_id.clone(),
+            round,
+        };
         self.clients.put(to, &header, batch).await
     }
 

@@ -55,7 +55,11 @@ pub async fn bind(cfg: &GatewayConfig) -> Result<(TcpListener, TcpListener)> {
 }
 
 /// Starts a gateway on already-bound listeners.
-pub async fn start(cfg: &GatewayConfig, peer: TcpListener, analyst: TcpListener) -> Result<RunningGateway> {
+pub async fn start(
+    cfg: &GatewayConfig,
+    peer: TcpListener,
+    analyst: TcpListener,
+) -> Result<RunningGateway> {
     crate::tls::install_provider();
     let gateway = Gateway::new(cfg).await?;
     let peer_addr = peer.local_addr()?;
@@ -63,29 +67,53 @@ pub async fn start(cfg: &GatewayConfig, peer: TcpListener, analyst: TcpListener)
 
     let peers = cfg.peers.clone();
     let admit_peer: Admit = Arc::new(move |conn: &rustls::ServerConnection| {
-        let cert = conn.peer_certificates().and_then(|c| c.first()).ok_or("no client certificate")?;
+        let cert = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or("no client certificate")?;
         let party = crate::tls::party_of(cert).map_err(|e| e.to_string())?;
         if peers.contains_key(&party) {
             Ok(Some(party))
         } else {
-            Err(format!("certificate names `{party}`, which is not a configured peer"))
+            Err(format!(
+                "certificate names `{party}`, which is not a configured peer"
+            ))
         }
     });
     let admit_any: Admit = Arc::new(|_: &rustls::ServerConnection| Ok(None));
 
     let peer_incoming = tls_incoming(peer, cfg.tls.peer_server_config()?, admit_peer, "peer");
-    let analyst_incoming = tls_incoming(analyst, cfg.tls.analyst_server_config()?, admit_any, "analyst");
+    let analyst_incoming = tls_incoming(
+        analyst,
+        cfg.tls.analyst_server_config()?,
+        admit_any,
+        "analyst",
+    );
 
     let (peer_tx, peer_rx) = oneshot::channel::<()>();
     let (an_tx, an_rx) = oneshot::channel::<()>();
-    let peer_svc = FlightServiceServer::new(PeerService { gw: gateway.clone() })
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let analyst_svc = FlightServiceServer::new(AnalystService { gw: gateway.clone() })
-        .max_decoding_message_size(16 << 20)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let t1 = spawn_flight(peer_svc, peer_incoming, peer_rx, format!("{} peer service", cfg.party));
-    let t2 = spawn_flight(analyst_svc, analyst_incoming, an_rx, format!("{} analyst service", cfg.party));
+    let peer_svc = FlightServiceServer::new(PeerService {
+        gw: gateway.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE);
+    let analyst_svc = FlightServiceServer::new(AnalystService {
+        gw: gateway.clone(),
+    })
+    .max_decoding_message_size(16 << 20)
+    .max_encoding_message_size(MAX_MESSAGE);
+    let t1 = spawn_flight(
+        peer_svc,
+        peer_incoming,
+        peer_rx,
+        format!("{} peer service", cfg.party),
+    );
+    let t2 = spawn_flight(
+        analyst_svc,
+        analyst_incoming,
+        an_rx,
+        format!("{} analyst service", cfg.party),
+    );
     Ok(RunningGateway {
         party: cfg.party.clone(),
         peer_addr,
@@ -99,7 +127,9 @@ pub async fn start(cfg: &GatewayConfig, peer: TcpListener, analyst: TcpListener)
 /// Serves one Flight service on `incoming` until `stop` fires.
 fn spawn_flight<T: FlightService>(
     svc: FlightServiceServer<T>,
-    incoming: tokio_stream::wrappers::ReceiverStream<Result<crate::net::TaggedStream, std::io::Error>>,
+    incoming: tokio_stream::wrappers::ReceiverStream<
+        Result<crate::net::TaggedStream, std::io::Error>,
+    >,
     stop: oneshot::Receiver<()>,
     label: String,
 ) -> JoinHandle<()> {

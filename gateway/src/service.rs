@@ -14,8 +14,8 @@ use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{
-    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo, HandshakeRequest,
-    HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use base64::Engine as _;
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -44,7 +44,9 @@ pub struct PeerService {
 }
 
 fn one_result(body: Vec<u8>) -> BoxStream<arrow_flight::Result> {
-    Box::pin(futures::stream::iter(vec![Ok(arrow_flight::Result { body: body.into() })]))
+    Box::pin(futures::stream::iter(vec![Ok(arrow_flight::Result {
+        body: body.into(),
+    })]))
 }
 
 #[tonic::async_trait]
@@ -57,10 +59,15 @@ impl FlightService for PeerService {
     type DoActionStream = BoxStream<arrow_flight::Result>;
     type ListActionsStream = BoxStream<ActionType>;
 
-    async fn do_action(&self, request: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
+    async fn do_action(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
         let from = caller_party(&request)?;
         let action = request.into_inner();
-        let bad = |e: serde_json::Error| Status::invalid_argument(format!("malformed {} message: {e}", action.r#type));
+        let bad = |e: serde_json::Error| {
+            Status::invalid_argument(format!("malformed {} message: {e}", action.r#type))
+        };
         match action.r#type.as_str() {
             "propose" => {
                 let p: Propose = serde_json::from_slice(&action.body).map_err(bad)?;
@@ -70,7 +77,9 @@ impl FlightService for PeerService {
             }
             "start" => {
                 let r: QueryRef = serde_json::from_slice(&action.body).map_err(bad)?;
-                self.gw.on_start(&from, &r.query_id).map_err(Status::failed_precondition)?;
+                self.gw
+                    .on_start(&from, &r.query_id)
+                    .map_err(Status::failed_precondition)?;
                 Ok(Response::new(one_result(b"{}".to_vec())))
             }
             "abort" => {
@@ -78,11 +87,16 @@ impl FlightService for PeerService {
                 self.gw.on_abort(&from, &r);
                 Ok(Response::new(one_result(b"{}".to_vec())))
             }
-            other => Err(Status::unimplemented(format!("unknown peer action `{other}`"))),
+            other => Err(Status::unimplemented(format!(
+                "unknown peer action `{other}`"
+            ))),
         }
     }
 
-    async fn do_put(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
+    async fn do_put(
+        &self,
+        request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
         let from = caller_party(&request)?;
         let mut stream = request.into_inner();
         let first = stream
@@ -94,46 +108,80 @@ impl FlightService for PeerService {
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("share stream without a descriptor"))
             .and_then(|d| {
-                serde_json::from_slice(&d.cmd).map_err(|e| Status::invalid_argument(format!("malformed share header: {e}")))
+                serde_json::from_slice(&d.cmd)
+                    .map_err(|e| Status::invalid_argument(format!("malformed share header: {e}")))
             })?;
-        let all = futures::stream::once(async { Ok(first) }).chain(stream).map_err(|s| FlightError::Tonic(Box::new(s)));
+        let all = futures::stream::once(async { Ok(first) })
+            .chain(stream)
+            .map_err(|s| FlightError::Tonic(Box::new(s)));
         let mut batches = FlightRecordBatchStream::new_from_flight_data(all);
         let batch = match batches.next().await {
             Some(Ok(b)) => b,
-            Some(Err(e)) => return Err(Status::invalid_argument(format!("unreadable share batch: {e}"))),
+            Some(Err(e)) => {
+                return Err(Status::invalid_argument(format!(
+                    "unreadable share batch: {e}"
+                )))
+            }
             None => return Err(Status::invalid_argument("share stream without a batch")),
         };
         if batches.next().await.is_some() {
-            return Err(Status::invalid_argument("a share stream carries exactly one batch"));
+            return Err(Status::invalid_argument(
+                "a share stream carries exactly one batch",
+            ));
         }
         self.gw
             .on_put(&from, &header.leader, &header.query_id, header.round, batch)
             .map_err(Status::failed_precondition)?;
-        Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(PutResult::default())]))))
+        Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(
+            PutResult::default(),
+        )]))))
     }
 
-    async fn handshake(&self, _r: Request<Streaming<HandshakeRequest>>) -> Result<Response<Self::HandshakeStream>, Status> {
-        Err(Status::unimplemented("peers authenticate with certificates"))
+    async fn handshake(
+        &self,
+        _r: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        Err(Status::unimplemented(
+            "peers authenticate with certificates",
+        ))
     }
-    async fn list_flights(&self, _r: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
+    async fn list_flights(
+        &self,
+        _r: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
         Err(Status::unimplemented("list_flights"))
     }
-    async fn get_flight_info(&self, _r: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+    async fn get_flight_info(
+        &self,
+        _r: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
         Err(Status::unimplemented("get_flight_info"))
     }
-    async fn poll_flight_info(&self, _r: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
+    async fn poll_flight_info(
+        &self,
+        _r: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
         Err(Status::unimplemented("poll_flight_info"))
     }
-    async fn get_schema(&self, _r: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
+    async fn get_schema(
+        &self,
+        _r: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
         Err(Status::unimplemented("get_schema"))
     }
     async fn do_get(&self, _r: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
         Err(Status::unimplemented("peers never fetch results"))
     }
-    async fn do_exchange(&self, _r: Request<Streaming<FlightData>>) -> Result<Response<Self::DoExchangeStream>, Status> {
+    async fn do_exchange(
+        &self,
+        _r: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
         Err(Status::unimplemented("do_exchange"))
     }
-    async fn list_actions(&self, _r: Request<Empty>) -> Result<Response<Self::ListActionsStream>, Status> {
+    async fn list_actions(
+        &self,
+        _r: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
         Err(Status::unimplemented("list_actions"))
     }
 }
@@ -165,15 +213,32 @@ pub fn failure_status(f: &QueryFailure) -> Status {
 
 /// Reads `authorization: Basic base64(user:password)` (padded or not).
 pub fn basic_credentials(md: &tonic::metadata::MetadataMap) -> Result<(String, String), Status> {
-    let missing = || Status::unauthenticated("missing credentials: send `authorization: Basic base64(user:password)`");
-    let v = md.get("authorization").ok_or_else(missing)?.to_str().map_err(|_| missing())?;
-    let b64 = v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic ")).ok_or_else(missing)?.trim();
+    let missing = || {
+        Status::unauthenticated(
+            "missing credentials: send `authorization: Basic base64(user:password)`",
+        )
+    };
+    let v = md
+        .get("authorization")
+        .ok_or_else(missing)?
+        .to_str()
+        .map_err(|_| missing())?;
+    let b64 = v
+        .strip_prefix("Basic ")
+        .or_else(|| v.strip_prefix("basic "))
+        .ok_or_else(missing)?
+        .trim();
     let raw = base64::engine::general_purpose::STANDARD
         .decode(b64)
-        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(b64.trim_end_matches('=')))
+        .or_else(|_| {
+            base64::engine::general_purpose::STANDARD_NO_PAD.decode(b64.trim_end_matches('='))
+        })
         .map_err(|_| Status::unauthenticated("credentials are not valid base64"))?;
-    let text = String::from_utf8(raw).map_err(|_| Status::unauthenticated("credentials are not UTF-8"))?;
-    let (u, p) = text.split_once(':').ok_or_else(|| Status::unauthenticated("credentials must be user:password"))?;
+    let text =
+        String::from_utf8(raw).map_err(|_| Status::unauthenticated("credentials are not UTF-8"))?;
+    let (u, p) = text
+        .split_once(':')
+        .ok_or_else(|| Status::unauthenticated("credentials must be user:password"))?;
     Ok((u.to_string(), p.to_string()))
 }
 
@@ -199,25 +264,40 @@ impl FlightService for AnalystService {
     type DoActionStream = BoxStream<arrow_flight::Result>;
     type ListActionsStream = BoxStream<ActionType>;
 
-    async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
         let (user, password) = basic_credentials(request.metadata())?;
         let gw = self.gw.clone();
         let analyst = tokio::task::spawn_blocking(move || gw.authenticate(&user, &password))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|f| failure_status(&f))?;
-        let req: AnalystRequest = serde_json::from_slice(&request.get_ref().ticket)
-            .map_err(|e| Status::invalid_argument(format!("malformed ticket: {e}; send {{\"sql\": \"SELECT ...\"}}")))?;
+        let req: AnalystRequest =
+            serde_json::from_slice(&request.get_ref().ticket).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "malformed ticket: {e}; send {{\"sql\": \"SELECT ...\"}}"
+                ))
+            })?;
         let (explain_sql, sql) = planner::split_explain(&req.sql);
         if req.explain || explain_sql {
-            let text = self.gw.explain(&analyst, sql, &req.options).await.map_err(|f| failure_status(&f))?;
+            let text = self
+                .gw
+                .explain(&analyst, sql, &req.options)
+                .await
+                .map_err(|f| failure_status(&f))?;
             let schema = Arc::new(Schema::new(vec![Field::new("plan", DataType::Utf8, false)]));
             let lines: Vec<&str> = text.lines().collect();
             let batch = RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(lines))])
                 .map_err(|e| Status::internal(e.to_string()))?;
             return Ok(Response::new(batches_stream(vec![batch])));
         }
-        let answer = self.gw.run_query(&analyst, &req.sql, &req.options).await.map_err(|f| failure_status(&f))?;
+        let answer = self
+            .gw
+            .run_query(&analyst, &req.sql, &req.options)
+            .await
+            .map_err(|f| failure_status(&f))?;
         let mut resp = Response::new(batches_stream(answer.batches));
         if let Ok(v) = answer.fingerprint.parse() {
             resp.metadata_mut().insert("council-plan-fingerprint", v);
@@ -225,31 +305,60 @@ impl FlightService for AnalystService {
         Ok(resp)
     }
 
-    async fn handshake(&self, _r: Request<Streaming<HandshakeRequest>>) -> Result<Response<Self::HandshakeStream>, Status> {
-        Err(Status::unimplemented("send Basic credentials with each call"))
+    async fn handshake(
+        &self,
+        _r: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        Err(Status::unimplemented(
+            "send Basic credentials with each call",
+        ))
     }
-    async fn list_flights(&self, _r: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
+    async fn list_flights(
+        &self,
+        _r: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
         Err(Status::unimplemented("list_flights"))
     }
-    async fn get_flight_info(&self, _r: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+    async fn get_flight_info(
+        &self,
+        _r: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
         Err(Status::unimplemented("get_flight_info"))
     }
-    async fn poll_flight_info(&self, _r: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
+    async fn poll_flight_info(
+        &self,
+        _r: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
         Err(Status::unimplemented("poll_flight_info"))
     }
-    async fn get_schema(&self, _r: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
+    async fn get_schema(
+        &self,
+        _r: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
         Err(Status::unimplemented("get_schema"))
     }
-    async fn do_put(&self, _r: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
+    async fn do_put(
+        &self,
+        _r: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
         Err(Status::permission_denied("analysts cannot write data"))
     }
-    async fn do_exchange(&self, _r: Request<Streaming<FlightData>>) -> Result<Response<Self::DoExchangeStream>, Status> {
+    async fn do_exchange(
+        &self,
+        _r: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
         Err(Status::unimplemented("do_exchange"))
     }
-    async fn do_action(&self, _r: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
+    async fn do_action(
+        &self,
+        _r: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
         Err(Status::unimplemented("do_action"))
     }
-    async fn list_actions(&self, _r: Request<Empty>) -> Result<Response<Self::ListActionsStream>, Status> {
+    async fn list_actions(
+        &self,
+        _r: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
         Err(Status::unimplemented("list_actions"))
     }
 }
@@ -267,10 +376,19 @@ mod tests {
     #[test]
     fn basic_credentials_padded_or_not() {
         // "alice:pw" is YWxpY2U6cHc= padded.
-        assert_eq!(basic_credentials(&md("Basic YWxpY2U6cHc=")).unwrap(), ("alice".into(), "pw".into()));
-        assert_eq!(basic_credentials(&md("Basic YWxpY2U6cHc")).unwrap(), ("alice".into(), "pw".into()));
+        assert_eq!(
+            basic_credentials(&md("Basic YWxpY2U6cHc=")).unwrap(),
+            ("alice".into(), "pw".into())
+        );
+        assert_eq!(
+            basic_credentials(&md("Basic YWxpY2U6cHc")).unwrap(),
+            ("alice".into(), "pw".into())
+        );
         assert!(basic_credentials(&md("Bearer abc")).is_err());
         assert!(basic_credentials(&md("Basic !!!")).is_err());
-        assert!(basic_credentials(&tonic::metadata::MetadataMap::new()).unwrap_err().message().contains("missing credentials"));
+        assert!(basic_credentials(&tonic::metadata::MetadataMap::new())
+            .unwrap_err()
+            .message()
+            .contains("missing credentials"));
     }
 }

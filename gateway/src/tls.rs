@@ -47,12 +47,23 @@ impl TlsMaterial {
         use rustls::pki_types::pem::PemObject;
         let ca = parse_certs(ca_pem, "CA certificate")?;
         let cert_chain = parse_certs(cert_pem, "party certificate")?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| anyhow!("party key: not a PEM private key: {e}"))?;
-        Ok(TlsMaterial { ca, cert_chain, key: Arc::new(key) })
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| anyhow!("party key: not a PEM private key: {e}"))?;
+        Ok(TlsMaterial {
+            ca,
+            cert_chain,
+            key: Arc::new(key),
+        })
     }
 
-    pub fn from_files(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> Result<Self> {
-        let read = |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    pub fn from_files(
+        ca: &std::path::Path,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<Self> {
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
         Self::from_pem(&read(ca)?, &read(cert)?, &read(key)?)
     }
 
@@ -66,9 +77,10 @@ impl TlsMaterial {
 
     /// Server side of the peer channel: client certificates required.
     pub fn peer_server_config(&self) -> Result<Arc<ServerConfig>> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
-            .build()
-            .context("building the client-certificate verifier")?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
+                .build()
+                .context("building the client-certificate verifier")?;
         let mut cfg = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)
@@ -118,7 +130,8 @@ pub fn analyst_client_config(ca_pem: &str) -> Result<Arc<ClientConfig>> {
 /// The party id a verified certificate names (its Common Name), which must
 /// also be one of its DNS names.
 pub fn party_of(cert: &CertificateDer<'_>) -> Result<String> {
-    let (_, x) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| anyhow!("unreadable certificate: {e}"))?;
+    let (_, x) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| anyhow!("unreadable certificate: {e}"))?;
     let cn = x
         .subject()
         .iter_common_name()
@@ -126,14 +139,16 @@ pub fn party_of(cert: &CertificateDer<'_>) -> Result<String> {
         .and_then(|c| c.as_str().ok())
         .ok_or_else(|| anyhow!("certificate has no Common Name"))?
         .to_string();
-    let in_san = x
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value.general_names.iter().any(|n| matches!(n, x509_parser::extensions::GeneralName::DNSName(d) if *d == cn))
-        })
-        .unwrap_or(false);
+    let in_san =
+        x.subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value.general_names.iter().any(
+                    |n| matches!(n, x509_parser::extensions::GeneralName::DNSName(d) if *d == cn),
+                )
+            })
+            .unwrap_or(false);
     if !in_san {
         bail!("certificate for `{cn}` does not list it as a DNS name");
     }
@@ -146,7 +161,9 @@ mod tests {
 
     #[test]
     fn the_party_id_is_read_from_the_certificate() {
-        let fed = crate::certs::make_federation("test CA", &["hospital_a".into(), "bank-b".into()], &[]).unwrap();
+        let fed =
+            crate::certs::make_federation("test CA", &["hospital_a".into(), "bank-b".into()], &[])
+                .unwrap();
         for (p, cert, key) in &fed.parties {
             let m = TlsMaterial::from_pem(&fed.ca_cert, cert, key).unwrap();
             assert_eq!(&party_of(&m.cert_chain[0]).unwrap(), p);
@@ -156,7 +173,10 @@ mod tests {
         // The CA itself has no DNS name: not a party.
         let ca = parse_certs(&fed.ca_cert, "ca").unwrap();
         assert!(party_of(&ca[0]).is_err());
-        assert!(parse_certs("not a pem", "x").unwrap_err().to_string().contains("no certificate"));
+        assert!(parse_certs("not a pem", "x")
+            .unwrap_err()
+            .to_string()
+            .contains("no certificate"));
         assert!(crate::certs::make_federation("x", &["Bad Name".into()], &[]).is_err());
     }
 }

@@ -40,7 +40,21 @@ fn council(dir: &Path, args: &[&str]) -> std::process::Output {
 
 fn query(dir: &Path, port: u16, sql: &str) -> std::process::Output {
     let gw = format!("127.0.0.1:{port}");
-    council(dir, &["query", "--gateway", &gw, "--user", "alice", "--ca", "certs/ca.pem", "--format", "csv", sql])
+    council(
+        dir,
+        &[
+            "query",
+            "--gateway",
+            &gw,
+            "--user",
+            "alice",
+            "--ca",
+            "certs/ca.pem",
+            "--format",
+            "csv",
+            sql,
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,13 +63,30 @@ async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
     let dir = tmp.path();
     gateway::demo::write_demo_data(&dir.join("data"), 7).unwrap();
     std::fs::write(dir.join("catalog.toml"), gateway::demo::DEMO_CATALOG).unwrap();
-    let out = council(dir, &["certs", "--parties", "hospital_a,hospital_b,hospital_c", "--out", "certs"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = council(
+        dir,
+        &[
+            "certs",
+            "--parties",
+            "hospital_a,hospital_b,hospital_c",
+            "--out",
+            "certs",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let hash = gateway::config::hash_password("pw-for-tests").unwrap();
     let peer_ports: Vec<u16> = PARTIES.iter().map(|_| free_port()).collect();
     let analyst_ports: Vec<u16> = PARTIES.iter().map(|_| free_port()).collect();
     for (i, p) in PARTIES.iter().enumerate() {
-        std::fs::write(dir.join(format!("{p}.policy.toml")), gateway::demo::demo_policy(p, i == 0)).unwrap();
+        std::fs::write(
+            dir.join(format!("{p}.policy.toml")),
+            gateway::demo::demo_policy(p, i == 0),
+        )
+        .unwrap();
         let mut cfg = format!(
             "party = \"{p}\"\npeer_listen = \"127.0.0.1:{}\"\nanalyst_listen = \"127.0.0.1:{}\"\ncatalog = \"catalog.toml\"\n\
              policy = \"{p}.policy.toml\"\naudit_log = \"audit/{p}.log\"\npeer_timeout_ms = 3000\n\
@@ -66,7 +97,10 @@ async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
         );
         for (j, q) in PARTIES.iter().enumerate() {
             if i != j {
-                cfg.push_str(&format!("[[peers]]\nid = \"{q}\"\naddress = \"127.0.0.1:{}\"\n", peer_ports[j]));
+                cfg.push_str(&format!(
+                    "[[peers]]\nid = \"{q}\"\naddress = \"127.0.0.1:{}\"\n",
+                    peer_ports[j]
+                ));
             }
         }
         std::fs::write(dir.join(format!("{p}.toml")), cfg).unwrap();
@@ -87,18 +121,29 @@ async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
     // Wait until every gateway answers.
     let start = Instant::now();
     loop {
-        let ok = analyst_ports.iter().all(|&port| query(dir, port, "SELECT COUNT(*) FROM patients").status.success());
+        let ok = analyst_ports.iter().all(|&port| {
+            query(dir, port, "SELECT COUNT(*) FROM patients")
+                .status
+                .success()
+        });
         if ok {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "gateways did not start: {}", std::fs::read_to_string(dir.join("hospital_a.out")).unwrap_or_default());
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "gateways did not start: {}",
+            std::fs::read_to_string(dir.join("hospital_a.out")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
 
     let catalog = planner::Catalog::from_toml(gateway::demo::DEMO_CATALOG, "c").unwrap();
     let tables = std::collections::BTreeMap::from([(
         "patients".to_string(),
-        PARTIES.iter().map(|p| dir.join("data").join(p).join("patients.csv")).collect::<Vec<_>>(),
+        PARTIES
+            .iter()
+            .map(|p| dir.join("data").join(p).join("patients.csv"))
+            .collect::<Vec<_>>(),
     )]);
     let pooled = pooled_context(&catalog, &tables).await.unwrap();
     for (i, sql) in [
@@ -116,7 +161,11 @@ async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
     }
 
     // The refusal reaches the CLI with the party and the rule.
-    let out = query(dir, analyst_ports[0], "SELECT COUNT(*) FROM patients WHERE patient_id < 1000100");
+    let out = query(
+        dir,
+        analyst_ports[0],
+        "SELECT COUNT(*) FROM patients WHERE patient_id < 1000100",
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("hospital_b refused: column patient_id may not be used in WHERE (policy: tables.patients.columns.patient_id)"), "{err}");
@@ -132,7 +181,11 @@ async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
 
     for p in PARTIES {
         let out = council(dir, &["audit", "verify", &format!("audit/{p}.log")]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -143,23 +196,44 @@ async fn demo_over_the_users_own_files_infers_the_catalog_and_answers_one_query(
     gateway::demo::write_demo_data(dir, 3).unwrap();
     let sql = "SELECT age_band, COUNT(*) AS n, SUM(length_of_stay) AS days FROM patients WHERE sex = 'F' GROUP BY age_band ORDER BY age_band";
     let out = Command::new(COUNCIL)
-        .args(["demo", "--data", dir.to_str().unwrap(), "--sql", sql, "--format", "csv"])
+        .args([
+            "demo",
+            "--data",
+            dir.to_str().unwrap(),
+            "--sql",
+            sql,
+            "--format",
+            "csv",
+        ])
         .stdin(Stdio::null())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("derived the domain of patients.age_band"), "{stderr}");
+    assert!(
+        stderr.contains("derived the domain of patients.age_band"),
+        "{stderr}"
+    );
     assert!(stderr.contains("equals the plaintext answer"), "{stderr}");
 
     let ctx = datafusion::prelude::SessionContext::new();
     for p in PARTIES {
         let path = dir.join(p).join("patients.csv");
-        ctx.register_csv(p, path.to_str().unwrap(), datafusion::prelude::CsvReadOptions::new()).await.unwrap();
+        ctx.register_csv(
+            p,
+            path.to_str().unwrap(),
+            datafusion::prelude::CsvReadOptions::new(),
+        )
+        .await
+        .unwrap();
     }
     ctx.sql("CREATE VIEW patients AS SELECT * FROM hospital_a UNION ALL SELECT * FROM hospital_b UNION ALL SELECT * FROM hospital_c")
         .await
         .unwrap();
-    let expected = render(&ctx.sql(sql).await.unwrap().collect().await.unwrap(), Format::Csv).unwrap();
+    let expected = render(
+        &ctx.sql(sql).await.unwrap().collect().await.unwrap(),
+        Format::Csv,
+    )
+    .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
 }

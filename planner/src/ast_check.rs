@@ -15,15 +15,47 @@ use datafusion::sql::sqlparser::tokenizer::Span;
 
 use crate::PlanError;
 
-const AGG_HINT: &str = "Council computes COUNT, SUM, AVG, VAR_SAMP, VAR_POP, STDDEV_SAMP and STDDEV_POP so far";
+const AGG_HINT: &str =
+    "Council computes COUNT, SUM, AVG, VAR_SAMP, VAR_POP, STDDEV_SAMP and STDDEV_POP so far";
 
 /// Aggregates that need comparisons under MPC (the replicated 3-party engine).
 const LATER_AGGREGATES: &[&str] = &[
-    "min", "max", "median", "approx_median", "approx_percentile_cont", "approx_percentile_cont_with_weight",
-    "percentile_cont", "percentile_disc", "approx_distinct", "mode", "first_value", "last_value", "nth_value",
-    "array_agg", "string_agg", "bit_and", "bit_or", "bit_xor", "bool_and", "bool_or", "corr", "covar",
-    "covar_samp", "covar_pop", "regr_slope", "regr_intercept", "regr_count", "regr_r2", "regr_avgx",
-    "regr_avgy", "regr_sxx", "regr_syy", "regr_sxy", "grouping", "any_value", "listagg",
+    "min",
+    "max",
+    "median",
+    "approx_median",
+    "approx_percentile_cont",
+    "approx_percentile_cont_with_weight",
+    "percentile_cont",
+    "percentile_disc",
+    "approx_distinct",
+    "mode",
+    "first_value",
+    "last_value",
+    "nth_value",
+    "array_agg",
+    "string_agg",
+    "bit_and",
+    "bit_or",
+    "bit_xor",
+    "bool_and",
+    "bool_or",
+    "corr",
+    "covar",
+    "covar_samp",
+    "covar_pop",
+    "regr_slope",
+    "regr_intercept",
+    "regr_count",
+    "regr_r2",
+    "regr_avgx",
+    "regr_avgy",
+    "regr_sxx",
+    "regr_syy",
+    "regr_sxy",
+    "grouping",
+    "any_value",
+    "listagg",
 ];
 
 pub fn position(span: Span) -> String {
@@ -36,7 +68,8 @@ pub fn position(span: Span) -> String {
 
 /// Parses `sql` and refuses unsupported constructs. Returns the one statement.
 pub fn parse_and_check(sql: &str) -> Result<Statement, PlanError> {
-    let mut stmts = Parser::parse_sql(&GenericDialect {}, sql).map_err(|e| PlanError::Syntax(e.to_string()))?;
+    let mut stmts =
+        Parser::parse_sql(&GenericDialect {}, sql).map_err(|e| PlanError::Syntax(e.to_string()))?;
     if stmts.len() != 1 {
         return Err(PlanError::Invalid(format!(
             "expected exactly one SQL statement, found {}; send one SELECT at a time",
@@ -58,7 +91,11 @@ pub fn parse_and_check(sql: &str) -> Result<Statement, PlanError> {
 
 fn first_word(stmt: &Statement) -> String {
     let s = stmt.to_string();
-    s.split_whitespace().next().unwrap_or("statement").to_uppercase() + " statement"
+    s.split_whitespace()
+        .next()
+        .unwrap_or("statement")
+        .to_uppercase()
+        + " statement"
 }
 
 fn check_query(q: &Query) -> Result<(), PlanError> {
@@ -69,8 +106,16 @@ fn check_query(q: &Query) -> Result<(), PlanError> {
             "write the query as one SELECT over a federated table",
         ));
     }
-    if q.fetch.is_some() || !q.locks.is_empty() || q.for_clause.is_some() || !q.pipe_operators.is_empty() {
-        return Err(PlanError::not_supported("this query clause", position(q.span()), "use LIMIT instead of FETCH"));
+    if q.fetch.is_some()
+        || !q.locks.is_empty()
+        || q.for_clause.is_some()
+        || !q.pipe_operators.is_empty()
+    {
+        return Err(PlanError::not_supported(
+            "this query clause",
+            position(q.span()),
+            "use LIMIT instead of FETCH",
+        ));
     }
     let select = match q.body.as_ref() {
         SetExpr::Select(s) => s,
@@ -96,16 +141,23 @@ fn check_query(q: &Query) -> Result<(), PlanError> {
             ))
         }
     };
-    if let Some(_) = &select.distinct {
+    if select.distinct.is_some() {
         return Err(PlanError::not_permitted(
             "SELECT DISTINCT",
             position(select.span()),
             "it would reveal which raw values exist; GROUP BY a column with a public domain instead",
         ));
     }
-    if select.top.is_some() || select.into.is_some() || !select.lateral_views.is_empty() || select.prewhere.is_some()
-        || !select.connect_by.is_empty() || !select.cluster_by.is_empty() || !select.distribute_by.is_empty()
-        || !select.sort_by.is_empty() || select.qualify.is_some() || !select.named_window.is_empty()
+    if select.top.is_some()
+        || select.into.is_some()
+        || !select.lateral_views.is_empty()
+        || select.prewhere.is_some()
+        || !select.connect_by.is_empty()
+        || !select.cluster_by.is_empty()
+        || !select.distribute_by.is_empty()
+        || !select.sort_by.is_empty()
+        || select.qualify.is_some()
+        || !select.named_window.is_empty()
     {
         return Err(PlanError::not_supported(
             "a dialect-specific SELECT clause",
@@ -149,8 +201,13 @@ fn check_query(q: &Query) -> Result<(), PlanError> {
         ));
     }
     match &from.relation {
-        TableFactor::Table { args: None, with_hints, version: None, partitions, .. }
-            if with_hints.is_empty() && partitions.is_empty() => {}
+        TableFactor::Table {
+            args: None,
+            with_hints,
+            version: None,
+            partitions,
+            ..
+        } if with_hints.is_empty() && partitions.is_empty() => {}
         TableFactor::Derived { .. } => {
             return Err(PlanError::not_supported(
                 "a subquery in FROM",
@@ -217,11 +274,13 @@ fn check_expressions(stmt: &Statement) -> Result<(), PlanError> {
     let mut found: Option<PlanError> = None;
     let _ = datafusion::sql::sqlparser::ast::visit_expressions(stmt, |e: &Expr| {
         let err = match e {
-            Expr::Subquery(_) | Expr::InSubquery { .. } | Expr::Exists { .. } => Some(PlanError::not_supported(
-                "a subquery",
-                position(e.span()),
-                "write the condition without a nested SELECT",
-            )),
+            Expr::Subquery(_) | Expr::InSubquery { .. } | Expr::Exists { .. } => {
+                Some(PlanError::not_supported(
+                    "a subquery",
+                    position(e.span()),
+                    "write the condition without a nested SELECT",
+                ))
+            }
             Expr::Function(f) => {
                 let name = f.name.to_string().to_ascii_lowercase();
                 if f.over.is_some() {
@@ -234,7 +293,9 @@ fn check_expressions(stmt: &Statement) -> Result<(), PlanError> {
                     Some(PlanError::not_supported(
                         format!("aggregate {}", name.to_uppercase()),
                         position(e.span()),
-                        format!("it needs secure comparison, which the next engine brings; {AGG_HINT}"),
+                        format!(
+                            "it needs secure comparison, which the next engine brings; {AGG_HINT}"
+                        ),
                     ))
                 } else {
                     None
@@ -256,43 +317,6 @@ fn check_expressions(stmt: &Statement) -> Result<(), PlanError> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn err(sql: &str) -> String {
-        parse_and_check(sql).unwrap_err().to_string()
-    }
-
-    #[test]
-    fn names_the_construct_and_its_position() {
-        let e = err("SELECT MIN(cost) FROM patients");
-        assert!(e.contains("not supported yet: aggregate MIN at line 1, column 8"), "{e}");
-        let e = err("SELECT COUNT(*) FROM patients p\n  JOIN visits v ON p.id = v.id");
-        assert!(e.contains("JOIN at line 2"), "{e}");
-        let e = err("SELECT * FROM patients");
-        assert!(e.starts_with("not permitted: SELECT * at line 1, column 8"), "{e}");
-        let e = err("SELECT COUNT(*) OVER () FROM patients");
-        assert!(e.contains("window function COUNT"), "{e}");
-        let e = err("SELECT COUNT(*) FROM patients WHERE cost > (SELECT 1)");
-        assert!(e.contains("a subquery at line 1"), "{e}");
-        let e = err("DELETE FROM patients");
-        assert!(e.contains("not permitted: DELETE statement"), "{e}");
-        let e = err("SELECT COUNT(*) FROM patients GROUP BY 1");
-        assert!(e.contains("GROUP BY by position"), "{e}");
-        assert!(err("SELEC 1").starts_with("SQL syntax error"));
-    }
-
-    #[test]
-    fn accepts_plain_aggregate_queries() {
-        parse_and_check(
-            "SELECT age_band, COUNT(*), AVG(cost) FROM patients WHERE diagnosis = 'E11' \
-             GROUP BY age_band HAVING COUNT(*) > 3 ORDER BY age_band LIMIT 5",
-        )
-        .unwrap();
-    }
-}
-
 /// Where `column` is first used in the statement, for errors found after
 /// planning (which has no positions).
 pub fn column_position(stmt: &Statement, column: &str) -> Option<String> {
@@ -300,7 +324,9 @@ pub fn column_position(stmt: &Statement, column: &str) -> Option<String> {
     let _ = datafusion::sql::sqlparser::ast::visit_expressions(stmt, |e: &Expr| {
         let hit = match e {
             Expr::Identifier(i) => i.value.eq_ignore_ascii_case(column),
-            Expr::CompoundIdentifier(parts) => parts.last().is_some_and(|i| i.value.eq_ignore_ascii_case(column)),
+            Expr::CompoundIdentifier(parts) => parts
+                .last()
+                .is_some_and(|i| i.value.eq_ignore_ascii_case(column)),
             _ => false,
         };
         if hit {
@@ -326,4 +352,47 @@ pub fn function_position(stmt: &Statement, name: &str) -> Option<String> {
         ControlFlow::Continue(())
     });
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(sql: &str) -> String {
+        parse_and_check(sql).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn names_the_construct_and_its_position() {
+        let e = err("SELECT MIN(cost) FROM patients");
+        assert!(
+            e.contains("not supported yet: aggregate MIN at line 1, column 8"),
+            "{e}"
+        );
+        let e = err("SELECT COUNT(*) FROM patients p\n  JOIN visits v ON p.id = v.id");
+        assert!(e.contains("JOIN at line 2"), "{e}");
+        let e = err("SELECT * FROM patients");
+        assert!(
+            e.starts_with("not permitted: SELECT * at line 1, column 8"),
+            "{e}"
+        );
+        let e = err("SELECT COUNT(*) OVER () FROM patients");
+        assert!(e.contains("window function COUNT"), "{e}");
+        let e = err("SELECT COUNT(*) FROM patients WHERE cost > (SELECT 1)");
+        assert!(e.contains("a subquery at line 1"), "{e}");
+        let e = err("DELETE FROM patients");
+        assert!(e.contains("not permitted: DELETE statement"), "{e}");
+        let e = err("SELECT COUNT(*) FROM patients GROUP BY 1");
+        assert!(e.contains("GROUP BY by position"), "{e}");
+        assert!(err("SELEC 1").starts_with("SQL syntax error"));
+    }
+
+    #[test]
+    fn accepts_plain_aggregate_queries() {
+        parse_and_check(
+            "SELECT age_band, COUNT(*), AVG(cost) FROM patients WHERE diagnosis = 'E11' \
+             GROUP BY age_band HAVING COUNT(*) > 3 ORDER BY age_band LIMIT 5",
+        )
+        .unwrap();
+    }
 }

@@ -30,9 +30,14 @@ pub enum ColumnType {
     /// 64-bit signed integer.
     Int,
     /// Exact decimal with the given precision and scale.
-    Decimal { precision: u8, scale: i8 },
+    Decimal {
+        precision: u8,
+        scale: i8,
+    },
     /// 64-bit float; aggregated in fixed point with `scale` decimal digits.
-    Float { scale: u32 },
+    Float {
+        scale: u32,
+    },
     Text,
     Bool,
     Date,
@@ -59,11 +64,17 @@ impl ColumnType {
                             "unknown column type `{s}`; use int, decimal(P,S), float, text, bool or date"
                         )
                     })?;
-                let (p, sc) = inner
-                    .split_once(',')
-                    .ok_or_else(|| format!("decimal type `{s}` needs a precision and a scale, as in decimal(12,2)"))?;
-                let precision: u8 = p.trim().parse().map_err(|_| format!("bad decimal precision in `{s}`"))?;
-                let scale: i8 = sc.trim().parse().map_err(|_| format!("bad decimal scale in `{s}`"))?;
+                let (p, sc) = inner.split_once(',').ok_or_else(|| {
+                    format!("decimal type `{s}` needs a precision and a scale, as in decimal(12,2)")
+                })?;
+                let precision: u8 = p
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad decimal precision in `{s}`"))?;
+                let scale: i8 = sc
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad decimal scale in `{s}`"))?;
                 if precision == 0 || precision > 38 || scale < 0 || scale as u8 > precision {
                     return Err(format!(
                         "decimal type `{s}` is out of range: precision must be 1..=38 and 0 <= scale <= precision"
@@ -73,7 +84,9 @@ impl ColumnType {
             }
         };
         if float_scale.is_some() && !matches!(ty, ColumnType::Float { .. }) {
-            return Err(format!("`scale` applies to float columns only, not to `{s}`"));
+            return Err(format!(
+                "`scale` applies to float columns only, not to `{s}`"
+            ));
         }
         Ok(ty)
     }
@@ -208,7 +221,12 @@ impl Catalog {
             check_identifier(&tname).map_err(err)?;
             let mut columns: Vec<ColumnDef> = Vec::new();
             for rc in rt.columns {
-                let cerr = |m: String| PlanError::Catalog(format!("{origin}: table `{tname}`, column `{}`: {m}", rc.name));
+                let cerr = |m: String| {
+                    PlanError::Catalog(format!(
+                        "{origin}: table `{tname}`, column `{}`: {m}",
+                        rc.name
+                    ))
+                };
                 check_identifier(&rc.name).map_err(cerr)?;
                 if columns.iter().any(|c| c.name == rc.name) {
                     return Err(cerr("declared twice".into()));
@@ -216,19 +234,33 @@ impl Catalog {
                 let ty = ColumnType::parse(&rc.ty, rc.scale).map_err(cerr)?;
                 if let ColumnType::Float { scale } = ty {
                     if scale > 12 {
-                        return Err(cerr(format!("float scale {scale} is too fine; use at most 12 digits")));
+                        return Err(cerr(format!(
+                            "float scale {scale} is too fine; use at most 12 digits"
+                        )));
                     }
                 }
                 let domain = match rc.domain {
                     None => None,
-                    Some(d) => Some(Domain { values: domain_values(&ty, d).map_err(cerr)? }),
+                    Some(d) => Some(Domain {
+                        values: domain_values(&ty, d).map_err(cerr)?,
+                    }),
                 };
-                columns.push(ColumnDef { name: rc.name, ty, domain });
+                columns.push(ColumnDef {
+                    name: rc.name,
+                    ty,
+                    domain,
+                });
             }
             if columns.is_empty() {
                 return Err(err("has no columns".into()));
             }
-            tables.insert(tname.clone(), TableDef { name: tname, columns });
+            tables.insert(
+                tname.clone(),
+                TableDef {
+                    name: tname,
+                    columns,
+                },
+            );
         }
         Ok(Catalog { tables })
     }
@@ -298,12 +330,17 @@ fn domain_values(ty: &ColumnType, d: RawDomain) -> Result<Vec<DomainValue>, Stri
 /// gateways resolve a name differently.
 pub fn check_identifier(s: &str) -> Result<(), String> {
     let ok = !s.is_empty()
-        && s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        && s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if ok {
         Ok(())
     } else {
-        Err(format!("`{s}` is not a valid name: use lower-case letters, digits and underscores"))
+        Err(format!(
+            "`{s}` is not a valid name: use lower-case letters, digits and underscores"
+        ))
     }
 }
 
@@ -327,9 +364,27 @@ columns = [
     fn parses_types_and_domains() {
         let c = Catalog::from_toml(CATALOG, "catalog.toml").unwrap();
         let t = c.table("patients").unwrap();
-        assert_eq!(t.column("cost").unwrap().ty, ColumnType::Decimal { precision: 12, scale: 2 });
-        assert_eq!(t.column("score").unwrap().ty, ColumnType::Float { scale: 3 });
-        assert_eq!(t.column("los").unwrap().domain.as_ref().unwrap().values.len(), 4);
+        assert_eq!(
+            t.column("cost").unwrap().ty,
+            ColumnType::Decimal {
+                precision: 12,
+                scale: 2
+            }
+        );
+        assert_eq!(
+            t.column("score").unwrap().ty,
+            ColumnType::Float { scale: 3 }
+        );
+        assert_eq!(
+            t.column("los")
+                .unwrap()
+                .domain
+                .as_ref()
+                .unwrap()
+                .values
+                .len(),
+            4
+        );
         assert_eq!(t.schema().fields().len(), 6);
     }
 
@@ -338,16 +393,23 @@ columns = [
         let a = Catalog::from_toml(CATALOG, "a").unwrap();
         let b = Catalog::from_toml(&CATALOG.replace("\"18-39\"", "\"18-40\""), "b").unwrap();
         assert_ne!(a.digest(), b.digest());
-        assert_eq!(a.digest(), Catalog::from_toml(CATALOG, "c").unwrap().digest());
+        assert_eq!(
+            a.digest(),
+            Catalog::from_toml(CATALOG, "c").unwrap().digest()
+        );
     }
 
     #[test]
     fn rejects_bad_declarations_with_the_cause() {
         let bad_type = CATALOG.replace("decimal(12,2)", "money");
-        let e = Catalog::from_toml(&bad_type, "x.toml").unwrap_err().to_string();
+        let e = Catalog::from_toml(&bad_type, "x.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown column type `money`"), "{e}");
         let bad_domain = CATALOG.replace("domain = [true, false]", "domain = [1, 2]");
-        let e = Catalog::from_toml(&bad_domain, "x.toml").unwrap_err().to_string();
+        let e = Catalog::from_toml(&bad_domain, "x.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not match the column type bool"), "{e}");
         let upper = CATALOG.replace("patient_id", "PatientId");
         assert!(Catalog::from_toml(&upper, "x").is_err());

@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, Decimal128Builder, Float64Builder, Int64Builder, RecordBatch, UInt64Builder};
+use datafusion::arrow::array::{
+    ArrayRef, Decimal128Builder, Float64Builder, Int64Builder, RecordBatch, UInt64Builder,
+};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::catalog::MemTable;
 use datafusion::common::tree_node::{Transformed, TreeNode};
@@ -29,7 +31,9 @@ pub struct Revealed {
 pub fn present_groups(plan: &FederatedPlan, revealed: &Revealed) -> Vec<usize> {
     let rows = &revealed.totals[plan.row_count];
     if plan.grouped {
-        (0..plan.groups.len()).filter(|&g| rows.get(g).copied().unwrap_or(0) > 0).collect()
+        (0..plan.groups.len())
+            .filter(|&g| rows.get(g).copied().unwrap_or(0) > 0)
+            .collect()
     } else {
         vec![0]
     }
@@ -57,7 +61,8 @@ pub fn revealed_batch(plan: &FederatedPlan, revealed: &Revealed) -> Result<Recor
             if c.data_type() == f.data_type() {
                 Ok(c)
             } else {
-                datafusion::arrow::compute::cast(&c, f.data_type()).map_err(|e| PlanError::Internal(e.to_string()))
+                datafusion::arrow::compute::cast(&c, f.data_type())
+                    .map_err(|e| PlanError::Internal(e.to_string()))
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -90,10 +95,12 @@ pub fn post_plan(plan: &FederatedPlan, batch: RecordBatch) -> Result<LogicalPlan
     let exprs: Vec<Expr> = (0..agg_schema.fields().len())
         .map(|i| {
             let (qualifier, field) = agg_schema.qualified_field(i);
-            Expr::Column(Column::new_unqualified(format!("c{i}"))).alias_qualified(qualifier.cloned(), field.name())
+            Expr::Column(Column::new_unqualified(format!("c{i}")))
+                .alias_qualified(qualifier.cloned(), field.name())
         })
         .collect();
-    let relabel = LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(scan)).map_err(internal)?);
+    let relabel =
+        LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(scan)).map_err(internal)?);
     plan.logical
         .clone()
         .transform_up(|node| {
@@ -111,7 +118,11 @@ fn pow10(n: u32) -> i128 {
     10i128.pow(n)
 }
 
-fn final_values(a: &AggregateOutput, groups: &[usize], r: &Revealed) -> Result<ArrayRef, PlanError> {
+fn final_values(
+    a: &AggregateOutput,
+    groups: &[usize],
+    r: &Revealed,
+) -> Result<ArrayRef, PlanError> {
     let count = |g: usize| a.count.map(|i| r.totals[i][g]).unwrap_or(0);
     let sum = |g: usize| a.sum.map(|i| r.totals[i][g]).unwrap_or(0);
     let overflow = |what: &str| {
@@ -167,7 +178,11 @@ fn final_values(a: &AggregateOutput, groups: &[usize], r: &Revealed) -> Result<A
                         b.append_value(v);
                     }
                 }
-                Ok(Arc::new(b.finish().with_precision_and_scale(p, s).map_err(|e| PlanError::Internal(e.to_string()))?))
+                Ok(Arc::new(
+                    b.finish()
+                        .with_precision_and_scale(p, s)
+                        .map_err(|e| PlanError::Internal(e.to_string()))?,
+                ))
             }
             _ => {
                 let mut b = Float64Builder::with_capacity(groups.len());
@@ -197,7 +212,11 @@ fn final_values(a: &AggregateOutput, groups: &[usize], r: &Revealed) -> Result<A
                     }
                     b.append_value(v);
                 }
-                Ok(Arc::new(b.finish().with_precision_and_scale(p, s).map_err(|e| PlanError::Internal(e.to_string()))?))
+                Ok(Arc::new(
+                    b.finish()
+                        .with_precision_and_scale(p, s)
+                        .map_err(|e| PlanError::Internal(e.to_string()))?,
+                ))
             }
             _ => {
                 let mut b = Float64Builder::with_capacity(groups.len());
@@ -213,7 +232,9 @@ fn final_values(a: &AggregateOutput, groups: &[usize], r: &Revealed) -> Result<A
             }
         },
         AggKind::VarSamp | AggKind::VarPop | AggKind::StddevSamp | AggKind::StddevPop => {
-            let sq = a.sum_squares.ok_or_else(|| PlanError::Internal("variance without squares".into()))?;
+            let sq = a
+                .sum_squares
+                .ok_or_else(|| PlanError::Internal("variance without squares".into()))?;
             let sample = matches!(a.kind, AggKind::VarSamp | AggKind::StddevSamp);
             let root = matches!(a.kind, AggKind::StddevSamp | AggKind::StddevPop);
             let mut b = Float64Builder::with_capacity(groups.len());
@@ -240,12 +261,18 @@ pub fn variance(n: i128, s1: i128, s2: i128, scale: u32, sample: bool) -> Option
         return Some(0.0);
     }
     let denom = if sample { n * (n - 1) } else { n * n };
-    let exact = n.checked_mul(s2).and_then(|v| s1.checked_mul(s1).and_then(|q| v.checked_sub(q)));
+    let exact = n
+        .checked_mul(s2)
+        .and_then(|v| s1.checked_mul(s1).and_then(|q| v.checked_sub(q)));
     let scale2 = pow10(2 * scale) as f64;
     let v = match exact {
         Some(num) => num as f64 / denom as f64 / scale2,
         None => {
-            let (n, s1, s2) = (n as f64, s1 as f64 / pow10(scale) as f64, s2 as f64 / scale2);
+            let (n, s1, s2) = (
+                n as f64,
+                s1 as f64 / pow10(scale) as f64,
+                s2 as f64 / scale2,
+            );
             (n * s2 - s1 * s1) / denom as f64
         }
     };

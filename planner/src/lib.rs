@@ -30,9 +30,17 @@ pub enum PlanError {
     #[error("SQL syntax error: {0}")]
     Syntax(String),
     #[error("not supported yet: {construct} at {position}; {hint}")]
-    NotSupported { construct: String, position: String, hint: String },
+    NotSupported {
+        construct: String,
+        position: String,
+        hint: String,
+    },
     #[error("not permitted: {construct} at {position}; {hint}")]
-    NotPermitted { construct: String, position: String, hint: String },
+    NotPermitted {
+        construct: String,
+        position: String,
+        hint: String,
+    },
     #[error("catalog error: {0}")]
     Catalog(String),
     #[error("{0}")]
@@ -42,11 +50,27 @@ pub enum PlanError {
 }
 
 impl PlanError {
-    pub(crate) fn not_supported(construct: impl Into<String>, position: impl Into<String>, hint: impl Into<String>) -> Self {
-        PlanError::NotSupported { construct: construct.into(), position: position.into(), hint: hint.into() }
+    pub(crate) fn not_supported(
+        construct: impl Into<String>,
+        position: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> Self {
+        PlanError::NotSupported {
+            construct: construct.into(),
+            position: position.into(),
+            hint: hint.into(),
+        }
     }
-    pub(crate) fn not_permitted(construct: impl Into<String>, position: impl Into<String>, hint: impl Into<String>) -> Self {
-        PlanError::NotPermitted { construct: construct.into(), position: position.into(), hint: hint.into() }
+    pub(crate) fn not_permitted(
+        construct: impl Into<String>,
+        position: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> Self {
+        PlanError::NotPermitted {
+            construct: construct.into(),
+            position: position.into(),
+            hint: hint.into(),
+        }
     }
 }
 
@@ -55,10 +79,14 @@ impl PlanError {
 /// planner refuses it (it would run the query).
 pub fn split_explain(sql: &str) -> (bool, &str) {
     let t = sql.trim_start();
-    let Some(head) = t.get(..8) else { return (false, sql) };
+    let Some(head) = t.get(..8) else {
+        return (false, sql);
+    };
     if head.eq_ignore_ascii_case("explain ") || head.eq_ignore_ascii_case("explain\n") {
         let rest = t[8..].trim_start();
-        let analyze = rest.get(..7).is_some_and(|w| w.eq_ignore_ascii_case("analyze"));
+        let analyze = rest
+            .get(..7)
+            .is_some_and(|w| w.eq_ignore_ascii_case("analyze"));
         if !analyze {
             return (true, rest);
         }
@@ -73,8 +101,14 @@ mod tests {
     #[test]
     fn explain_prefix() {
         assert_eq!(split_explain("  explain SELECT 1"), (true, "SELECT 1"));
-        assert_eq!(split_explain("EXPLAIN ANALYZE SELECT 1"), (false, "EXPLAIN ANALYZE SELECT 1"));
-        assert_eq!(split_explain("SELECT explain FROM t"), (false, "SELECT explain FROM t"));
+        assert_eq!(
+            split_explain("EXPLAIN ANALYZE SELECT 1"),
+            (false, "EXPLAIN ANALYZE SELECT 1")
+        );
+        assert_eq!(
+            split_explain("SELECT explain FROM t"),
+            (false, "SELECT explain FROM t")
+        );
         assert_eq!(split_explain("ex"), (false, "ex"));
     }
 }

@@ -14,9 +14,9 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, BooleanArray, Int64Array, StringArray};
 use datafusion::arrow::datatypes::{DataType, FieldRef};
-use datafusion::datasource::empty::EmptyTable;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::Column;
+use datafusion::datasource::empty::EmptyTable;
 use datafusion::functions_aggregate::count::count_all;
 use datafusion::functions_aggregate::expr_fn::{count, max, min, sum};
 use datafusion::logical_expr::{cast, Aggregate, Expr, ExprSchemable, LogicalPlan};
@@ -111,12 +111,18 @@ pub struct Partial {
 
 impl Partial {
     fn describe(&self) -> String {
-        let arg = self.arg.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "*".into());
+        let arg = self
+            .arg
+            .as_ref()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "*".into());
         match self.kind {
             PartialKind::RowCount => "COUNT(*)".into(),
             PartialKind::Count => format!("COUNT({arg})"),
             PartialKind::Sum => format!("SUM({arg}) at scale {}", self.scale),
-            PartialKind::SumSquares => format!("SUM(({arg})^2) at scale {}, in Z_2^128", 2 * self.scale),
+            PartialKind::SumSquares => {
+                format!("SUM(({arg})^2) at scale {}, in Z_2^128", 2 * self.scale)
+            }
             PartialKind::LocalMin => format!("MIN({arg}) (local overflow guard, never shared)"),
             PartialKind::LocalMax => format!("MAX({arg}) (local overflow guard, never shared)"),
         }
@@ -172,14 +178,18 @@ impl GroupSpace {
             .enumerate()
             .map(|(ci, c)| -> ArrayRef {
                 match c.data_type {
-                    DataType::Int64 => Arc::new(Int64Array::from_iter(keys.iter().map(|k| match &k[ci] {
-                        Some(DomainValue::Int(v)) => Some(*v),
-                        _ => None,
-                    }))),
-                    DataType::Boolean => Arc::new(BooleanArray::from_iter(keys.iter().map(|k| match &k[ci] {
-                        Some(DomainValue::Bool(v)) => Some(*v),
-                        _ => None,
-                    }))),
+                    DataType::Int64 => {
+                        Arc::new(Int64Array::from_iter(keys.iter().map(|k| match &k[ci] {
+                            Some(DomainValue::Int(v)) => Some(*v),
+                            _ => None,
+                        })))
+                    }
+                    DataType::Boolean => {
+                        Arc::new(BooleanArray::from_iter(keys.iter().map(|k| match &k[ci] {
+                            Some(DomainValue::Bool(v)) => Some(*v),
+                            _ => None,
+                        })))
+                    }
                     _ => Arc::new(StringArray::from_iter(keys.iter().map(|k| match &k[ci] {
                         Some(DomainValue::Text(v)) => Some(v.clone()),
                         _ => None,
@@ -208,12 +218,19 @@ impl LocalPart {
             .enumerate()
             .map(|(i, p)| {
                 let fixed = |precision: u8| {
-                    let arg = p.arg.clone().unwrap_or_else(|| datafusion::logical_expr::lit(1i64));
+                    let arg = p
+                        .arg
+                        .clone()
+                        .unwrap_or_else(|| datafusion::logical_expr::lit(1i64));
                     cast(arg, DataType::Decimal128(precision, p.scale as i8))
                 };
                 let e = match p.kind {
                     PartialKind::RowCount => count_all(),
-                    PartialKind::Count => count(p.arg.clone().unwrap_or_else(|| datafusion::logical_expr::lit(1i64))),
+                    PartialKind::Count => count(
+                        p.arg
+                            .clone()
+                            .unwrap_or_else(|| datafusion::logical_expr::lit(1i64)),
+                    ),
                     PartialKind::Sum => sum(fixed(38)),
                     // 18 digits per factor keep every product below 10^36.
                     PartialKind::SumSquares => sum(fixed(18) * fixed(18)),
@@ -291,16 +308,25 @@ pub struct FederatedPlan {
 impl FederatedPlan {
     /// Indices of the partials that are secret-shared and revealed.
     pub fn shared_partials(&self) -> Vec<usize> {
-        (0..self.local.partials.len()).filter(|&i| self.local.partials[i].kind.is_shared()).collect()
+        (0..self.local.partials.len())
+            .filter(|&i| self.local.partials[i].kind.is_shared())
+            .collect()
     }
 
     /// The disclosure manifest and plan, for EXPLAIN.
     pub fn explain(&self, leader: &str) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "Federated plan {}", self.fingerprint.chars().take(16).collect::<String>());
+        let _ = writeln!(
+            s,
+            "Federated plan {}",
+            self.fingerprint.chars().take(16).collect::<String>()
+        );
         let _ = writeln!(s, "  parties: {}", self.parties.join(", "));
         let _ = writeln!(s, "  engine: additive secret sharing over Z_2^64 (Z_2^128 for sums of squares) among all {} parties", self.parties.len());
-        let _ = writeln!(s, "1. Local part (each party, on its own rows only; raw rows never leave the party):");
+        let _ = writeln!(
+            s,
+            "1. Local part (each party, on its own rows only; raw rows never leave the party):"
+        );
         let _ = writeln!(s, "     {}", self.local.to_sql());
         if self.grouped {
             let dims: Vec<String> = self
@@ -317,7 +343,10 @@ impl FederatedPlan {
             );
         }
         let shared = self.shared_partials();
-        let _ = writeln!(s, "2. Secure step: each party splits its partials into additive shares, one per party:");
+        let _ = writeln!(
+            s,
+            "2. Secure step: each party splits its partials into additive shares, one per party:"
+        );
         for &i in &shared {
             let _ = writeln!(s, "     {}", self.local.partials[i].describe());
         }
@@ -348,7 +377,10 @@ fn post_lines(plan: &LogicalPlan) -> Vec<String> {
     let mut out = Vec::new();
     for line in plan.display_indent().to_string().lines() {
         if line.trim_start().starts_with("Aggregate:") {
-            out.push(format!("{}<revealed aggregates>", &line[..line.len() - line.trim_start().len()]));
+            out.push(format!(
+                "{}<revealed aggregates>",
+                &line[..line.len() - line.trim_start().len()]
+            ));
             break;
         }
         out.push(line.to_string());
@@ -365,8 +397,12 @@ pub async fn plan_query(
 ) -> Result<FederatedPlan, PlanError> {
     let stmt = crate::ast_check::parse_and_check(sql)?;
     let ast = stmt.clone();
-    let at_column = |c: &str| crate::ast_check::column_position(&ast, c).unwrap_or_else(|| "the GROUP BY clause".into());
-    let at_function = |f: &str| crate::ast_check::function_position(&ast, f).unwrap_or_else(|| "the SELECT list".into());
+    let at_column = |c: &str| {
+        crate::ast_check::column_position(&ast, c).unwrap_or_else(|| "the GROUP BY clause".into())
+    };
+    let at_function = |f: &str| {
+        crate::ast_check::function_position(&ast, f).unwrap_or_else(|| "the SELECT list".into())
+    };
     let ctx = SessionContext::new();
     for t in catalog.tables.values() {
         ctx.register_table(t.name.as_str(), Arc::new(EmptyTable::new(t.schema())))
@@ -374,15 +410,19 @@ pub async fn plan_query(
     }
     let logical = ctx
         .state()
-        .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(stmt)))
+        .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
+            stmt,
+        )))
         .await
         .map_err(|e| PlanError::Invalid(clean_df_error(&e.to_string())))?;
 
     let agg = find_aggregate(&logical)?;
     let (filter, table_name) = local_input(&agg.input)?;
-    let table = catalog
-        .table(&table_name)
-        .ok_or_else(|| PlanError::Invalid(format!("`{table_name}` is not a federated table in the catalog")))?;
+    let table = catalog.table(&table_name).ok_or_else(|| {
+        PlanError::Invalid(format!(
+            "`{table_name}` is not a federated table in the catalog"
+        ))
+    })?;
 
     let mut uses = ColumnUses::default();
     if let Some(f) = &filter {
@@ -417,12 +457,20 @@ pub async fn plan_query(
             ));
         };
         uses.group_by.insert(c.name.clone());
-        let mut values: Vec<Option<DomainValue>> = domain.values.iter().cloned().map(Some).collect();
+        let mut values: Vec<Option<DomainValue>> =
+            domain.values.iter().cloned().map(Some).collect();
         values.push(None);
-        groups.columns.push(GroupColumn { name: c.name.clone(), data_type: col.ty.arrow_type(), values });
+        groups.columns.push(GroupColumn {
+            name: c.name.clone(),
+            data_type: col.ty.arrow_type(),
+            values,
+        });
         group_columns.push(c.name.clone());
     }
-    let group_count = groups.columns.iter().try_fold(1usize, |acc, c| acc.checked_mul(c.values.len()));
+    let group_count = groups
+        .columns
+        .iter()
+        .try_fold(1usize, |acc, c| acc.checked_mul(c.values.len()));
     match group_count {
         Some(n) if n <= MAX_GROUPS => {}
         _ => {
@@ -435,7 +483,12 @@ pub async fn plan_query(
     }
 
     // Aggregates → partials.
-    let mut partials: Vec<Partial> = vec![Partial { kind: PartialKind::RowCount, arg: None, scale: 0, count_of_arg: None }];
+    let mut partials: Vec<Partial> = vec![Partial {
+        kind: PartialKind::RowCount,
+        arg: None,
+        scale: 0,
+        count_of_arg: None,
+    }];
     let input_schema = agg.input.schema();
     let mut aggregates = Vec::new();
     for (i, e) in agg.aggr_expr.iter().enumerate() {
@@ -445,7 +498,9 @@ pub async fn plan_query(
             other => other,
         };
         let Expr::AggregateFunction(af) = inner else {
-            return Err(PlanError::Internal(format!("unexpected aggregate expression {e}")));
+            return Err(PlanError::Internal(format!(
+                "unexpected aggregate expression {e}"
+            )));
         };
         let name = af.func.name().to_ascii_lowercase();
         if af.params.distinct {
@@ -483,14 +538,27 @@ pub async fn plan_query(
         };
         if kind == AggKind::CountStar {
             uses.count_star = true;
-            aggregates.push(AggregateOutput { kind, field, count: Some(0), sum: None, sum_squares: None, scale: 0 });
+            aggregates.push(AggregateOutput {
+                kind,
+                field,
+                count: Some(0),
+                sum: None,
+                sum_squares: None,
+                scale: 0,
+            });
             continue;
         }
         let Some(arg) = arg else {
-            return Err(PlanError::Invalid(format!("{} needs an argument", name.to_uppercase())));
+            return Err(PlanError::Invalid(format!(
+                "{} needs an argument",
+                name.to_uppercase()
+            )));
         };
         if af.params.args.len() != 1 {
-            return Err(PlanError::Invalid(format!("{} takes one argument", name.to_uppercase())));
+            return Err(PlanError::Invalid(format!(
+                "{} takes one argument",
+                name.to_uppercase()
+            )));
         }
         let refs: Vec<String> = arg.column_refs().iter().map(|c| c.name.clone()).collect();
         if refs.is_empty() && kind != AggKind::Count {
@@ -500,14 +568,31 @@ pub async fn plan_query(
             )));
         }
         for r in &refs {
-            uses.aggregate.entry(r.clone()).or_default().insert(kind.policy_name());
+            uses.aggregate
+                .entry(r.clone())
+                .or_default()
+                .insert(kind.policy_name());
         }
-        let arg_type = arg.get_type(input_schema).map_err(|e| PlanError::Invalid(clean_df_error(&e.to_string())))?;
+        let arg_type = arg
+            .get_type(input_schema)
+            .map_err(|e| PlanError::Invalid(clean_df_error(&e.to_string())))?;
         let arg = unqualify(arg)?;
-        let scale = if kind == AggKind::Count { 0 } else { encoding_scale(&arg_type, &refs, table, &name)? };
+        let scale = if kind == AggKind::Count {
+            0
+        } else {
+            encoding_scale(&arg_type, &refs, table, &name)?
+        };
         let mut intern = |kind: PartialKind, count_of_arg: Option<usize>| -> usize {
-            let p = Partial { kind, arg: Some(arg.clone()), scale, count_of_arg };
-            if let Some(i) = partials.iter().position(|q| q.kind == p.kind && q.arg == p.arg && q.scale == p.scale) {
+            let p = Partial {
+                kind,
+                arg: Some(arg.clone()),
+                scale,
+                count_of_arg,
+            };
+            if let Some(i) = partials
+                .iter()
+                .position(|q| q.kind == p.kind && q.arg == p.arg && q.scale == p.scale)
+            {
                 i
             } else {
                 partials.push(p);
@@ -515,20 +600,35 @@ pub async fn plan_query(
             }
         };
         let count_idx = intern(PartialKind::Count, None);
-        let mut out = AggregateOutput { kind, field, count: Some(count_idx), sum: None, sum_squares: None, scale };
+        let mut out = AggregateOutput {
+            kind,
+            field,
+            count: Some(count_idx),
+            sum: None,
+            sum_squares: None,
+            scale,
+        };
         if kind != AggKind::Count {
             out.sum = Some(intern(PartialKind::Sum, Some(count_idx)));
             intern(PartialKind::LocalMin, Some(count_idx));
             intern(PartialKind::LocalMax, Some(count_idx));
         }
-        if matches!(kind, AggKind::VarSamp | AggKind::VarPop | AggKind::StddevSamp | AggKind::StddevPop) {
+        if matches!(
+            kind,
+            AggKind::VarSamp | AggKind::VarPop | AggKind::StddevSamp | AggKind::StddevPop
+        ) {
             out.sum_squares = Some(intern(PartialKind::SumSquares, Some(count_idx)));
         }
         aggregates.push(out);
     }
 
     let filter = filter.map(unqualify).transpose()?;
-    let local = LocalPart { table: table.name.clone(), filter, group_columns, partials };
+    let local = LocalPart {
+        table: table.name.clone(),
+        filter,
+        group_columns,
+        partials,
+    };
     let grouped = !agg.group_expr.is_empty();
     let catalog_digest = catalog.digest();
     let mut plan = FederatedPlan {
@@ -550,7 +650,12 @@ pub async fn plan_query(
     Ok(plan)
 }
 
-fn encoding_scale(ty: &DataType, refs: &[String], table: &TableDef, func: &str) -> Result<u32, PlanError> {
+fn encoding_scale(
+    ty: &DataType,
+    refs: &[String],
+    table: &TableDef,
+    func: &str,
+) -> Result<u32, PlanError> {
     match ty {
         DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => Ok(0),
         DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64 => Ok(0),
@@ -572,7 +677,9 @@ fn encoding_scale(ty: &DataType, refs: &[String], table: &TableDef, func: &str) 
 
 fn unqualify(e: Expr) -> Result<Expr, PlanError> {
     e.transform_up(|e| match e {
-        Expr::Column(c) if c.relation.is_some() => Ok(Transformed::yes(Expr::Column(Column::new_unqualified(c.name)))),
+        Expr::Column(c) if c.relation.is_some() => Ok(Transformed::yes(Expr::Column(
+            Column::new_unqualified(c.name),
+        ))),
         other => Ok(Transformed::no(other)),
     })
     .map(|t| t.data)
@@ -638,13 +745,25 @@ fn fingerprint(plan: &FederatedPlan) -> String {
     let _ = writeln!(s, "logical\n{}", plan.logical.display_indent_schema());
     let _ = writeln!(s, "local {}", plan.local.to_sql());
     for p in &plan.local.partials {
-        let _ = writeln!(s, "partial {:?} {:?} {}", p.kind, p.arg.as_ref().map(|a| a.to_string()), p.scale);
+        let _ = writeln!(
+            s,
+            "partial {:?} {:?} {}",
+            p.kind,
+            p.arg.as_ref().map(|a| a.to_string()),
+            p.scale
+        );
     }
     for c in &plan.groups.columns {
         let _ = writeln!(s, "group {} {:?}", c.name, c.values);
     }
     for a in &plan.aggregates {
-        let _ = writeln!(s, "aggregate {:?} {} {}", a.kind, a.field.name(), a.field.data_type());
+        let _ = writeln!(
+            s,
+            "aggregate {:?} {} {}",
+            a.kind,
+            a.field.name(),
+            a.field.data_type()
+        );
     }
     hex::encode(Sha256::digest(s.as_bytes()))
 }
@@ -688,34 +807,61 @@ columns = [
             .unwrap();
         let kinds: Vec<PartialKind> = p.local.partials.iter().map(|p| p.kind).collect();
         use PartialKind::*;
-        assert_eq!(kinds, vec![RowCount, Count, Sum, LocalMin, LocalMax, Count, Sum, LocalMin, LocalMax, SumSquares]);
+        assert_eq!(
+            kinds,
+            vec![
+                RowCount, Count, Sum, LocalMin, LocalMax, Count, Sum, LocalMin, LocalMax,
+                SumSquares
+            ]
+        );
         assert_eq!(p.groups.len(), 5);
         assert_eq!(p.uses.filter, BTreeSet::from(["diagnosis".to_string()]));
         assert_eq!(p.uses.group_by, BTreeSet::from(["age_band".to_string()]));
         let sql = p.local.to_sql();
-        assert!(sql.contains("WHERE (diagnosis = 'E11')") || sql.contains("WHERE diagnosis = 'E11'"), "{sql}");
+        assert!(
+            sql.contains("WHERE (diagnosis = 'E11')") || sql.contains("WHERE diagnosis = 'E11'"),
+            "{sql}"
+        );
         assert!(sql.ends_with("GROUP BY age_band"), "{sql}");
     }
 
     #[tokio::test]
     async fn fingerprint_is_deterministic_and_sensitive() {
-        let a = plan("SELECT sex, SUM(cost) FROM patients GROUP BY sex").await.unwrap();
-        let b = plan("select sex,  sum(cost) from patients group by sex").await.unwrap();
-        let c = plan("SELECT sex, SUM(cost) FROM patients WHERE los > 1 GROUP BY sex").await.unwrap();
+        let a = plan("SELECT sex, SUM(cost) FROM patients GROUP BY sex")
+            .await
+            .unwrap();
+        let b = plan("select sex,  sum(cost) from patients group by sex")
+            .await
+            .unwrap();
+        let c = plan("SELECT sex, SUM(cost) FROM patients WHERE los > 1 GROUP BY sex")
+            .await
+            .unwrap();
         assert_eq!(a.fingerprint, b.fingerprint);
         assert_ne!(a.fingerprint, c.fingerprint);
     }
 
     #[tokio::test]
     async fn refuses_raw_rows_and_undeclared_group_keys() {
-        let e = plan("SELECT cost FROM patients").await.unwrap_err().to_string();
+        let e = plan("SELECT cost FROM patients")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("raw rows"), "{e}");
-        let e = plan("SELECT diagnosis, COUNT(*) FROM patients GROUP BY diagnosis").await.unwrap_err().to_string();
+        let e = plan("SELECT diagnosis, COUNT(*) FROM patients GROUP BY diagnosis")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no public domain"), "{e}");
         assert!(e.contains("GROUP BY diagnosis at line 1, column 8"), "{e}");
-        let e = plan("SELECT COUNT(DISTINCT los) FROM patients").await.unwrap_err().to_string();
+        let e = plan("SELECT COUNT(DISTINCT los) FROM patients")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("COUNT(DISTINCT ...) at line 1, column 8"), "{e}");
-        let e = plan("SELECT COUNT(*) FROM nosuch").await.unwrap_err().to_string();
+        let e = plan("SELECT COUNT(*) FROM nosuch")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nosuch"), "{e}");
     }
 }

@@ -53,8 +53,15 @@ impl AuditLog {
     /// Opens (or creates) the log, verifying the existing chain first: a
     /// gateway refuses to extend a log that was tampered with.
     pub fn open(path: &Path) -> Result<Self, String> {
-        let (count, head) = if path.exists() { verify(path)? } else { (0, GENESIS.to_string()) };
-        Ok(AuditLog { path: path.to_path_buf(), state: Mutex::new((count, head)) })
+        let (count, head) = if path.exists() {
+            verify(path)?
+        } else {
+            (0, GENESIS.to_string())
+        };
+        Ok(AuditLog {
+            path: path.to_path_buf(),
+            state: Mutex::new((count, head)),
+        })
     }
 
     pub fn append(&self, entry: &AuditEntry) -> Result<(), String> {
@@ -74,15 +81,19 @@ impl AuditLog {
             .append(true)
             .open(&self.path)
             .map_err(|e| format!("cannot open audit log {}: {e}", self.path.display()))?;
-        writeln!(f, "{body}").map_err(|e| format!("cannot write audit log {}: {e}", self.path.display()))?;
-        f.sync_data().map_err(|e| format!("cannot sync audit log {}: {e}", self.path.display()))?;
+        writeln!(f, "{body}")
+            .map_err(|e| format!("cannot write audit log {}: {e}", self.path.display()))?;
+        f.sync_data()
+            .map_err(|e| format!("cannot sync audit log {}: {e}", self.path.display()))?;
         *st = (seq, hash);
         Ok(())
     }
 }
 
 fn now_rfc3339() -> String {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     format!("{}.{:03}", d.as_secs(), d.subsec_millis())
 }
 
@@ -98,22 +109,35 @@ pub fn verify(path: &Path) -> Result<(u64, String), String> {
         if line.trim().is_empty() {
             continue;
         }
-        let mut v: Value = serde_json::from_str(&line).map_err(|e| format!("line {n}: not a JSON entry: {e}"))?;
-        let obj = v.as_object_mut().ok_or(format!("line {n}: not a JSON object"))?;
+        let mut v: Value =
+            serde_json::from_str(&line).map_err(|e| format!("line {n}: not a JSON entry: {e}"))?;
+        let obj = v
+            .as_object_mut()
+            .ok_or(format!("line {n}: not a JSON object"))?;
         let hash = obj
             .remove("hash")
             .and_then(|h| h.as_str().map(String::from))
             .ok_or(format!("line {n}: entry has no hash"))?;
-        let seq = obj.get("seq").and_then(|s| s.as_u64()).ok_or(format!("line {n}: entry has no seq"))?;
-        let p = obj.get("prev").and_then(|s| s.as_str()).ok_or(format!("line {n}: entry has no prev"))?;
+        let seq = obj
+            .get("seq")
+            .and_then(|s| s.as_u64())
+            .ok_or(format!("line {n}: entry has no seq"))?;
+        let p = obj
+            .get("prev")
+            .and_then(|s| s.as_str())
+            .ok_or(format!("line {n}: entry has no prev"))?;
         if seq != count + 1 {
-            return Err(format!("line {n}: entry {seq} follows entry {count}: an entry was removed or reordered"));
+            return Err(format!(
+                "line {n}: entry {seq} follows entry {count}: an entry was removed or reordered"
+            ));
         }
         if p != prev {
             return Err(format!("line {n}: entry {seq} does not follow the previous entry: an entry was removed or changed"));
         }
         if entry_hash(&prev, &v) != hash {
-            return Err(format!("line {n}: entry {seq} was changed after it was written"));
+            return Err(format!(
+                "line {n}: entry {seq} was changed after it was written"
+            ));
         }
         prev = hash;
         count += 1;
@@ -126,7 +150,13 @@ mod tests {
     use super::*;
 
     fn entry(i: usize) -> AuditEntry {
-        AuditEntry { event: "decision".into(), query_id: format!("q{i}"), sql: "SELECT 1".into(), decision: "allow".into(), ..Default::default() }
+        AuditEntry {
+            event: "decision".into(),
+            query_id: format!("q{i}"),
+            sql: "SELECT 1".into(),
+            decision: "allow".into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -148,11 +178,29 @@ mod tests {
         let changed = text.replace("\"query_id\":\"q1\"", "\"query_id\":\"q7\"");
         assert_ne!(changed, text);
         std::fs::write(&p, &changed).unwrap();
-        assert!(verify(&p).unwrap_err().contains("was changed"), "{}", verify(&p).unwrap_err());
+        assert!(
+            verify(&p).unwrap_err().contains("was changed"),
+            "{}",
+            verify(&p).unwrap_err()
+        );
 
-        let removed: String = lines.iter().enumerate().filter(|(i, _)| *i != 2).map(|(_, l)| format!("{l}\n")).collect();
+        let removed: String = lines
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 2)
+            .map(|(_, l)| format!("{l}\n"))
+            .collect();
         std::fs::write(&p, removed).unwrap();
-        assert!(verify(&p).unwrap_err().contains("line 3: entry 4 follows entry 2"), "{}", verify(&p).unwrap_err());
-        assert!(AuditLog::open(&p).is_err(), "a tampered log is not extended");
+        assert!(
+            verify(&p)
+                .unwrap_err()
+                .contains("line 3: entry 4 follows entry 2"),
+            "{}",
+            verify(&p).unwrap_err()
+        );
+        assert!(
+            AuditLog::open(&p).is_err(),
+            "a tampered log is not extended"
+        );
     }
 }

@@ -113,7 +113,11 @@ impl std::fmt::Display for PolicyProblem {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
 }
 
 impl Policy {
@@ -124,11 +128,19 @@ impl Policy {
             Ok(r) => r,
             Err(e) => {
                 let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(1);
-                return Err(vec![PolicyProblem { line, message: e.message().to_string() }]);
+                return Err(vec![PolicyProblem {
+                    line,
+                    message: e.message().to_string(),
+                }]);
             }
         };
         let mut problems = Vec::new();
-        let mut problem = |offset: usize, message: String| problems.push(PolicyProblem { line: line_of(text, offset), message });
+        let mut problem = |offset: usize, message: String| {
+            problems.push(PolicyProblem {
+                line: line_of(text, offset),
+                message,
+            })
+        };
         for a in &raw.analysts.allow {
             let v = a.get_ref();
             let ok = match v.split_once(':') {
@@ -139,7 +151,9 @@ impl Policy {
             if !ok {
                 problem(
                     a.span().start,
-                    format!("analysts.allow entry `{v}` must be `PARTY:NAME`, `PARTY:*` or `role:ROLE`"),
+                    format!(
+                        "analysts.allow entry `{v}` must be `PARTY:NAME`, `PARTY:*` or `role:ROLE`"
+                    ),
                 );
             }
         }
@@ -158,9 +172,15 @@ impl Policy {
         for (tname, rt) in &raw.tables {
             let tdef = catalog.map(|c| c.table(tname));
             if let Some(None) = tdef {
-                problem(rt.span().start, format!("table `{tname}` is not in the federated catalog"));
+                problem(
+                    rt.span().start,
+                    format!("table `{tname}` is not in the federated catalog"),
+                );
             }
-            let mut tp = TablePolicy { count_star: rt.get_ref().count_star, ..Default::default() };
+            let mut tp = TablePolicy {
+                count_star: rt.get_ref().count_star,
+                ..Default::default()
+            };
             for (cname, rc) in &rt.get_ref().columns {
                 if let Some(Some(t)) = tdef {
                     match t.column(cname) {
@@ -183,12 +203,23 @@ impl Policy {
                     } else {
                         problem(
                             a.span().start,
-                            format!("unknown aggregate `{}`; use any of {}", a.get_ref(), AGGREGATES.join(", ")),
+                            format!(
+                                "unknown aggregate `{}`; use any of {}",
+                                a.get_ref(),
+                                AGGREGATES.join(", ")
+                            ),
                         );
                     }
                 }
                 let c = rc.get_ref();
-                tp.columns.insert(cname.clone(), ColumnPolicy { group_by: c.group_by, filter: c.filter, aggregate: aggs });
+                tp.columns.insert(
+                    cname.clone(),
+                    ColumnPolicy {
+                        group_by: c.group_by,
+                        filter: c.filter,
+                        aggregate: aggs,
+                    },
+                );
             }
             tables.insert(tname.clone(), tp);
         }
@@ -197,8 +228,17 @@ impl Policy {
         }
         Ok(Policy {
             party: raw.party.map(|p| p.into_inner()),
-            allow: raw.analysts.allow.into_iter().map(|a| a.into_inner()).collect(),
-            min_group_size: raw.results.min_group_size.map(|m| m.into_inner()).unwrap_or(0),
+            allow: raw
+                .analysts
+                .allow
+                .into_iter()
+                .map(|a| a.into_inner())
+                .collect(),
+            min_group_size: raw
+                .results
+                .min_group_size
+                .map(|m| m.into_inner())
+                .unwrap_or(0),
             tables,
         })
     }
@@ -213,24 +253,36 @@ impl Policy {
             None => false,
         });
         if !admitted {
-            return deny("analysts.allow".into(), format!("analyst {analyst} may not query this party's data"));
+            return deny(
+                "analysts.allow".into(),
+                format!("analyst {analyst} may not query this party's data"),
+            );
         }
         let t = &plan.table;
         let Some(tp) = self.tables.get(t) else {
             return deny(format!("tables.{t}"), format!("table {t} is not exposed"));
         };
         if plan.uses.count_star && !tp.count_star {
-            return deny(format!("tables.{t}.count_star"), "COUNT(*) over this table is not allowed".into());
+            return deny(
+                format!("tables.{t}.count_star"),
+                "COUNT(*) over this table is not allowed".into(),
+            );
         }
         let col = |c: &str| tp.columns.get(c);
         for c in &plan.uses.group_by {
             if !col(c).is_some_and(|p| p.group_by) {
-                return deny(format!("tables.{t}.columns.{c}"), format!("column {c} may not be used in GROUP BY"));
+                return deny(
+                    format!("tables.{t}.columns.{c}"),
+                    format!("column {c} may not be used in GROUP BY"),
+                );
             }
         }
         for c in &plan.uses.filter {
             if !col(c).is_some_and(|p| p.filter) {
-                return deny(format!("tables.{t}.columns.{c}"), format!("column {c} may not be used in WHERE"));
+                return deny(
+                    format!("tables.{t}.columns.{c}"),
+                    format!("column {c} may not be used in WHERE"),
+                );
             }
         }
         for (c, funcs) in &plan.uses.aggregate {
@@ -289,18 +341,42 @@ aggregate = ["sum", "avg"]
 
     async fn decide(sql: &str, analyst: &Analyst) -> Decision {
         let cat = Catalog::from_toml(CATALOG, "c").unwrap();
-        let plan = planner::plan_query(sql, &cat, &["a".into(), "b".into()], &QueryOptions::default()).await.unwrap();
-        Policy::parse(POLICY, Some(&cat)).unwrap().check(&plan, analyst)
+        let plan = planner::plan_query(
+            sql,
+            &cat,
+            &["a".into(), "b".into()],
+            &QueryOptions::default(),
+        )
+        .await
+        .unwrap();
+        Policy::parse(POLICY, Some(&cat))
+            .unwrap()
+            .check(&plan, analyst)
     }
 
     fn alice() -> Analyst {
-        Analyst { party: "a".into(), name: "alice".into(), roles: vec![] }
+        Analyst {
+            party: "a".into(),
+            name: "alice".into(),
+            roles: vec![],
+        }
     }
 
     #[tokio::test]
     async fn allows_what_is_listed_and_names_the_rule_otherwise() {
-        assert_eq!(decide("SELECT age_band, COUNT(*), AVG(cost) FROM patients GROUP BY age_band", &alice()).await, Decision::Allow);
-        let d = decide("SELECT COUNT(*) FROM patients WHERE diagnosis = 'E11'", &alice()).await;
+        assert_eq!(
+            decide(
+                "SELECT age_band, COUNT(*), AVG(cost) FROM patients GROUP BY age_band",
+                &alice()
+            )
+            .await,
+            Decision::Allow
+        );
+        let d = decide(
+            "SELECT COUNT(*) FROM patients WHERE diagnosis = 'E11'",
+            &alice(),
+        )
+        .await;
         assert_eq!(
             d,
             Decision::Deny {
@@ -309,23 +385,53 @@ aggregate = ["sum", "avg"]
             }
         );
         let d = decide("SELECT STDDEV(cost) FROM patients", &alice()).await;
-        assert!(matches!(d, Decision::Deny { ref reason, .. } if reason.contains("STDDEV")), "{d:?}");
-        let mallory = Analyst { party: "c".into(), name: "m".into(), roles: vec![] };
+        assert!(
+            matches!(d, Decision::Deny { ref reason, .. } if reason.contains("STDDEV")),
+            "{d:?}"
+        );
+        let mallory = Analyst {
+            party: "c".into(),
+            name: "m".into(),
+            roles: vec![],
+        };
         let d = decide("SELECT COUNT(*) FROM patients", &mallory).await;
-        assert!(matches!(d, Decision::Deny { ref rule, .. } if rule == "analysts.allow"), "{d:?}");
-        let auditor = Analyst { party: "c".into(), name: "m".into(), roles: vec!["auditor".into()] };
-        assert_eq!(decide("SELECT COUNT(*) FROM patients", &auditor).await, Decision::Allow);
+        assert!(
+            matches!(d, Decision::Deny { ref rule, .. } if rule == "analysts.allow"),
+            "{d:?}"
+        );
+        let auditor = Analyst {
+            party: "c".into(),
+            name: "m".into(),
+            roles: vec!["auditor".into()],
+        };
+        assert_eq!(
+            decide("SELECT COUNT(*) FROM patients", &auditor).await,
+            Decision::Allow
+        );
     }
 
     #[test]
     fn reports_every_problem_with_its_line() {
         let cat = Catalog::from_toml(CATALOG, "c").unwrap();
-        let bad = POLICY.replace("\"sum\", \"avg\"", "\"sum\", \"median\"").replace("[tables.patients.columns.cost]", "[tables.patients.columns.costs]");
+        let bad = POLICY
+            .replace("\"sum\", \"avg\"", "\"sum\", \"median\"")
+            .replace(
+                "[tables.patients.columns.cost]",
+                "[tables.patients.columns.costs]",
+            );
         let problems = Policy::parse(&bad, Some(&cat)).unwrap_err();
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         assert_eq!(problems.len(), 2, "{text:?}");
-        assert!(text.iter().any(|t| t.starts_with("line 13: column `costs`")), "{text:?}");
-        assert!(text.iter().any(|t| t.starts_with("line 14: unknown aggregate `median`")), "{text:?}");
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("line 13: column `costs`")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("line 14: unknown aggregate `median`")),
+            "{text:?}"
+        );
         let syntax = Policy::parse("[analysts]\nallow = [\"a:*\"\nx", None).unwrap_err();
         assert_eq!(syntax.len(), 1);
         let typo = Policy::parse("[results]\nmin_group_sise = 5\n", None).unwrap_err();
@@ -341,14 +447,29 @@ mod fail_closed {
 
     #[tokio::test]
     async fn a_minimum_group_size_fails_closed() {
-        let cat = Catalog::from_toml("[tables.t]\ncolumns = [{ name = \"g\", type = \"text\", domain = [\"a\"] }]", "c").unwrap();
+        let cat = Catalog::from_toml(
+            "[tables.t]\ncolumns = [{ name = \"g\", type = \"text\", domain = [\"a\"] }]",
+            "c",
+        )
+        .unwrap();
         let pol = Policy::parse(
             "[analysts]\nallow = [\"a:*\"]\n[results]\nmin_group_size = 5\n[tables.t]\ncount_star = true\n[tables.t.columns.g]\ngroup_by = true\n",
             Some(&cat),
         )
         .unwrap();
-        let plan = planner::plan_query("SELECT g, COUNT(*) FROM t GROUP BY g", &cat, &["a".into()], &QueryOptions::default()).await.unwrap();
-        let who = Analyst { party: "a".into(), name: "x".into(), roles: vec![] };
+        let plan = planner::plan_query(
+            "SELECT g, COUNT(*) FROM t GROUP BY g",
+            &cat,
+            &["a".into()],
+            &QueryOptions::default(),
+        )
+        .await
+        .unwrap();
+        let who = Analyst {
+            party: "a".into(),
+            name: "x".into(),
+            roles: vec![],
+        };
         match pol.check(&plan, &who) {
             Decision::Deny { rule, reason } => {
                 assert_eq!(rule, "results.min_group_size");

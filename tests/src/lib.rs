@@ -29,7 +29,10 @@ columns = [
 /// A policy that allows every column in every role, for `parties`.
 pub fn open_policy(party: &str, parties: &[String]) -> String {
     let allow: Vec<String> = parties.iter().map(|p| format!("\"{p}:*\"")).collect();
-    let mut s = format!("party = \"{party}\"\n[analysts]\nallow = [{}]\n[tables.t]\ncount_star = true\n", allow.join(", "));
+    let mut s = format!(
+        "party = \"{party}\"\n[analysts]\nallow = [{}]\n[tables.t]\ncount_star = true\n",
+        allow.join(", ")
+    );
     for c in ["id", "g", "h", "flag", "x", "d", "f", "label"] {
         let group = matches!(c, "g" | "h" | "flag");
         let _ = writeln!(
@@ -58,12 +61,28 @@ pub fn write_random_data(dir: &Path, parties: &[String], shape: Shape) -> anyhow
         std::fs::create_dir_all(&d)?;
         let mut csv = String::from("id,g,h,flag,x,d,f,label\n");
         // Every third data set leaves the last party empty.
-        let rows = if shape.seed % 3 == 0 && pi == n - 1 { 0 } else { rng.random_range(1..120) };
+        let rows = if shape.seed.is_multiple_of(3) && pi == n - 1 {
+            0
+        } else {
+            rng.random_range(1..120)
+        };
         let big = (i64::MAX as i128 / (n as i128 * 200)) as i64;
         for i in 0..rows {
-            let groups: &[&str] = if pi == 0 { &["a", "b", "c", "d"] } else { &["a", "b", "c"] };
-            let g = if rng.random_bool(0.05) { String::new() } else { groups[rng.random_range(0..groups.len())].to_string() };
-            let h = if rng.random_bool(0.05) { String::new() } else { rng.random_range(1..=3).to_string() };
+            let groups: &[&str] = if pi == 0 {
+                &["a", "b", "c", "d"]
+            } else {
+                &["a", "b", "c"]
+            };
+            let g = if rng.random_bool(0.05) {
+                String::new()
+            } else {
+                groups[rng.random_range(0..groups.len())].to_string()
+            };
+            let h = if rng.random_bool(0.05) {
+                String::new()
+            } else {
+                rng.random_range(1..=3).to_string()
+            };
             let flag = rng.random_bool(0.4);
             let x = if rng.random_bool(0.1) {
                 String::new()
@@ -77,7 +96,11 @@ pub fn write_random_data(dir: &Path, parties: &[String], shape: Shape) -> anyhow
             } else {
                 let v: i64 = rng.random_range(-10_000_000_000i64..=10_000_000_000);
                 let sign = if v < 0 { "-" } else { "" };
-                format!("{sign}{}.{:03}", v.unsigned_abs() / 1000, v.unsigned_abs() % 1000)
+                format!(
+                    "{sign}{}.{:03}",
+                    v.unsigned_abs() / 1000,
+                    v.unsigned_abs() % 1000
+                )
             };
             let f = if rng.random_bool(0.08) {
                 String::new()
@@ -86,7 +109,11 @@ pub fn write_random_data(dir: &Path, parties: &[String], shape: Shape) -> anyhow
                 format!("{}", k as f64 / 10_000.0)
             };
             let label = ["lime", "lemon", "plum", "kiwi"][rng.random_range(0..4)];
-            let _ = writeln!(csv, "{},{g},{h},{flag},{x},{dv},{f},{label}", pi * 100_000 + i);
+            let _ = writeln!(
+                csv,
+                "{},{g},{h},{flag},{x},{dv},{f},{label}",
+                pi * 100_000 + i
+            );
         }
         std::fs::write(d.join("t.csv"), csv)?;
     }
@@ -98,7 +125,12 @@ pub fn party_ids(n: usize) -> Vec<String> {
 }
 
 /// Starts `n` gateways over random data; returns the federation.
-pub async fn start_random(dir: &Path, n: usize, shape: Shape, timeout: Duration) -> anyhow::Result<LocalFederation> {
+pub async fn start_random(
+    dir: &Path,
+    n: usize,
+    shape: Shape,
+    timeout: Duration,
+) -> anyhow::Result<LocalFederation> {
     let ids = party_ids(n);
     write_random_data(&dir.join("data"), &ids, shape)?;
     let spec = spec_for(dir, &ids, timeout);
@@ -110,7 +142,12 @@ pub fn spec_for(dir: &Path, ids: &[String], timeout: Duration) -> FederationSpec
         parties: ids
             .iter()
             .map(|p| {
-                PartySpec::new(p, dir.join("data").join(p), open_policy(p, ids), vec![(USER.into(), PASSWORD.into(), vec!["analyst".into()])])
+                PartySpec::new(
+                    p,
+                    dir.join("data").join(p),
+                    open_policy(p, ids),
+                    vec![(USER.into(), PASSWORD.into(), vec!["analyst".into()])],
+                )
             })
             .collect(),
         catalog_toml: CATALOG.to_string(),

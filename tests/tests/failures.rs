@@ -7,25 +7,35 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use council_tests::{open_policy, party_ids, spec_for, write_random_data, Shape, PASSWORD, QUERIES, USER};
+use council_tests::{
+    open_policy, party_ids, spec_for, write_random_data, Shape, PASSWORD, QUERIES, USER,
+};
 use gateway::compare::compare;
 use gateway::config::Fault;
 use gateway::federation::{plaintext, LocalFederation};
 use gateway::peer::PeerClients;
 use gateway::tls::TlsMaterial;
 
-async fn federation(n: usize, seed: u64, timeout: Duration, tweak: impl FnOnce(&mut gateway::federation::FederationSpec)) -> (tempfile::TempDir, LocalFederation) {
+async fn federation(
+    n: usize,
+    seed: u64,
+    timeout: Duration,
+    tweak: impl FnOnce(&mut gateway::federation::FederationSpec),
+) -> (tempfile::TempDir, LocalFederation) {
     let dir = tempfile::tempdir().unwrap();
     let ids = party_ids(n);
     write_random_data(&dir.path().join("data"), &ids, Shape { seed, large: false }).unwrap();
     let mut spec = spec_for(dir.path(), &ids, timeout);
     tweak(&mut spec);
-    let fed = LocalFederation::start(&spec, &dir.path().join("run")).await.unwrap();
+    let fed = LocalFederation::start(&spec, &dir.path().join("run"))
+        .await
+        .unwrap();
     (dir, fed)
 }
 
 fn audit_text(fed: &LocalFederation, party: &str) -> String {
-    std::fs::read_to_string(fed.work_dir.join("audit").join(format!("{party}.log"))).unwrap_or_default()
+    std::fs::read_to_string(fed.work_dir.join("audit").join(format!("{party}.log")))
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -39,14 +49,26 @@ async fn a_refusal_names_the_party_and_the_rule_and_moves_no_data() {
     })
     .await;
     let c = fed.client("p0", USER, PASSWORD).await.unwrap();
-    let e = c.query("SELECT g, COUNT(*) FROM t WHERE label = 'kiwi' GROUP BY g").await.unwrap_err();
+    let e = c
+        .query("SELECT g, COUNT(*) FROM t WHERE label = 'kiwi' GROUP BY g")
+        .await
+        .unwrap_err();
     assert_eq!(e.code, tonic::Code::PermissionDenied);
-    assert_eq!(e.message, "p1 refused: column label may not be used in WHERE (policy: tables.t.columns.label)");
+    assert_eq!(
+        e.message,
+        "p1 refused: column label may not be used in WHERE (policy: tables.t.columns.label)"
+    );
     let log = audit_text(&fed, "p1");
-    assert!(log.contains("\"decision\":\"deny\"") && log.contains("tables.t.columns.label"), "{log}");
+    assert!(
+        log.contains("\"decision\":\"deny\"") && log.contains("tables.t.columns.label"),
+        "{log}"
+    );
     // Nobody started computing: no party logged shares being sent.
     for p in ["p0", "p1", "p2"] {
-        assert!(!audit_text(&fed, p).contains("shares sent"), "{p} computed after a refusal");
+        assert!(
+            !audit_text(&fed, p).contains("shares sent"),
+            "{p} computed after a refusal"
+        );
     }
     // The same analyst's other queries still run.
     assert!(c.query("SELECT COUNT(*) FROM t").await.is_ok());
@@ -56,12 +78,22 @@ async fn a_refusal_names_the_party_and_the_rule_and_moves_no_data() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn different_catalogs_give_different_fingerprints_and_stop_the_query() {
     let (_d, fed) = federation(2, 2, Duration::from_secs(10), |spec| {
-        spec.parties[1].catalog_override = Some(council_tests::CATALOG.replace("\"a\", \"b\", \"c\", \"d\"", "\"a\", \"b\", \"c\", \"d\", \"e\""));
+        spec.parties[1].catalog_override = Some(council_tests::CATALOG.replace(
+            "\"a\", \"b\", \"c\", \"d\"",
+            "\"a\", \"b\", \"c\", \"d\", \"e\"",
+        ));
     })
     .await;
     let c = fed.client("p0", USER, PASSWORD).await.unwrap();
-    let e = c.query("SELECT g, COUNT(*) FROM t GROUP BY g").await.unwrap_err();
-    assert!(e.message.starts_with("p1 computed a different plan"), "{}", e.message);
+    let e = c
+        .query("SELECT g, COUNT(*) FROM t GROUP BY g")
+        .await
+        .unwrap_err();
+    assert!(
+        e.message.starts_with("p1 computed a different plan"),
+        "{}",
+        e.message
+    );
     fed.stop().await;
 }
 
@@ -71,28 +103,62 @@ async fn unsupported_sql_and_wrong_passwords_get_clear_errors() {
     let c = fed.client("p0", USER, PASSWORD).await.unwrap();
     let e = c.query("SELECT MIN(x) FROM t").await.unwrap_err();
     assert_eq!(e.code, tonic::Code::InvalidArgument);
-    assert!(e.message.starts_with("not supported yet: aggregate MIN at line 1, column 8"), "{}", e.message);
+    assert!(
+        e.message
+            .starts_with("not supported yet: aggregate MIN at line 1, column 8"),
+        "{}",
+        e.message
+    );
     let e = c.query("SELECT x FROM t").await.unwrap_err();
     assert!(e.message.contains("raw rows"), "{}", e.message);
-    let e = c.query("SELECT COUNT(*) FROM t JOIN t u ON t.id = u.id").await.unwrap_err();
-    assert!(e.message.contains("JOIN at line 1, column 29"), "{}", e.message);
+    let e = c
+        .query("SELECT COUNT(*) FROM t JOIN t u ON t.id = u.id")
+        .await
+        .unwrap_err();
+    assert!(
+        e.message.contains("JOIN at line 1, column 29"),
+        "{}",
+        e.message
+    );
     let e = c.query("SELECT COUNT(nope) FROM t").await.unwrap_err();
     assert!(e.message.contains("nope"), "{}", e.message);
-    let plan = c.query("EXPLAIN SELECT g, SUM(x) FROM t GROUP BY g").await.unwrap();
-    let text = arrow::util::pretty::pretty_format_batches(&plan).unwrap().to_string();
-    assert!(text.contains("Local part") && text.contains("p1: allow (same plan)"), "{text}");
-    let e = c.query("EXPLAIN ANALYZE SELECT COUNT(*) FROM t").await.unwrap_err();
-    assert!(e.message.contains("not permitted: EXPLAIN statement"), "{}", e.message);
+    let plan = c
+        .query("EXPLAIN SELECT g, SUM(x) FROM t GROUP BY g")
+        .await
+        .unwrap();
+    let text = arrow::util::pretty::pretty_format_batches(&plan)
+        .unwrap()
+        .to_string();
+    assert!(
+        text.contains("Local part") && text.contains("p1: allow (same plan)"),
+        "{text}"
+    );
+    let e = c
+        .query("EXPLAIN ANALYZE SELECT COUNT(*) FROM t")
+        .await
+        .unwrap_err();
+    assert!(
+        e.message.contains("not permitted: EXPLAIN statement"),
+        "{}",
+        e.message
+    );
     let bad = fed.client("p0", USER, "wrong").await.unwrap();
     let e = bad.query("SELECT COUNT(*) FROM t").await.unwrap_err();
     assert_eq!(e.code, tonic::Code::Unauthenticated);
-    assert!(e.message.contains("wrong user name or password"), "{}", e.message);
+    assert!(
+        e.message.contains("wrong user name or password"),
+        "{}",
+        e.message
+    );
     fed.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn impostor_peers_are_refused() {
-    let (_d, fed) = federation(2, 4, Duration::from_secs(5), |spec| spec.extra_certs = vec!["mallory".into()]).await;
+    let (_d, fed) = federation(2, 4, Duration::from_secs(5), |spec| {
+        spec.extra_certs = vec!["mallory".into()]
+    })
+    .await;
     let p0 = fed.gateway("p0").unwrap().peer_addr.to_string();
     let propose = serde_json::to_vec(&serde_json::json!({
         "query_id": "q", "sql": "SELECT COUNT(*) FROM t", "options": {},
@@ -105,24 +171,54 @@ async fn impostor_peers_are_refused() {
     assert_eq!(id, "mallory");
     let tls = TlsMaterial::from_pem(&fed.ca_pem, &cert, &key).unwrap();
     let peers = BTreeMap::from([("p0".to_string(), p0.clone())]);
-    let clients = PeerClients::new(&peers, tls.peer_client_config().unwrap(), Duration::from_secs(3)).unwrap();
-    assert!(clients.action("p0", "propose", propose.clone()).await.is_err(), "an unknown party was admitted");
+    let clients = PeerClients::new(
+        &peers,
+        tls.peer_client_config().unwrap(),
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    assert!(
+        clients
+            .action("p0", "propose", propose.clone())
+            .await
+            .is_err(),
+        "an unknown party was admitted"
+    );
 
     // A valid-looking p1 certificate from another CA.
     let other = gateway::certs::make_federation("Rogue CA", &["p1".to_string()], &[]).unwrap();
     let (_, cert, key) = &other.parties[0];
     let rogue = TlsMaterial::from_pem(&other.ca_cert, cert, key).unwrap();
-    let clients = PeerClients::new(&peers, rogue.peer_client_config().unwrap(), Duration::from_secs(3)).unwrap();
-    let e = clients.action("p0", "propose", propose.clone()).await.unwrap_err();
+    let clients = PeerClients::new(
+        &peers,
+        rogue.peer_client_config().unwrap(),
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    let e = clients
+        .action("p0", "propose", propose.clone())
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("p0"), "{e}");
 
     // Dialling p0 while expecting p1: p0's certificate does not name p1.
     let fed_tls = TlsMaterial::from_pem(&fed.ca_pem, &fed.extra[0].1, &fed.extra[0].2).unwrap();
     let wrong = BTreeMap::from([("p1".to_string(), p0.clone())]);
-    let clients = PeerClients::new(&wrong, fed_tls.peer_client_config().unwrap(), Duration::from_secs(3)).unwrap();
-    assert!(clients.action("p1", "propose", propose).await.is_err(), "a server with the wrong name was trusted");
+    let clients = PeerClients::new(
+        &wrong,
+        fed_tls.peer_client_config().unwrap(),
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    assert!(
+        clients.action("p1", "propose", propose).await.is_err(),
+        "a server with the wrong name was trusted"
+    );
 
-    assert!(!audit_text(&fed, "p0").contains("\"query_id\":\"q\""), "an impostor reached the policy check");
+    assert!(
+        !audit_text(&fed, "p0").contains("\"query_id\":\"q\""),
+        "an impostor reached the policy check"
+    );
     // The federation still works.
     let c = fed.client("p0", USER, PASSWORD).await.unwrap();
     assert!(c.query("SELECT COUNT(*) FROM t").await.is_ok());
@@ -131,21 +227,44 @@ async fn impostor_peers_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_that_sends_garbage_gets_an_error_and_crashes_nothing() {
-    let (_d, fed) = federation(2, 5, Duration::from_secs(5), |spec| spec.extra_certs = vec!["p1".into()]).await;
+    let (_d, fed) = federation(2, 5, Duration::from_secs(5), |spec| {
+        spec.extra_certs = vec!["p1".into()]
+    })
+    .await;
     // Re-issue p1's identity from the same CA (the extra certificate for p1).
     let (_, cert, key) = fed.extra[0].clone();
     let tls = TlsMaterial::from_pem(&fed.ca_pem, &cert, &key).unwrap();
     let p0 = fed.gateway("p0").unwrap().peer_addr.to_string();
-    let clients = PeerClients::new(&BTreeMap::from([("p0".to_string(), p0)]), tls.peer_client_config().unwrap(), Duration::from_secs(3)).unwrap();
-    let e = clients.action("p0", "propose", b"\x00\xffnot json".to_vec()).await.unwrap_err();
+    let clients = PeerClients::new(
+        &BTreeMap::from([("p0".to_string(), p0)]),
+        tls.peer_client_config().unwrap(),
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    let e = clients
+        .action("p0", "propose", b"\x00\xffnot json".to_vec())
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("malformed propose message"), "{e}");
-    let e = clients.action("p0", "start", br#"{"query_id":"nope"}"#.to_vec()).await.unwrap_err();
+    let e = clients
+        .action("p0", "start", br#"{"query_id":"nope"}"#.to_vec())
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("no agreed query"), "{e}");
-    let e = clients.action("p0", "launch", Vec::new()).await.unwrap_err();
+    let e = clients
+        .action("p0", "launch", Vec::new())
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("unknown peer action"), "{e}");
     // Shares for a query that does not exist.
-    let batch = executor::SharedTable::zeros(vec![], &[executor::Width::Z64], 1).to_batch().unwrap();
-    let header = gateway::peer::PutHeader { leader: "p1".into(), query_id: "nope".into(), round: executor::Round::Input };
+    let batch = executor::SharedTable::zeros(vec![], &[executor::Width::Z64], 1)
+        .to_batch()
+        .unwrap();
+    let header = gateway::peer::PutHeader {
+        leader: "p1".into(),
+        query_id: "nope".into(),
+        round: executor::Round::Input,
+    };
     assert!(clients.put("p0", &header, batch).await.is_err());
     // A forged analyst of another party is refused by policy, not trusted.
     let forged = serde_json::to_vec(&serde_json::json!({
@@ -170,7 +289,11 @@ async fn a_peer_that_is_down_fails_the_query_in_time_naming_it() {
     let c = fed.client("p0", USER, PASSWORD).await.unwrap();
     let t = Instant::now();
     let e = c.query("SELECT COUNT(*) FROM t").await.unwrap_err();
-    assert!(t.elapsed() < timeout * 3 + Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < timeout * 3 + Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
     assert_eq!(e.code, tonic::Code::Unavailable, "{}", e.message);
     assert!(e.message.contains("peer p2"), "{}", e.message);
     fed.stop().await;
@@ -178,9 +301,15 @@ async fn a_peer_that_is_down_fails_the_query_in_time_naming_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_that_dies_mid_query_makes_every_party_abort_and_reveals_nothing() {
-    let (_d, fed) = federation(3, 7, Duration::from_secs(2), |spec| spec.parties[2].fault = Some(Fault::SilentBeforeShares)).await;
+    let (_d, fed) = federation(3, 7, Duration::from_secs(2), |spec| {
+        spec.parties[2].fault = Some(Fault::SilentBeforeShares)
+    })
+    .await;
     let c = fed.client("p0", USER, PASSWORD).await.unwrap();
-    let e = c.query("SELECT g, SUM(x) FROM t GROUP BY g").await.unwrap_err();
+    let e = c
+        .query("SELECT g, SUM(x) FROM t GROUP BY g")
+        .await
+        .unwrap_err();
     assert!(e.message.contains("p2"), "{}", e.message);
     assert!(e.message.contains("nothing was revealed"), "{}", e.message);
     // p2 had agreed (it planned and allowed), then fell silent.
@@ -229,7 +358,15 @@ async fn concurrent_queries_from_several_leaders_do_not_mix() {
 async fn partials_beyond_the_ring_bound_abort_instead_of_wrapping() {
     let dir = tempfile::tempdir().unwrap();
     let ids = party_ids(2);
-    write_random_data(&dir.path().join("data"), &ids, Shape { seed: 9, large: false }).unwrap();
+    write_random_data(
+        &dir.path().join("data"),
+        &ids,
+        Shape {
+            seed: 9,
+            large: false,
+        },
+    )
+    .unwrap();
     // p0's sum of x is 1.2e19: each value fits in i64, the sum does not fit
     // the per-party bound (2^63 - 1) / 2 of Z_2^64.
     let rows = "id,g,h,flag,x,d,f,label\n1,a,1,true,4000000000000000000,1.0,1,lime\n2,a,1,true,4000000000000000000,1.0,1,lime\n3,a,1,true,4000000000000000000,1.0,1,lime\n";
@@ -238,17 +375,41 @@ async fn partials_beyond_the_ring_bound_abort_instead_of_wrapping() {
     let odd = "id,g,h,flag,x,d,f,label\n7,secret-key,1,true,1,1.0,1,lime\n";
     std::fs::write(dir.path().join("data/p1/t.csv"), odd).unwrap();
     let spec = spec_for(dir.path(), &ids, Duration::from_secs(5));
-    let fed = LocalFederation::start(&spec, &dir.path().join("run")).await.unwrap();
+    let fed = LocalFederation::start(&spec, &dir.path().join("run"))
+        .await
+        .unwrap();
     let c = fed.client("p1", USER, PASSWORD).await.unwrap();
-    let e = c.query("SELECT SUM(x) FROM t WHERE g = 'a'").await.unwrap_err();
-    assert!(e.message.contains("p0 aborted") && e.message.contains("too large to combine exactly"), "{}", e.message);
+    let e = c
+        .query("SELECT SUM(x) FROM t WHERE g = 'a'")
+        .await
+        .unwrap_err();
+    assert!(
+        e.message.contains("p0 aborted") && e.message.contains("too large to combine exactly"),
+        "{}",
+        e.message
+    );
     assert!(e.message.contains("nothing was revealed"), "{}", e.message);
-    assert!(!e.message.contains("4000000000000000000"), "a party's value leaked: {}", e.message);
+    assert!(
+        !e.message.contains("4000000000000000000"),
+        "a party's value leaked: {}",
+        e.message
+    );
 
     let c = fed.client("p0", USER, PASSWORD).await.unwrap();
-    let e = c.query("SELECT g, COUNT(*) FROM t GROUP BY g").await.unwrap_err();
-    assert!(e.message.contains("p1 aborted") && e.message.contains("declared catalog"), "{}", e.message);
-    assert!(!e.message.contains("secret-key"), "a party's key leaked: {}", e.message);
+    let e = c
+        .query("SELECT g, COUNT(*) FROM t GROUP BY g")
+        .await
+        .unwrap_err();
+    assert!(
+        e.message.contains("p1 aborted") && e.message.contains("declared catalog"),
+        "{}",
+        e.message
+    );
+    assert!(
+        !e.message.contains("secret-key"),
+        "a party's key leaked: {}",
+        e.message
+    );
     // Queries that do not touch the bad values still work.
     assert!(c.query("SELECT COUNT(*) FROM t WHERE h = 1").await.is_ok());
     fed.stop().await;
