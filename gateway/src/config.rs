@@ -85,6 +85,8 @@ pub struct GatewayConfig {
     pub tls: TlsMaterial,
     pub audit_log: PathBuf,
     pub peer_timeout: Duration,
+    /// Print one line per audit entry on standard error (`council serve`).
+    pub log_queries: bool,
     /// Test-only fault injection; never set from a config file.
     #[doc(hidden)]
     pub fault: Option<Fault>,
@@ -217,6 +219,7 @@ impl GatewayConfig {
             tls,
             audit_log: resolve(base, &raw.audit_log),
             peer_timeout: Duration::from_millis(raw.peer_timeout_ms.max(1)),
+            log_queries: true,
             fault: None,
         })
     }

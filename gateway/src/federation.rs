@@ -165,6 +165,7 @@ impl LocalFederation {
                 tls: TlsMaterial::from_pem(&fed.ca_cert, cert, key)?,
                 audit_log: work_dir.join("audit").join(format!("{}.log", party.id)),
                 peer_timeout: spec.peer_timeout,
+                log_queries: false,
                 fault: party.fault,
             };
             gateways.push(

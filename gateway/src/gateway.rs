@@ -96,6 +96,7 @@ pub struct Gateway {
     sessions: Mutex<HashMap<(String, String), Arc<Session>>>,
     timeout: Duration,
     fault: Option<Fault>,
+    log_queries: bool,
 }
 
 impl Gateway {
@@ -126,6 +127,7 @@ impl Gateway {
             sessions: Mutex::new(HashMap::new()),
             timeout: cfg.peer_timeout,
             fault: cfg.fault,
+            log_queries: cfg.log_queries,
         }))
     }
 
@@ -138,6 +140,17 @@ impl Gateway {
     }
 
     fn audit(&self, entry: AuditEntry) {
+        if self.log_queries {
+            let id: String = entry.query_id.chars().take(8).collect();
+            let mut line = format!("[{}] {} {id} by {}: {}", self.party, entry.event, entry.analyst, entry.decision);
+            if let Some(r) = &entry.rule {
+                line.push_str(&format!(" ({r})"));
+            }
+            if let Some(o) = &entry.outcome {
+                line.push_str(&format!(" {o}"));
+            }
+            eprintln!("{line}");
+        }
         if let Err(e) = self.audit.append(&entry) {
             eprintln!("[{}] AUDIT LOG WRITE FAILED: {e}", self.party);
         }
@@ -417,7 +430,7 @@ impl Gateway {
                 self.party
             ),
         })?;
-        check_no_wrap(plan, &dense, index.len())?;
+        check_no_wrap(&self.party, plan, &dense, index.len())?;
         let shared_idx = plan.shared_partials();
         let shared: Vec<Vec<i128>> = shared_idx.iter().map(|&i| dense[i].clone()).collect();
         let widths: Vec<Width> = shared_idx
@@ -725,6 +738,7 @@ struct PartyFailure {
 /// sums of squares) stays below 2^127 in every group.
 #[allow(clippy::needless_range_loop)]
 fn check_no_wrap(
+    party: &str,
     plan: &FederatedPlan,
     raw: &[Vec<i128>],
     groups: usize,
@@ -751,7 +765,7 @@ fn check_no_wrap(
             if !sum_cannot_wrap(raw[c][g], max_abs, p.kind == PartialKind::SumSquares) {
                 return Err(PartyFailure {
                     local: format!("a local sum in group {g} might exceed 128 bits (count {}, max |x| {max_abs})", raw[c][g]),
-                    shared: "a party aborted: a local sum is too large to compute exactly; narrow the query".into(),
+                    shared: format!("{party} aborted: one of its local sums is too large to compute exactly; narrow the query"),
                 });
             }
         }
