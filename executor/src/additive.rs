@@ -15,6 +15,7 @@ use rand_chacha::ChaCha20Rng;
 use crate::shares::SharedTable;
 use crate::transport::{Round, Transport};
 use crate::ExecError;
+use crate::SecureSum;
 
 pub struct AdditiveEngine {
     /// All parties, in the agreed (sorted) order.
@@ -24,11 +25,12 @@ pub struct AdditiveEngine {
     pub leader: String,
 }
 
-impl AdditiveEngine {
+#[async_trait::async_trait]
+impl SecureSum for AdditiveEngine {
     /// Runs the protocol on this party's encoded `input` (its partials for
     /// every group, with the public keys). Returns the decoded totals at the
     /// leader, `None` at every other party.
-    pub async fn sum_and_reveal(
+    async fn sum_and_reveal(
         &self,
         transport: &dyn Transport,
         input: &SharedTable,
@@ -99,7 +101,9 @@ impl AdditiveEngine {
         }
         Ok(Some(acc.columns.iter().map(|c| c.decode()).collect()))
     }
+}
 
+impl AdditiveEngine {
     fn others(&self) -> impl Iterator<Item = &String> {
         self.parties.iter().filter(move |p| **p != self.me)
     }

@@ -22,6 +22,20 @@ pub use groups::GroupIndex;
 pub use shares::{ShareColumn, SharedTable, Width};
 pub use transport::{InMemoryNetwork, Round, Transport, TransportError};
 
+/// An engine's first operator: every party contributes a table of
+/// per-group values; the designated party learns the per-group sums and no
+/// party learns anything else. Engines differ in how (additive N-party
+/// sharing now; replicated 3-party sharing with comparisons next), so the
+/// gateway picks one per query from the plan's options.
+#[async_trait::async_trait]
+pub trait SecureSum: Send + Sync {
+    async fn sum_and_reveal(
+        &self,
+        transport: &dyn Transport,
+        input: &SharedTable,
+    ) -> Result<Option<Vec<Vec<i128>>>, ExecError>;
+}
+
 /// Why a secure computation could not finish. Nothing is revealed after any
 /// of these.
 #[derive(Debug, thiserror::Error)]

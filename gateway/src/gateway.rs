@@ -16,7 +16,7 @@ use arrow::array::RecordBatch;
 use connectors::LocalSource;
 use executor::encode::{dense_partials, sum_cannot_wrap, to_ring};
 use executor::transport::Mailbox;
-use executor::{AdditiveEngine, GroupIndex, SharedTable, Width};
+use executor::{AdditiveEngine, GroupIndex, SecureSum, SharedTable, Width};
 use planner::finalize::{post_plan, revealed_batch, Revealed};
 use planner::{plan_query, Catalog, FederatedPlan, PartialKind, QueryOptions};
 use policies::{Analyst, AuditEntry, AuditLog, Decision, Policy};
@@ -142,7 +142,10 @@ impl Gateway {
     fn audit(&self, entry: AuditEntry) {
         if self.log_queries {
             let id: String = entry.query_id.chars().take(8).collect();
-            let mut line = format!("[{}] {} {id} by {}: {}", self.party, entry.event, entry.analyst, entry.decision);
+            let mut line = format!(
+                "[{}] {} {id} by {}: {}",
+                self.party, entry.event, entry.analyst, entry.decision
+            );
             if let Some(r) = &entry.rule {
                 line.push_str(&format!(" ({r})"));
             }
@@ -479,10 +482,12 @@ impl Gateway {
             // Play dead: the others must time out, abort, and reveal nothing.
             std::future::pending::<()>().await;
         }
-        let engine = AdditiveEngine {
-            parties: self.parties.clone(),
-            me: self.party.clone(),
-            leader: s.leader.clone(),
+        let engine: Box<dyn SecureSum> = match plan.options.engine {
+            planner::plan::Engine::Additive => Box::new(AdditiveEngine {
+                parties: self.parties.clone(),
+                me: self.party.clone(),
+                leader: s.leader.clone(),
+            }),
         };
         let out = engine
             .sum_and_reveal(&transport, &input)
