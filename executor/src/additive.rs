@@ -1,16 +1,18 @@
 //! Engine 1: additive N-party secret sharing over Z_2^64.
 //!
-//! Each party splits its encoded partials into N shares and sends share j to
-//! party j (round `Input`). Each party adds the shares it holds into its
+//! Each party splits its encoded partials into N shares and gives share j to
+//! party j (round `Input`, as a PRG seed: see below). Each party adds the shares it holds into its
 //! share of the total, and sends that to the querying party (round
 //! `Result`), which alone adds them up and learns the totals. Secure against
 //! any semi-honest coalition of up to N-1 parties: every message a coalition
 //! sees from an honest party is uniformly random, save the final total.
 
+use std::sync::Arc;
+
+use arrow::array::{Array, FixedSizeBinaryArray, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema};
 use rand::rngs::OsRng;
-use rand::SeedableRng;
 use rand::TryRngCore;
-use rand_chacha::ChaCha20Rng;
 
 use crate::shares::SharedTable;
 use crate::transport::{Round, Transport};
@@ -35,31 +37,31 @@ impl SecureSum for AdditiveEngine {
         transport: &dyn Transport,
         input: &SharedTable,
     ) -> Result<Option<Vec<Vec<i128>>>, ExecError> {
-        let n = self.parties.len();
         let widths = input.widths();
         let widths = &widths;
         let rows = input.rows;
-        let mut seed = [0u8; 32];
-        OsRng
-            .try_fill_bytes(&mut seed)
-            .map_err(|e| ExecError::Encode(format!("OS randomness failed: {e}")))?;
-        let mut rng = ChaCha20Rng::from_seed(seed);
-        let shares = input.split(n, &mut rng);
-
-        let mut mine = None;
-        let sends = self.parties.iter().zip(shares).filter_map(|(p, s)| {
-            if *p == self.me {
-                mine = Some(s);
-                None
-            } else {
-                Some((p.clone(), s))
-            }
-        });
-        let sends: Vec<(String, SharedTable)> = sends.collect();
-        let mut acc =
-            mine.ok_or_else(|| ExecError::Encode(format!("{} is not among the parties", self.me)))?;
-        let send_all = futures::future::try_join_all(sends.iter().map(|(p, s)| async move {
-            let b = s.to_batch().map_err(|e| ExecError::Encode(e.to_string()))?;
+        if !self.parties.iter().any(|p| *p == self.me) {
+            return Err(ExecError::Encode(format!(
+                "{} is not among the parties",
+                self.me
+            )));
+        }
+        // Round Input, seed-compressed: party i sends party j a fresh 256-bit
+        // seed s_ij instead of a share vector; both expand it with ChaCha20
+        // into the same uniformly random share r_ij, and i keeps
+        // x_i - sum_j r_ij. 32 bytes per peer, whatever the number of groups.
+        let mut acc = input.clone();
+        let mut seeds = Vec::new();
+        for p in self.others() {
+            let mut seed = [0u8; 32];
+            OsRng
+                .try_fill_bytes(&mut seed)
+                .map_err(|e| ExecError::Encode(format!("OS randomness failed: {e}")))?;
+            acc.sub_assign(&SharedTable::from_seed(&input.keys, widths, rows, seed));
+            seeds.push((p.clone(), seed));
+        }
+        let send_all = futures::future::try_join_all(seeds.iter().map(|(p, seed)| async move {
+            let b = seed_batch(seed).map_err(|e| ExecError::Encode(e.to_string()))?;
             transport
                 .send(p, Round::Input, b)
                 .await
@@ -67,12 +69,11 @@ impl SecureSum for AdditiveEngine {
         }));
         let recv_all = futures::future::try_join_all(self.others().map(|p| async move {
             let b = transport.recv(p, Round::Input).await?;
-            SharedTable::from_batch(&b, &input.keys, widths, rows).map_err(|reason| {
-                ExecError::Malformed {
-                    peer: p.to_string(),
-                    reason,
-                }
-            })
+            let seed = read_seed(&b).map_err(|reason| ExecError::Malformed {
+                peer: p.to_string(),
+                reason,
+            })?;
+            Ok::<_, ExecError>(SharedTable::from_seed(&input.keys, widths, rows, seed))
         }));
         let (_, received) = futures::future::try_join(send_all, recv_all).await?;
         for r in &received {
@@ -101,6 +102,34 @@ impl SecureSum for AdditiveEngine {
         }
         Ok(Some(acc.columns.iter().map(|c| c.decode()).collect()))
     }
+}
+
+/// One party's seed for another, as a one-row Arrow batch.
+fn seed_batch(seed: &[u8; 32]) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let col = FixedSizeBinaryArray::try_from_iter(std::iter::once(seed.as_slice()))?;
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "seed",
+        DataType::FixedSizeBinary(32),
+        false,
+    )]));
+    RecordBatch::try_new(schema, vec![Arc::new(col)])
+}
+
+fn read_seed(b: &RecordBatch) -> Result<[u8; 32], String> {
+    if b.num_columns() != 1 || b.num_rows() != 1 || b.schema().field(0).name() != "seed" {
+        return Err("expected one seed, a one-row batch with a `seed` column".into());
+    }
+    let a = b
+        .column(0)
+        .as_any()
+        .downcast_ref::<FixedSizeBinaryArray>()
+        .ok_or("the seed column is not FixedSizeBinary(32)")?;
+    if a.is_null(0) {
+        return Err("the seed is null".into());
+    }
+    a.value(0)
+        .try_into()
+        .map_err(|_| "the seed is not 32 bytes".to_string())
 }
 
 impl AdditiveEngine {
@@ -193,5 +222,33 @@ mod tests {
             err.to_string().contains("p0") || err.to_string().contains("p2"),
             "{err}"
         );
+    }
+}
+
+#[cfg(test)]
+mod garbage {
+    use super::*;
+    use crate::shares::Width;
+    use crate::transport::InMemoryNetwork;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_malformed_seed_is_refused_naming_the_peer() {
+        let ps: Vec<String> = vec!["a".into(), "b".into()];
+        let mut net = InMemoryNetwork::connect(&ps, Duration::from_secs(2));
+        let b = net.pop().unwrap();
+        let a = net.pop().unwrap();
+        let junk = SharedTable::zeros(vec![], &[Width::Z64], 1)
+            .to_batch()
+            .unwrap();
+        b.send("a", Round::Input, junk).await.unwrap();
+        let e = AdditiveEngine {
+            parties: ps.clone(),
+            me: "a".into(),
+            leader: "a".into(),
+        };
+        let input = SharedTable::zeros(vec![], &[Width::Z64], 1);
+        let err = e.sum_and_reveal(&a, &input).await.unwrap_err().to_string();
+        assert!(err.contains("peer b sent a malformed share batch"), "{err}");
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, RecordBatch, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
-use rand::{CryptoRng, RngCore};
+use rand::{CryptoRng, RngCore, SeedableRng};
 
 use crate::ring;
 
@@ -137,6 +137,33 @@ impl SharedTable {
         out
     }
 
+    /// The share that `seed` expands to under ChaCha20: uniformly random
+    /// columns of the given widths, the same at both ends of a seed.
+    pub fn from_seed(
+        keys: &[ArrayRef],
+        widths: &[Width],
+        rows: usize,
+        seed: [u8; 32],
+    ) -> SharedTable {
+        let mut rng = rand_chacha::ChaCha20Rng::from_seed(seed);
+        let columns = widths
+            .iter()
+            .map(|w| ShareColumn::random(*w, rows, &mut rng))
+            .collect();
+        SharedTable {
+            keys: keys.to_vec(),
+            columns,
+            rows,
+        }
+    }
+
+    /// Subtracts another share table of the same shape.
+    pub fn sub_assign(&mut self, other: &SharedTable) {
+        for (a, b) in self.columns.iter_mut().zip(&other.columns) {
+            a.sub_assign(b);
+        }
+    }
+
     /// Adds another share table of the same shape.
     pub fn add_assign(&mut self, other: &SharedTable) {
         for (a, b) in self.columns.iter_mut().zip(&other.columns) {
@@ -258,7 +285,6 @@ impl SharedTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     #[test]
     fn shares_add_up_and_survive_the_wire() {

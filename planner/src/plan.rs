@@ -352,7 +352,9 @@ impl FederatedPlan {
         }
         let _ = writeln!(
             s,
-            "   Shares travel as Arrow batches of UInt64 over mutual TLS; each party adds the shares it holds."
+            "   Over mutual TLS, a party sends each other party a 256-bit seed that both expand (ChaCha20) into that \
+             party's share; each party adds the shares it holds and sends the sum to the querying gateway as an \
+             Arrow batch of UInt64."
         );
         let _ = writeln!(s, "3. Reveal: the per-group totals of the partials above, to {leader} (the querying gateway) only.");
         let _ = writeln!(
