@@ -2,6 +2,7 @@
 //! the query coordinator, the analyst client and the demo.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod certs;
 pub mod client;
 pub mod compare;

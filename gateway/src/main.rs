@@ -54,6 +54,36 @@ enum Command {
         #[arg(long, conflicts_with_all = ["data", "sql"])]
         write_data: Option<PathBuf>,
     },
+    /// Benchmark TPC-H Q1 and Q6: Council over N gateway processes vs plaintext DataFusion.
+    Bench {
+        /// Scale factors, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0.1")]
+        sf: Vec<f64>,
+        /// Numbers of parties, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "3")]
+        parties: Vec<usize>,
+        /// Measured repetitions per query (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Keep the generated data, configs and logs under this folder.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+    },
+    /// (Used by `bench`: peak memory of plaintext DataFusion alone.)
+    #[command(hide = true)]
+    BenchPlaintext {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        parties: usize,
+        #[arg(long)]
+        query: String,
+        #[arg(long)]
+        reps: usize,
+    },
     /// Make a federation CA and a certificate and key per party.
     Certs {
         /// Comma-separated party ids.
@@ -204,6 +234,33 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 seed,
             })
             .await?;
+        }
+        Command::Bench {
+            sf,
+            parties,
+            reps,
+            json,
+            keep,
+        } => {
+            if parties.iter().any(|&n| n < 2) || reps == 0 {
+                bail!("--parties needs at least 2 and --reps at least 1");
+            }
+            gateway::bench::run(gateway::bench::BenchOptions {
+                scale_factors: sf,
+                parties,
+                reps,
+                json,
+                keep,
+            })
+            .await?;
+        }
+        Command::BenchPlaintext {
+            dir,
+            parties,
+            query,
+            reps,
+        } => {
+            gateway::bench::plaintext_child(&dir, parties, &query, reps).await?;
         }
         Command::Certs {
             parties,

@@ -237,3 +237,35 @@ async fn demo_over_the_users_own_files_infers_the_catalog_and_answers_one_query(
     .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
 }
+
+#[test]
+fn bench_checks_tpch_q1_and_q6_answers_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("figures.json");
+    let out = Command::new(COUNCIL)
+        .args([
+            "bench",
+            "--sf",
+            "0.002",
+            "--parties",
+            "2",
+            "--reps",
+            "1",
+            "--json",
+        ])
+        .arg(&json)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("answers equal").count(), 2, "{stdout}");
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(figures.as_array().map(|a| a.len()), Some(2));
+    assert!(figures[0]["rows"].as_u64().unwrap() > 10_000);
+}

@@ -1,0 +1,398 @@
+//! `council bench`: TPC-H `lineitem` (tpchgen) split across N parties, Q1 and
+//! Q6 run in plaintext DataFusion over the pooled files and through N
+//! `council serve` processes on loopback with mutual TLS, alternating, with
+//! medians, the secure/plaintext ratio, peak memory, and an exact check that
+//! the secure answers equal the plaintext ones.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, Field, Schema};
+use datafusion::parquet::arrow::ArrowWriter;
+use tpchgen::generators::LineItemGenerator;
+use tpchgen_arrow::LineItemArrow;
+
+use crate::client::AnalystClient;
+use crate::compare::compare;
+use crate::federation::{plaintext, pooled_context};
+
+pub const LINEITEM_CATALOG: &str = r#"[tables.lineitem]
+columns = [
+  { name = "l_orderkey", type = "int" },
+  { name = "l_quantity", type = "decimal(15,2)" },
+  { name = "l_extendedprice", type = "decimal(15,2)" },
+  { name = "l_discount", type = "decimal(15,2)" },
+  { name = "l_tax", type = "decimal(15,2)" },
+  { name = "l_returnflag", type = "text", domain = ["A", "N", "R"] },
+  { name = "l_linestatus", type = "text", domain = ["F", "O"] },
+  { name = "l_shipdate", type = "date" },
+]
+"#;
+
+const COLUMNS: [&str; 8] = [
+    "l_orderkey",
+    "l_quantity",
+    "l_extendedprice",
+    "l_discount",
+    "l_tax",
+    "l_returnflag",
+    "l_linestatus",
+    "l_shipdate",
+];
+
+pub const Q1: &str = "SELECT l_returnflag, l_linestatus, SUM(l_quantity) AS sum_qty, SUM(l_extendedprice) AS sum_base_price, \
+SUM(l_extendedprice * (1 - l_discount)) AS sum_disc_price, SUM(l_extendedprice * (1 - l_discount) * (1 + l_tax)) AS sum_charge, \
+AVG(l_quantity) AS avg_qty, AVG(l_extendedprice) AS avg_price, AVG(l_discount) AS avg_disc, COUNT(*) AS count_order \
+FROM lineitem WHERE l_shipdate <= DATE '1998-12-01' - INTERVAL '90' DAY \
+GROUP BY l_returnflag, l_linestatus ORDER BY l_returnflag, l_linestatus";
+
+pub const Q6: &str = "SELECT SUM(l_extendedprice * l_discount) AS revenue FROM lineitem \
+WHERE l_shipdate >= DATE '1994-01-01' AND l_shipdate < DATE '1995-01-01' \
+AND l_discount BETWEEN 0.05 AND 0.07 AND l_quantity < 24";
+
+pub struct BenchOptions {
+    pub scale_factors: Vec<f64>,
+    pub parties: Vec<usize>,
+    pub reps: usize,
+    pub json: Option<PathBuf>,
+    pub keep: Option<PathBuf>,
+}
+
+/// One measured query.
+#[derive(serde::Serialize)]
+pub struct Figure {
+    pub query: String,
+    pub scale_factor: f64,
+    pub parties: usize,
+    pub rows: usize,
+    pub plaintext_ms: f64,
+    pub secure_ms: f64,
+    pub ratio: f64,
+    pub plaintext_peak_mib: f64,
+    pub gateway_peak_mib: f64,
+    pub equal: bool,
+}
+
+/// Writes each party's tpchgen part of `lineitem` as Parquet: party i of N
+/// gets part i+1 of N, tpchgen's own split.
+pub fn write_lineitem(dir: &Path, sf: f64, parties: usize) -> Result<usize> {
+    let mut total = 0;
+    for i in 0..parties {
+        let d = dir.join(format!("p{i}"));
+        std::fs::create_dir_all(&d)?;
+        let gen = LineItemGenerator::new(sf, i as i32 + 1, parties as i32);
+        let lines = LineItemArrow::new(gen).with_batch_size(65_536);
+        let full = arrow::array::RecordBatchReader::schema(&lines);
+        let idx: Vec<usize> = COLUMNS
+            .iter()
+            .map(|c| full.index_of(c).map_err(|e| anyhow!(e)))
+            .collect::<Result<_>>()?;
+        let fields: Vec<Field> = idx
+            .iter()
+            .map(|&j| {
+                let f = full.field(j);
+                let dt = match f.data_type() {
+                    DataType::Utf8View => DataType::Utf8,
+                    other => other.clone(),
+                };
+                Field::new(f.name(), dt, true)
+            })
+            .collect();
+        let schema = Arc::new(Schema::new(fields));
+        let file = std::fs::File::create(d.join("lineitem.parquet"))?;
+        let mut w = ArrowWriter::try_new(file, schema.clone(), None)?;
+        for b in lines {
+            let b = b?;
+            let cols = idx
+                .iter()
+                .zip(schema.fields())
+                .map(|(&j, f)| arrow::compute::cast(b.column(j), f.data_type()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let b = RecordBatch::try_new(schema.clone(), cols)?;
+            total += b.num_rows();
+            w.write(&b)?;
+        }
+        w.close()?;
+    }
+    Ok(total)
+}
+
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Peak resident memory of a process (VmHWM), in MiB.
+fn peak_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Resets a process's peak-memory mark (Linux: write 5 to clear_refs).
+fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+const PASSWORD: &str = "bench-password";
+
+/// Writes certificates and configs for `n` gateways and starts them as
+/// `council serve` processes. Returns the processes and analyst addresses.
+fn start_gateways(dir: &Path, n: usize) -> Result<(Processes, Vec<String>)> {
+    let ids: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+    let fed = crate::certs::make_federation("Council bench CA", &ids, &[])?;
+    crate::certs::write_federation(&fed, &dir.join("certs"))?;
+    std::fs::write(dir.join("catalog.toml"), LINEITEM_CATALOG)?;
+    let hash = crate::config::hash_password(PASSWORD)?;
+    let peer: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
+    let analyst: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
+    let allow: Vec<String> = ids.iter().map(|i| format!("\"{i}:*\"")).collect();
+    let mut policy = format!(
+        "[analysts]\nallow = [{}]\n[tables.lineitem]\ncount_star = true\n",
+        allow.join(", ")
+    );
+    for c in COLUMNS {
+        let group = c == "l_returnflag" || c == "l_linestatus";
+        let _ = writeln!(
+            policy,
+            "[tables.lineitem.columns.{c}]\nfilter = true\ngroup_by = {group}\naggregate = [\"count\", \"sum\", \"avg\", \"var\", \"stddev\"]"
+        );
+    }
+    std::fs::write(dir.join("policy.toml"), policy)?;
+    let exe = std::env::current_exe().context("locating the council binary")?;
+    let mut procs = Processes(Vec::new());
+    for (i, p) in ids.iter().enumerate() {
+        let mut cfg = format!(
+            "party = \"{p}\"\npeer_listen = \"127.0.0.1:{}\"\nanalyst_listen = \"127.0.0.1:{}\"\ncatalog = \"catalog.toml\"\n\
+             policy = \"policy.toml\"\naudit_log = \"audit/{p}.log\"\npeer_timeout_ms = 600000\n\
+             [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{p}.pem\"\nkey = \"certs/{p}.key\"\n\
+             [tables.lineitem]\npath = \"data/{p}/lineitem.parquet\"\n\
+             [[analysts]]\nname = \"bench\"\npassword_hash = \"{hash}\"\n",
+            peer[i], analyst[i]
+        );
+        for (j, q) in ids.iter().enumerate() {
+            if i != j {
+                let _ = writeln!(
+                    cfg,
+                    "[[peers]]\nid = \"{q}\"\naddress = \"127.0.0.1:{}\"",
+                    peer[j]
+                );
+            }
+        }
+        let path = dir.join(format!("{p}.toml"));
+        std::fs::write(&path, cfg)?;
+        let log = std::fs::File::create(dir.join(format!("{p}.out")))?;
+        let child = Command::new(&exe)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting council serve")?;
+        procs.0.push(child);
+    }
+    Ok((
+        procs,
+        analyst.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+    ))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub async fn run(opts: BenchOptions) -> Result<()> {
+    let mut figures = Vec::new();
+    println!("council bench: TPC-H lineitem (tpchgen), plaintext DataFusion over the pooled files vs Council over");
+    println!("N `council serve` processes on 127.0.0.1 with mutual TLS; {} repetitions after a warm-up, alternating.", opts.reps);
+    println!(
+        "(Build with --release for meaningful figures; this binary is {}.)\n",
+        if cfg!(debug_assertions) {
+            "a DEBUG build"
+        } else {
+            "a release build"
+        }
+    );
+    for &sf in &opts.scale_factors {
+        for &n in &opts.parties {
+            let tmp = tempfile::tempdir()?;
+            let dir = match &opts.keep {
+                Some(k) => k.join(format!("sf{sf}-n{n}")),
+                None => tmp.path().to_path_buf(),
+            };
+            std::fs::create_dir_all(&dir)?;
+            let t = Instant::now();
+            let rows = write_lineitem(&dir.join("data"), sf, n)?;
+            println!(
+                "SF {sf}, {n} parties: {rows} lineitem rows generated in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+            figures.extend(run_one(&dir, sf, n, rows, opts.reps).await?);
+        }
+    }
+    if let Some(path) = &opts.json {
+        std::fs::write(path, serde_json::to_string_pretty(&figures)?)?;
+        println!("figures written to {}", path.display());
+    }
+    if figures.iter().any(|f| !f.equal) {
+        bail!("a secure answer differed from the plaintext answer");
+    }
+    Ok(())
+}
+
+async fn run_one(dir: &Path, sf: f64, n: usize, rows: usize, reps: usize) -> Result<Vec<Figure>> {
+    let (procs, addrs) = start_gateways(dir, n)?;
+    let ca = std::fs::read_to_string(dir.join("certs/ca.pem"))?;
+    let catalog = planner::Catalog::from_toml(LINEITEM_CATALOG, "catalog")?;
+    let files: Vec<PathBuf> = (0..n)
+        .map(|i| dir.join(format!("data/p{i}/lineitem.parquet")))
+        .collect();
+    let tables = BTreeMap::from([("lineitem".to_string(), files)]);
+    let pooled = pooled_context(&catalog, &tables).await?;
+
+    // Wait until the leader answers.
+    let start = Instant::now();
+    let client = loop {
+        match AnalystClient::connect(&addrs[0], &ca, "bench", PASSWORD).await {
+            Ok(c)
+                if c.query("SELECT COUNT(*) FROM lineitem WHERE l_orderkey < 0")
+                    .await
+                    .is_ok() =>
+            {
+                break c
+            }
+            _ if start.elapsed() > Duration::from_secs(120) => {
+                bail!("the gateways did not come up; see {}", dir.display())
+            }
+            _ => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    };
+    let mut out = Vec::new();
+    for (name, sql) in [("Q1", Q1), ("Q6", Q6)] {
+        // Warm-up, and the exact-equality check.
+        let plain = plaintext(&pooled, sql).await?;
+        let secure = client
+            .query(sql)
+            .await
+            .map_err(|e| anyhow!("{name}: {e}"))?;
+        let equal = match compare(&secure, &plain, true) {
+            Ok(()) => true,
+            Err(d) => {
+                eprintln!("{name} at SF {sf} with {n} parties: SECURE ANSWER DIFFERS: {d}");
+                false
+            }
+        };
+        for c in &procs.0 {
+            reset_peak(c.id());
+        }
+        let (mut tp, mut ts) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            let t = Instant::now();
+            plaintext(&pooled, sql).await?;
+            tp.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            client
+                .query(sql)
+                .await
+                .map_err(|e| anyhow!("{name}: {e}"))?;
+            ts.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let plaintext_peak = plaintext_peak_in_child(dir, n, name, reps)?;
+        let gateway_peak = procs.0.iter().map(|c| peak_mib(c.id())).fold(0.0, f64::max);
+        let (p, s) = (median(&mut tp), median(&mut ts));
+        println!(
+            "  {name}: plaintext {p:8.1} ms   secure {s:8.1} ms   ratio {:5.2}   peak memory: plaintext process {plaintext_peak:.0} MiB, largest gateway {gateway_peak:.0} MiB   answers {}",
+            s / p,
+            if equal { "equal" } else { "DIFFER" }
+        );
+        out.push(Figure {
+            query: name.into(),
+            scale_factor: sf,
+            parties: n,
+            rows,
+            plaintext_ms: p,
+            secure_ms: s,
+            ratio: s / p,
+            plaintext_peak_mib: plaintext_peak,
+            gateway_peak_mib: gateway_peak,
+            equal,
+        });
+    }
+    drop(procs);
+    Ok(out)
+}
+
+/// Peak memory of plaintext DataFusion alone: a child process opens the
+/// pooled files and runs the query `reps` times (`council bench-plaintext`).
+fn plaintext_peak_in_child(dir: &Path, n: usize, query: &str, reps: usize) -> Result<f64> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe)
+        .args([
+            "bench-plaintext",
+            "--query",
+            query,
+            "--parties",
+            &n.to_string(),
+            "--reps",
+            &reps.to_string(),
+            "--dir",
+        ])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "plaintext child failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse::<f64>()
+        .map_err(|e| anyhow!("plaintext child: {e}"))
+}
+
+/// The child side: run `query` over the pooled files, print peak MiB.
+pub async fn plaintext_child(dir: &Path, n: usize, query: &str, reps: usize) -> Result<()> {
+    let sql = match query {
+        "Q1" => Q1,
+        "Q6" => Q6,
+        other => bail!("unknown query {other}"),
+    };
+    let catalog = planner::Catalog::from_toml(LINEITEM_CATALOG, "catalog")?;
+    let files: Vec<PathBuf> = (0..n)
+        .map(|i| dir.join(format!("data/p{i}/lineitem.parquet")))
+        .collect();
+    let pooled =
+        pooled_context(&catalog, &BTreeMap::from([("lineitem".to_string(), files)])).await?;
+    for _ in 0..=reps {
+        plaintext(&pooled, sql).await?;
+    }
+    println!("{:.1}", peak_mib(std::process::id()));
+    Ok(())
+}
