@@ -396,3 +396,88 @@ pub async fn plaintext_child(dir: &Path, n: usize, query: &str, reps: usize) -> 
     println!("{:.1}", peak_mib(std::process::id()));
     Ok(())
 }
+
+/// `council bench --micro`: executor throughput in elements per second,
+/// against a plain summation of the same number of i64 in the same run.
+pub fn micro(elements: usize) -> Result<()> {
+    use executor::encode::to_ring;
+    use executor::{SharedTable, Width};
+    let values: Vec<i128> = (0..elements as i128)
+        .map(|i| (i * 7919) % 1_000_003 - 500_000)
+        .collect();
+    let time = |f: &mut dyn FnMut()| {
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let t = Instant::now();
+            f();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        best
+    };
+    let plain: Vec<i64> = values.iter().map(|&v| v as i64).collect();
+    let mut sink = 0i64;
+    let base =
+        time(&mut || sink = sink.wrapping_add(plain.iter().fold(0i64, |a, &b| a.wrapping_add(b))));
+    let mut rows = Vec::new();
+    let mut enc = Vec::new();
+    rows.push((
+        "encode (i128 -> Z_2^64, bound check)",
+        time(&mut || {
+            enc = to_ring(std::slice::from_ref(&values), &[Width::Z64], 3).unwrap_or_default()
+        }),
+    ));
+    let table = SharedTable {
+        keys: vec![],
+        columns: enc.clone(),
+        rows: elements,
+    };
+    let mut share = table.clone();
+    rows.push((
+        "share (expand a ChaCha20 seed, subtract)",
+        time(&mut || {
+            share.sub_assign(&SharedTable::from_seed(
+                &[],
+                &[Width::Z64],
+                elements,
+                [7; 32],
+            ))
+        }),
+    ));
+    let mut acc = table.clone();
+    rows.push((
+        "combine (add a share)",
+        time(&mut || acc.add_assign(&table)),
+    ));
+    let mut out = Vec::new();
+    rows.push((
+        "reveal (decode to signed)",
+        time(&mut || out = acc.columns[0].decode()),
+    ));
+    let mut batch = None;
+    rows.push((
+        "to Arrow batch (UInt64 column)",
+        time(&mut || batch = table.to_batch().ok()),
+    ));
+    println!(
+        "executor micro-benchmarks, {elements} elements, best of 5 ({}):",
+        if cfg!(debug_assertions) {
+            "DEBUG build"
+        } else {
+            "release build"
+        }
+    );
+    println!(
+        "  {:<44} {:>10.0} M elements/s  (baseline)",
+        "plain i64 sum",
+        elements as f64 / base / 1e6
+    );
+    for (name, secs) in rows {
+        println!(
+            "  {name:<44} {:>10.0} M elements/s  {:>6.1}x the baseline's time",
+            elements as f64 / secs / 1e6,
+            secs / base
+        );
+    }
+    std::hint::black_box((sink, out, batch, share));
+    Ok(())
+}

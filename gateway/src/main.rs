@@ -71,6 +71,9 @@ enum Command {
         /// Keep the generated data, configs and logs under this folder.
         #[arg(long)]
         keep: Option<PathBuf>,
+        /// Executor micro-benchmarks (encode, share, combine, reveal) instead.
+        #[arg(long)]
+        micro: bool,
     },
     /// (Used by `bench`: peak memory of plaintext DataFusion alone.)
     #[command(hide = true)]
@@ -235,12 +238,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             })
             .await?;
         }
+        Command::Bench { micro: true, .. } => gateway::bench::micro(4_000_000)?,
         Command::Bench {
             sf,
             parties,
             reps,
             json,
             keep,
+            micro: false,
         } => {
             if parties.iter().any(|&n| n < 2) || reps == 0 {
                 bail!("--parties needs at least 2 and --reps at least 1");
