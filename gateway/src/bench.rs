@@ -4,7 +4,6 @@
 //! medians, the secure/plaintext ratio, peak memory, and an exact check that
 //! the secure answers equal the plaintext ones.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,7 +19,7 @@ use tpchgen_arrow::LineItemArrow;
 
 use crate::client::AnalystClient;
 use crate::compare::compare;
-use crate::federation::{plaintext, pooled_context};
+use crate::federation::plaintext;
 
 pub const LINEITEM_CATALOG: &str = r#"[tables.lineitem]
 columns = [
@@ -268,12 +267,7 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
 async fn run_one(dir: &Path, sf: f64, n: usize, rows: usize, reps: usize) -> Result<Vec<Figure>> {
     let (procs, addrs) = start_gateways(dir, n)?;
     let ca = std::fs::read_to_string(dir.join("certs/ca.pem"))?;
-    let catalog = planner::Catalog::from_toml(LINEITEM_CATALOG, "catalog")?;
-    let files: Vec<PathBuf> = (0..n)
-        .map(|i| dir.join(format!("data/p{i}/lineitem.parquet")))
-        .collect();
-    let tables = BTreeMap::from([("lineitem".to_string(), files)]);
-    let pooled = pooled_context(&catalog, &tables).await?;
+    let pooled = pooled_parquet(dir, n).await?;
 
     // Wait until the leader answers.
     let start = Instant::now();
@@ -347,6 +341,40 @@ async fn run_one(dir: &Path, sf: f64, n: usize, rows: usize, reps: usize) -> Res
     Ok(out)
 }
 
+/// The plaintext baseline: one DataFusion table over every party's Parquet
+/// file (hard-linked into one folder), read as the gateways read theirs.
+async fn pooled_parquet(dir: &Path, n: usize) -> Result<datafusion::prelude::SessionContext> {
+    let pooled = dir.join("pooled");
+    std::fs::create_dir_all(&pooled)?;
+    for i in 0..n {
+        let link = pooled.join(format!("p{i}.parquet"));
+        if !link.exists() {
+            std::fs::hard_link(dir.join(format!("data/p{i}/lineitem.parquet")), &link).or_else(
+                |_| {
+                    std::fs::copy(dir.join(format!("data/p{i}/lineitem.parquet")), &link)
+                        .map(|_| ())
+                },
+            )?;
+        }
+    }
+    // Strings as Utf8, as the catalog declares them (not Utf8View).
+    let config = datafusion::prelude::SessionConfig::new().set_bool(
+        "datafusion.execution.parquet.schema_force_view_types",
+        false,
+    );
+    let ctx = datafusion::prelude::SessionContext::new_with_config(config);
+    let path = pooled
+        .to_str()
+        .ok_or_else(|| anyhow!("path is not UTF-8"))?;
+    ctx.register_parquet(
+        "lineitem",
+        path,
+        datafusion::prelude::ParquetReadOptions::default(),
+    )
+    .await?;
+    Ok(ctx)
+}
+
 /// Peak memory of plaintext DataFusion alone: a child process opens the
 /// pooled files and runs the query `reps` times (`council bench-plaintext`).
 fn plaintext_peak_in_child(dir: &Path, n: usize, query: &str, reps: usize) -> Result<f64> {
@@ -384,12 +412,7 @@ pub async fn plaintext_child(dir: &Path, n: usize, query: &str, reps: usize) -> 
         "Q6" => Q6,
         other => bail!("unknown query {other}"),
     };
-    let catalog = planner::Catalog::from_toml(LINEITEM_CATALOG, "catalog")?;
-    let files: Vec<PathBuf> = (0..n)
-        .map(|i| dir.join(format!("data/p{i}/lineitem.parquet")))
-        .collect();
-    let pooled =
-        pooled_context(&catalog, &BTreeMap::from([("lineitem".to_string(), files)])).await?;
+    let pooled = pooled_parquet(dir, n).await?;
     for _ in 0..=reps {
         plaintext(&pooled, sql).await?;
     }
