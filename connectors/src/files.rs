@@ -1,7 +1,6 @@
 //! CSV and Parquet files, read by DataFusion with the federated schema.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::DataType;
@@ -210,8 +209,6 @@ pub fn find_table_file(dir: &Path, table: &TableDef) -> Option<TableFile> {
     }
     None
 }
-
-pub type SharedSource = Arc<dyn LocalSource>;
 
 impl FileSource {
     /// Every row of a table, for the plaintext reference of the demo and the

@@ -40,7 +40,7 @@ impl SecureSum for AdditiveEngine {
         let widths = input.widths();
         let widths = &widths;
         let rows = input.rows;
-        if !self.parties.iter().any(|p| *p == self.me) {
+        if !self.parties.contains(&self.me) {
             return Err(ExecError::Encode(format!(
                 "{} is not among the parties",
                 self.me

@@ -1,8 +1,6 @@
 //! The analyst's side: connect to one's own gateway over TLS, authenticate,
 //! run a query or EXPLAIN, get Arrow batches back.
 
-use std::sync::Arc;
-
 use anyhow::{anyhow, Context, Result};
 use arrow::array::{Array, RecordBatch, StringArray};
 use arrow_flight::decode::FlightRecordBatchStream;
@@ -149,5 +147,3 @@ pub fn read_ca(path: &std::path::Path) -> Result<String> {
     std::fs::read_to_string(path)
         .with_context(|| format!("reading CA certificate {}", path.display()))
 }
-
-pub type SharedClient = Arc<AnalystClient>;

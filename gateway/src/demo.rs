@@ -3,7 +3,6 @@
 //! the plaintext answer over the pooled data, and one policy refusal.
 //! `--data DIR` runs the same over the user's own files.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -611,6 +610,3 @@ async fn infer_catalog(parties: &[PathBuf]) -> Result<(String, Vec<String>)> {
     }
     Ok((text, notes))
 }
-
-/// Map of party → data folder, for callers that need it.
-pub type PartyDirs = BTreeMap<String, PathBuf>;
