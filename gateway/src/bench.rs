@@ -122,7 +122,8 @@ pub fn write_lineitem(dir: &Path, sf: f64, parties: usize) -> Result<usize> {
     Ok(total)
 }
 
-struct Processes(Vec<Child>);
+/// Child processes that are killed when this is dropped.
+pub struct Processes(pub Vec<Child>);
 
 impl Drop for Processes {
     fn drop(&mut self) {
@@ -133,7 +134,8 @@ impl Drop for Processes {
     }
 }
 
-fn free_port() -> Result<u16> {
+/// A port the OS had free on 127.0.0.1 a moment ago.
+pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

@@ -406,6 +406,7 @@ impl Gateway {
     async fn compute(&self, s: &Session) -> Result<Option<Revealed>, PartyFailure> {
         let plan = &s.plan;
         let mine = |m: String| PartyFailure {
+            peer_down: false,
             shared: format!("{} aborted: {m}", self.party),
             local: m,
         };
@@ -414,6 +415,7 @@ impl Gateway {
             .run(&plan.local)
             .await
             .map_err(|e| PartyFailure {
+                peer_down: false,
                 local: e.to_string(),
                 shared: format!(
                     "{} aborted: its local part failed (details in its gateway log)",
@@ -427,6 +429,7 @@ impl Gateway {
         };
         let index = GroupIndex::new(keys.clone()).map_err(|e| mine(e.to_string()))?;
         let dense = dense_partials(&batches, &index, plan.local.partials.len()).map_err(|e| PartyFailure {
+            peer_down: false,
             local: e.to_string(),
             shared: format!(
                 "{} aborted: its local data does not fit the declared catalog (details in its gateway log)",
@@ -449,6 +452,7 @@ impl Gateway {
         let ring = to_ring(&shared, &widths, self.parties.len()).map_err(|o| {
             let p = &plan.local.partials[shared_idx[o.partial]];
             PartyFailure {
+                peer_down: false,
                 local: format!(
                     "partial {:?} of {:?} in group {} is {} and exceeds the per-party bound ±{} of the ring with {} parties",
                     p.kind,
@@ -494,9 +498,17 @@ impl Gateway {
             .await
             .map_err(|e| {
                 let m = e.to_string();
+                let peer_down = matches!(
+                    e,
+                    executor::ExecError::Transport(
+                        executor::TransportError::Unreachable { .. }
+                            | executor::TransportError::Timeout { .. }
+                    )
+                );
                 PartyFailure {
                     shared: m.clone(),
                     local: m,
+                    peer_down,
                 }
             })?;
         Ok(out.map(|cols| {
@@ -690,6 +702,7 @@ impl Gateway {
             Some(e) => Err(PartyFailure {
                 local: e.clone(),
                 shared: e,
+                peer_down: true,
             }),
             None => self.compute(&session).await,
         };
@@ -697,6 +710,7 @@ impl Gateway {
             Ok(Some(r)) => r,
             Ok(None) => {
                 let f = PartyFailure {
+                    peer_down: false,
                     local: "the leader got no result".into(),
                     shared: "internal error".into(),
                 };
@@ -716,7 +730,7 @@ impl Gateway {
         let reason = f.shared.clone();
         self.abort_everywhere(s, &reason).await;
         self.finish(s, format!("aborted: {}", f.local));
-        let kind = if reason.contains("unreachable") || reason.contains("did not send") {
+        let kind = if f.peer_down {
             FailureKind::Unavailable
         } else {
             FailureKind::Aborted
@@ -737,6 +751,8 @@ impl Gateway {
 struct PartyFailure {
     local: String,
     shared: String,
+    /// A peer was unreachable or silent (as opposed to a party aborting).
+    peer_down: bool,
 }
 
 /// Proves that no local 128-bit sum wrapped: count · max|x| (squared for
@@ -769,6 +785,7 @@ fn check_no_wrap(
             let max_abs = raw[lo][g].unsigned_abs().max(raw[hi][g].unsigned_abs());
             if !sum_cannot_wrap(raw[c][g], max_abs, p.kind == PartialKind::SumSquares) {
                 return Err(PartyFailure {
+                    peer_down: false,
                     local: format!("a local sum in group {g} might exceed 128 bits (count {}, max |x| {max_abs})", raw[c][g]),
                     shared: format!("{party} aborted: one of its local sums is too large to compute exactly; narrow the query"),
                 });

@@ -3,7 +3,7 @@
 //! the pooled data, and a killed gateway makes queries fail naming it.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gateway::federation::{plaintext, pooled_context};
@@ -12,20 +12,8 @@ use gateway::output::{render, Format};
 const COUNCIL: &str = env!("CARGO_BIN_EXE_council");
 const PARTIES: [&str; 3] = ["hospital_a", "hospital_b", "hospital_c"];
 
-struct Gateways(Vec<Child>);
-
-impl Drop for Gateways {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    gateway::bench::free_port().unwrap()
 }
 
 fn council(dir: &Path, args: &[&str]) -> std::process::Output {
@@ -105,7 +93,7 @@ async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
         }
         std::fs::write(dir.join(format!("{p}.toml")), cfg).unwrap();
     }
-    let mut gws = Gateways(Vec::new());
+    let mut gws = gateway::bench::Processes(Vec::new());
     for p in PARTIES {
         let log = std::fs::File::create(dir.join(format!("{p}.out"))).unwrap();
         let child = Command::new(COUNCIL)
