@@ -43,9 +43,14 @@ pub struct FileSource {
 impl FileSource {
     /// Registers every table, checking that its columns can be read exactly
     /// as the catalog declares them. A mismatch is refused here, at startup.
-    pub async fn open(tables: Vec<TableFile>) -> Result<Self, SourceError> {
-        let ctx =
-            SessionContext::new_with_config(SessionConfig::new().with_information_schema(false));
+    /// `partitions`: DataFusion's target partitions for the local part
+    /// (None: the number of cores).
+    pub async fn open(tables: Vec<TableFile>, partitions: Option<usize>) -> Result<Self, SourceError> {
+        let mut config = SessionConfig::new().with_information_schema(false);
+        if let Some(k) = partitions {
+            config = config.with_target_partitions(k.max(1));
+        }
+        let ctx = SessionContext::new_with_config(config);
         let mut described = Vec::new();
         for t in tables {
             let name = t.table.name.clone();
@@ -244,7 +249,7 @@ mod tests {
         )
         .unwrap();
         let table = cat.table("t").unwrap().clone();
-        let src = FileSource::open(vec![find_table_file(dir.path(), &table).unwrap()])
+        let src = FileSource::open(vec![find_table_file(dir.path(), &table).unwrap()], None)
             .await
             .unwrap();
         let plan = planner::plan_query(

@@ -24,6 +24,8 @@ struct RawConfig {
     audit_log: PathBuf,
     #[serde(default = "default_timeout_ms")]
     peer_timeout_ms: u64,
+    #[serde(default)]
+    local_partitions: Option<usize>,
     tls: RawTls,
     #[serde(default)]
     peers: Vec<RawPeer>,
@@ -85,6 +87,9 @@ pub struct GatewayConfig {
     pub tls: TlsMaterial,
     pub audit_log: PathBuf,
     pub peer_timeout: Duration,
+    /// DataFusion's target partitions for the local part (None: the number
+    /// of cores). Lower it where the gateway shares its machine.
+    pub local_partitions: Option<usize>,
     /// Print one line per audit entry on standard error (`council serve`).
     pub log_queries: bool,
     /// Test-only fault injection; never set from a config file.
@@ -219,6 +224,13 @@ impl GatewayConfig {
             tls,
             audit_log: resolve(base, &raw.audit_log),
             peer_timeout: Duration::from_millis(raw.peer_timeout_ms.max(1)),
+            local_partitions: match raw.local_partitions {
+                Some(0) => bail!(
+                    "config {}: local_partitions must be at least 1 (or left out: the number of cores)",
+                    path.display()
+                ),
+                k => k,
+            },
             log_queries: true,
             fault: None,
         })

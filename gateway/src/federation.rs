@@ -165,6 +165,7 @@ impl LocalFederation {
                 tls: TlsMaterial::from_pem(&fed.ca_cert, cert, key)?,
                 audit_log: work_dir.join("audit").join(format!("{}.log", party.id)),
                 peer_timeout: spec.peer_timeout,
+                local_partitions: None,
                 log_queries: false,
                 fault: party.fault,
             };
@@ -239,7 +240,7 @@ pub async fn pooled_context(
                     format,
                 }
             };
-            let src = FileSource::open(vec![f]).await?;
+            let src = FileSource::open(vec![f], None).await?;
             partitions.push(src.read_rows_for_reference(&t.name).await?);
         }
         let mem = MemTable::try_new(t.schema(), partitions)?;

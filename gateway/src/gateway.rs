@@ -79,7 +79,79 @@ struct Session {
     mailbox: Arc<Mailbox>,
     started: AtomicBool,
     created: Instant,
+    /// Where this party's time went, for the query log.
+    phases: Phases,
+    /// The local part and its encoding, started at the party's own `allow`
+    /// (nothing leaves the party before the secure sum).
+    prepared: Mutex<Option<Prepared>>,
 }
+
+impl Session {
+    fn new(plan: FederatedPlan, leader: &str, analyst: &Analyst, query_id: &str, timeout: Duration, phases: Phases) -> Self {
+        Session {
+            plan: Arc::new(plan),
+            leader: leader.to_string(),
+            analyst: analyst.clone(),
+            query_id: query_id.to_string(),
+            mailbox: Arc::new(Mailbox::new(timeout)),
+            started: AtomicBool::new(false),
+            created: Instant::now(),
+            phases,
+            prepared: Mutex::new(None),
+        }
+    }
+}
+
+/// Wall-clock spans of one query at one party: the profile that
+/// `log_queries` prints (where the fixed cost of a query goes). Phases may
+/// overlap: the local part runs while the agreement is still under way.
+struct Phases {
+    t0: Instant,
+    spans: Mutex<Vec<(&'static str, Duration, Duration)>>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Phases {
+            t0: Instant::now(),
+            spans: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records that phase `name` ran from `since` until now.
+    fn span(&self, name: &'static str, since: Instant) {
+        let now = Instant::now();
+        self.spans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name, since.saturating_duration_since(self.t0), now - since));
+    }
+
+    /// `name start+duration` per phase, in ms from the query's start here.
+    fn summary(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s: Vec<String> = spans
+            .iter()
+            .map(|(n, at, d)| format!("{n} {:.2}+{:.2}", ms(*at), ms(*d)))
+            .collect();
+        s.push(format!("total {:.2}", ms(self.t0.elapsed())));
+        s.join(", ")
+    }
+}
+
+/// A query as the leader asks for it.
+#[derive(Clone, Copy)]
+struct Ask<'a> {
+    query_id: &'a str,
+    sql: &'a str,
+    analyst: &'a Analyst,
+    options: &'a QueryOptions,
+    explain_only: bool,
+}
+
+/// This party's encoded input, computed as soon as it allowed the query.
+type Prepared = tokio::task::JoinHandle<Result<SharedTable, PartyFailure>>;
 
 pub struct Gateway {
     pub party: String,
@@ -101,7 +173,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn new(cfg: &GatewayConfig) -> anyhow::Result<Arc<Self>> {
-        let source = connectors::FileSource::open(cfg.tables.clone()).await?;
+        let source = connectors::FileSource::open(cfg.tables.clone(), cfg.local_partitions).await?;
         if let Some(dir) = cfg.audit_log.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
@@ -209,7 +281,9 @@ impl Gateway {
     // ----- as a peer -------------------------------------------------------
 
     /// `propose` from `from`: plan it ourselves, decide with our own policy.
-    pub async fn on_propose(&self, from: &str, p: Propose) -> Verdict {
+    pub async fn on_propose(self: &Arc<Self>, from: &str, p: Propose) -> Verdict {
+        let phases = Phases::new();
+        let t = Instant::now();
         let mut entry = AuditEntry {
             event: "decision".into(),
             query_id: p.query_id.clone(),
@@ -243,6 +317,7 @@ impl Gateway {
             }
         };
         entry.fingerprint = Some(plan.fingerprint.clone());
+        phases.span("plan", t);
         match self.policy.check(&plan, &p.analyst) {
             Decision::Deny { rule, reason } => {
                 entry.decision = "deny".into();
@@ -266,18 +341,17 @@ impl Gateway {
                             message: format!("query id {} is already in use", p.query_id),
                         };
                     }
-                    sessions.insert(
-                        key,
-                        Arc::new(Session {
-                            plan: Arc::new(plan.clone()),
-                            leader: from.to_string(),
-                            analyst: p.analyst.clone(),
-                            query_id: p.query_id.clone(),
-                            mailbox: Arc::new(Mailbox::new(self.timeout)),
-                            started: AtomicBool::new(false),
-                            created: Instant::now(),
-                        }),
-                    );
+                    let session = Arc::new(Session::new(
+                        plan.clone(),
+                        from,
+                        &p.analyst,
+                        &p.query_id,
+                        self.timeout,
+                        phases,
+                    ));
+                    sessions.insert(key, session.clone());
+                    drop(sessions);
+                    self.prepare(&session);
                 }
                 self.audit(entry);
                 Verdict::Allow {
@@ -369,6 +443,13 @@ impl Gateway {
     fn finish(&self, s: &Session, outcome: String) {
         self.sessions()
             .remove(&(s.leader.clone(), s.query_id.clone()));
+        if let Some(task) = s.prepared.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+        if self.log_queries {
+            let id: String = s.query_id.chars().take(8).collect();
+            eprintln!("[{}] timing {id} (ms): {}", self.party, s.phases.summary());
+        }
         self.audit(AuditEntry {
             event: "outcome".into(),
             query_id: s.query_id.clone(),
@@ -401,9 +482,34 @@ impl Gateway {
         futures::future::join_all(sends).await;
     }
 
-    /// This party's share of the work: local part, encoding, secure sum.
-    /// Returns the revealed totals at the leader.
+    /// Starts this party's local part and encoding in the background. Only
+    /// called once this party allowed the query; nothing leaves the party
+    /// until the secure sum, which waits for the leader's `start`.
+    fn prepare(self: &Arc<Self>, s: &Arc<Session>) {
+        let me = self.clone();
+        let s2 = s.clone();
+        let task = tokio::spawn(async move { me.local_input(&s2).await });
+        *s.prepared.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+    }
+
+    /// This party's share of the work: its prepared input, then the secure
+    /// sum. Returns the revealed totals at the leader.
     async fn compute(&self, s: &Session) -> Result<Option<Revealed>, PartyFailure> {
+        let task = s.prepared.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let input = match task {
+            Some(task) => task.await.map_err(|e| PartyFailure {
+                peer_down: false,
+                local: format!("the local part's task ended abnormally: {e}"),
+                shared: format!("{} aborted: internal error (details in its gateway log)", self.party),
+            })??,
+            None => self.local_input(s).await?,
+        };
+        self.secure_sum(s, &input).await
+    }
+
+    /// The local part over this party's data, as ring elements per group.
+    async fn local_input(&self, s: &Session) -> Result<SharedTable, PartyFailure> {
+        let t = Instant::now();
         let plan = &s.plan;
         let mine = |m: String| PartyFailure {
             peer_down: false,
@@ -422,6 +528,8 @@ impl Gateway {
                     self.party
                 ),
             })?;
+        s.phases.span("local part", t);
+        let t = Instant::now();
         let keys = if plan.grouped {
             plan.groups.key_arrays()
         } else {
@@ -470,11 +578,23 @@ impl Gateway {
             }
         })?;
         let rows = index.len();
-        let input = SharedTable {
+        s.phases.span("encode", t);
+        Ok(SharedTable {
             keys,
             columns: ring,
             rows,
-        };
+        })
+    }
+
+    /// The secure sum of every party's input; the totals at the leader.
+    async fn secure_sum(
+        &self,
+        s: &Session,
+        input: &SharedTable,
+    ) -> Result<Option<Revealed>, PartyFailure> {
+        let t = Instant::now();
+        let plan = &s.plan;
+        let shared_idx = plan.shared_partials();
         let transport = QueryTransport {
             me: self.party.clone(),
             header_leader: s.leader.clone(),
@@ -494,7 +614,7 @@ impl Gateway {
             }),
         };
         let out = engine
-            .sum_and_reveal(&transport, &input)
+            .sum_and_reveal(&transport, input)
             .await
             .map_err(|e| {
                 let m = e.to_string();
@@ -511,6 +631,7 @@ impl Gateway {
                     peer_down,
                 }
             })?;
+        s.phases.span("secure sum", t);
         Ok(out.map(|cols| {
             let mut totals = vec![Vec::new(); plan.local.partials.len()];
             for (k, &i) in shared_idx.iter().enumerate() {
@@ -522,19 +643,26 @@ impl Gateway {
 
     // ----- as the leader ---------------------------------------------------
 
-    /// Asks every peer to plan and decide; returns the agreed plan.
-    async fn agree(
+    /// Plans the query and decides with this party's own policy. A query the
+    /// own policy refuses is never shown to the peers.
+    async fn decide_own(
         &self,
-        query_id: &str,
-        sql: &str,
-        analyst: &Analyst,
-        options: &QueryOptions,
-        explain_only: bool,
-    ) -> Result<(FederatedPlan, Vec<(String, Verdict)>), QueryFailure> {
+        q: &Ask<'_>,
+        phases: &Phases,
+    ) -> Result<(FederatedPlan, Verdict), QueryFailure> {
+        let Ask {
+            query_id,
+            sql,
+            analyst,
+            options,
+            explain_only,
+        } = *q;
+        let t = Instant::now();
         let plan = self
             .plan(sql, options)
             .await
             .map_err(|e| QueryFailure::new(FailureKind::Invalid, e.to_string()))?;
+        phases.span("plan", t);
         let own = self.policy.check(&plan, analyst);
         self.audit(AuditEntry {
             event: if explain_only {
@@ -558,18 +686,6 @@ impl Gateway {
             fingerprint: Some(plan.fingerprint.clone()),
             ..Default::default()
         });
-        let mut verdicts = vec![(
-            self.party.clone(),
-            match &own {
-                Decision::Allow => Verdict::Allow {
-                    fingerprint: plan.fingerprint.clone(),
-                },
-                Decision::Deny { rule, reason } => Verdict::Deny {
-                    rule: rule.clone(),
-                    reason: reason.clone(),
-                },
-            },
-        )];
         if !explain_only {
             if let Decision::Deny { rule, reason } = &own {
                 return Err(QueryFailure::new(
@@ -578,6 +694,33 @@ impl Gateway {
                 ));
             }
         }
+        let verdict = match own {
+            Decision::Allow => Verdict::Allow {
+                fingerprint: plan.fingerprint.clone(),
+            },
+            Decision::Deny { rule, reason } => Verdict::Deny { rule, reason },
+        };
+        Ok((plan, verdict))
+    }
+
+    /// Asks every peer to plan and decide; returns every party's verdict,
+    /// this party's first, or the first refusal or mismatch.
+    async fn ask_peers(
+        &self,
+        q: &Ask<'_>,
+        plan: &FederatedPlan,
+        own: Verdict,
+        phases: &Phases,
+    ) -> Result<Vec<(String, Verdict)>, QueryFailure> {
+        let Ask {
+            query_id,
+            sql,
+            analyst,
+            options,
+            explain_only,
+        } = *q;
+        let t = Instant::now();
+        let mut verdicts = vec![(self.party.clone(), own)];
         let proposal = Propose {
             query_id: query_id.to_string(),
             sql: sql.to_string(),
@@ -605,8 +748,9 @@ impl Gateway {
             }
         });
         verdicts.extend(futures::future::join_all(asks).await);
+        phases.span("propose", t);
         if explain_only {
-            return Ok((plan, verdicts));
+            return Ok(verdicts);
         }
         let mut failure = None;
         for (p, v) in &verdicts {
@@ -635,7 +779,7 @@ impl Gateway {
             self.abort_peers(&self.party, query_id, &f.message).await;
             return Err(f);
         }
-        Ok((plan, verdicts))
+        Ok(verdicts)
     }
 
     /// EXPLAIN: the plan, the disclosure manifest and every party's verdict.
@@ -646,7 +790,16 @@ impl Gateway {
         options: &QueryOptions,
     ) -> Result<String, QueryFailure> {
         let query_id = new_query_id();
-        let (plan, verdicts) = self.agree(&query_id, sql, analyst, options, true).await?;
+        let phases = Phases::new();
+        let ask = Ask {
+            query_id: &query_id,
+            sql,
+            analyst,
+            options,
+            explain_only: true,
+        };
+        let (plan, own) = self.decide_own(&ask, &phases).await?;
+        let verdicts = self.ask_peers(&ask, &plan, own, &phases).await?;
         let mut s = plan.explain(&self.party);
         s.push_str("Verdicts:\n");
         for (p, v) in verdicts {
@@ -673,19 +826,41 @@ impl Gateway {
         options: &QueryOptions,
     ) -> Result<QueryAnswer, QueryFailure> {
         let query_id = new_query_id();
-        let (plan, _) = self.agree(&query_id, sql, analyst, options, false).await?;
-        let session = Arc::new(Session {
-            plan: Arc::new(plan),
-            leader: self.party.clone(),
-            analyst: analyst.clone(),
-            query_id: query_id.clone(),
-            mailbox: Arc::new(Mailbox::new(self.timeout)),
-            started: AtomicBool::new(true),
-            created: Instant::now(),
-        });
+        let phases = Phases::new();
+        let ask = Ask {
+            query_id: &query_id,
+            sql,
+            analyst,
+            options,
+            explain_only: false,
+        };
+        let (plan, own) = self.decide_own(&ask, &phases).await?;
+        // Our own policy allowed it: start our local part now, while the
+        // peers decide (nothing leaves this party before the secure sum).
+        let session = Arc::new(Session::new(
+            plan,
+            &self.party,
+            analyst,
+            &query_id,
+            self.timeout,
+            phases,
+        ));
+        session.started.store(true, Ordering::SeqCst);
         self.sessions()
             .insert((self.party.clone(), query_id.clone()), session.clone());
+        self.prepare(&session);
+        if let Err(f) = self
+            .ask_peers(&ask, &session.plan, own, &session.phases)
+            .await
+        {
+            self.finish(&session, format!("not run: {}", f.message));
+            return Err(f);
+        }
 
+        // `start` and our own part of the secure sum go together: our input
+        // round carries only random seeds, and the peers' sessions exist
+        // since they allowed. A failed start stops our part at once.
+        let t = Instant::now();
         let starts = self.peers.keys().map(|p| {
             let body = serde_json::json!({ "query_id": query_id })
                 .to_string()
@@ -697,14 +872,25 @@ impl Gateway {
                     .map_err(|e| e.to_string())
             }
         });
-        let started = futures::future::join_all(starts).await;
-        let result = match started.into_iter().find_map(|r| r.err()) {
+        let starts = async {
+            let failed = futures::future::join_all(starts)
+                .await
+                .into_iter()
+                .find_map(|r| r.err());
+            if let Some(e) = &failed {
+                session.mailbox.abort(e);
+            }
+            session.phases.span("start", t);
+            failed
+        };
+        let (failed_start, result) = tokio::join!(starts, self.compute(&session));
+        let result = match failed_start {
             Some(e) => Err(PartyFailure {
                 local: e.clone(),
                 shared: e,
                 peer_down: true,
             }),
-            None => self.compute(&session).await,
+            None => result,
         };
         let revealed = match result {
             Ok(Some(r)) => r,
@@ -718,8 +904,11 @@ impl Gateway {
             }
             Err(f) => return Err(self.fail(&session, f).await),
         };
+        let t = Instant::now();
+        let batches = post_process(&session.plan, &revealed).await;
+        session.phases.span("post part", t);
         self.finish(&session, "revealed to analyst".into());
-        let batches = post_process(&session.plan, &revealed).await?;
+        let batches = batches?;
         Ok(QueryAnswer {
             batches,
             fingerprint: session.plan.fingerprint.clone(),
@@ -774,15 +963,11 @@ fn check_no_wrap(
                 .iter()
                 .position(|q| q.kind == k && q.arg == p.arg && q.scale == p.scale)
         };
-        let (Some(c), Some(lo), Some(hi)) = (
-            p.count_of_arg,
-            find(PartialKind::LocalMin),
-            find(PartialKind::LocalMax),
-        ) else {
+        let (Some(c), Some(m)) = (p.count_of_arg, find(PartialKind::LocalMaxAbs)) else {
             continue;
         };
         for g in 0..groups {
-            let max_abs = raw[lo][g].unsigned_abs().max(raw[hi][g].unsigned_abs());
+            let max_abs = raw[m][g].unsigned_abs();
             if !sum_cannot_wrap(raw[c][g], max_abs, p.kind == PartialKind::SumSquares) {
                 return Err(PartyFailure {
                     peer_down: false,

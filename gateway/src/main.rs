@@ -86,6 +86,8 @@ enum Command {
         query: String,
         #[arg(long)]
         reps: usize,
+        #[arg(long)]
+        partitions: usize,
     },
     /// Make a federation CA and a certificate and key per party.
     Certs {
@@ -264,8 +266,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             parties,
             query,
             reps,
+            partitions,
         } => {
-            gateway::bench::plaintext_child(&dir, parties, &query, reps).await?;
+            gateway::bench::plaintext_child(&dir, parties, &query, reps, partitions).await?;
         }
         Command::Certs {
             parties,

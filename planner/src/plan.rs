@@ -18,7 +18,8 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::Column;
 use datafusion::datasource::empty::EmptyTable;
 use datafusion::functions_aggregate::count::count_all;
-use datafusion::functions_aggregate::expr_fn::{count, max, min, sum};
+use datafusion::functions::math::expr_fn::abs;
+use datafusion::functions_aggregate::expr_fn::{count, max, sum};
 use datafusion::logical_expr::{cast, Aggregate, Expr, ExprSchemable, LogicalPlan};
 use datafusion::prelude::SessionContext;
 use serde::{Deserialize, Serialize};
@@ -81,10 +82,9 @@ pub enum PartialKind {
     Sum,
     /// Σ x², exact at twice the scale, shared in Z_2^128.
     SumSquares,
-    /// Local only, never shared: the extremes of x prove that the local
-    /// 128-bit sums cannot have wrapped.
-    LocalMin,
-    LocalMax,
+    /// Local only, never shared: max |x| proves that the local 128-bit sums
+    /// cannot have wrapped.
+    LocalMaxAbs,
 }
 
 impl PartialKind {
@@ -94,7 +94,7 @@ impl PartialKind {
     }
 
     pub fn is_shared(self) -> bool {
-        !matches!(self, PartialKind::LocalMin | PartialKind::LocalMax)
+        self != PartialKind::LocalMaxAbs
     }
 }
 
@@ -123,8 +123,9 @@ impl Partial {
             PartialKind::SumSquares => {
                 format!("SUM(({arg})^2) at scale {}, in Z_2^128", 2 * self.scale)
             }
-            PartialKind::LocalMin => format!("MIN({arg}) (local overflow guard, never shared)"),
-            PartialKind::LocalMax => format!("MAX({arg}) (local overflow guard, never shared)"),
+            PartialKind::LocalMaxAbs => {
+                format!("MAX(ABS({arg})) (local overflow guard, never shared)")
+            }
         }
     }
 }
@@ -234,8 +235,7 @@ impl LocalPart {
                     PartialKind::Sum => sum(fixed(38)),
                     // 18 digits per factor keep every product below 10^36.
                     PartialKind::SumSquares => sum(fixed(18) * fixed(18)),
-                    PartialKind::LocalMin => min(fixed(38)),
-                    PartialKind::LocalMax => max(fixed(38)),
+                    PartialKind::LocalMaxAbs => max(abs(fixed(38))),
                 };
                 e.alias(format!("p{i}"))
             })
@@ -616,11 +616,10 @@ pub async fn plan_query(
         );
         if kind != AggKind::Count {
             out.sum = Some(intern(PartialKind::Sum, Some(count_idx)));
-            // The local extremes are only needed where the argument's type
+            // The local max |x| is only needed where the argument's type
             // does not already prove that a 128-bit local sum cannot wrap.
             if !sum_statically_safe(&arg_type, squares) {
-                intern(PartialKind::LocalMin, Some(count_idx));
-                intern(PartialKind::LocalMax, Some(count_idx));
+                intern(PartialKind::LocalMaxAbs, Some(count_idx));
             }
         }
         if squares {
@@ -843,7 +842,7 @@ columns = [
         // whose squares do not, so only los gets local extremes.
         assert_eq!(
             kinds,
-            vec![RowCount, Count, Sum, Count, Sum, LocalMin, LocalMax, SumSquares]
+            vec![RowCount, Count, Sum, Count, Sum, LocalMaxAbs, SumSquares]
         );
         assert_eq!(p.groups.len(), 5);
         assert_eq!(p.uses.filter, BTreeSet::from(["diagnosis".to_string()]));
