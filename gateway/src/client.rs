@@ -1,22 +1,27 @@
-//! The analyst's side: connect to one's own gateway over TLS, authenticate,
-//! run a query or EXPLAIN, get Arrow batches back.
+//! The analyst's side: connect to one's own gateway over TLS, speak Flight
+//! SQL to it (handshake with user name and password for a Bearer token,
+//! then `GetFlightInfo` + `DoGet` per statement), get Arrow batches back.
+//! Built on the raw Flight client so that gRPC codes reach the caller.
 
 use anyhow::{anyhow, Context, Result};
 use arrow::array::{Array, RecordBatch, StringArray};
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_client::FlightServiceClient;
-use arrow_flight::Ticket;
+use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
+use arrow_flight::{FlightDescriptor, HandshakeRequest};
 use base64::Engine as _;
 use futures::TryStreamExt;
+use prost::Message;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::net::{server_name_for, TlsDialer};
-use crate::service::AnalystRequest;
 
 pub struct AnalystClient {
     client: FlightServiceClient<Channel>,
-    auth: String,
+    /// `Basic ...` until the first handshake, then `Bearer <token>`.
+    auth: tokio::sync::Mutex<Option<String>>,
+    basic: String,
     gateway: String,
 }
 
@@ -58,46 +63,94 @@ impl AnalystClient {
                 }
                 anyhow!("cannot reach gateway {gateway}: {msg}")
             })?;
-        let auth = format!(
+        let basic = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
         );
         Ok(AnalystClient {
             client: FlightServiceClient::new(channel).max_decoding_message_size(256 << 20),
-            auth,
+            auth: tokio::sync::Mutex::new(None),
+            basic,
             gateway: gateway.to_string(),
         })
     }
 
-    async fn get(&self, req: &AnalystRequest) -> Result<Vec<RecordBatch>, GatewayError> {
-        let ticket = Ticket {
-            ticket: serde_json::to_vec(req)
-                .map_err(|e| GatewayError {
-                    code: tonic::Code::Internal,
-                    message: e.to_string(),
-                })?
-                .into(),
-        };
-        let mut r = tonic::Request::new(ticket);
+    fn with_auth<T>(&self, msg: T, auth: &str) -> Result<tonic::Request<T>, GatewayError> {
+        let mut r = tonic::Request::new(msg);
         r.metadata_mut().insert(
             "authorization",
-            self.auth.parse().map_err(|_| GatewayError {
+            auth.parse().map_err(|_| GatewayError {
                 code: tonic::Code::InvalidArgument,
                 message: "user name or password has characters that cannot be sent".into(),
             })?,
         );
+        Ok(r)
+    }
+
+    /// The `authorization` header: a Bearer token, from a handshake the
+    /// first time.
+    async fn authorization(&self) -> Result<String, GatewayError> {
+        let mut auth = self.auth.lock().await;
+        if let Some(a) = auth.as_ref() {
+            return Ok(a.clone());
+        }
+        let hello = futures::stream::iter(vec![HandshakeRequest::default()]);
+        let req = self.with_auth(hello, &self.basic)?;
+        let resp = self
+            .client
+            .clone()
+            .handshake(req)
+            .await
+            .map_err(|s| self.status(s))?;
+        let bearer = resp
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.starts_with("Bearer "))
+            .map(str::to_string)
+            .ok_or_else(|| GatewayError {
+                code: tonic::Code::Unauthenticated,
+                message: format!("gateway {} sent no Bearer token after the handshake", self.gateway),
+            })?;
+        *auth = Some(bearer.clone());
+        Ok(bearer)
+    }
+
+    /// Runs one statement (SQL or EXPLAIN) and fetches its answer.
+    async fn statement(&self, sql: &str) -> Result<Vec<RecordBatch>, GatewayError> {
+        let auth = self.authorization().await?;
+        let cmd = CommandStatementQuery {
+            query: sql.to_string(),
+            transaction_id: None,
+        };
+        let descriptor = FlightDescriptor::new_cmd(cmd.as_any().encode_to_vec());
         let mut c = self.client.clone();
-        let stream = c.do_get(r).await.map_err(|s| self.status(s))?.into_inner();
-        let batches = FlightRecordBatchStream::new_from_flight_data(
-            stream.map_err(|s| FlightError::Tonic(Box::new(s))),
-        );
-        batches.try_collect().await.map_err(|e| match e {
-            FlightError::Tonic(s) => self.status(*s),
-            other => GatewayError {
-                code: tonic::Code::Internal,
-                message: other.to_string(),
-            },
-        })
+        let info = c
+            .get_flight_info(self.with_auth(descriptor, &auth)?)
+            .await
+            .map_err(|s| self.status(s))?
+            .into_inner();
+        let mut out = Vec::new();
+        for ep in info.endpoint {
+            let Some(ticket) = ep.ticket else { continue };
+            let stream = c
+                .do_get(self.with_auth(ticket, &auth)?)
+                .await
+                .map_err(|s| self.status(s))?
+                .into_inner();
+            let batches = FlightRecordBatchStream::new_from_flight_data(
+                stream.map_err(|s| FlightError::Tonic(Box::new(s))),
+            );
+            let mut got: Vec<RecordBatch> = batches.try_collect().await.map_err(|e| match e {
+                FlightError::Tonic(s) => self.status(*s),
+                other => GatewayError {
+                    code: tonic::Code::Internal,
+                    message: other.to_string(),
+                },
+            })?;
+            out.append(&mut got);
+        }
+        Ok(out)
     }
 
     fn status(&self, s: tonic::Status) -> GatewayError {
@@ -113,22 +166,12 @@ impl AnalystClient {
     }
 
     pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, GatewayError> {
-        self.get(&AnalystRequest {
-            sql: sql.to_string(),
-            explain: false,
-            options: Default::default(),
-        })
-        .await
+        self.statement(sql).await
     }
 
     pub async fn explain(&self, sql: &str) -> Result<String, GatewayError> {
-        let batches = self
-            .get(&AnalystRequest {
-                sql: sql.to_string(),
-                explain: true,
-                options: Default::default(),
-            })
-            .await?;
+        let (_, inner) = planner::split_explain(sql);
+        let batches = self.statement(&format!("EXPLAIN {inner}")).await?;
         let mut out = String::new();
         for b in batches {
             if let Some(col) = b.column(0).as_any().downcast_ref::<StringArray>() {

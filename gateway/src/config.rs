@@ -71,6 +71,10 @@ pub struct AnalystCredential {
     pub password_hash: String,
     #[serde(default)]
     pub roles: Vec<String>,
+    /// SHA-256 (hex) of a preset Bearer token for tools that cannot send a
+    /// password (`council new-token` makes one).
+    #[serde(default)]
+    pub token_sha256: Option<String>,
 }
 
 /// Everything a gateway needs, loaded and checked.

@@ -143,6 +143,7 @@ impl LocalFederation {
                         name: n.clone(),
                         password_hash: hash_password(p)?,
                         roles: r.clone(),
+                        token_sha256: None,
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;

@@ -66,6 +66,7 @@ impl QueryFailure {
 
 /// The answer to a query.
 pub struct QueryAnswer {
+    pub schema: arrow::datatypes::SchemaRef,
     pub batches: Vec<RecordBatch>,
     pub fingerprint: String,
 }
@@ -229,6 +230,63 @@ impl Gateway {
         if let Err(e) = self.audit.append(&entry) {
             eprintln!("[{}] AUDIT LOG WRITE FAILED: {e}", self.party);
         }
+    }
+
+    /// Checks a preset Bearer token (its SHA-256 is in the config).
+    pub fn authenticate_token(&self, token: &str) -> Result<Analyst, QueryFailure> {
+        let digest = hex::encode(Sha256::digest(token.as_bytes()));
+        self.analysts
+            .iter()
+            .find(|a| a.token_sha256.as_deref() == Some(digest.as_str()))
+            .map(|cred| Analyst {
+                party: self.party.clone(),
+                name: cred.name.clone(),
+                roles: cred.roles.clone(),
+            })
+            .ok_or_else(|| {
+                QueryFailure::new(
+                    FailureKind::Unauthenticated,
+                    format!(
+                        "the Bearer token is not valid at gateway {} (expired session or unknown token); \
+                         authenticate again with user name and password",
+                        self.party
+                    ),
+                )
+            })
+    }
+
+    /// The federated tables `analyst` may query, with the columns this
+    /// party's policy lets them use: what catalog browsing shows.
+    pub fn visible_tables(&self, analyst: &Analyst) -> Vec<(String, arrow::datatypes::Schema)> {
+        self.catalog
+            .tables
+            .values()
+            .filter_map(|t| {
+                let cols = self.policy.visible_columns(analyst, &t.name)?;
+                let full = t.schema();
+                let fields: Vec<_> = full
+                    .fields()
+                    .iter()
+                    .filter(|f| cols.iter().any(|c| c == f.name()))
+                    .cloned()
+                    .collect();
+                Some((t.name.clone(), arrow::datatypes::Schema::new(fields)))
+            })
+            .collect()
+    }
+
+    /// The schema a query's answer will have, planned here without running
+    /// it or asking anyone (for prepared statements).
+    pub async fn describe(&self, sql: &str) -> Result<arrow::datatypes::SchemaRef, QueryFailure> {
+        let (explain, sql) = planner::split_explain(sql);
+        if explain {
+            return Ok(explain_schema());
+        }
+        let plan = self
+            .plan(sql, &QueryOptions::default())
+            .await
+            .map_err(|e| QueryFailure::new(FailureKind::Invalid, e.to_string()))?;
+        Ok(Arc::new(plan.logical.schema().as_arrow().clone()))
     }
 
     /// Checks an analyst's password; returns the analyst as policies see them.
@@ -908,8 +966,9 @@ impl Gateway {
         let batches = post_process(&session.plan, &revealed).await;
         session.phases.span("post part", t);
         self.finish(&session, "revealed to analyst".into());
-        let batches = batches?;
+        let (schema, batches) = batches?;
         Ok(QueryAnswer {
+            schema,
             batches,
             fingerprint: session.plan.fingerprint.clone(),
         })
@@ -985,7 +1044,7 @@ fn check_no_wrap(
 async fn post_process(
     plan: &FederatedPlan,
     revealed: &Revealed,
-) -> Result<Vec<RecordBatch>, QueryFailure> {
+) -> Result<(arrow::datatypes::SchemaRef, Vec<RecordBatch>), QueryFailure> {
     let invalid = |e: planner::PlanError| QueryFailure::new(FailureKind::Invalid, e.to_string());
     let batch = revealed_batch(plan, revealed).map_err(invalid)?;
     let logical = post_plan(plan, batch).map_err(invalid)?;
@@ -996,12 +1055,23 @@ async fn post_process(
             planner::plan::clean_df_error(&e.to_string()),
         )
     })?;
-    df.collect().await.map_err(|e| {
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await.map_err(|e| {
         QueryFailure::new(
             FailureKind::Invalid,
             planner::plan::clean_df_error(&e.to_string()),
         )
-    })
+    })?;
+    Ok((schema, batches))
+}
+
+/// EXPLAIN's answer: one text column, one line per row.
+pub fn explain_schema() -> arrow::datatypes::SchemaRef {
+    Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
+        "plan",
+        arrow::datatypes::DataType::Utf8,
+        false,
+    )]))
 }
 
 /// The first 16 characters of a fingerprint (which may come from a peer).

@@ -9,6 +9,7 @@ pub mod compare;
 pub mod config;
 pub mod demo;
 pub mod federation;
+pub mod flightsql;
 pub mod gateway;
 pub mod net;
 pub mod output;

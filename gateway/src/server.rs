@@ -13,7 +13,8 @@ use tokio::task::JoinHandle;
 use crate::config::GatewayConfig;
 use crate::gateway::Gateway;
 use crate::net::{tls_incoming, Admit};
-use crate::service::{AnalystService, PeerService, MAX_MESSAGE};
+use crate::flightsql::FlightSqlFrontDoor;
+use crate::service::{PeerService, MAX_MESSAGE};
 
 pub struct RunningGateway {
     pub party: String,
@@ -97,9 +98,9 @@ pub async fn start(
     })
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);
-    let analyst_svc = FlightServiceServer::new(AnalystService {
-        gw: gateway.clone(),
-    })
+    let analyst_svc = FlightServiceServer::new(
+        FlightSqlFrontDoor::new(gateway.clone()).map_err(|e| anyhow::anyhow!(e))?,
+    )
     .max_decoding_message_size(16 << 20)
     .max_encoding_message_size(MAX_MESSAGE);
     let t1 = spawn_flight(

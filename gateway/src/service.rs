@@ -1,16 +1,13 @@
 //! The gRPC services of a gateway, both Arrow Flight:
 //! - the peer service (mutual TLS; the caller is the party its certificate
 //!   names): `do_action` propose/start/abort and `do_put` share batches;
-//! - the analyst service (TLS + password): `do_get` with a JSON ticket
-//!   `{"sql": ..., "explain": bool}` streams the answer as Arrow.
+//! - (the analysts' Flight SQL service is in `flightsql`; the credentials
+//!   and error mapping it shares are here).
 
 use std::pin::Pin;
 use std::sync::Arc;
 
-use arrow::array::{RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
 use arrow_flight::decode::FlightRecordBatchStream;
-use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{
@@ -19,8 +16,6 @@ use arrow_flight::{
 };
 use base64::Engine as _;
 use futures::{Stream, StreamExt, TryStreamExt};
-use planner::QueryOptions;
-use serde::Deserialize;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::gateway::{FailureKind, Gateway, QueryFailure};
@@ -186,20 +181,6 @@ impl FlightService for PeerService {
     }
 }
 
-/// What an analyst asks for in a `do_get` ticket.
-#[derive(Debug, Deserialize, serde::Serialize)]
-pub struct AnalystRequest {
-    pub sql: String,
-    #[serde(default)]
-    pub explain: bool,
-    #[serde(default)]
-    pub options: QueryOptions,
-}
-
-pub struct AnalystService {
-    pub gw: Arc<Gateway>,
-}
-
 pub fn failure_status(f: &QueryFailure) -> Status {
     match f.kind {
         FailureKind::Invalid => Status::invalid_argument(f.message.clone()),
@@ -240,127 +221,6 @@ pub fn basic_credentials(md: &tonic::metadata::MetadataMap) -> Result<(String, S
         .split_once(':')
         .ok_or_else(|| Status::unauthenticated("credentials must be user:password"))?;
     Ok((u.to_string(), p.to_string()))
-}
-
-fn batches_stream(batches: Vec<RecordBatch>) -> BoxStream<FlightData> {
-    let schema = batches.first().map(|b| b.schema());
-    let mut enc = FlightDataEncoderBuilder::new();
-    if let Some(s) = schema {
-        enc = enc.with_schema(s);
-    }
-    let s = enc
-        .build(futures::stream::iter(batches.into_iter().map(Ok)))
-        .map_err(|e| Status::internal(e.to_string()));
-    Box::pin(s)
-}
-
-#[tonic::async_trait]
-impl FlightService for AnalystService {
-    type HandshakeStream = BoxStream<HandshakeResponse>;
-    type ListFlightsStream = BoxStream<FlightInfo>;
-    type DoGetStream = BoxStream<FlightData>;
-    type DoPutStream = BoxStream<PutResult>;
-    type DoExchangeStream = BoxStream<FlightData>;
-    type DoActionStream = BoxStream<arrow_flight::Result>;
-    type ListActionsStream = BoxStream<ActionType>;
-
-    async fn do_get(
-        &self,
-        request: Request<Ticket>,
-    ) -> Result<Response<Self::DoGetStream>, Status> {
-        let (user, password) = basic_credentials(request.metadata())?;
-        let gw = self.gw.clone();
-        let analyst = tokio::task::spawn_blocking(move || gw.authenticate(&user, &password))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|f| failure_status(&f))?;
-        let req: AnalystRequest =
-            serde_json::from_slice(&request.get_ref().ticket).map_err(|e| {
-                Status::invalid_argument(format!(
-                    "malformed ticket: {e}; send {{\"sql\": \"SELECT ...\"}}"
-                ))
-            })?;
-        let (explain_sql, sql) = planner::split_explain(&req.sql);
-        if req.explain || explain_sql {
-            let text = self
-                .gw
-                .explain(&analyst, sql, &req.options)
-                .await
-                .map_err(|f| failure_status(&f))?;
-            let schema = Arc::new(Schema::new(vec![Field::new("plan", DataType::Utf8, false)]));
-            let lines: Vec<&str> = text.lines().collect();
-            let batch = RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(lines))])
-                .map_err(|e| Status::internal(e.to_string()))?;
-            return Ok(Response::new(batches_stream(vec![batch])));
-        }
-        let answer = self
-            .gw
-            .run_query(&analyst, &req.sql, &req.options)
-            .await
-            .map_err(|f| failure_status(&f))?;
-        let mut resp = Response::new(batches_stream(answer.batches));
-        if let Ok(v) = answer.fingerprint.parse() {
-            resp.metadata_mut().insert("council-plan-fingerprint", v);
-        }
-        Ok(resp)
-    }
-
-    async fn handshake(
-        &self,
-        _r: Request<Streaming<HandshakeRequest>>,
-    ) -> Result<Response<Self::HandshakeStream>, Status> {
-        Err(Status::unimplemented(
-            "send Basic credentials with each call",
-        ))
-    }
-    async fn list_flights(
-        &self,
-        _r: Request<Criteria>,
-    ) -> Result<Response<Self::ListFlightsStream>, Status> {
-        Err(Status::unimplemented("list_flights"))
-    }
-    async fn get_flight_info(
-        &self,
-        _r: Request<FlightDescriptor>,
-    ) -> Result<Response<FlightInfo>, Status> {
-        Err(Status::unimplemented("get_flight_info"))
-    }
-    async fn poll_flight_info(
-        &self,
-        _r: Request<FlightDescriptor>,
-    ) -> Result<Response<PollInfo>, Status> {
-        Err(Status::unimplemented("poll_flight_info"))
-    }
-    async fn get_schema(
-        &self,
-        _r: Request<FlightDescriptor>,
-    ) -> Result<Response<SchemaResult>, Status> {
-        Err(Status::unimplemented("get_schema"))
-    }
-    async fn do_put(
-        &self,
-        _r: Request<Streaming<FlightData>>,
-    ) -> Result<Response<Self::DoPutStream>, Status> {
-        Err(Status::permission_denied("analysts cannot write data"))
-    }
-    async fn do_exchange(
-        &self,
-        _r: Request<Streaming<FlightData>>,
-    ) -> Result<Response<Self::DoExchangeStream>, Status> {
-        Err(Status::unimplemented("do_exchange"))
-    }
-    async fn do_action(
-        &self,
-        _r: Request<Action>,
-    ) -> Result<Response<Self::DoActionStream>, Status> {
-        Err(Status::unimplemented("do_action"))
-    }
-    async fn list_actions(
-        &self,
-        _r: Request<Empty>,
-    ) -> Result<Response<Self::ListActionsStream>, Status> {
-        Err(Status::unimplemented("list_actions"))
-    }
 }
 
 #[cfg(test)]

@@ -243,16 +243,36 @@ impl Policy {
         })
     }
 
-    /// Decides `plan` for `analyst`. Anything the policy does not list is denied.
-    pub fn check(&self, plan: &FederatedPlan, analyst: &Analyst) -> Decision {
-        let deny = |rule: String, reason: String| Decision::Deny { rule, reason };
-        let admitted = self.allow.iter().any(|a| match a.split_once(':') {
+    /// Whether `analysts.allow` admits `analyst` at all.
+    pub fn admits(&self, analyst: &Analyst) -> bool {
+        self.allow.iter().any(|a| match a.split_once(':') {
             Some(("role", r)) => analyst.roles.iter().any(|x| x == r),
             Some((p, "*")) => p == analyst.party,
             Some((p, n)) => p == analyst.party && n == analyst.name,
             None => false,
-        });
-        if !admitted {
+        })
+    }
+
+    /// The columns of `table` that `analyst` may use in some way, or None
+    /// if the table is not exposed to them: what catalog browsing shows.
+    pub fn visible_columns(&self, analyst: &Analyst, table: &str) -> Option<Vec<String>> {
+        if !self.admits(analyst) {
+            return None;
+        }
+        let tp = self.tables.get(table)?;
+        Some(
+            tp.columns
+                .iter()
+                .filter(|(_, c)| c.group_by || c.filter || !c.aggregate.is_empty())
+                .map(|(n, _)| n.clone())
+                .collect(),
+        )
+    }
+
+    /// Decides `plan` for `analyst`. Anything the policy does not list is denied.
+    pub fn check(&self, plan: &FederatedPlan, analyst: &Analyst) -> Decision {
+        let deny = |rule: String, reason: String| Decision::Deny { rule, reason };
+        if !self.admits(analyst) {
             return deny(
                 "analysts.allow".into(),
                 format!("analyst {analyst} may not query this party's data"),
