@@ -44,25 +44,7 @@ impl AnalystClient {
     /// `gateway` is host:port; `ca_pem` the federation CA the gateway's
     /// certificate must chain to.
     pub async fn connect(gateway: &str, ca_pem: &str, user: &str, password: &str) -> Result<Self> {
-        crate::tls::install_provider();
-        let dialer = TlsDialer {
-            addr: gateway.to_string(),
-            server_name: server_name_for(gateway)?,
-            config: crate::tls::analyst_client_config(ca_pem)?,
-        };
-        let channel = Endpoint::from_shared("http://gateway.council".to_string())?
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .connect_with_connector(dialer)
-            .await
-            .map_err(|e| {
-                let mut msg = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    msg = format!("{msg}: {s}");
-                    src = s.source();
-                }
-                anyhow!("cannot reach gateway {gateway}: {msg}")
-            })?;
+        let channel = tls_channel(gateway, ca_pem).await?;
         let basic = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
@@ -183,6 +165,30 @@ impl AnalystClient {
         }
         Ok(out)
     }
+}
+
+/// A TLS channel to a gateway's analyst port (`host:port`), verifying its
+/// certificate against the federation CA: for Flight SQL clients too.
+pub async fn tls_channel(gateway: &str, ca_pem: &str) -> Result<Channel> {
+    crate::tls::install_provider();
+    let dialer = TlsDialer {
+        addr: gateway.to_string(),
+        server_name: server_name_for(gateway)?,
+        config: crate::tls::analyst_client_config(ca_pem)?,
+    };
+    Endpoint::from_shared("http://gateway.council".to_string())?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .connect_with_connector(dialer)
+        .await
+        .map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg = format!("{msg}: {s}");
+                src = s.source();
+            }
+            anyhow!("cannot reach gateway {gateway}: {msg}")
+        })
 }
 
 /// Reads the CA certificate file named by `path`.
