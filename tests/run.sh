@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The test command (README): installs the clients the end-to-end tests drive
 # and that this project did not write, then runs every test.
-#   - Python: pyarrow and the ADBC Flight SQL driver, pinned, in a virtual
-#     environment at target/py (created once; no root needed).
+#   - Python: pyarrow, the ADBC Flight SQL driver and psycopg 3, pinned, in
+#     a virtual environment at target/py (created once; no root needed);
+#   - psql (Debian's postgresql-client), installed with apt-get when missing
+#     and run as root; otherwise the psql test says how to get it.
 # Set COUNCIL_TEST_PYTHON to use another interpreter that has them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY_PACKAGES="pyarrow==26.0.1 adbc-driver-manager==1.13.0 adbc-driver-flightsql==1.13.0"
+PY_PACKAGES="pyarrow==26.0.1 adbc-driver-manager==1.13.0 adbc-driver-flightsql==1.13.0 psycopg[binary]==3.2.10"
 
 if [ -z "${COUNCIL_TEST_PYTHON:-}" ]; then
-  if ! target/py/bin/python -c "import adbc_driver_flightsql, adbc_driver_manager, pyarrow" 2>/dev/null; then
+  if ! target/py/bin/python -c "import adbc_driver_flightsql, adbc_driver_manager, pyarrow, psycopg" 2>/dev/null; then
     echo "tests/run.sh: installing $PY_PACKAGES into target/py"
     mkdir -p target
     rm -rf target/py
@@ -18,6 +20,11 @@ if [ -z "${COUNCIL_TEST_PYTHON:-}" ]; then
     target/py/bin/pip install --quiet --disable-pip-version-check $PY_PACKAGES
   fi
   export COUNCIL_TEST_PYTHON="$PWD/target/py/bin/python"
+fi
+
+if ! command -v psql >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "tests/run.sh: installing postgresql-client (psql)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-client
 fi
 
 cargo test --workspace --locked "$@"

@@ -26,6 +26,8 @@ struct RawConfig {
     peer_timeout_ms: u64,
     #[serde(default)]
     local_partitions: Option<usize>,
+    #[serde(default)]
+    pg_listen: Option<String>,
     tls: RawTls,
     #[serde(default)]
     peers: Vec<RawPeer>,
@@ -75,6 +77,12 @@ pub struct AnalystCredential {
     /// password (`council new-token` makes one).
     #[serde(default)]
     pub token_sha256: Option<String>,
+    /// SCRAM-SHA-256 salted password for PostgreSQL logins,
+    /// `ITERATIONS:SALT_B64:SALTED_B64` (`council hash-password` makes it).
+    /// Not the password, but enough to log in over SCRAM: keep the config
+    /// as private as a key.
+    #[serde(default)]
+    pub scram: Option<String>,
 }
 
 /// Everything a gateway needs, loaded and checked.
@@ -82,6 +90,8 @@ pub struct GatewayConfig {
     pub party: String,
     pub peer_listen: String,
     pub analyst_listen: String,
+    /// PostgreSQL wire protocol listener (TLS, SCRAM-SHA-256), if any.
+    pub pg_listen: Option<String>,
     /// Other parties: id → address.
     pub peers: BTreeMap<String, String>,
     pub catalog: Catalog,
@@ -213,6 +223,16 @@ impl GatewayConfig {
         )
         .with_context(|| format!("config {}: tls", path.display()))?;
         for a in &raw.analysts {
+            if let Some(s) = &a.scram {
+                if parse_scram(s).is_none() {
+                    bail!(
+                        "config {}: analyst `{}`: scram is not a verifier `{}:SALT:SALTED` (base64); make one with `council hash-password`",
+                        path.display(),
+                        a.name,
+                        crate::pg::SCRAM_ITERATIONS
+                    );
+                }
+            }
             argon2::PasswordHash::new(&a.password_hash)
                 .map_err(|e| anyhow!("config {}: analyst `{}`: password_hash is not a PHC string ({e}); make one with `council hash-password`", path.display(), a.name))?;
         }
@@ -220,6 +240,7 @@ impl GatewayConfig {
             party: raw.party,
             peer_listen: raw.peer_listen,
             analyst_listen: raw.analyst_listen,
+            pg_listen: raw.pg_listen,
             peers,
             catalog,
             policy,
@@ -239,6 +260,45 @@ impl GatewayConfig {
             fault: None,
         })
     }
+}
+
+/// A SCRAM-SHA-256 verifier line for `password` (random 16-byte salt).
+pub fn scram_verifier(password: &str) -> String {
+    use base64::Engine as _;
+    let salt: [u8; 16] = rand::random();
+    let salted = pgwire::api::auth::sasl::scram::gen_salted_password(
+        password,
+        &salt,
+        crate::pg::SCRAM_ITERATIONS,
+    );
+    let b64 = base64::engine::general_purpose::STANDARD;
+    format!(
+        "{}:{}:{}",
+        crate::pg::SCRAM_ITERATIONS,
+        b64.encode(salt),
+        b64.encode(salted)
+    )
+}
+
+/// Parses a `scram` line into (salt, salted password).
+pub fn parse_scram(line: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut parts = line.split(':');
+    let iterations: usize = parts.next()?.parse().ok()?;
+    let salt = b64.decode(parts.next()?).ok()?;
+    let salted = b64.decode(parts.next()?).ok()?;
+    (iterations == crate::pg::SCRAM_ITERATIONS && parts.next().is_none() && salted.len() == 32)
+        .then_some((salt, salted))
+}
+
+/// A random Bearer token and the SHA-256 (hex) a config stores.
+pub fn new_token() -> (String, String) {
+    use sha2::Digest as _;
+    let raw: [u8; 32] = rand::random();
+    let token = hex::encode(raw);
+    let digest = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+    (token, digest)
 }
 
 /// An argon2id PHC hash of `password`.

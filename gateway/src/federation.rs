@@ -86,16 +86,17 @@ impl LocalFederation {
         for _ in &spec.parties {
             let peer = TcpListener::bind("127.0.0.1:0").await?;
             let analyst = TcpListener::bind("127.0.0.1:0").await?;
-            listeners.push((peer, analyst));
+            let pg = TcpListener::bind("127.0.0.1:0").await?;
+            listeners.push((peer, analyst, pg));
         }
         let peer_addrs: Vec<String> = listeners
             .iter()
-            .map(|(p, _)| p.local_addr().map(|a| a.to_string()))
+            .map(|(p, _, _)| p.local_addr().map(|a| a.to_string()))
             .collect::<Result<_, _>>()?;
         std::fs::create_dir_all(work_dir.join("audit"))?;
         let mut gateways = Vec::new();
         let mut tables: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
-        for (i, ((party, (_, cert, key)), (pl, al))) in spec
+        for (i, ((party, (_, cert, key)), (pl, al, gl))) in spec
             .parties
             .iter()
             .zip(&fed.parties)
@@ -144,6 +145,7 @@ impl LocalFederation {
                         password_hash: hash_password(p)?,
                         roles: r.clone(),
                         token_sha256: None,
+                        scram: Some(crate::config::scram_verifier(p)),
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -167,11 +169,19 @@ impl LocalFederation {
                 audit_log: work_dir.join("audit").join(format!("{}.log", party.id)),
                 peer_timeout: spec.peer_timeout,
                 local_partitions: None,
+                pg_listen: None,
                 log_queries: false,
                 fault: party.fault,
             };
             gateways.push(
-                start(&cfg, pl, al)
+                start(
+                    &cfg,
+                    crate::server::Listeners {
+                        peer: pl,
+                        analyst: al,
+                        pg: Some(gl),
+                    },
+                )
                     .await
                     .with_context(|| format!("starting gateway {}", party.id))?,
             );

@@ -419,7 +419,7 @@ impl FlightSqlService for FlightSqlFrontDoor {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         self.analyst(request.metadata()).await?;
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         self.metadata_info(&schema, query.as_any(), request.into_inner())
     }
 
@@ -485,7 +485,7 @@ impl FlightSqlService for FlightSqlFrontDoor {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         self.analyst(request.metadata()).await?;
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         self.metadata_info(&schema, query.as_any(), request.into_inner())
     }
 

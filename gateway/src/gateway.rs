@@ -232,6 +232,21 @@ impl Gateway {
         }
     }
 
+    /// An analyst of this party by name (after the front door checked them).
+    pub fn analyst_named(&self, user: &str) -> Option<Analyst> {
+        self.analysts.iter().find(|a| a.name == user).map(|cred| Analyst {
+            party: self.party.clone(),
+            name: cred.name.clone(),
+            roles: cred.roles.clone(),
+        })
+    }
+
+    /// The SCRAM-SHA-256 (salt, salted password) of an analyst, if set.
+    pub fn scram_verifier(&self, user: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+        let cred = self.analysts.iter().find(|a| a.name == user)?;
+        crate::config::parse_scram(cred.scram.as_deref()?)
+    }
+
     /// Checks a preset Bearer token (its SHA-256 is in the config).
     pub fn authenticate_token(&self, token: &str) -> Result<Analyst, QueryFailure> {
         let digest = hex::encode(Sha256::digest(token.as_bytes()));

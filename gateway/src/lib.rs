@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod net;
 pub mod output;
 pub mod peer;
+pub mod pg;
 pub mod server;
 pub mod service;
 pub mod tls;

@@ -133,11 +133,16 @@ enum Command {
         command: AuditCommand,
     },
     /// Print an argon2id hash of a password, for `[[analysts]] password_hash`.
+    /// Print an analyst's credential lines for a gateway config: an argon2
+    /// hash (Flight SQL, CLI) and a SCRAM-SHA-256 verifier (PostgreSQL).
     HashPassword {
         /// The password; else read from standard input.
         #[arg(long)]
         password: Option<String>,
     },
+    /// Make a random Bearer token for a tool that cannot send a password:
+    /// prints the token (give it to the tool) and the config line.
+    NewToken,
 }
 
 #[derive(Subcommand)]
@@ -289,8 +294,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Serve { config } => {
             let cfg = gateway::config::GatewayConfig::load(&config)?;
-            let (peer, analyst) = gateway::server::bind(&cfg).await?;
-            let running = gateway::server::start(&cfg, peer, analyst).await?;
+            let listeners = gateway::server::bind(&cfg).await?;
+            let running = gateway::server::start(&cfg, listeners).await?;
             println!(
                 "council gateway {} serving: peers on {} (mutual TLS), analysts on {} (TLS); {} peer(s): {}",
                 cfg.party,
@@ -335,6 +340,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok((n, head)) => println!("{}: {n} entries, chain intact; head {head}", file.display()),
             Err(e) => bail!("{}: {e}", file.display()),
         },
+        Command::NewToken => {
+            let (token, digest) = gateway::config::new_token();
+            println!("token: {token}");
+            println!("token_sha256 = \"{digest}\"");
+        }
         Command::HashPassword { password } => {
             let p = match password {
                 Some(p) => p,
@@ -344,7 +354,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     s.trim_end_matches(['\n', '\r']).to_string()
                 }
             };
-            println!("{}", gateway::config::hash_password(&p)?);
+            println!("password_hash = \"{}\"", gateway::config::hash_password(&p)?);
+            println!("scram = \"{}\"", gateway::config::scram_verifier(&p));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -20,6 +20,8 @@ pub struct RunningGateway {
     pub party: String,
     pub peer_addr: SocketAddr,
     pub analyst_addr: SocketAddr,
+    /// The PostgreSQL listener, where configured.
+    pub pg_addr: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
     shutdown: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
@@ -44,8 +46,30 @@ impl RunningGateway {
     }
 }
 
-/// Binds both listeners from the configured addresses.
-pub async fn bind(cfg: &GatewayConfig) -> Result<(TcpListener, TcpListener)> {
+/// A gateway's bound listeners.
+pub struct Listeners {
+    pub peer: TcpListener,
+    /// Flight SQL (and the `council` CLI).
+    pub analyst: TcpListener,
+    /// PostgreSQL wire protocol, if configured.
+    pub pg: Option<TcpListener>,
+}
+
+/// Binds the listeners from the configured addresses.
+pub async fn bind(cfg: &GatewayConfig) -> Result<Listeners> {
+    let pg = match &cfg.pg_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the PostgreSQL listener to {a}"))?,
+        ),
+        None => None,
+    };
+    let (peer, analyst) = bind_two(cfg).await?;
+    Ok(Listeners { peer, analyst, pg })
+}
+
+async fn bind_two(cfg: &GatewayConfig) -> Result<(TcpListener, TcpListener)> {
     let peer = TcpListener::bind(&cfg.peer_listen)
         .await
         .with_context(|| format!("binding the peer listener to {}", cfg.peer_listen))?;
@@ -56,15 +80,16 @@ pub async fn bind(cfg: &GatewayConfig) -> Result<(TcpListener, TcpListener)> {
 }
 
 /// Starts a gateway on already-bound listeners.
-pub async fn start(
-    cfg: &GatewayConfig,
-    peer: TcpListener,
-    analyst: TcpListener,
-) -> Result<RunningGateway> {
+pub async fn start(cfg: &GatewayConfig, listeners: Listeners) -> Result<RunningGateway> {
     crate::tls::install_provider();
+    let Listeners { peer, analyst, pg } = listeners;
     let gateway = Gateway::new(cfg).await?;
     let peer_addr = peer.local_addr()?;
     let analyst_addr = analyst.local_addr()?;
+    let pg_addr = match &pg {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
 
     let peers = cfg.peers.clone();
     let admit_peer: Admit = Arc::new(move |conn: &rustls::ServerConnection| {
@@ -115,13 +140,22 @@ pub async fn start(
         an_rx,
         format!("{} analyst service", cfg.party),
     );
+    let mut shutdown = vec![peer_tx, an_tx];
+    let mut tasks = vec![t1, t2];
+    if let Some(pg) = pg {
+        let (tx, rx) = oneshot::channel::<()>();
+        let door = Arc::new(crate::pg::PgFrontDoor::new(gateway.clone()));
+        tasks.insert(0, crate::pg::spawn_pg(pg, cfg.tls.pg_server_config()?, door, rx));
+        shutdown.push(tx);
+    }
     Ok(RunningGateway {
         party: cfg.party.clone(),
         peer_addr,
         analyst_addr,
+        pg_addr,
         gateway,
-        shutdown: vec![peer_tx, an_tx],
-        tasks: vec![t1, t2],
+        shutdown,
+        tasks,
     })
 }
 

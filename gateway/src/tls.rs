@@ -101,6 +101,13 @@ impl TlsMaterial {
         Ok(Arc::new(cfg))
     }
 
+    /// The PostgreSQL channel: server authentication only, no ALPN.
+    pub fn pg_server_config(&self) -> Result<Arc<ServerConfig>> {
+        let mut cfg = (*self.analyst_server_config()?).clone();
+        cfg.alpn_protocols = vec![b"postgresql".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
     /// The analyst channel: server authentication only.
     pub fn analyst_server_config(&self) -> Result<Arc<ServerConfig>> {
         let mut cfg = ServerConfig::builder_with_provider(provider())
