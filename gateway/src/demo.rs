@@ -212,12 +212,50 @@ pub const DEMO_UNSUPPORTED: (&str, &str) = (
 
 const ANALYST: (&str, &str) = ("alice", "demo-password-not-secret");
 
+/// `council demo --serve`: how to connect, then serve until Ctrl-C.
+async fn serve(fed: LocalFederation, spec: &FederationSpec, work: &std::path::Path) -> Result<()> {
+    let ca = std::env::current_dir()?.join("council-demo-ca.pem");
+    std::fs::write(&ca, &fed.ca_pem).with_context(|| format!("writing {}", ca.display()))?;
+    println!("Council demo gateways are running (Ctrl-C stops them). Data and audit logs: {}", work.display());
+    println!("CA certificate (trust it in your client): {}", ca.display());
+    println!("Analyst at every gateway: user {}, password {}\n", ANALYST.0, ANALYST.1);
+    for p in &spec.parties {
+        let Some(g) = fed.gateway(&p.id) else { continue };
+        println!("{}:", p.id);
+        println!("  Flight SQL  grpc+tls://{}", g.analyst_addr);
+        if let Some(pg) = g.pg_addr {
+            println!(
+                "  PostgreSQL  postgresql://{}:{}@{}/council?sslmode=verify-full&sslrootcert={}",
+                ANALYST.0,
+                ANALYST.1,
+                pg,
+                ca.display()
+            );
+        }
+    }
+    let first = spec.parties.first().and_then(|p| fed.gateway(&p.id));
+    if let Some(pg) = first.and_then(|g| g.pg_addr) {
+        println!(
+            "\nTry: psql \"postgresql://{}:{}@{pg}/council?sslmode=verify-full&sslrootcert={}\" -c \"SELECT age_band, COUNT(*), AVG(cost) FROM patients GROUP BY age_band ORDER BY age_band\"",
+            ANALYST.0,
+            ANALYST.1,
+            ca.display()
+        );
+    }
+    tokio::signal::ctrl_c().await?;
+    println!("stopping the demo gateways");
+    fed.stop().await;
+    Ok(())
+}
+
 /// Options of `council demo`.
 pub struct DemoOptions {
     pub data: Option<PathBuf>,
     pub sql: Option<String>,
     pub format: Format,
     pub seed: u64,
+    /// Keep serving until interrupted instead of running the queries.
+    pub serve: bool,
 }
 
 pub async fn run(opts: DemoOptions) -> Result<()> {
@@ -271,6 +309,9 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     }
     let started = Instant::now();
     let fed = LocalFederation::start(&spec, work.path()).await?;
+    if opts.serve {
+        return serve(fed, &spec, work.path()).await;
+    }
     let leader = spec.parties[0].id.clone();
     let client = fed.client(&leader, ANALYST.0, ANALYST.1).await?;
     let pooled = fed.pooled_context().await?;

@@ -53,6 +53,10 @@ enum Command {
         /// Only write the sample data (one folder per hospital) and catalog.toml to this folder.
         #[arg(long, conflicts_with_all = ["data", "sql"])]
         write_data: Option<PathBuf>,
+        /// Keep the gateways running until interrupted, and print how to
+        /// connect psql, DBeaver or pandas to them.
+        #[arg(long, conflicts_with = "sql")]
+        serve: bool,
     },
     /// Benchmark TPC-H Q1 and Q6: Council over N gateway processes vs plaintext DataFusion.
     Bench {
@@ -236,12 +240,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             format,
             seed,
             write_data: None,
+            serve,
         } => {
             gateway::demo::run(gateway::demo::DemoOptions {
                 data,
                 sql,
                 format,
                 seed,
+                serve,
             })
             .await?;
         }
@@ -297,10 +303,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let listeners = gateway::server::bind(&cfg).await?;
             let running = gateway::server::start(&cfg, listeners).await?;
             println!(
-                "council gateway {} serving: peers on {} (mutual TLS), analysts on {} (TLS); {} peer(s): {}",
+                "council gateway {} serving: peers on {} (mutual TLS), analysts on {} (Flight SQL, TLS){}; {} peer(s): {}",
                 cfg.party,
                 running.peer_addr,
                 running.analyst_addr,
+                running
+                    .pg_addr
+                    .map(|a| format!(" and {a} (PostgreSQL, TLS)"))
+                    .unwrap_or_default(),
                 cfg.peers.len(),
                 cfg.peers.keys().cloned().collect::<Vec<_>>().join(", ")
             );
