@@ -257,3 +257,67 @@ fn bench_checks_tpch_q1_and_q6_answers_exactly() {
     assert_eq!(figures.as_array().map(|a| a.len()), Some(2));
     assert!(figures[0]["rows"].as_u64().unwrap() > 10_000);
 }
+
+/// `council demo --serve` prints how to connect; psql connects with exactly
+/// the printed connection string and gets the same answer as `council demo
+/// --sql` over the same data; SIGINT stops it.
+#[test]
+fn demo_serve_prints_connection_strings_that_psql_can_use() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(COUNCIL)
+        .args(["demo", "--serve"])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let guard_pid = child.id();
+    // Keep draining stdout so that the demo can print while it stops.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut printed = Vec::new();
+    let mut url = None;
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(120)) {
+        printed.push(line.clone());
+        if let Some(u) = line.trim().strip_prefix("PostgreSQL  ") {
+            url.get_or_insert(u.to_string());
+        }
+        if line.starts_with("Try: psql") {
+            break;
+        }
+    }
+    let text = printed.join("\n");
+    assert!(text.contains("Flight SQL  grpc+tls://127.0.0.1:"), "{text}");
+    assert!(text.contains("user alice, password demo-password-not-secret"), "{text}");
+    assert!(dir.path().join("council-demo-ca.pem").exists(), "{text}");
+    let url = url.unwrap_or_else(|| panic!("no PostgreSQL line:\n{text}"));
+    let sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex ORDER BY sex";
+    let out = std::process::Command::new("psql")
+        .arg(&url)
+        .args(["-X", "--csv", "-c", sql])
+        .current_dir(dir.path())
+        .output()
+        .expect("psql is installed (tests/run.sh installs it)");
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &guard_pid.to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(status.success(), "demo --serve did not stop cleanly on SIGINT");
+    // The same data through `council demo --sql` (plaintext-checked there).
+    let reference = council(dir.path(), &["demo", "--sql", sql, "--format", "csv"]);
+    assert!(reference.status.success());
+    let got = String::from_utf8_lossy(&out.stdout).replace("count(*)", "n");
+    let want = String::from_utf8_lossy(&reference.stdout);
+    for line in got.lines().skip(1) {
+        assert!(want.contains(line), "psql row {line} not in:\n{want}");
+    }
+    assert!(got.lines().count() > 1, "{got}");
+}
