@@ -34,6 +34,8 @@ pub struct PartySpec {
     /// This party's own copy of the catalog, if it differs from the spec's.
     pub catalog_override: Option<String>,
     pub fault: Option<crate::config::Fault>,
+    /// Preset Bearer tokens: analyst name → token (stored as SHA-256).
+    pub tokens: BTreeMap<String, String>,
 }
 
 impl PartySpec {
@@ -50,6 +52,7 @@ impl PartySpec {
             analysts,
             catalog_override: None,
             fault: None,
+            tokens: BTreeMap::new(),
         }
     }
 }
@@ -144,7 +147,10 @@ impl LocalFederation {
                         name: n.clone(),
                         password_hash: hash_password(p)?,
                         roles: r.clone(),
-                        token_sha256: None,
+                        token_sha256: party.tokens.get(n).map(|t| {
+                            use sha2::Digest as _;
+                            hex::encode(sha2::Sha256::digest(t.as_bytes()))
+                        }),
                         scram: Some(crate::config::scram_verifier(p)),
                     })
                 })

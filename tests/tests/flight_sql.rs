@@ -59,6 +59,9 @@ async fn flight_sql_client_queries_prepares_browses_and_gets_clear_errors() {
         "[tables.t.columns.h]\nfilter = true",
         "[tables.t.columns.h]\nfilter = false",
     );
+    spec.parties[0]
+        .tokens
+        .insert(USER.to_string(), "preset-token-for-a-bi-tool".to_string());
     let fed = LocalFederation::start(&spec, &dir.path().join("run")).await.unwrap();
     let pooled = fed.pooled_context().await.unwrap();
     let addr = fed.gateway("p0").unwrap().analyst_addr.to_string();
@@ -72,6 +75,13 @@ async fn flight_sql_client_queries_prepares_browses_and_gets_clear_errors() {
     bad.set_token("not-a-token".into());
     let e = bad.execute("SELECT COUNT(*) FROM t".into(), None).await.unwrap_err().to_string();
     assert!(e.contains("Bearer token is not valid"), "{e}");
+
+    // A preset token (its SHA-256 in the config) works without a handshake.
+    let mut preset = FlightSqlServiceClient::new(channel.clone());
+    preset.set_token("preset-token-for-a-bi-tool".into());
+    let info = preset.execute("SELECT COUNT(*) FROM t".into(), None).await.unwrap();
+    let n = fetch(&mut preset, info).await;
+    compare(&n, &plaintext(&pooled, "SELECT COUNT(*) FROM t").await.unwrap(), true).unwrap();
 
     let mut c = FlightSqlServiceClient::new(channel);
     c.handshake(USER, PASSWORD).await.unwrap();

@@ -272,6 +272,17 @@ async fn psql_queries_lists_tables_and_is_refused_clearly() {
     assert!(ok, "\\dt: {err}");
     assert!(out.contains("public,t,table"), "{out}");
 
+    // EXPLAIN through psql: the plan and every party's verdict.
+    let (ok, out, err) = run_psql(
+        port,
+        &ca,
+        PASSWORD,
+        &["-A", "-t", "-c", "EXPLAIN SELECT g, AVG(x) FROM t GROUP BY g"],
+    )
+    .await;
+    assert!(ok, "EXPLAIN: {err}");
+    assert!(out.contains("Local part") && out.contains("p2: allow"), "{out}");
+
     // A refusal names the party and the rule.
     let (ok, _, err) =
         run_psql(port, &ca, PASSWORD, &["-c", "SELECT COUNT(*) FROM t WHERE h = 1"]).await;
@@ -284,5 +295,15 @@ async fn psql_queries_lists_tables_and_is_refused_clearly() {
     let (ok, _, err) = run_psql(port, &ca, "wrong", &["-c", "SELECT 1"]).await;
     assert!(!ok);
     assert!(err.to_lowercase().contains("password authentication failed"), "{err}");
+    // Garbage on the PostgreSQL port crashes nothing.
+    for junk in [&b"\x00\x00\x00\x08\x04\xd2\x16\x2f"[..], b"GET / HTTP/1.1\r\n\r\n", &[0xffu8; 64][..]] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let _ = sock.write_all(junk).await;
+        let mut buf = [0u8; 256];
+        let _ = tokio::time::timeout(Duration::from_secs(2), sock.read(&mut buf)).await;
+    }
+    let (ok, _, err) = run_psql(port, &ca, PASSWORD, &["-c", "SELECT COUNT(*) FROM t"]).await;
+    assert!(ok, "after garbage: {err}");
     fed.stop().await;
 }
