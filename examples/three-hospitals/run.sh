@@ -49,6 +49,13 @@ if q 127.0.0.1:7201 "SELECT sex, COUNT(*) FROM patients WHERE patient_id < 10001
   echo "expected a refusal" >&2; exit 1
 fi
 
+if command -v psql > /dev/null; then
+  echo "== hospital_c's analyst through psql (PostgreSQL wire protocol, TLS, SCRAM)"
+  PGPASSWORD="$COUNCIL_PASSWORD" psql -X \
+    "host=127.0.0.1 port=7303 user=alice dbname=council sslmode=verify-full sslrootcert=run/certs/ca.pem" \
+    -c "SELECT sex, COUNT(*) AS n, AVG(cost) AS avg_cost FROM patients GROUP BY sex ORDER BY sex"
+fi
+
 echo "== audit logs"
 for h in hospital_a hospital_b hospital_c; do "$COUNCIL" audit verify "run/audit-$h.log"; done
 echo "three-hospitals example: ok"
