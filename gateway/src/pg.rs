@@ -114,6 +114,17 @@ enum Route {
 
 impl PgFrontDoor {
     fn analyst<C: ClientInfo>(&self, client: &C) -> PgWireResult<Analyst> {
+        if !client.is_secure() {
+            // SCRAM kept the password safe, but answers must not travel in
+            // the clear either.
+            return Err(pg_error(
+                "28000",
+                format!(
+                    "gateway {} answers only over TLS; connect with sslmode=verify-full (and sslrootcert=the federation CA)",
+                    self.gw.party
+                ),
+            ));
+        }
         let user = client
             .metadata()
             .get(METADATA_USER)

@@ -295,6 +295,17 @@ async fn psql_queries_lists_tables_and_is_refused_clearly() {
     let (ok, _, err) = run_psql(port, &ca, "wrong", &["-c", "SELECT 1"]).await;
     assert!(!ok);
     assert!(err.to_lowercase().contains("password authentication failed"), "{err}");
+    // Without TLS, nothing is answered.
+    let out = tokio::process::Command::new(psql())
+        .arg(format!("host=127.0.0.1 port={port} user={USER} dbname=council sslmode=disable"))
+        .args(["-X", "-c", "SELECT COUNT(*) FROM t"])
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("answers only over TLS"), "{err}");
+
     // Garbage on the PostgreSQL port crashes nothing.
     for junk in [&b"\x00\x00\x00\x08\x04\xd2\x16\x2f"[..], b"GET / HTTP/1.1\r\n\r\n", &[0xffu8; 64][..]] {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
