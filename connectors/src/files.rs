@@ -33,6 +33,9 @@ pub struct TableFile {
     pub table: TableDef,
     pub path: PathBuf,
     pub format: FileFormat,
+    /// Federated column name → the local file's column name, where they
+    /// differ.
+    pub renames: std::collections::BTreeMap<String, String>,
 }
 
 pub struct FileSource {
@@ -52,6 +55,8 @@ impl FileSource {
         }
         let ctx = SessionContext::new_with_config(config);
         let mut described = Vec::new();
+        // Every mismatch, reported at once.
+        let mut problems = Vec::new();
         for t in tables {
             let name = t.table.name.clone();
             let err = |reason: String| SourceError::Table {
@@ -63,12 +68,31 @@ impl FileSource {
                 .to_str()
                 .ok_or_else(|| err(format!("path {} is not UTF-8", t.path.display())))?;
             if !t.path.exists() {
-                return Err(err(format!("file {} does not exist", t.path.display())));
+                problems.push(format!(
+                    "table {name}: file {} does not exist",
+                    t.path.display()
+                ));
+                continue;
             }
-            let schema = t.table.schema();
+            for k in t.renames.keys() {
+                if t.table.column(k).is_none() {
+                    problems.push(format!(
+                        "table {name}: `columns` renames `{k}`, which is not a column of the federated table"
+                    ));
+                }
+            }
+            let local_name = |c: &str| t.renames.get(c).cloned().unwrap_or_else(|| c.to_string());
+            let catalog_schema = t.table.schema();
             let raw = format!("__raw_{name}");
             match t.format {
                 FileFormat::Csv => {
+                    // CSV columns are read by position, named as locally.
+                    let fields: Vec<_> = catalog_schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.as_ref().clone().with_name(local_name(f.name())))
+                        .collect();
+                    let schema = arrow::datatypes::Schema::new(fields);
                     let ext = extension_of(&t.path, ".csv");
                     let opts = CsvReadOptions::new()
                         .has_header(true)
@@ -91,33 +115,36 @@ impl FileSource {
             let mut exprs = Vec::new();
             for c in &t.table.columns {
                 let want = c.ty.arrow_type();
-                let field = local
-                    .fields()
-                    .iter()
-                    .find(|f| f.name() == &c.name)
-                    .ok_or_else(|| {
-                        err(format!(
-                            "column `{}` is missing from {}",
-                            c.name,
-                            t.path.display()
-                        ))
-                    })?;
-                if !exact_cast(field.data_type(), &want) {
-                    return Err(err(format!(
-                        "column `{}` is {} in {} but the catalog declares {}; it cannot be read exactly",
+                let lc = local_name(&c.name);
+                let Some(field) = local.fields().iter().find(|f| f.name() == &lc) else {
+                    problems.push(format!(
+                        "table {name}, column {}: expected {}, found no column `{lc}` in {}",
                         c.name,
+                        c.ty,
+                        t.path.display()
+                    ));
+                    continue;
+                };
+                if !exact_cast(field.data_type(), &want) {
+                    problems.push(format!(
+                        "table {name}, column {}: expected {}, found {} in {}; it cannot be read exactly",
+                        c.name,
+                        c.ty,
                         field.data_type(),
-                        t.path.display(),
-                        c.ty
-                    )));
+                        t.path.display()
+                    ));
+                    continue;
                 }
-                let e = Expr::Column(Column::new_unqualified(c.name.clone()));
+                let e = Expr::Column(Column::new_unqualified(lc));
                 let e = if field.data_type() == &want {
                     e
                 } else {
                     cast(e, want)
                 };
                 exprs.push(e.alias(c.name.clone()));
+            }
+            if exprs.len() != t.table.columns.len() {
+                continue;
             }
             let view = df
                 .select(exprs)
@@ -126,6 +153,9 @@ impl FileSource {
             ctx.register_table(name.as_str(), view)
                 .map_err(|e| err(e.to_string()))?;
             described.push(format!("{name}: {:?} {}", t.format, t.path.display()));
+        }
+        if !problems.is_empty() {
+            return Err(SourceError::Mismatch(problems));
         }
         Ok(FileSource { ctx, described })
     }
@@ -196,6 +226,7 @@ pub fn find_table_file(dir: &Path, table: &TableDef) -> Option<TableFile> {
                 table: table.clone(),
                 path: p,
                 format,
+                renames: Default::default(),
             });
         }
     }
@@ -210,6 +241,7 @@ pub fn find_table_file(dir: &Path, table: &TableDef) -> Option<TableFile> {
             table: table.clone(),
             path: d,
             format,
+            renames: Default::default(),
         });
     }
     None
@@ -265,5 +297,85 @@ mod tests {
         assert!(text.contains("| a | 1  | 1  | 1.50 |"), "{text}");
         let rows: usize = out.iter().map(|b| b.num_rows()).sum();
         assert_eq!(rows, 3, "{text}");
+    }
+
+    fn write_parquet(path: &Path) {
+        use arrow::array::{Float64Array, Int64Array, StringArray};
+        let batch = RecordBatch::try_from_iter(vec![
+            ("grp", std::sync::Arc::new(StringArray::from(vec!["a", "b", "a"])) as _),
+            ("amount", std::sync::Arc::new(Float64Array::from(vec![1.5, 2.0, 3.0])) as _),
+            ("n", std::sync::Arc::new(Int64Array::from(vec![1, 2, 3])) as _),
+        ])
+        .unwrap();
+        let f = std::fs::File::create(path).unwrap();
+        let mut w =
+            datafusion::parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn renames_columns_and_reports_every_mismatch_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("local_t.parquet");
+        write_parquet(&path);
+        let bad = Catalog::from_toml(
+            "[tables.t]\ncolumns = [{name = \"g\", type = \"text\", domain = [\"a\", \"b\"]}, \
+             {name = \"x\", type = \"decimal(5,2)\"}, {name = \"n\", type = \"int\"}, {name = \"z\", type = \"int\"}]",
+            "c",
+        )
+        .unwrap();
+        let renames = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let file = |cat: &Catalog, r| TableFile {
+            table: cat.table("t").unwrap().clone(),
+            path: path.clone(),
+            format: FileFormat::Parquet,
+            renames: r,
+        };
+        let Err(e) = FileSource::open(
+            vec![file(&bad, renames(&[("g", "grp"), ("x", "amount"), ("w", "nope")]))],
+            None,
+        )
+        .await
+        else {
+            panic!("a mismatching file was accepted");
+        };
+        let text = e.to_string();
+        assert!(text.contains("(3 problem(s))"), "{text}");
+        assert!(text.contains("renames `w`, which is not a column"), "{text}");
+        assert!(
+            text.contains("table t, column x: expected decimal(5,2), found Float64"),
+            "{text}"
+        );
+        assert!(
+            text.contains("table t, column z: expected int, found no column `z`"),
+            "{text}"
+        );
+
+        let good = Catalog::from_toml(
+            "[tables.t]\ncolumns = [{name = \"g\", type = \"text\", domain = [\"a\", \"b\"]}, {name = \"n\", type = \"int\"}]",
+            "c",
+        )
+        .unwrap();
+        let src = FileSource::open(vec![file(&good, renames(&[("g", "grp")]))], None)
+            .await
+            .unwrap();
+        let plan = planner::plan_query(
+            "SELECT g, SUM(n) FROM t GROUP BY g",
+            &good,
+            &["p".into()],
+            &QueryOptions::default(),
+        )
+        .await
+        .unwrap();
+        let text = pretty_format_batches(&src.run(&plan.local).await.unwrap())
+            .unwrap()
+            .to_string();
+        assert!(text.contains("| a | 2  | 2  | 4  |"), "{text}");
     }
 }

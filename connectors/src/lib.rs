@@ -18,6 +18,10 @@ pub enum SourceError {
     Table { table: String, reason: String },
     #[error("running the local part failed: {0}")]
     Run(String),
+    /// Every way the local data differs from the federated catalog, found
+    /// at startup, one line each.
+    #[error("the local data does not match the federated catalog ({} problem(s)):\n  {}", .0.len(), .0.join("\n  "))]
+    Mismatch(Vec<String>),
 }
 
 /// A party's data, able to run a local part.

@@ -62,6 +62,9 @@ struct RawTable {
     path: PathBuf,
     #[serde(default)]
     format: Option<String>,
+    /// Federated column → local column name, where they differ.
+    #[serde(default)]
+    columns: BTreeMap<String, String>,
 }
 
 /// An analyst of this party: a name, roles for policies, and an argon2
@@ -205,6 +208,7 @@ impl GatewayConfig {
                 table: def.clone(),
                 path: p,
                 format,
+                renames: t.columns,
             });
         }
         for t in catalog.tables.keys() {

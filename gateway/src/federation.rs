@@ -255,6 +255,7 @@ pub async fn pooled_context(
                     table: t.clone(),
                     path: path.clone(),
                     format,
+                    renames: Default::default(),
                 }
             };
             let src = FileSource::open(vec![f], None).await?;
