@@ -234,11 +234,19 @@ impl Gateway {
 
     /// An analyst of this party by name (after the front door checked them).
     pub fn analyst_named(&self, user: &str) -> Option<Analyst> {
-        self.analysts.iter().find(|a| a.name == user).map(|cred| Analyst {
+        self.analysts
+            .iter()
+            .find(|a| a.name == user)
+            .map(|cred| self.as_analyst(cred))
+    }
+
+    /// A configured analyst as policies see them.
+    fn as_analyst(&self, cred: &AnalystCredential) -> Analyst {
+        Analyst {
             party: self.party.clone(),
             name: cred.name.clone(),
             roles: cred.roles.clone(),
-        })
+        }
     }
 
     /// The SCRAM-SHA-256 (salt, salted password) of an analyst, if set.
@@ -253,11 +261,7 @@ impl Gateway {
         self.analysts
             .iter()
             .find(|a| a.token_sha256.as_deref() == Some(digest.as_str()))
-            .map(|cred| Analyst {
-                party: self.party.clone(),
-                name: cred.name.clone(),
-                roles: cred.roles.clone(),
-            })
+            .map(|cred| self.as_analyst(cred))
             .ok_or_else(|| {
                 QueryFailure::new(
                     FailureKind::Unauthenticated,
@@ -336,11 +340,7 @@ impl Gateway {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(user.to_string(), digest);
         }
-        Ok(Analyst {
-            party: self.party.clone(),
-            name: cred.name.clone(),
-            roles: cred.roles.clone(),
-        })
+        Ok(self.as_analyst(cred))
     }
 
     async fn plan(
