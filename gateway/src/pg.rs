@@ -477,7 +477,9 @@ fn encode_value(
         }
         DataType::Date32 => {
             let days = col.as_primitive::<t::Date32Type>().value(r);
-            let d = chrono::NaiveDate::from_num_days_from_ce_opt(days + 719_163)
+            let d = days
+                .checked_add(719_163)
+                .and_then(chrono::NaiveDate::from_num_days_from_ce_opt)
                 .ok_or_else(|| pg_error("22008", "date out of range"))?;
             enc.encode_field(&d)
         }
