@@ -169,6 +169,30 @@ async fn flight_sql_client_queries_prepares_browses_and_gets_clear_errors() {
         e.contains("p1 refused: column h may not be used in WHERE (policy: tables.t.columns.h)"),
         "{e}"
     );
+    // Garbage tickets and commands are errors, and the door keeps serving.
+    let junk = c
+        .do_get(arrow_flight::Ticket::new(b"\xff\x00not a ticket".to_vec()))
+        .await;
+    assert!(junk.is_err());
+    let forged = arrow_flight::sql::TicketStatementQuery {
+        statement_handle: b"0123456789abcdef".to_vec().into(),
+    };
+    use arrow_flight::sql::ProstMessageExt;
+    use prost::Message;
+    let e = c
+        .do_get(arrow_flight::Ticket::new(forged.as_any().encode_to_vec()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no answer under this ticket"), "{e}");
+    let mut raw = c.inner().clone();
+    let mut req = tonic::Request::new(arrow_flight::FlightDescriptor::new_cmd(vec![0xde, 0xad]));
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", c.token().unwrap()).parse().unwrap(),
+    );
+    assert!(raw.get_flight_info(req).await.is_err());
+
     // Bad SQL gets the planner's message.
     let e = c.execute("SELECT nope FROM t".into(), None).await.unwrap_err().to_string();
     assert!(e.contains("nope"), "{e}");
