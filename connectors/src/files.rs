@@ -48,7 +48,10 @@ impl FileSource {
     /// as the catalog declares them. A mismatch is refused here, at startup.
     /// `partitions`: DataFusion's target partitions for the local part
     /// (None: the number of cores).
-    pub async fn open(tables: Vec<TableFile>, partitions: Option<usize>) -> Result<Self, SourceError> {
+    pub async fn open(
+        tables: Vec<TableFile>,
+        partitions: Option<usize>,
+    ) -> Result<Self, SourceError> {
         let mut config = SessionConfig::new().with_information_schema(false);
         if let Some(k) = partitions {
             config = config.with_target_partitions(k.max(1));
@@ -302,9 +305,18 @@ mod tests {
     fn write_parquet(path: &Path) {
         use arrow::array::{Float64Array, Int64Array, StringArray};
         let batch = RecordBatch::try_from_iter(vec![
-            ("grp", std::sync::Arc::new(StringArray::from(vec!["a", "b", "a"])) as _),
-            ("amount", std::sync::Arc::new(Float64Array::from(vec![1.5, 2.0, 3.0])) as _),
-            ("n", std::sync::Arc::new(Int64Array::from(vec![1, 2, 3])) as _),
+            (
+                "grp",
+                std::sync::Arc::new(StringArray::from(vec!["a", "b", "a"])) as _,
+            ),
+            (
+                "amount",
+                std::sync::Arc::new(Float64Array::from(vec![1.5, 2.0, 3.0])) as _,
+            ),
+            (
+                "n",
+                std::sync::Arc::new(Int64Array::from(vec![1, 2, 3])) as _,
+            ),
         ])
         .unwrap();
         let f = std::fs::File::create(path).unwrap();
@@ -338,7 +350,10 @@ mod tests {
             renames: r,
         };
         let Err(e) = FileSource::open(
-            vec![file(&bad, renames(&[("g", "grp"), ("x", "amount"), ("w", "nope")]))],
+            vec![file(
+                &bad,
+                renames(&[("g", "grp"), ("x", "amount"), ("w", "nope")]),
+            )],
             None,
         )
         .await
@@ -347,7 +362,10 @@ mod tests {
         };
         let text = e.to_string();
         assert!(text.contains("(3 problem(s))"), "{text}");
-        assert!(text.contains("renames `w`, which is not a column"), "{text}");
+        assert!(
+            text.contains("renames `w`, which is not a column"),
+            "{text}"
+        );
         assert!(
             text.contains("table t, column x: expected decimal(5,2), found Float64"),
             "{text}"

@@ -334,7 +334,10 @@ async fn run_one(dir: &Path, sf: f64, n: usize, rows: usize, reps: usize) -> Res
         let Some((_, partitions, pooled)) = best else {
             bail!("no plaintext configuration to try");
         };
-        println!("  {name} warm-up, plaintext by target_partitions: {}", tried.join(", "));
+        println!(
+            "  {name} warm-up, plaintext by target_partitions: {}",
+            tried.join(", ")
+        );
         // Warm-up, and the exact-equality check.
         let plain = plaintext(&pooled, sql).await?;
         let secure = client

@@ -92,7 +92,10 @@ impl AnalystClient {
             .map(str::to_string)
             .ok_or_else(|| GatewayError {
                 code: tonic::Code::Unauthenticated,
-                message: format!("gateway {} sent no Bearer token after the handshake", self.gateway),
+                message: format!(
+                    "gateway {} sent no Bearer token after the handshake",
+                    self.gateway
+                ),
             })?;
         *auth = Some(bearer.clone());
         Ok(bearer)

@@ -216,11 +216,19 @@ const ANALYST: (&str, &str) = ("alice", "demo-password-not-secret");
 async fn serve(fed: LocalFederation, spec: &FederationSpec, work: &std::path::Path) -> Result<()> {
     let ca = std::env::current_dir()?.join("council-demo-ca.pem");
     std::fs::write(&ca, &fed.ca_pem).with_context(|| format!("writing {}", ca.display()))?;
-    println!("Council demo gateways are running (Ctrl-C stops them). Data and audit logs: {}", work.display());
+    println!(
+        "Council demo gateways are running (Ctrl-C stops them). Data and audit logs: {}",
+        work.display()
+    );
     println!("CA certificate (trust it in your client): {}", ca.display());
-    println!("Analyst at every gateway: user {}, password {}\n", ANALYST.0, ANALYST.1);
+    println!(
+        "Analyst at every gateway: user {}, password {}\n",
+        ANALYST.0, ANALYST.1
+    );
     for p in &spec.parties {
-        let Some(g) = fed.gateway(&p.id) else { continue };
+        let Some(g) = fed.gateway(&p.id) else {
+            continue;
+        };
         println!("{}:", p.id);
         println!("  Flight SQL  grpc+tls://{}", g.analyst_addr);
         if let Some(pg) = g.pg_addr {

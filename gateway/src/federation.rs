@@ -188,8 +188,8 @@ impl LocalFederation {
                         pg: Some(gl),
                     },
                 )
-                    .await
-                    .with_context(|| format!("starting gateway {}", party.id))?,
+                .await
+                .with_context(|| format!("starting gateway {}", party.id))?,
             );
         }
         let extra = fed.parties[spec.parties.len()..].to_vec();

@@ -74,11 +74,7 @@ struct State {
 fn prune<T>(map: &mut HashMap<String, Kept<T>>, ttl: Duration) {
     map.retain(|_, k| k.at.elapsed() < ttl);
     while map.len() >= MAX_KEPT {
-        let Some(oldest) = map
-            .iter()
-            .min_by_key(|(_, k)| k.at)
-            .map(|(h, _)| h.clone())
-        else {
+        let Some(oldest) = map.iter().min_by_key(|(_, k)| k.at).map(|(h, _)| h.clone()) else {
             break;
         };
         map.remove(&oldest);
@@ -201,10 +197,7 @@ impl FlightSqlFrontDoor {
     ) -> Result<(SchemaRef, Vec<RecordBatch>), QueryFailure> {
         let (explain, inner) = planner::split_explain(sql);
         if explain {
-            let text = self
-                .gw
-                .explain(analyst, inner, &Default::default())
-                .await?;
+            let text = self.gw.explain(analyst, inner, &Default::default()).await?;
             let schema = explain_schema();
             let lines: Vec<&str> = text.lines().collect();
             let batch =
@@ -327,7 +320,8 @@ impl FlightSqlService for FlightSqlFrontDoor {
                 }
             }
         };
-        self.run_and_keep(&analyst, &sql, request.into_inner()).await
+        self.run_and_keep(&analyst, &sql, request.into_inner())
+            .await
     }
 
     async fn do_get_statement(

@@ -88,7 +88,14 @@ struct Session {
 }
 
 impl Session {
-    fn new(plan: FederatedPlan, leader: &str, analyst: &Analyst, query_id: &str, timeout: Duration, phases: Phases) -> Self {
+    fn new(
+        plan: FederatedPlan,
+        leader: &str,
+        analyst: &Analyst,
+        query_id: &str,
+        timeout: Duration,
+        phases: Phases,
+    ) -> Self {
         Session {
             plan: Arc::new(plan),
             leader: leader.to_string(),
@@ -122,10 +129,11 @@ impl Phases {
     /// Records that phase `name` ran from `since` until now.
     fn span(&self, name: &'static str, since: Instant) {
         let now = Instant::now();
-        self.spans
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((name, since.saturating_duration_since(self.t0), now - since));
+        self.spans.lock().unwrap_or_else(|p| p.into_inner()).push((
+            name,
+            since.saturating_duration_since(self.t0),
+            now - since,
+        ));
     }
 
     /// `name start+duration` per phase, in ms from the query's start here.
@@ -573,7 +581,10 @@ impl Gateway {
             Some(task) => task.await.map_err(|e| PartyFailure {
                 peer_down: false,
                 local: format!("the local part's task ended abnormally: {e}"),
-                shared: format!("{} aborted: internal error (details in its gateway log)", self.party),
+                shared: format!(
+                    "{} aborted: internal error (details in its gateway log)",
+                    self.party
+                ),
             })??,
             None => self.local_input(s).await?,
         };
@@ -1082,11 +1093,9 @@ async fn post_process(
 
 /// EXPLAIN's answer: one text column, one line per row.
 pub fn explain_schema() -> arrow::datatypes::SchemaRef {
-    Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
-        "plan",
-        arrow::datatypes::DataType::Utf8,
-        false,
-    )]))
+    Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("plan", arrow::datatypes::DataType::Utf8, false),
+    ]))
 }
 
 /// The first 16 characters of a fingerprint (which may come from a peer).

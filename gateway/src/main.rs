@@ -364,7 +364,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     s.trim_end_matches(['\n', '\r']).to_string()
                 }
             };
-            println!("password_hash = \"{}\"", gateway::config::hash_password(&p)?);
+            println!(
+                "password_hash = \"{}\"",
+                gateway::config::hash_password(&p)?
+            );
             println!("scram = \"{}\"", gateway::config::scram_verifier(&p));
         }
     }

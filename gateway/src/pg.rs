@@ -25,7 +25,9 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use futures::{stream, Sink};
 use pgwire::api::auth::sasl::scram::ScramAuth;
 use pgwire::api::auth::sasl::SASLAuthStartupHandler;
-use pgwire::api::auth::{AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler};
+use pgwire::api::auth::{
+    AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
+};
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{
@@ -149,15 +151,19 @@ impl PgFrontDoor {
         );
         let tables = self.gw.visible_tables(analyst);
         for (name, schema) in &tables {
-            ctx.register_table(name.as_str(), Arc::new(EmptyTable::new(Arc::new(schema.clone()))))
-                .map_err(df)?;
+            ctx.register_table(
+                name.as_str(),
+                Arc::new(EmptyTable::new(Arc::new(schema.clone()))),
+            )
+            .map_err(df)?;
         }
         let text = |v: Vec<String>| Arc::new(StringArray::from(v)) as ArrayRef;
         let int = |v: Vec<i32>| Arc::new(arrow::array::Int32Array::from(v)) as ArrayRef;
         let n = tables.len();
         let oids: Vec<i32> = (0..n as i32).map(|i| 16384 + i).collect();
         let mem = |cols: Vec<(&str, ArrayRef)>| -> PgWireResult<Arc<MemTable>> {
-            let batch = RecordBatch::try_from_iter(cols).map_err(|e| pg_error("XX000", e.to_string()))?;
+            let batch =
+                RecordBatch::try_from_iter(cols).map_err(|e| pg_error("XX000", e.to_string()))?;
             Ok(Arc::new(
                 MemTable::try_new(batch.schema(), vec![vec![batch]]).map_err(df)?,
             ))
@@ -166,7 +172,10 @@ impl PgFrontDoor {
             "pg_class",
             mem(vec![
                 ("oid", int(oids)),
-                ("relname", text(tables.iter().map(|t| t.0.clone()).collect())),
+                (
+                    "relname",
+                    text(tables.iter().map(|t| t.0.clone()).collect()),
+                ),
                 ("relnamespace", int(vec![2200; n])),
                 ("relkind", text(vec!["r".into(); n])),
                 ("relowner", int(vec![10; n])),
@@ -184,7 +193,10 @@ impl PgFrontDoor {
         .map_err(df)?;
         ctx.register_table(
             "pg_am",
-            mem(vec![("oid", int(vec![2])), ("amname", text(vec!["heap".into()]))])?,
+            mem(vec![
+                ("oid", int(vec![2])),
+                ("amname", text(vec!["heap".into()])),
+            ])?,
         )
         .map_err(df)?;
         let owner = Arc::new(|args: &[ColumnarValue]| {
@@ -192,7 +204,9 @@ impl PgFrontDoor {
                 Some(ColumnarValue::Array(a)) => a.len(),
                 _ => 1,
             };
-            Ok(ColumnarValue::Array(Arc::new(StringArray::from(vec!["council"; rows]))))
+            Ok(ColumnarValue::Array(Arc::new(StringArray::from(
+                vec!["council"; rows],
+            ))))
         });
         ctx.register_udf(create_udf(
             "pg_get_userbyid",
@@ -206,7 +220,9 @@ impl PgFrontDoor {
                 Some(ColumnarValue::Array(a)) => a.len(),
                 _ => 1,
             };
-            Ok(ColumnarValue::Array(Arc::new(arrow::array::BooleanArray::from(vec![true; rows]))))
+            Ok(ColumnarValue::Array(Arc::new(
+                arrow::array::BooleanArray::from(vec![true; rows]),
+            )))
         });
         ctx.register_udf(create_udf(
             "pg_table_is_visible",
@@ -261,7 +277,11 @@ impl PgFrontDoor {
             // can judge: let the federation (and its policies) answer.
             Err(e) => {
                 let lower = sql.to_ascii_lowercase();
-                if catalog.tables.keys().any(|t| lower.contains(&t.to_ascii_lowercase())) {
+                if catalog
+                    .tables
+                    .keys()
+                    .any(|t| lower.contains(&t.to_ascii_lowercase()))
+                {
                     Ok(Route::Federated(sql.to_string()))
                 } else {
                     Err(pg_error(
@@ -326,10 +346,9 @@ impl PgFrontDoor {
             }
             Route::Local(df) => {
                 let schema = Arc::new(df.schema().as_arrow().clone());
-                let batches = df
-                    .collect()
-                    .await
-                    .map_err(|e| pg_error("42601", planner::plan::clean_df_error(&e.to_string())))?;
+                let batches = df.collect().await.map_err(|e| {
+                    pg_error("42601", planner::plan::clean_df_error(&e.to_string()))
+                })?;
                 (schema, batches)
             }
         };
@@ -433,7 +452,10 @@ fn encode(schema: &SchemaRef, batches: &[RecordBatch], format: &Format) -> PgWir
             rows.push(Ok(enc.take_row()));
         }
     }
-    Ok(Response::Query(QueryResponse::new(info, stream::iter(rows))))
+    Ok(Response::Query(QueryResponse::new(
+        info,
+        stream::iter(rows),
+    )))
 }
 
 fn encode_value(
@@ -458,9 +480,13 @@ fn encode_value(
         DataType::Int8 => enc.encode_field(&(col.as_primitive::<t::Int8Type>().value(r) as i16)),
         DataType::UInt8 => enc.encode_field(&(col.as_primitive::<t::UInt8Type>().value(r) as i16)),
         DataType::Int16 => enc.encode_field(&col.as_primitive::<t::Int16Type>().value(r)),
-        DataType::UInt16 => enc.encode_field(&(col.as_primitive::<t::UInt16Type>().value(r) as i32)),
+        DataType::UInt16 => {
+            enc.encode_field(&(col.as_primitive::<t::UInt16Type>().value(r) as i32))
+        }
         DataType::Int32 => enc.encode_field(&col.as_primitive::<t::Int32Type>().value(r)),
-        DataType::UInt32 => enc.encode_field(&(col.as_primitive::<t::UInt32Type>().value(r) as i64)),
+        DataType::UInt32 => {
+            enc.encode_field(&(col.as_primitive::<t::UInt32Type>().value(r) as i64))
+        }
         DataType::Int64 => enc.encode_field(&col.as_primitive::<t::Int64Type>().value(r)),
         DataType::Float32 => enc.encode_field(&col.as_primitive::<t::Float32Type>().value(r)),
         DataType::Float64 => enc.encode_field(&col.as_primitive::<t::Float64Type>().value(r)),
@@ -605,8 +631,12 @@ impl ExtendedQueryHandler for PgFrontDoor {
             ));
         }
         let analyst = self.analyst(client)?;
-        self.execute(&analyst, &portal.statement.statement, &portal.result_column_format)
-            .await
+        self.execute(
+            &analyst,
+            &portal.statement.statement,
+            &portal.result_column_format,
+        )
+        .await
     }
 }
 
@@ -669,7 +699,9 @@ mod tests {
     #[test]
     fn strips_pg_catalog_outside_literals_and_splits_statements() {
         assert_eq!(
-            strip_pg_catalog("SELECT PG_CATALOG.pg_get_userbyid(1), 'pg_catalog.x' FROM pg_catalog.pg_class"),
+            strip_pg_catalog(
+                "SELECT PG_CATALOG.pg_get_userbyid(1), 'pg_catalog.x' FROM pg_catalog.pg_class"
+            ),
             "SELECT pg_get_userbyid(1), 'pg_catalog.x' FROM pg_class"
         );
         assert_eq!(

@@ -11,9 +11,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::config::GatewayConfig;
+use crate::flightsql::FlightSqlFrontDoor;
 use crate::gateway::Gateway;
 use crate::net::{tls_incoming, Admit};
-use crate::flightsql::FlightSqlFrontDoor;
 use crate::service::{PeerService, MAX_MESSAGE};
 
 pub struct RunningGateway {
@@ -145,7 +145,10 @@ pub async fn start(cfg: &GatewayConfig, listeners: Listeners) -> Result<RunningG
     if let Some(pg) = pg {
         let (tx, rx) = oneshot::channel::<()>();
         let door = Arc::new(crate::pg::PgFrontDoor::new(gateway.clone()));
-        tasks.insert(0, crate::pg::spawn_pg(pg, cfg.tls.pg_server_config()?, door, rx));
+        tasks.insert(
+            0,
+            crate::pg::spawn_pg(pg, cfg.tls.pg_server_config()?, door, rx),
+        );
         shutdown.push(tx);
     }
     Ok(RunningGateway {

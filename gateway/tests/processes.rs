@@ -295,7 +295,10 @@ fn demo_serve_prints_connection_strings_that_psql_can_use() {
     }
     let text = printed.join("\n");
     assert!(text.contains("Flight SQL  grpc+tls://127.0.0.1:"), "{text}");
-    assert!(text.contains("user alice, password demo-password-not-secret"), "{text}");
+    assert!(
+        text.contains("user alice, password demo-password-not-secret"),
+        "{text}"
+    );
     assert!(dir.path().join("council-demo-ca.pem").exists(), "{text}");
     let url = url.unwrap_or_else(|| panic!("no PostgreSQL line:\n{text}"));
     let sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex ORDER BY sex";
@@ -309,8 +312,15 @@ fn demo_serve_prints_connection_strings_that_psql_can_use() {
         .args(["-INT", &guard_pid.to_string()])
         .status();
     let status = child.wait().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(status.success(), "demo --serve did not stop cleanly on SIGINT");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        status.success(),
+        "demo --serve did not stop cleanly on SIGINT"
+    );
     // The same data through `council demo --sql` (plaintext-checked there).
     let reference = council(dir.path(), &["demo", "--sql", sql, "--format", "csv"]);
     assert!(reference.status.success());

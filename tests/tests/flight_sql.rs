@@ -45,7 +45,15 @@ fn strings(batches: &[RecordBatch], col: &str) -> Vec<String> {
 async fn flight_sql_client_queries_prepares_browses_and_gets_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let ids = party_ids(3);
-    write_random_data(&dir.path().join("data"), &ids, Shape { seed: 21, large: false }).unwrap();
+    write_random_data(
+        &dir.path().join("data"),
+        &ids,
+        Shape {
+            seed: 21,
+            large: false,
+        },
+    )
+    .unwrap();
     let mut spec = spec_for(dir.path(), &ids, Duration::from_secs(10));
     // p0 hides column `label` from its analysts entirely; p1 refuses
     // filtering on `h`.
@@ -62,10 +70,14 @@ async fn flight_sql_client_queries_prepares_browses_and_gets_clear_errors() {
     spec.parties[0]
         .tokens
         .insert(USER.to_string(), "preset-token-for-a-bi-tool".to_string());
-    let fed = LocalFederation::start(&spec, &dir.path().join("run")).await.unwrap();
+    let fed = LocalFederation::start(&spec, &dir.path().join("run"))
+        .await
+        .unwrap();
     let pooled = fed.pooled_context().await.unwrap();
     let addr = fed.gateway("p0").unwrap().analyst_addr.to_string();
-    let channel = gateway::client::tls_channel(&addr, &fed.ca_pem).await.unwrap();
+    let channel = gateway::client::tls_channel(&addr, &fed.ca_pem)
+        .await
+        .unwrap();
 
     // A wrong password is refused at the handshake.
     let mut bad = FlightSqlServiceClient::new(channel.clone());
@@ -73,15 +85,27 @@ async fn flight_sql_client_queries_prepares_browses_and_gets_clear_errors() {
     assert!(e.contains("wrong user name or password"), "{e}");
     // A made-up token is refused on use.
     bad.set_token("not-a-token".into());
-    let e = bad.execute("SELECT COUNT(*) FROM t".into(), None).await.unwrap_err().to_string();
+    let e = bad
+        .execute("SELECT COUNT(*) FROM t".into(), None)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("Bearer token is not valid"), "{e}");
 
     // A preset token (its SHA-256 in the config) works without a handshake.
     let mut preset = FlightSqlServiceClient::new(channel.clone());
     preset.set_token("preset-token-for-a-bi-tool".into());
-    let info = preset.execute("SELECT COUNT(*) FROM t".into(), None).await.unwrap();
+    let info = preset
+        .execute("SELECT COUNT(*) FROM t".into(), None)
+        .await
+        .unwrap();
     let n = fetch(&mut preset, info).await;
-    compare(&n, &plaintext(&pooled, "SELECT COUNT(*) FROM t").await.unwrap(), true).unwrap();
+    compare(
+        &n,
+        &plaintext(&pooled, "SELECT COUNT(*) FROM t").await.unwrap(),
+        true,
+    )
+    .unwrap();
 
     let mut c = FlightSqlServiceClient::new(channel);
     c.handshake(USER, PASSWORD).await.unwrap();
@@ -117,17 +141,29 @@ async fn flight_sql_client_queries_prepares_browses_and_gets_clear_errors() {
     // EXPLAIN as a statement: the plan and every party's verdict.
     let info = c.execute(format!("EXPLAIN {sql}"), None).await.unwrap();
     let plan = strings(&fetch(&mut c, info).await, "plan").join("\n");
-    assert!(plan.contains("Local part") && plan.contains("p2: allow"), "{plan}");
+    assert!(
+        plan.contains("Local part") && plan.contains("p2: allow"),
+        "{plan}"
+    );
 
     // Catalog browsing: the federated table, with the columns p0's policy
     // lets this analyst use (label is hidden).
     let info = c.get_catalogs().await.unwrap();
-    assert_eq!(strings(&fetch(&mut c, info).await, "catalog_name"), ["council"]);
+    assert_eq!(
+        strings(&fetch(&mut c, info).await, "catalog_name"),
+        ["council"]
+    );
     let info = c
-        .get_db_schemas(CommandGetDbSchemas { catalog: None, db_schema_filter_pattern: None })
+        .get_db_schemas(CommandGetDbSchemas {
+            catalog: None,
+            db_schema_filter_pattern: None,
+        })
         .await
         .unwrap();
-    assert_eq!(strings(&fetch(&mut c, info).await, "db_schema_name"), ["public"]);
+    assert_eq!(
+        strings(&fetch(&mut c, info).await, "db_schema_name"),
+        ["public"]
+    );
     let info = c
         .get_tables(CommandGetTables {
             catalog: None,
@@ -151,12 +187,20 @@ async fn flight_sql_client_queries_prepares_browses_and_gets_clear_errors() {
     let schema = arrow::ipc::convert::try_schema_from_ipc_buffer(&raw).unwrap();
     let cols: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     assert!(cols.contains(&"x") && cols.contains(&"g"), "{cols:?}");
-    assert!(!cols.contains(&"label"), "label is hidden by p0's policy: {cols:?}");
+    assert!(
+        !cols.contains(&"label"),
+        "label is hidden by p0's policy: {cols:?}"
+    );
     let info = c.get_table_types().await.unwrap();
     assert_eq!(strings(&fetch(&mut c, info).await, "table_type"), ["TABLE"]);
-    let info = c.get_sql_info(vec![SqlInfo::FlightSqlServerName]).await.unwrap();
+    let info = c
+        .get_sql_info(vec![SqlInfo::FlightSqlServerName])
+        .await
+        .unwrap();
     let info_batches = fetch(&mut c, info).await;
-    let text = arrow::util::pretty::pretty_format_batches(&info_batches).unwrap().to_string();
+    let text = arrow::util::pretty::pretty_format_batches(&info_batches)
+        .unwrap()
+        .to_string();
     assert!(text.contains("Council"), "{text}");
 
     // A refusal names the party and the rule.
@@ -194,7 +238,11 @@ async fn flight_sql_client_queries_prepares_browses_and_gets_clear_errors() {
     assert!(raw.get_flight_info(req).await.is_err());
 
     // Bad SQL gets the planner's message.
-    let e = c.execute("SELECT nope FROM t".into(), None).await.unwrap_err().to_string();
+    let e = c
+        .execute("SELECT nope FROM t".into(), None)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("nope"), "{e}");
     fed.stop().await;
 }

@@ -29,7 +29,10 @@ fn python() -> String {
             .into_owned()
     });
     let ok = Command::new(&candidate)
-        .args(["-c", "import adbc_driver_flightsql, adbc_driver_manager, pyarrow, psycopg"])
+        .args([
+            "-c",
+            "import adbc_driver_flightsql, adbc_driver_manager, pyarrow, psycopg",
+        ])
         .status()
         .is_ok_and(|s| s.success());
     assert!(
@@ -66,7 +69,9 @@ async fn federation(
         "[tables.t.columns.h]\nfilter = true",
         "[tables.t.columns.h]\nfilter = false",
     );
-    let fed = LocalFederation::start(&spec, &dir.path().join("run")).await.unwrap();
+    let fed = LocalFederation::start(&spec, &dir.path().join("run"))
+        .await
+        .unwrap();
     let pooled = fed.pooled_context().await.unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, &fed.ca_pem).unwrap();
@@ -117,10 +122,13 @@ async fn adbc_flight_sql_driver_from_python() {
     assert_eq!(report["tables"], serde_json::json!(["council.public.t"]));
     let refused = report["refused_error"].as_str().unwrap_or("(no error)");
     assert!(
-        refused.contains("p2 refused: column h may not be used in WHERE (policy: tables.t.columns.h)"),
+        refused
+            .contains("p2 refused: column h may not be used in WHERE (policy: tables.t.columns.h)"),
         "{refused}"
     );
-    let wrong = report["wrong_password_error"].as_str().unwrap_or("(no error)");
+    let wrong = report["wrong_password_error"]
+        .as_str()
+        .unwrap_or("(no error)");
     assert!(wrong.contains("wrong user name or password"), "{wrong}");
     fed.stop().await;
 }
@@ -214,7 +222,11 @@ async fn psql_queries_lists_tables_and_is_refused_clearly() {
         let mut lines = out.lines();
         let header = lines.next().unwrap_or_default();
         let got: Vec<Vec<String>> = lines
-            .map(|l| l.split(',').map(|c| c.trim_matches('"').to_string()).collect())
+            .map(|l| {
+                l.split(',')
+                    .map(|c| c.trim_matches('"').to_string())
+                    .collect()
+            })
             .collect();
         let plain = plaintext(&pooled, sql).await.unwrap();
         let want = cells(&plain);
@@ -247,7 +259,11 @@ async fn psql_queries_lists_tables_and_is_refused_clearly() {
         .output()
         .await
         .unwrap();
-    assert!(run.status.success(), "psycopg: {}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "psycopg: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     let want = cells(&plaintext(&pooled, sql).await.unwrap());
     for format in ["text", "binary"] {
@@ -277,15 +293,28 @@ async fn psql_queries_lists_tables_and_is_refused_clearly() {
         port,
         &ca,
         PASSWORD,
-        &["-A", "-t", "-c", "EXPLAIN SELECT g, AVG(x) FROM t GROUP BY g"],
+        &[
+            "-A",
+            "-t",
+            "-c",
+            "EXPLAIN SELECT g, AVG(x) FROM t GROUP BY g",
+        ],
     )
     .await;
     assert!(ok, "EXPLAIN: {err}");
-    assert!(out.contains("Local part") && out.contains("p2: allow"), "{out}");
+    assert!(
+        out.contains("Local part") && out.contains("p2: allow"),
+        "{out}"
+    );
 
     // A refusal names the party and the rule.
-    let (ok, _, err) =
-        run_psql(port, &ca, PASSWORD, &["-c", "SELECT COUNT(*) FROM t WHERE h = 1"]).await;
+    let (ok, _, err) = run_psql(
+        port,
+        &ca,
+        PASSWORD,
+        &["-c", "SELECT COUNT(*) FROM t WHERE h = 1"],
+    )
+    .await;
     assert!(!ok);
     assert!(
         err.contains("p1 refused: column h may not be used in WHERE (policy: tables.t.columns.h)"),
@@ -294,22 +323,37 @@ async fn psql_queries_lists_tables_and_is_refused_clearly() {
     // A wrong password is refused.
     let (ok, _, err) = run_psql(port, &ca, "wrong", &["-c", "SELECT 1"]).await;
     assert!(!ok);
-    assert!(err.to_lowercase().contains("password authentication failed"), "{err}");
+    assert!(
+        err.to_lowercase()
+            .contains("password authentication failed"),
+        "{err}"
+    );
     // Without TLS, nothing is answered.
     let out = tokio::process::Command::new(psql())
-        .arg(format!("host=127.0.0.1 port={port} user={USER} dbname=council sslmode=disable"))
+        .arg(format!(
+            "host=127.0.0.1 port={port} user={USER} dbname=council sslmode=disable"
+        ))
         .args(["-X", "-c", "SELECT COUNT(*) FROM t"])
         .env("PGPASSWORD", PASSWORD)
         .output()
         .await
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("answers only over TLS"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("answers only over TLS"),
+        "{err}"
+    );
 
     // Garbage on the PostgreSQL port crashes nothing.
-    for junk in [&b"\x00\x00\x00\x08\x04\xd2\x16\x2f"[..], b"GET / HTTP/1.1\r\n\r\n", &[0xffu8; 64][..]] {
+    for junk in [
+        &b"\x00\x00\x00\x08\x04\xd2\x16\x2f"[..],
+        b"GET / HTTP/1.1\r\n\r\n",
+        &[0xffu8; 64][..],
+    ] {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
         let _ = sock.write_all(junk).await;
         let mut buf = [0u8; 256];
         let _ = tokio::time::timeout(Duration::from_secs(2), sock.read(&mut buf)).await;
