@@ -43,6 +43,14 @@ pub fn open_policy(party: &str, parties: &[String]) -> String {
     s
 }
 
+/// `open_policy`, except that `column` may not be used in WHERE.
+pub fn policy_without_filter_on(party: &str, parties: &[String], column: &str) -> String {
+    open_policy(party, parties).replace(
+        &format!("[tables.t.columns.{column}]\nfilter = true"),
+        &format!("[tables.t.columns.{column}]\nfilter = false"),
+    )
+}
+
 /// How a random data set is shaped.
 #[derive(Clone, Copy, Debug)]
 pub struct Shape {

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use council_tests::{
-    open_policy, party_ids, spec_for, write_random_data, Shape, PASSWORD, QUERIES, USER,
+    party_ids, policy_without_filter_on, spec_for, write_random_data, Shape, PASSWORD, QUERIES,
+    USER,
 };
 use gateway::compare::compare;
 use gateway::config::Fault;
@@ -42,10 +43,7 @@ fn audit_text(fed: &LocalFederation, party: &str) -> String {
 async fn a_refusal_names_the_party_and_the_rule_and_moves_no_data() {
     let (_d, fed) = federation(3, 1, Duration::from_secs(10), |spec| {
         let ids = party_ids(3);
-        spec.parties[1].policy_toml = open_policy("p1", &ids).replace(
-            "[tables.t.columns.label]\nfilter = true",
-            "[tables.t.columns.label]\nfilter = false",
-        );
+        spec.parties[1].policy_toml = policy_without_filter_on("p1", &ids, "label");
     })
     .await;
     let c = fed.client("p0", USER, PASSWORD).await.unwrap();

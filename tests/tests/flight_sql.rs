@@ -9,7 +9,10 @@ use arrow::record_batch::RecordBatch;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::{CommandGetDbSchemas, CommandGetTables, SqlInfo};
 use arrow_flight::FlightInfo;
-use council_tests::{open_policy, party_ids, spec_for, write_random_data, Shape, PASSWORD, USER};
+use council_tests::{
+    open_policy, party_ids, policy_without_filter_on, spec_for, write_random_data, Shape, PASSWORD,
+    USER,
+};
 use futures::TryStreamExt;
 use gateway::compare::compare;
 use gateway::federation::{plaintext, LocalFederation};
@@ -63,10 +66,7 @@ async fn flight_sql_client_queries_prepares_browses_and_gets_clear_errors() {
         .next()
         .unwrap()
         .to_string();
-    spec.parties[1].policy_toml = open_policy("p1", &ids).replace(
-        "[tables.t.columns.h]\nfilter = true",
-        "[tables.t.columns.h]\nfilter = false",
-    );
+    spec.parties[1].policy_toml = policy_without_filter_on("p1", &ids, "h");
     spec.parties[0]
         .tokens
         .insert(USER.to_string(), "preset-token-for-a-bi-tool".to_string());

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use council_tests::{open_policy, party_ids, spec_for, write_random_data, Shape, PASSWORD, USER};
+use council_tests::{
+    party_ids, policy_without_filter_on, spec_for, write_random_data, Shape, PASSWORD, USER,
+};
 use gateway::compare::compare;
 use gateway::federation::{plaintext, LocalFederation};
 
@@ -65,10 +67,7 @@ async fn federation(
     let ids = party_ids(3);
     write_random_data(&dir.path().join("data"), &ids, Shape { seed, large: false }).unwrap();
     let mut spec = spec_for(dir.path(), &ids, Duration::from_secs(10));
-    spec.parties[refuser].policy_toml = open_policy(&ids[refuser], &ids).replace(
-        "[tables.t.columns.h]\nfilter = true",
-        "[tables.t.columns.h]\nfilter = false",
-    );
+    spec.parties[refuser].policy_toml = policy_without_filter_on(&ids[refuser], &ids, "h");
     let fed = LocalFederation::start(&spec, &dir.path().join("run"))
         .await
         .unwrap();
