@@ -1,0 +1,8 @@
+//! Council's end-to-end tests, linked into one test binary: every binary
+//! links all of DataFusion, so one binary instead of four saves three links
+//! and about 3 GiB of disk in a debug build (CI ran out of disk with four).
+
+mod failures;
+mod federated_answers;
+mod flight_sql;
+mod real_clients;
