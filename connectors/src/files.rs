@@ -201,21 +201,26 @@ impl LocalSource for FileSource {
         self.described.clone()
     }
 
+    async fn explain(&self, part: &LocalPart) -> Vec<String> {
+        let file = self
+            .described
+            .iter()
+            .find(|d| d.starts_with(&format!("{}:", part.table)))
+            .cloned()
+            .unwrap_or_else(|| part.table.clone());
+        vec![format!("computed in the gateway by DataFusion over {file}")]
+    }
+
     async fn run(&self, part: &LocalPart) -> Result<Vec<RecordBatch>, SourceError> {
         let run = |e: datafusion::error::DataFusionError| {
             SourceError::Run(planner::plan::clean_df_error(&e.to_string()))
         };
-        let mut df = self.ctx.table(part.table.as_str()).await.map_err(run)?;
-        if let Some(f) = &part.filter {
-            df = df.filter(f.clone()).map_err(run)?;
-        }
-        let groups: Vec<Expr> = part
-            .group_columns
-            .iter()
-            .map(|g| Expr::Column(Column::new_unqualified(g.clone())))
-            .collect();
-        df = df.aggregate(groups, part.aggregate_exprs()).map_err(run)?;
-        df.collect().await.map_err(run)
+        let df = self.ctx.table(part.table.as_str()).await.map_err(run)?;
+        crate::apply_local_part(df, part, part.filter.clone())
+            .map_err(run)?
+            .collect()
+            .await
+            .map_err(run)
     }
 }
 

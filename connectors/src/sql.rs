@@ -1,0 +1,770 @@
+//! SQL databases as sources (PostgreSQL, SQLite): the local part runs inside
+//! the database, in its own dialect, and only the per-group partials come
+//! back. Where some of the local part cannot be sent (a construct the
+//! database would compute differently, or not at all), the database still
+//! filters what it can and the gateway computes the rest, streaming, with
+//! DataFusion; EXPLAIN says which and why.
+//!
+//! Exactness is the rule for deciding what may be pushed down. A construct is
+//! sent only where the database computes exactly what DataFusion would:
+//! - PostgreSQL sums in `numeric` (exact); results come back as text and are
+//!   parsed at the declared scale, so no digit is lost on the way.
+//! - SQLite has no exact decimal type: its partials are sums of scaled
+//!   integers (SQLite raises "integer overflow" rather than wrap; a result
+//!   that turns REAL is refused), so decimal columns with a scale are refused
+//!   at startup.
+//! - Text ordering (`<`, `BETWEEN`) depends on PostgreSQL's collation and is
+//!   computed in the gateway; SQLite's `LIKE` ignores case and its division
+//!   by zero is NULL, so neither is sent there.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Date32Builder, Decimal128Builder, Float64Builder, Int64Builder,
+    StringBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Column, DFSchema, ScalarValue};
+use datafusion::logical_expr::utils::split_conjunction;
+use datafusion::logical_expr::{BinaryExpr, Expr, ExprSchemable, Operator};
+use datafusion::sql::unparser::dialect::{PostgreSqlDialect, SqliteDialect};
+use datafusion::sql::unparser::Unparser;
+use planner::plan::PartialKind;
+use planner::{LocalPart, TableDef};
+
+use crate::SourceError;
+
+/// The SQL dialect of a source database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+impl Dialect {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "PostgreSQL",
+            Dialect::Sqlite => "SQLite",
+        }
+    }
+
+    fn unparse(self, e: &Expr) -> Result<String, String> {
+        let sql = match self {
+            Dialect::Postgres => Unparser::new(&PostgreSqlDialect {}).expr_to_sql(e),
+            Dialect::Sqlite => Unparser::new(&SqliteDialect {}).expr_to_sql(e),
+        };
+        sql.map(|s| s.to_string()).map_err(|e| e.to_string())
+    }
+}
+
+/// A quoted SQL identifier (both dialects accept double quotes).
+pub fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// One federated table as a table or view of a SQL database.
+#[derive(Debug, Clone)]
+pub struct SqlTable {
+    pub table: TableDef,
+    /// The local table or view, `name` or `schema.name`.
+    pub local: String,
+    /// Federated column name → local column name, where they differ.
+    pub renames: BTreeMap<String, String>,
+}
+
+impl SqlTable {
+    pub fn local_column<'a>(&'a self, federated: &'a str) -> &'a str {
+        self.renames
+            .get(federated)
+            .map(String::as_str)
+            .unwrap_or(federated)
+    }
+
+    /// `(schema, name)` of the local table.
+    pub fn schema_and_name(&self) -> (Option<&str>, &str) {
+        match self.local.split_once('.') {
+            Some((s, n)) => (Some(s), n),
+            None => (None, self.local.as_str()),
+        }
+    }
+
+    pub fn from_clause(&self) -> String {
+        match self.schema_and_name() {
+            (Some(s), n) => format!("{}.{}", quote(s), quote(n)),
+            (None, n) => quote(n),
+        }
+    }
+
+    /// `e` with every column renamed to its local name.
+    fn localize(&self, e: &Expr) -> Expr {
+        e.clone()
+            .transform_up(|e| {
+                Ok(match e {
+                    Expr::Column(c) => Transformed::yes(Expr::Column(Column::new_unqualified(
+                        self.local_column(&c.name).to_string(),
+                    ))),
+                    other => Transformed::no(other),
+                })
+            })
+            .map(|t| t.data)
+            .unwrap_or_else(|_| e.clone())
+    }
+}
+
+/// How a column of a query's result is read back from the database.
+#[derive(Debug, Clone)]
+pub struct OutColumn {
+    pub field: Arc<Field>,
+    /// The database returns an integer count of units of the field's decimal
+    /// scale (SQLite's scaled sums) rather than the number itself.
+    pub units: bool,
+}
+
+/// What a source runs for one local part.
+#[derive(Debug, Clone)]
+pub struct SourcePlan {
+    /// The statement sent to the database.
+    pub sql: String,
+    /// How to read its result.
+    pub columns: Vec<OutColumn>,
+    /// `None`: the database computes the whole local part. `Some`: it returns
+    /// rows (only the columns used, filtered by what could be sent) and the
+    /// gateway computes the rest.
+    pub residual: Option<Residual>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Residual {
+    /// The filter conjuncts the gateway applies (federated names).
+    pub filter: Option<Expr>,
+    /// Why each construct stayed in the gateway.
+    pub reasons: Vec<String>,
+}
+
+impl SourcePlan {
+    /// EXPLAIN lines.
+    pub fn explain(&self, dialect: Dialect, source: &str) -> Vec<String> {
+        let mut lines = vec![format!("sent to {} ({source}): {}", dialect.name(), self.sql)];
+        if let Some(r) = &self.residual {
+            let mut s = String::from(
+                "then computed in the gateway (DataFusion, streaming): the partial aggregates",
+            );
+            if let Some(f) = &r.filter {
+                s.push_str(&format!(" and the filter {f}"));
+            }
+            lines.push(s);
+            for why in &r.reasons {
+                lines.push(format!("  not pushed down: {why}"));
+            }
+        }
+        lines
+    }
+}
+
+/// Decides what `dialect` runs for `part` over `table`. `input` is the
+/// federated table's schema; `output` the local part's result schema (group
+/// columns, then `p0..pk`), as DataFusion computes it.
+pub fn plan_source(
+    dialect: Dialect,
+    table: &SqlTable,
+    part: &LocalPart,
+    input: &DFSchema,
+    output: &Schema,
+) -> SourcePlan {
+    let conjuncts: Vec<&Expr> = part.filter.as_ref().map(split_conjunction).unwrap_or_default();
+    let mut pushed = Vec::new();
+    let mut kept = Vec::new();
+    let mut reasons = Vec::new();
+    for c in conjuncts {
+        match pushable(dialect, c, input, table) {
+            Ok(()) => pushed.push(c.clone()),
+            Err(why) => {
+                reasons.push(format!("{c}: {why}"));
+                kept.push(c.clone());
+            }
+        }
+    }
+    let where_clause = |exprs: &[Expr]| -> Result<String, String> {
+        if exprs.is_empty() {
+            return Ok(String::new());
+        }
+        let parts: Result<Vec<String>, String> = exprs
+            .iter()
+            .map(|e| dialect.unparse(&table.localize(e)).map(|s| format!("({s})")))
+            .collect();
+        Ok(format!(" WHERE {}", parts?.join(" AND ")))
+    };
+
+    // The whole local part, if every conjunct and every partial can go.
+    if kept.is_empty() {
+        match pushdown(dialect, table, part, input, output) {
+            Ok((select, columns)) => match where_clause(&pushed) {
+                Ok(w) => {
+                    let mut sql = format!("SELECT {select} FROM {}{w}", table.from_clause());
+                    if !part.group_columns.is_empty() {
+                        let g: Vec<String> = part
+                            .group_columns
+                            .iter()
+                            .map(|g| quote(table.local_column(g)))
+                            .collect();
+                        sql.push_str(&format!(" GROUP BY {}", g.join(", ")));
+                    }
+                    return SourcePlan {
+                        sql,
+                        columns,
+                        residual: None,
+                    };
+                }
+                Err(e) => reasons.push(format!("the filter could not be written as SQL: {e}")),
+            },
+            Err(why) => reasons.push(why),
+        }
+    }
+
+    // Rows of the columns used, filtered by what can be sent.
+    let mut used: Vec<String> = part.group_columns.clone();
+    let mut note = |e: &Expr| {
+        for c in e.column_refs() {
+            if !used.contains(&c.name) {
+                used.push(c.name.clone());
+            }
+        }
+    };
+    for e in &kept {
+        note(e);
+    }
+    for p in &part.partials {
+        if let Some(a) = &p.arg {
+            note(a);
+        }
+    }
+    let mut items = Vec::new();
+    let mut columns = Vec::new();
+    for c in &table.table.columns {
+        if !used.contains(&c.name) {
+            continue;
+        }
+        let local = quote(table.local_column(&c.name));
+        let ty = c.ty.arrow_type();
+        // PostgreSQL numerics come back as text, parsed exactly.
+        let item = match (dialect, &ty) {
+            (Dialect::Postgres, DataType::Decimal128(..)) => format!("CAST({local} AS TEXT)"),
+            _ => local,
+        };
+        items.push(format!("{item} AS {}", quote(&c.name)));
+        columns.push(OutColumn {
+            field: Arc::new(Field::new(&c.name, ty, true)),
+            units: false,
+        });
+    }
+    if items.is_empty() {
+        // COUNT(*) alone: one constant column per row.
+        items.push(format!("1 AS {}", quote("__one")));
+        columns.push(OutColumn {
+            field: Arc::new(Field::new("__one", DataType::Int64, true)),
+            units: false,
+        });
+    }
+    let (w, kept) = match where_clause(&pushed) {
+        Ok(w) => (w, kept),
+        Err(e) => {
+            reasons.push(format!("the filter could not be written as SQL: {e}"));
+            (String::new(), part.filter.iter().cloned().collect())
+        }
+    };
+    SourcePlan {
+        sql: format!("SELECT {} FROM {}{w}", items.join(", "), table.from_clause()),
+        columns,
+        residual: Some(Residual {
+            filter: kept.into_iter().reduce(datafusion::logical_expr::and),
+            reasons,
+        }),
+    }
+}
+
+/// The SELECT list of the whole local part, or why it cannot be sent.
+fn pushdown(
+    dialect: Dialect,
+    table: &SqlTable,
+    part: &LocalPart,
+    input: &DFSchema,
+    output: &Schema,
+) -> Result<(String, Vec<OutColumn>), String> {
+    let mut items = Vec::new();
+    let mut columns = Vec::new();
+    let fields = output.fields();
+    if fields.len() != part.group_columns.len() + part.partials.len() {
+        return Err("the local part's result has an unexpected shape".into());
+    }
+    for (g, f) in part.group_columns.iter().zip(fields.iter()) {
+        items.push(format!("{} AS {}", quote(table.local_column(g)), quote(g)));
+        columns.push(OutColumn {
+            field: f.clone(),
+            units: false,
+        });
+    }
+    for (i, p) in part.partials.iter().enumerate() {
+        let f = &fields[part.group_columns.len() + i];
+        let arg = match &p.arg {
+            Some(a) => {
+                pushable(dialect, a, input, table)
+                    .map_err(|why| format!("aggregate argument {a}: {why}"))?;
+                let ty = a
+                    .get_type(input)
+                    .map_err(|e| format!("aggregate argument {a}: {e}"))?;
+                let sql = dialect
+                    .unparse(&table.localize(a))
+                    .map_err(|e| format!("aggregate argument {a}: {e}"))?;
+                Some((sql, ty))
+            }
+            None => None,
+        };
+        let s = p.scale;
+        let (item, units) = match dialect {
+            Dialect::Postgres => {
+                let a = || arg.as_ref().map(|(s, _)| s.as_str()).unwrap_or("1");
+                let item = match p.kind {
+                    PartialKind::RowCount => "COUNT(*)".to_string(),
+                    PartialKind::Count => format!("COUNT({})", a()),
+                    PartialKind::Sum => {
+                        format!("CAST(SUM(CAST({} AS NUMERIC(38,{s}))) AS TEXT)", a())
+                    }
+                    PartialKind::SumSquares => format!(
+                        "CAST(SUM(CAST({0} AS NUMERIC(18,{s})) * CAST({0} AS NUMERIC(18,{s}))) AS TEXT)",
+                        a()
+                    ),
+                    PartialKind::LocalMaxAbs => {
+                        format!("CAST(MAX(ABS(CAST({} AS NUMERIC(38,{s})))) AS TEXT)", a())
+                    }
+                };
+                (item, false)
+            }
+            Dialect::Sqlite => {
+                // Every sum is a sum of scaled integers.
+                let units = || -> Result<String, String> {
+                    let Some((a, ty)) = &arg else {
+                        return Ok("1".into());
+                    };
+                    match ty {
+                        DataType::Int64 | DataType::Int32 | DataType::Decimal128(_, 0) => {
+                            if s == 0 {
+                                Ok(a.clone())
+                            } else {
+                                Ok(format!("({a} * {})", 10i64.pow(s)))
+                            }
+                        }
+                        DataType::Float64 => {
+                            Ok(format!("CAST(ROUND({a} * 1e{s}) AS INTEGER)"))
+                        }
+                        other => Err(format!("SQLite cannot sum {other} exactly")),
+                    }
+                };
+                match p.kind {
+                    PartialKind::RowCount => ("COUNT(*)".to_string(), false),
+                    PartialKind::Count => (
+                        format!("COUNT({})", arg.as_ref().map(|(s, _)| s.as_str()).unwrap_or("1")),
+                        false,
+                    ),
+                    PartialKind::Sum => (format!("SUM({})", units()?), true),
+                    PartialKind::SumSquares => {
+                        let v = units()?;
+                        (format!("SUM({v} * {v})"), true)
+                    }
+                    PartialKind::LocalMaxAbs => (format!("MAX(ABS({}))", units()?), true),
+                }
+            }
+        };
+        items.push(format!("{item} AS {}", quote(&format!("p{i}"))));
+        columns.push(OutColumn {
+            field: f.clone(),
+            units,
+        });
+    }
+    Ok((items.join(", "), columns))
+}
+
+/// Whether `dialect` computes `e` exactly as DataFusion does; if not, why.
+fn pushable(dialect: Dialect, e: &Expr, input: &DFSchema, table: &SqlTable) -> Result<(), String> {
+    let ty = |e: &Expr| e.get_type(input).unwrap_or(DataType::Null);
+    let is_text = |e: &Expr| matches!(ty(e), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+    let sqlite = dialect == Dialect::Sqlite;
+    let rec = |e: &Expr| pushable(dialect, e, input, table);
+    match e {
+        Expr::Column(c) => {
+            if sqlite && matches!(ty(e), DataType::Date32) {
+                return Err(format!("SQLite stores the date column {} as text", c.name));
+            }
+            if table.table.column(&c.name).is_none() {
+                return Err(format!("{} is not a column of {}", c.name, table.table.name));
+            }
+            Ok(())
+        }
+        Expr::Literal(v, _) => match v {
+            ScalarValue::Null
+            | ScalarValue::Boolean(_)
+            | ScalarValue::Int8(_)
+            | ScalarValue::Int16(_)
+            | ScalarValue::Int32(_)
+            | ScalarValue::Int64(_)
+            | ScalarValue::UInt8(_)
+            | ScalarValue::UInt16(_)
+            | ScalarValue::UInt32(_)
+            | ScalarValue::Float64(_)
+            | ScalarValue::Utf8(_) => Ok(()),
+            ScalarValue::Decimal128(..) | ScalarValue::Date32(_) if !sqlite => Ok(()),
+            other => Err(format!(
+                "{} has no literal for {}",
+                dialect.name(),
+                other.data_type()
+            )),
+        },
+        Expr::Alias(a) => rec(&a.expr),
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            use Operator::*;
+            match op {
+                And | Or | Eq | NotEq | IsDistinctFrom | IsNotDistinctFrom => {}
+                Lt | LtEq | Gt | GtEq => {
+                    if !sqlite && (is_text(left) || is_text(right)) {
+                        return Err(
+                            "the order of text depends on PostgreSQL's collation".into()
+                        );
+                    }
+                }
+                Plus | Minus | Multiply if !sqlite => {}
+                Divide | Modulo if !sqlite => {}
+                other => {
+                    return Err(format!("{} would compute `{other}` differently", dialect.name()))
+                }
+            }
+            rec(left)?;
+            rec(right)
+        }
+        Expr::Not(x)
+        | Expr::IsNull(x)
+        | Expr::IsNotNull(x)
+        | Expr::IsTrue(x)
+        | Expr::IsFalse(x)
+        | Expr::IsNotTrue(x)
+        | Expr::IsNotFalse(x) => rec(x),
+        Expr::Negative(x) if !sqlite => rec(x),
+        Expr::Between(b) => {
+            if !sqlite && is_text(&b.expr) {
+                return Err("the order of text depends on PostgreSQL's collation".into());
+            }
+            rec(&b.expr)?;
+            rec(&b.low)?;
+            rec(&b.high)
+        }
+        Expr::InList(l) => {
+            rec(&l.expr)?;
+            l.list.iter().try_for_each(rec)
+        }
+        Expr::Like(l) if !sqlite && l.escape_char.is_none() => {
+            rec(&l.expr)?;
+            rec(&l.pattern)
+        }
+        Expr::Like(_) if sqlite => Err("SQLite's LIKE ignores case".into()),
+        Expr::Cast(c) => {
+            let from = ty(&c.expr);
+            let int = |t: &DataType| {
+                matches!(
+                    t,
+                    DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64
+                )
+            };
+            let to = c.field.data_type();
+            let ok = match (&from, to) {
+                (f, DataType::Int64 | DataType::Float64) if int(f) => true,
+                (DataType::Float32, DataType::Float64) => true,
+                (f, DataType::Decimal128(..)) if int(f) => !sqlite,
+                (&DataType::Decimal128(p, s), DataType::Decimal128(tp, ts)) => {
+                    !sqlite && *ts >= s && (*tp as i16 - *ts as i16) >= (p as i16 - s as i16)
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(format!(
+                    "a cast from {from} to {to} may round differently"
+                ));
+            }
+            rec(&c.expr)
+        }
+        Expr::ScalarFunction(f) => {
+            let name = f.name();
+            let allowed: &[&str] = match dialect {
+                Dialect::Postgres => &["abs", "coalesce", "lower", "upper", "character_length"],
+                Dialect::Sqlite => &["abs", "coalesce"],
+            };
+            if !allowed.contains(&name) {
+                return Err(format!("the function {name} is computed in the gateway"));
+            }
+            f.args.iter().try_for_each(rec)
+        }
+        other => Err(format!(
+            "{} is computed in the gateway",
+            other.variant_name()
+        )),
+    }
+}
+
+/// One value as a database returned it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Float(f64),
+    Text(String),
+    Bool(bool),
+    /// Days since 1970-01-01.
+    Date(i32),
+}
+
+/// Builds one Arrow column from database values, exactly or not at all.
+pub enum ColumnBuilder {
+    Int(Int64Builder),
+    Float(Float64Builder),
+    Decimal(Decimal128Builder, u8, i8, bool),
+    Text(StringBuilder),
+    Bool(BooleanBuilder),
+    Date(Date32Builder),
+}
+
+impl ColumnBuilder {
+    pub fn new(c: &OutColumn) -> Result<Self, SourceError> {
+        Ok(match c.field.data_type() {
+            DataType::Int64 => ColumnBuilder::Int(Int64Builder::new()),
+            DataType::Float64 => ColumnBuilder::Float(Float64Builder::new()),
+            DataType::Decimal128(p, s) => ColumnBuilder::Decimal(
+                Decimal128Builder::new()
+                    .with_precision_and_scale(*p, *s)
+                    .map_err(|e| SourceError::Run(e.to_string()))?,
+                *p,
+                *s,
+                c.units,
+            ),
+            DataType::Utf8 => ColumnBuilder::Text(StringBuilder::new()),
+            DataType::Boolean => ColumnBuilder::Bool(BooleanBuilder::new()),
+            DataType::Date32 => ColumnBuilder::Date(Date32Builder::new()),
+            other => {
+                return Err(SourceError::Run(format!(
+                    "column {}: type {other} cannot be read from a SQL source",
+                    c.field.name()
+                )))
+            }
+        })
+    }
+
+    /// Appends `v`, or says why it cannot be represented exactly.
+    pub fn push(&mut self, v: Value) -> Result<(), String> {
+        match (self, v) {
+            (ColumnBuilder::Int(b), Value::Null) => b.append_null(),
+            (ColumnBuilder::Float(b), Value::Null) => b.append_null(),
+            (ColumnBuilder::Decimal(b, ..), Value::Null) => b.append_null(),
+            (ColumnBuilder::Text(b), Value::Null) => b.append_null(),
+            (ColumnBuilder::Bool(b), Value::Null) => b.append_null(),
+            (ColumnBuilder::Date(b), Value::Null) => b.append_null(),
+            (ColumnBuilder::Int(b), Value::Int(i)) => b.append_value(i),
+            (ColumnBuilder::Float(b), Value::Float(f)) => b.append_value(f),
+            (ColumnBuilder::Float(b), Value::Int(i)) => {
+                if i.unsigned_abs() > 1 << 53 {
+                    return Err(format!("the integer {i} has no exact float"));
+                }
+                b.append_value(i as f64)
+            }
+            (ColumnBuilder::Decimal(b, p, s, units), Value::Int(i)) => {
+                let v = if *units {
+                    i as i128
+                } else {
+                    (i as i128)
+                        .checked_mul(10i128.pow((*s).max(0) as u32))
+                        .ok_or_else(|| format!("{i} does not fit at scale {s}"))?
+                };
+                check_precision(v, *p)?;
+                b.append_value(v)
+            }
+            (ColumnBuilder::Decimal(b, p, s, _), Value::Text(t)) => {
+                let v = parse_decimal(&t, *s)?;
+                check_precision(v, *p)?;
+                b.append_value(v)
+            }
+            (ColumnBuilder::Text(b), Value::Text(t)) => b.append_value(t),
+            (ColumnBuilder::Bool(b), Value::Bool(x)) => b.append_value(x),
+            (ColumnBuilder::Bool(b), Value::Int(i @ (0 | 1))) => b.append_value(i == 1),
+            (ColumnBuilder::Date(b), Value::Date(d)) => b.append_value(d),
+            (ColumnBuilder::Date(b), Value::Text(t)) => b.append_value(parse_date(&t)?),
+            (b, v) => {
+                return Err(format!(
+                    "a {} value where {} was expected",
+                    match v {
+                        Value::Int(_) => "integer",
+                        Value::Float(_) => "floating-point",
+                        Value::Text(_) => "text",
+                        Value::Bool(_) => "boolean",
+                        Value::Date(_) => "date",
+                        Value::Null => "NULL",
+                    },
+                    b.type_name()
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn type_name(&self) -> &'static str {
+        match self {
+            ColumnBuilder::Int(_) => "an integer",
+            ColumnBuilder::Float(_) => "a float",
+            ColumnBuilder::Decimal(..) => "an exact decimal",
+            ColumnBuilder::Text(_) => "text",
+            ColumnBuilder::Bool(_) => "a boolean",
+            ColumnBuilder::Date(_) => "a date",
+        }
+    }
+
+    pub fn finish(&mut self) -> ArrayRef {
+        match self {
+            ColumnBuilder::Int(b) => Arc::new(b.finish()),
+            ColumnBuilder::Float(b) => Arc::new(b.finish()),
+            ColumnBuilder::Decimal(b, ..) => Arc::new(b.finish()),
+            ColumnBuilder::Text(b) => Arc::new(b.finish()),
+            ColumnBuilder::Bool(b) => Arc::new(b.finish()),
+            ColumnBuilder::Date(b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+fn check_precision(v: i128, p: u8) -> Result<(), String> {
+    if p < 39 && v.unsigned_abs() >= 10u128.pow(p as u32) {
+        return Err(format!("{v} has more than {p} digits"));
+    }
+    Ok(())
+}
+
+/// A decimal string as an integer count of 10^-scale, exactly.
+pub fn parse_decimal(t: &str, scale: i8) -> Result<i128, String> {
+    let bad = || format!("`{t}` is not an exact decimal at scale {scale}");
+    let s = t.trim();
+    let (neg, s) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    if int.is_empty() && frac.is_empty()
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    let scale = scale.max(0) as usize;
+    let (kept, dropped) = frac.split_at(frac.len().min(scale));
+    if dropped.bytes().any(|b| b != b'0') {
+        return Err(bad());
+    }
+    let mut v: i128 = 0;
+    for b in int.bytes().chain(kept.bytes()) {
+        v = v
+            .checked_mul(10)
+            .and_then(|v| v.checked_add((b - b'0') as i128))
+            .ok_or_else(bad)?;
+    }
+    for _ in kept.len()..scale {
+        v = v.checked_mul(10).ok_or_else(bad)?;
+    }
+    Ok(if neg { -v } else { v })
+}
+
+/// `YYYY-MM-DD` as days since 1970-01-01.
+pub fn parse_date(t: &str) -> Result<i32, String> {
+    let d = chrono::NaiveDate::parse_from_str(t.trim(), "%Y-%m-%d")
+        .map_err(|_| format!("`{t}` is not a date YYYY-MM-DD"))?;
+    Ok(days_since_epoch(d))
+}
+
+pub fn days_since_epoch(d: chrono::NaiveDate) -> i32 {
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default();
+    (d - epoch).num_days() as i32
+}
+
+/// Collects rows into Arrow batches of `columns`, `BATCH_ROWS` at a time.
+pub struct BatchWriter {
+    schema: SchemaRef,
+    builders: Vec<ColumnBuilder>,
+    rows: usize,
+    source: String,
+}
+
+pub const BATCH_ROWS: usize = 8192;
+
+impl BatchWriter {
+    pub fn new(columns: &[OutColumn], source: &str) -> Result<Self, SourceError> {
+        let fields: Vec<Field> = columns
+            .iter()
+            .map(|c| c.field.as_ref().clone().with_nullable(true))
+            .collect();
+        Ok(BatchWriter {
+            schema: Arc::new(Schema::new(fields)),
+            builders: columns.iter().map(ColumnBuilder::new).collect::<Result<_, _>>()?,
+            rows: 0,
+            source: source.to_string(),
+        })
+    }
+
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// Appends one row; returns a full batch when one is ready.
+    pub fn push_row(
+        &mut self,
+        mut value: impl FnMut(usize) -> Result<Value, String>,
+    ) -> Result<Option<RecordBatch>, SourceError> {
+        for (i, b) in self.builders.iter_mut().enumerate() {
+            value(i).and_then(|v| b.push(v)).map_err(|why| {
+                SourceError::Run(format!(
+                    "{} returned a value Council cannot use exactly in column {}: {why}",
+                    self.source,
+                    self.schema.field(i).name()
+                ))
+            })?;
+        }
+        self.rows += 1;
+        if self.rows >= BATCH_ROWS {
+            return self.flush().map(Some);
+        }
+        Ok(None)
+    }
+
+    pub fn flush(&mut self) -> Result<RecordBatch, SourceError> {
+        self.rows = 0;
+        let arrays: Vec<ArrayRef> = self.builders.iter_mut().map(|b| b.finish()).collect();
+        RecordBatch::try_new(self.schema.clone(), arrays).map_err(|e| SourceError::Run(e.to_string()))
+    }
+
+    pub fn pending(&self) -> usize {
+        self.rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_parse_exactly_or_not_at_all() {
+        assert_eq!(parse_decimal("12.5", 2), Ok(1250));
+        assert_eq!(parse_decimal("-0.125", 3), Ok(-125));
+        assert_eq!(parse_decimal("7", 3), Ok(7000));
+        assert_eq!(parse_decimal("1.2300", 2), Ok(123));
+        assert!(parse_decimal("1.235", 2).is_err());
+        assert!(parse_decimal("NaN", 2).is_err());
+        assert!(parse_decimal("", 2).is_err());
+        assert!(parse_decimal("1e5", 2).is_err());
+        assert!(parse_decimal("99999999999999999999999999999999999999999", 0).is_err());
+        assert_eq!(parse_date("1970-01-02"), Ok(1));
+        assert!(parse_date("02/01/1970").is_err());
+    }
+}

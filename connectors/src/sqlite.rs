@@ -1,0 +1,224 @@
+//! SQLite database files (rusqlite, with SQLite compiled in), opened read
+//! only. Each query opens its own connection on a blocking thread and
+//! streams batches back; a query that is dropped stops reading.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use datafusion::arrow::array::RecordBatch;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use planner::ColumnType;
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OpenFlags};
+
+use crate::database::Database;
+use crate::sql::{BatchWriter, Dialect, OutColumn, SqlTable, Value};
+use crate::SourceError;
+
+pub struct SqliteDatabase {
+    path: PathBuf,
+}
+
+impl SqliteDatabase {
+    /// The file must exist; it is never written.
+    pub fn open(path: &Path) -> Result<Self, SourceError> {
+        let db = SqliteDatabase {
+            path: path.to_path_buf(),
+        };
+        db.connect()?;
+        Ok(db)
+    }
+
+    fn connect(&self) -> Result<Connection, SourceError> {
+        if !self.path.is_file() {
+            return Err(SourceError::Run(format!(
+                "SQLite database {} does not exist",
+                self.path.display()
+            )));
+        }
+        let c = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| self.error(e))?;
+        c.busy_timeout(Duration::from_secs(10))
+            .map_err(|e| self.error(e))?;
+        Ok(c)
+    }
+
+    fn error(&self, e: rusqlite::Error) -> SourceError {
+        SourceError::Run(format!("SQLite {}: {e}", self.path.display()))
+    }
+}
+
+/// SQLite's type affinity of a declared column type (its documented rules).
+fn affinity(declared: &str) -> &'static str {
+    let t = declared.to_ascii_uppercase();
+    if t.contains("INT") {
+        "INTEGER"
+    } else if t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT") {
+        "TEXT"
+    } else if t.contains("BLOB") || t.is_empty() {
+        "BLOB"
+    } else if t.contains("REAL") || t.contains("FLOA") || t.contains("DOUB") {
+        "REAL"
+    } else {
+        "NUMERIC"
+    }
+}
+
+/// Why a column of declared type `declared` cannot hold `want` exactly.
+fn mismatch(want: &ColumnType, declared: &str) -> Option<String> {
+    let a = affinity(declared);
+    let ok = match want {
+        ColumnType::Int => a == "INTEGER",
+        ColumnType::Decimal { scale, .. } if *scale > 0 => {
+            return Some(format!(
+                "SQLite has no exact decimal type ({declared}); declare the federated column `float` with a scale, \
+                 or keep the values as integer units in an INTEGER column and declare it `int`"
+            ))
+        }
+        ColumnType::Decimal { .. } => a == "INTEGER",
+        ColumnType::Float { .. } => a == "REAL" || a == "INTEGER",
+        ColumnType::Text => a == "TEXT",
+        ColumnType::Bool => a == "INTEGER" || a == "NUMERIC",
+        ColumnType::Date => a == "TEXT" || a == "NUMERIC",
+    };
+    (!ok).then(|| format!("found {} ({a} affinity)", if declared.is_empty() { "no declared type" } else { declared }))
+}
+
+#[async_trait::async_trait]
+impl Database for SqliteDatabase {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    async fn check(&self, t: &SqlTable) -> Result<Vec<String>, SourceError> {
+        let c = self.connect()?;
+        let (schema, name) = t.schema_and_name();
+        let mut stmt = c
+            .prepare("SELECT name, type FROM pragma_table_xinfo(?1, ?2)")
+            .map_err(|e| self.error(e))?;
+        let found: Vec<(String, String)> = stmt
+            .query_map([name, schema.unwrap_or("main")], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.error(e))?;
+        let fed = &t.table.name;
+        if found.is_empty() {
+            return Ok(vec![format!(
+                "table {fed}: no table or view `{}` in SQLite {}",
+                t.local,
+                self.path.display()
+            )]);
+        }
+        let mut problems = Vec::new();
+        for col in &t.table.columns {
+            let local = t.local_column(&col.name);
+            match found.iter().find(|(n, _)| n.eq_ignore_ascii_case(local)) {
+                None => problems.push(format!(
+                    "table {fed}, column {}: expected {}, found no column `{local}` in SQLite {} `{}`",
+                    col.name,
+                    col.ty,
+                    self.path.display(),
+                    t.local
+                )),
+                Some((_, declared)) => {
+                    if let Some(why) = mismatch(&col.ty, declared) {
+                        problems.push(format!(
+                            "table {fed}, column {}: expected {}, {why} in SQLite {} `{}`",
+                            col.name,
+                            col.ty,
+                            self.path.display(),
+                            t.local
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(problems)
+    }
+
+    fn query(
+        &self,
+        sql: String,
+        columns: Vec<OutColumn>,
+    ) -> BoxStream<'static, Result<RecordBatch, SourceError>> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<RecordBatch, SourceError>>(4);
+        let db = SqliteDatabase {
+            path: self.path.clone(),
+        };
+        tokio::task::spawn_blocking(move || {
+            let result = (|| -> Result<(), SourceError> {
+                let c = db.connect()?;
+                let mut w = BatchWriter::new(&columns, &format!("SQLite {}", db.path.display()))?;
+                let mut stmt = c.prepare(&sql).map_err(|e| db.error(e))?;
+                let mut rows = stmt.query([]).map_err(|e| db.error(e))?;
+                while let Some(row) = rows.next().map_err(|e| db.error(e))? {
+                    let batch = w.push_row(|i| {
+                        Ok(match row.get_ref(i).map_err(|e| e.to_string())? {
+                            ValueRef::Null => Value::Null,
+                            ValueRef::Integer(v) => Value::Int(v),
+                            ValueRef::Real(v) => Value::Float(v),
+                            ValueRef::Text(t) => Value::Text(
+                                std::str::from_utf8(t)
+                                    .map_err(|_| "text that is not UTF-8".to_string())?
+                                    .to_string(),
+                            ),
+                            ValueRef::Blob(_) => return Err("a BLOB".into()),
+                        })
+                    })?;
+                    if let Some(b) = batch {
+                        if tx.blocking_send(Ok(b)).is_err() {
+                            return Ok(()); // the query was dropped
+                        }
+                    }
+                }
+                if w.pending() > 0 || columns.is_empty() {
+                    let _ = tx.blocking_send(Ok(w.flush()?));
+                }
+                Ok(())
+            })();
+            if let Err(e) = result {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        tokio_stream_from(rx)
+    }
+}
+
+/// A receiver as a stream.
+pub(crate) fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> BoxStream<'static, T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn affinities_follow_sqlite_rules() {
+        assert_eq!(affinity("BIGINT"), "INTEGER");
+        assert_eq!(affinity("varchar(20)"), "TEXT");
+        assert_eq!(affinity("DOUBLE PRECISION"), "REAL");
+        assert_eq!(affinity("DECIMAL(10,2)"), "NUMERIC");
+        assert_eq!(affinity(""), "BLOB");
+        assert!(mismatch(&ColumnType::Int, "INTEGER").is_none());
+        assert!(mismatch(&ColumnType::Text, "INTEGER").is_some());
+        let d = mismatch(
+            &ColumnType::Decimal {
+                precision: 10,
+                scale: 2,
+            },
+            "DECIMAL(10,2)",
+        )
+        .unwrap_or_default();
+        assert!(d.contains("no exact decimal type"), "{d}");
+    }
+}
