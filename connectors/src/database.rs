@@ -53,7 +53,8 @@ impl DatabaseSource {
         tables: Vec<SqlTable>,
         partitions: Option<usize>,
     ) -> Result<Self, SourceError> {
-        let shapes = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+        let shapes =
+            SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
         let mut problems = Vec::new();
         let mut by_name = BTreeMap::new();
         for t in tables {
@@ -89,10 +90,13 @@ impl DatabaseSource {
         let run = |e: datafusion::error::DataFusionError| {
             SourceError::Run(planner::plan::clean_df_error(&e.to_string()))
         };
-        let table = self.tables.get(&part.table).ok_or_else(|| SourceError::Table {
-            table: part.table.clone(),
-            reason: format!("not held by {}", self.db.describe()),
-        })?;
+        let table = self
+            .tables
+            .get(&part.table)
+            .ok_or_else(|| SourceError::Table {
+                table: part.table.clone(),
+                reason: format!("not held by {}", self.db.describe()),
+            })?;
         let df = self.shapes.table(part.table.as_str()).await.map_err(run)?;
         let input = df.schema().clone();
         let output = apply_local_part(df, part, part.filter.clone()).map_err(run)?;
@@ -109,7 +113,15 @@ impl LocalSource for DatabaseSource {
     fn describe(&self) -> Vec<String> {
         self.tables
             .values()
-            .map(|t| format!("{}: {} {} in {}", t.table.name, self.db.dialect().name(), t.local, self.db.describe()))
+            .map(|t| {
+                format!(
+                    "{}: {} {} in {}",
+                    t.table.name,
+                    self.db.dialect().name(),
+                    t.local,
+                    self.db.describe()
+                )
+            })
             .collect()
     }
 
@@ -125,12 +137,20 @@ impl LocalSource for DatabaseSource {
         let rows = self.db.query(plan.sql.clone(), plan.columns.clone());
         let Some(residual) = plan.residual else {
             // The partials themselves: a few rows per group.
-            let batches: Vec<RecordBatch> = rows.collect::<Vec<_>>().await.into_iter().collect::<Result<_, _>>()?;
+            let batches: Vec<RecordBatch> = rows
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?;
             return batches
                 .into_iter()
                 .map(|b| {
-                    RecordBatch::try_new(output.clone(), b.columns().to_vec())
-                        .map_err(|e| SourceError::Run(format!("{} returned an unexpected result: {e}", self.db.describe())))
+                    RecordBatch::try_new(output.clone(), b.columns().to_vec()).map_err(|e| {
+                        SourceError::Run(format!(
+                            "{} returned an unexpected result: {e}",
+                            self.db.describe()
+                        ))
+                    })
                 })
                 .collect();
         };
@@ -189,5 +209,217 @@ impl PartitionStream for OneShot {
             .boxed(),
         };
         Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::SqliteDatabase;
+    use crate::{FileFormat, FileSource, TableFile};
+    use datafusion::arrow::util::pretty::pretty_format_batches;
+    use planner::{Catalog, QueryOptions};
+
+    const CATALOG: &str = r#"[tables.t]
+columns = [
+  { name = "g", type = "text", domain = ["a", "b", "c"] },
+  { name = "h", type = "int", domain = { min = 1, max = 3 } },
+  { name = "flag", type = "bool", domain = [true, false] },
+  { name = "x", type = "int" },
+  { name = "f", type = "float", scale = 2 },
+  { name = "day", type = "date" },
+  { name = "label", type = "text" },
+]"#;
+
+    /// The same rows as CSV (read by DataFusion) and as a SQLite table with
+    /// other column names.
+    fn write_both(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        let rows: Vec<(
+            Option<&str>,
+            Option<i64>,
+            Option<bool>,
+            Option<i64>,
+            Option<f64>,
+            Option<&str>,
+            Option<&str>,
+        )> = vec![
+            (
+                Some("a"),
+                Some(1),
+                Some(true),
+                Some(10),
+                Some(1.25),
+                Some("2024-01-05"),
+                Some("Ab"),
+            ),
+            (
+                Some("a"),
+                Some(2),
+                Some(false),
+                Some(-3),
+                None,
+                Some("2024-02-01"),
+                Some("ab"),
+            ),
+            (Some("b"), Some(1), None, None, Some(-0.5), None, None),
+            (
+                None,
+                Some(3),
+                Some(true),
+                Some(7),
+                Some(2.75),
+                Some("2023-12-31"),
+                Some("abc"),
+            ),
+            (
+                Some("c"),
+                None,
+                Some(false),
+                Some(1 << 40),
+                Some(100.0),
+                Some("2024-03-03"),
+                Some("x"),
+            ),
+            (
+                Some("b"),
+                Some(2),
+                Some(true),
+                Some(0),
+                Some(0.01),
+                Some("2024-01-01"),
+                Some("AB"),
+            ),
+        ];
+        let csv_path = dir.join("t.csv");
+        let mut csv = String::from("g,h,flag,x,f,day,label\n");
+        let o = |v: Option<String>| v.unwrap_or_default();
+        for r in &rows {
+            csv.push_str(&format!(
+                "{},{},{},{},{},{},{}\n",
+                o(r.0.map(str::to_string)),
+                o(r.1.map(|v| v.to_string())),
+                o(r.2.map(|v| v.to_string())),
+                o(r.3.map(|v| v.to_string())),
+                o(r.4.map(|v| v.to_string())),
+                o(r.5.map(str::to_string)),
+                o(r.6.map(str::to_string)),
+            ));
+        }
+        std::fs::write(&csv_path, csv).unwrap();
+        let db_path = dir.join("party.db");
+        let c = rusqlite::Connection::open(&db_path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE visits (grp TEXT, h INTEGER, flag BOOLEAN, x INTEGER, f REAL, day DATE, label TEXT);",
+        )
+        .unwrap();
+        for r in &rows {
+            c.execute(
+                "INSERT INTO visits VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                rusqlite::params![r.0, r.1, r.2, r.3, r.4, r.5, r.6],
+            )
+            .unwrap();
+        }
+        (csv_path, db_path)
+    }
+
+    fn sorted(batches: &[RecordBatch]) -> Vec<String> {
+        let text = pretty_format_batches(batches).unwrap().to_string();
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with('|'))
+            .skip(1)
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[tokio::test]
+    async fn sqlite_answers_equal_datafusion_pushed_down_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (csv, db) = write_both(dir.path());
+        let cat = Catalog::from_toml(CATALOG, "c").unwrap();
+        let def = cat.table("t").unwrap().clone();
+        let files = FileSource::open(
+            vec![TableFile {
+                table: def.clone(),
+                path: csv,
+                format: FileFormat::Csv,
+                renames: Default::default(),
+            }],
+            None,
+        )
+        .await
+        .unwrap();
+        let sqlite = DatabaseSource::open(
+            Arc::new(SqliteDatabase::open(&db).unwrap()),
+            vec![SqlTable {
+                table: def,
+                local: "visits".into(),
+                renames: [("g".to_string(), "grp".to_string())].into_iter().collect(),
+            }],
+            None,
+        )
+        .await
+        .unwrap();
+        // (query, pushed down entirely?)
+        let queries = [
+            ("SELECT g, COUNT(*), SUM(x), AVG(f) FROM t GROUP BY g", true),
+            ("SELECT h, flag, COUNT(x), SUM(f), VAR_SAMP(x) FROM t WHERE x > -5 AND g IN ('a', 'b') GROUP BY h, flag", true),
+            ("SELECT COUNT(*), SUM(x) FROM t WHERE label IS NOT NULL AND NOT flag", true),
+            ("SELECT g, COUNT(*) FROM t WHERE label LIKE 'a%' GROUP BY g", false),
+            ("SELECT g, SUM(x) FROM t WHERE day >= DATE '2024-01-01' GROUP BY g", false),
+            ("SELECT COUNT(*) FROM t WHERE x / 2 > 1", false),
+            ("SELECT COUNT(*), SUM(x) FROM t WHERE g = 'zzz'", true),
+        ];
+        for (sql, pushed) in queries {
+            let plan = planner::plan_query(sql, &cat, &["p".into()], &QueryOptions::default())
+                .await
+                .unwrap();
+            let (sp, _) = sqlite.plan(&plan.local).await.unwrap();
+            assert_eq!(sp.residual.is_none(), pushed, "{sql}: {sp:?}");
+            let explained = sqlite.explain(&plan.local).await.join("\n");
+            assert!(explained.contains("sent to SQLite"), "{explained}");
+            if !pushed {
+                assert!(explained.contains("not pushed down"), "{explained}");
+            }
+            eprintln!("{sql}\n  {explained}");
+            let want = files.run(&plan.local).await.unwrap();
+            let got = sqlite.run(&plan.local).await.unwrap();
+            assert_eq!(sorted(&got), sorted(&want), "{sql}\n{}", sp.sql);
+            assert_eq!(got[0].schema(), want[0].schema(), "{sql}");
+        }
+    }
+
+    #[tokio::test]
+    async fn sqlite_mismatches_are_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, db) = write_both(dir.path());
+        let cat = Catalog::from_toml(
+            "[tables.t]\ncolumns = [{name = \"g\", type = \"int\"}, {name = \"x\", type = \"decimal(10,2)\"}, {name = \"nope\", type = \"int\"}]",
+            "c",
+        )
+        .unwrap();
+        let table = |local: &str| SqlTable {
+            table: cat.table("t").unwrap().clone(),
+            local: local.into(),
+            renames: [("g".to_string(), "grp".to_string())].into_iter().collect(),
+        };
+        let db = Arc::new(SqliteDatabase::open(&db).unwrap());
+        let Err(e) = DatabaseSource::open(db.clone(), vec![table("visits")], None).await else {
+            panic!("accepted a mismatching table");
+        };
+        let text = e.to_string();
+        assert!(text.contains("(3 problem(s))"), "{text}");
+        assert!(
+            text.contains("table t, column g: expected int, found TEXT"),
+            "{text}"
+        );
+        assert!(text.contains("no exact decimal type"), "{text}");
+        assert!(text.contains("found no column `nope`"), "{text}");
+        let Err(e) = DatabaseSource::open(db, vec![table("missing")], None).await else {
+            panic!("accepted a missing table");
+        };
+        assert!(e.to_string().contains("no table or view `missing`"), "{e}");
     }
 }

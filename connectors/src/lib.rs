@@ -86,10 +86,12 @@ impl Sources {
     }
 
     fn of(&self, part: &LocalPart) -> Result<&Arc<dyn LocalSource>, SourceError> {
-        self.by_table.get(&part.table).ok_or_else(|| SourceError::Table {
-            table: part.table.clone(),
-            reason: "this party has no source for it".into(),
-        })
+        self.by_table
+            .get(&part.table)
+            .ok_or_else(|| SourceError::Table {
+                table: part.table.clone(),
+                reason: "this party has no source for it".into(),
+            })
     }
 }
 

@@ -101,7 +101,9 @@ fn describe(config: &Config) -> String {
     )
 }
 
-fn tls_connector(ca: &std::path::Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, SourceError> {
+fn tls_connector(
+    ca: &std::path::Path,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, SourceError> {
     let bad = |why: String| SourceError::Run(format!("PostgreSQL ca_file {}: {why}", ca.display()));
     let pem = std::fs::read(ca).map_err(|e| bad(e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
@@ -144,11 +146,19 @@ impl Inner {
         }
         let (client, conn) = match &self.tls {
             Some(tls) => {
-                let (c, conn) = self.config.connect(tls.clone()).await.map_err(|e| self.error(e))?;
+                let (c, conn) = self
+                    .config
+                    .connect(tls.clone())
+                    .await
+                    .map_err(|e| self.error(e))?;
                 (c, tokio::spawn(async move { conn.await }))
             }
             None => {
-                let (c, conn) = self.config.connect(NoTls).await.map_err(|e| self.error(e))?;
+                let (c, conn) = self
+                    .config
+                    .connect(NoTls)
+                    .await
+                    .map_err(|e| self.error(e))?;
                 (c, tokio::spawn(async move { conn.await }))
             }
         };
@@ -169,7 +179,12 @@ impl Inner {
 }
 
 /// Why a column of PostgreSQL type `found` cannot hold `want` exactly.
-fn mismatch(want: &ColumnType, found: &str, precision: Option<i32>, scale: Option<i32>) -> Option<String> {
+fn mismatch(
+    want: &ColumnType,
+    found: &str,
+    precision: Option<i32>,
+    scale: Option<i32>,
+) -> Option<String> {
     let int_digits = match found {
         "smallint" => Some(5),
         "integer" => Some(10),
@@ -204,12 +219,27 @@ fn value(row: &Row, i: usize) -> Result<Value, String> {
     let ty = row.columns()[i].type_().clone();
     let e = |e: tokio_postgres::Error| e.to_string();
     Ok(match ty {
-        Type::INT2 => row.try_get::<_, Option<i16>>(i).map_err(e)?.map(|v| Value::Int(v as i64)),
-        Type::INT4 => row.try_get::<_, Option<i32>>(i).map_err(e)?.map(|v| Value::Int(v as i64)),
+        Type::INT2 => row
+            .try_get::<_, Option<i16>>(i)
+            .map_err(e)?
+            .map(|v| Value::Int(v as i64)),
+        Type::INT4 => row
+            .try_get::<_, Option<i32>>(i)
+            .map_err(e)?
+            .map(|v| Value::Int(v as i64)),
         Type::INT8 => row.try_get::<_, Option<i64>>(i).map_err(e)?.map(Value::Int),
-        Type::FLOAT4 => row.try_get::<_, Option<f32>>(i).map_err(e)?.map(|v| Value::Float(v as f64)),
-        Type::FLOAT8 => row.try_get::<_, Option<f64>>(i).map_err(e)?.map(Value::Float),
-        Type::BOOL => row.try_get::<_, Option<bool>>(i).map_err(e)?.map(Value::Bool),
+        Type::FLOAT4 => row
+            .try_get::<_, Option<f32>>(i)
+            .map_err(e)?
+            .map(|v| Value::Float(v as f64)),
+        Type::FLOAT8 => row
+            .try_get::<_, Option<f64>>(i)
+            .map_err(e)?
+            .map(Value::Float),
+        Type::BOOL => row
+            .try_get::<_, Option<bool>>(i)
+            .map_err(e)?
+            .map(Value::Bool),
         Type::TEXT | Type::VARCHAR | Type::NAME | Type::BPCHAR | Type::UNKNOWN => row
             .try_get::<_, Option<String>>(i)
             .map_err(e)?
@@ -324,7 +354,10 @@ mod tests {
 
     #[test]
     fn types_map_exactly_or_are_refused() {
-        let dec = |p, s| ColumnType::Decimal { precision: p, scale: s };
+        let dec = |p, s| ColumnType::Decimal {
+            precision: p,
+            scale: s,
+        };
         assert!(mismatch(&dec(10, 2), "numeric", Some(8), Some(2)).is_none());
         assert!(mismatch(&dec(10, 2), "numeric", Some(12), Some(2)).is_some());
         assert!(mismatch(&dec(10, 2), "numeric", Some(10), Some(3)).is_some());

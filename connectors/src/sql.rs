@@ -148,13 +148,22 @@ pub struct Residual {
 impl SourcePlan {
     /// EXPLAIN lines.
     pub fn explain(&self, dialect: Dialect, source: &str) -> Vec<String> {
-        let mut lines = vec![format!("sent to {} ({source}): {}", dialect.name(), self.sql)];
+        let sql = |e: &Expr| {
+            datafusion::sql::unparser::expr_to_sql(e)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|_| e.to_string())
+        };
+        let mut lines = vec![format!(
+            "sent to {} ({source}): {}",
+            dialect.name(),
+            self.sql
+        )];
         if let Some(r) = &self.residual {
             let mut s = String::from(
                 "then computed in the gateway (DataFusion, streaming): the partial aggregates",
             );
             if let Some(f) = &r.filter {
-                s.push_str(&format!(" and the filter {f}"));
+                s.push_str(&format!(" and the filter {}", sql(f)));
             }
             lines.push(s);
             for why in &r.reasons {
@@ -175,7 +184,11 @@ pub fn plan_source(
     input: &DFSchema,
     output: &Schema,
 ) -> SourcePlan {
-    let conjuncts: Vec<&Expr> = part.filter.as_ref().map(split_conjunction).unwrap_or_default();
+    let conjuncts: Vec<&Expr> = part
+        .filter
+        .as_ref()
+        .map(split_conjunction)
+        .unwrap_or_default();
     let mut pushed = Vec::new();
     let mut kept = Vec::new();
     let mut reasons = Vec::new();
@@ -183,7 +196,10 @@ pub fn plan_source(
         match pushable(dialect, c, input, table) {
             Ok(()) => pushed.push(c.clone()),
             Err(why) => {
-                reasons.push(format!("{c}: {why}"));
+                let shown = datafusion::sql::unparser::expr_to_sql(c)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|_| c.to_string());
+                reasons.push(format!("{shown}: {why}"));
                 kept.push(c.clone());
             }
         }
@@ -194,7 +210,11 @@ pub fn plan_source(
         }
         let parts: Result<Vec<String>, String> = exprs
             .iter()
-            .map(|e| dialect.unparse(&table.localize(e)).map(|s| format!("({s})")))
+            .map(|e| {
+                dialect
+                    .unparse(&table.localize(e))
+                    .map(|s| format!("({s})"))
+            })
             .collect();
         Ok(format!(" WHERE {}", parts?.join(" AND ")))
     };
@@ -277,7 +297,11 @@ pub fn plan_source(
         }
     };
     SourcePlan {
-        sql: format!("SELECT {} FROM {}{w}", items.join(", "), table.from_clause()),
+        sql: format!(
+            "SELECT {} FROM {}{w}",
+            items.join(", "),
+            table.from_clause()
+        ),
         columns,
         residual: Some(Residual {
             filter: kept.into_iter().reduce(datafusion::logical_expr::and),
@@ -357,16 +381,17 @@ fn pushdown(
                                 Ok(format!("({a} * {})", 10i64.pow(s)))
                             }
                         }
-                        DataType::Float64 => {
-                            Ok(format!("CAST(ROUND({a} * 1e{s}) AS INTEGER)"))
-                        }
+                        DataType::Float64 => Ok(format!("CAST(ROUND({a} * 1e{s}) AS INTEGER)")),
                         other => Err(format!("SQLite cannot sum {other} exactly")),
                     }
                 };
                 match p.kind {
                     PartialKind::RowCount => ("COUNT(*)".to_string(), false),
                     PartialKind::Count => (
-                        format!("COUNT({})", arg.as_ref().map(|(s, _)| s.as_str()).unwrap_or("1")),
+                        format!(
+                            "COUNT({})",
+                            arg.as_ref().map(|(s, _)| s.as_str()).unwrap_or("1")
+                        ),
                         false,
                     ),
                     PartialKind::Sum => (format!("SUM({})", units()?), true),
@@ -390,16 +415,33 @@ fn pushdown(
 /// Whether `dialect` computes `e` exactly as DataFusion does; if not, why.
 fn pushable(dialect: Dialect, e: &Expr, input: &DFSchema, table: &SqlTable) -> Result<(), String> {
     let ty = |e: &Expr| e.get_type(input).unwrap_or(DataType::Null);
-    let is_text = |e: &Expr| matches!(ty(e), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+    let is_text = |e: &Expr| {
+        matches!(
+            ty(e),
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+        )
+    };
     let sqlite = dialect == Dialect::Sqlite;
     let rec = |e: &Expr| pushable(dialect, e, input, table);
     match e {
         Expr::Column(c) => {
-            if sqlite && matches!(ty(e), DataType::Date32) {
-                return Err(format!("SQLite stores the date column {} as text", c.name));
+            match ty(e) {
+                DataType::Date32 if sqlite => {
+                    return Err(format!("SQLite stores the date column {} as text", c.name))
+                }
+                DataType::Decimal128(_, s) if sqlite && s > 0 => {
+                    return Err(format!(
+                        "SQLite stores the exact decimal column {} as text",
+                        c.name
+                    ))
+                }
+                _ => {}
             }
             if table.table.column(&c.name).is_none() {
-                return Err(format!("{} is not a column of {}", c.name, table.table.name));
+                return Err(format!(
+                    "{} is not a column of {}",
+                    c.name, table.table.name
+                ));
             }
             Ok(())
         }
@@ -429,15 +471,16 @@ fn pushable(dialect: Dialect, e: &Expr, input: &DFSchema, table: &SqlTable) -> R
                 And | Or | Eq | NotEq | IsDistinctFrom | IsNotDistinctFrom => {}
                 Lt | LtEq | Gt | GtEq => {
                     if !sqlite && (is_text(left) || is_text(right)) {
-                        return Err(
-                            "the order of text depends on PostgreSQL's collation".into()
-                        );
+                        return Err("the order of text depends on PostgreSQL's collation".into());
                     }
                 }
                 Plus | Minus | Multiply if !sqlite => {}
                 Divide | Modulo if !sqlite => {}
                 other => {
-                    return Err(format!("{} would compute `{other}` differently", dialect.name()))
+                    return Err(format!(
+                        "{} would compute `{other}` differently",
+                        dialect.name()
+                    ))
                 }
             }
             rec(left)?;
@@ -481,15 +524,17 @@ fn pushable(dialect: Dialect, e: &Expr, input: &DFSchema, table: &SqlTable) -> R
                 (f, DataType::Int64 | DataType::Float64) if int(f) => true,
                 (DataType::Float32, DataType::Float64) => true,
                 (f, DataType::Decimal128(..)) if int(f) => !sqlite,
+                // A date literal: PostgreSQL reads ISO dates as DataFusion does.
+                (DataType::Utf8, DataType::Date32) => {
+                    !sqlite && matches!(c.expr.as_ref(), Expr::Literal(..))
+                }
                 (&DataType::Decimal128(p, s), DataType::Decimal128(tp, ts)) => {
                     !sqlite && *ts >= s && (*tp as i16 - *ts as i16) >= (p as i16 - s as i16)
                 }
                 _ => false,
             };
             if !ok {
-                return Err(format!(
-                    "a cast from {from} to {to} may round differently"
-                ));
+                return Err(format!("a cast from {from} to {to} may round differently"));
             }
             rec(&c.expr)
         }
@@ -707,7 +752,10 @@ impl BatchWriter {
             .collect();
         Ok(BatchWriter {
             schema: Arc::new(Schema::new(fields)),
-            builders: columns.iter().map(ColumnBuilder::new).collect::<Result<_, _>>()?,
+            builders: columns
+                .iter()
+                .map(ColumnBuilder::new)
+                .collect::<Result<_, _>>()?,
             rows: 0,
             source: source.to_string(),
         })
@@ -741,7 +789,8 @@ impl BatchWriter {
     pub fn flush(&mut self) -> Result<RecordBatch, SourceError> {
         self.rows = 0;
         let arrays: Vec<ArrayRef> = self.builders.iter_mut().map(|b| b.finish()).collect();
-        RecordBatch::try_new(self.schema.clone(), arrays).map_err(|e| SourceError::Run(e.to_string()))
+        RecordBatch::try_new(self.schema.clone(), arrays)
+            .map_err(|e| SourceError::Run(e.to_string()))
     }
 
     pub fn pending(&self) -> usize {

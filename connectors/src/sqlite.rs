@@ -73,11 +73,17 @@ fn mismatch(want: &ColumnType, declared: &str) -> Option<String> {
     let a = affinity(declared);
     let ok = match want {
         ColumnType::Int => a == "INTEGER",
+        // SQLite has no exact decimal type: exact decimals are kept as text
+        // ('12.50'), read exactly, and summed in the gateway. Any other
+        // affinity would store them as REAL, rounded.
         ColumnType::Decimal { scale, .. } if *scale > 0 => {
+            if a == "TEXT" {
+                return None;
+            }
             return Some(format!(
-                "SQLite has no exact decimal type ({declared}); declare the federated column `float` with a scale, \
-                 or keep the values as integer units in an INTEGER column and declare it `int`"
-            ))
+                "found {declared} ({a} affinity): SQLite has no exact decimal type and would store these values \
+                 rounded as REAL; keep them as text in a TEXT column ('12.50'), or declare the federated column `float`"
+            ));
         }
         ColumnType::Decimal { .. } => a == "INTEGER",
         ColumnType::Float { .. } => a == "REAL" || a == "INTEGER",
@@ -85,7 +91,16 @@ fn mismatch(want: &ColumnType, declared: &str) -> Option<String> {
         ColumnType::Bool => a == "INTEGER" || a == "NUMERIC",
         ColumnType::Date => a == "TEXT" || a == "NUMERIC",
     };
-    (!ok).then(|| format!("found {} ({a} affinity)", if declared.is_empty() { "no declared type" } else { declared }))
+    (!ok).then(|| {
+        format!(
+            "found {} ({a} affinity)",
+            if declared.is_empty() {
+                "no declared type"
+            } else {
+                declared
+            }
+        )
+    })
 }
 
 #[async_trait::async_trait]
@@ -105,7 +120,9 @@ impl Database for SqliteDatabase {
             .prepare("SELECT name, type FROM pragma_table_xinfo(?1, ?2)")
             .map_err(|e| self.error(e))?;
         let found: Vec<(String, String)> = stmt
-            .query_map([name, schema.unwrap_or("main")], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([name, schema.unwrap_or("main")], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .and_then(|rows| rows.collect())
             .map_err(|e| self.error(e))?;
         let fed = &t.table.name;
@@ -220,5 +237,10 @@ mod tests {
         )
         .unwrap_or_default();
         assert!(d.contains("no exact decimal type"), "{d}");
+        let text = ColumnType::Decimal {
+            precision: 10,
+            scale: 2,
+        };
+        assert!(mismatch(&text, "TEXT").is_none());
     }
 }

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use connectors::{FileFormat, TableFile};
+use connectors::postgres::PgConnect;
+use connectors::{FileFormat, SqlTable, TableFile};
 use planner::Catalog;
 use policies::Policy;
 use serde::Deserialize;
@@ -32,9 +33,50 @@ struct RawConfig {
     #[serde(default)]
     peers: Vec<RawPeer>,
     #[serde(default)]
+    sources: BTreeMap<String, RawSource>,
+    #[serde(default)]
     tables: BTreeMap<String, RawTable>,
     #[serde(default)]
     analysts: Vec<AnalystCredential>,
+}
+
+/// A database holding some of this party's tables: exactly one of
+/// `postgres` or `sqlite`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    #[serde(default)]
+    postgres: Option<RawPostgres>,
+    #[serde(default)]
+    sqlite: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    /// Refused: present only to say where the connection string goes.
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    url_env: Option<String>,
+    #[serde(default)]
+    url_file: Option<PathBuf>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+}
+
+/// Where a party's tables live (besides files).
+#[derive(Debug, Clone)]
+pub enum DatabaseConfig {
+    Postgres(PgConnect),
+    Sqlite(PathBuf),
+}
+
+/// A federated table held by a named database source.
+#[derive(Debug, Clone)]
+pub struct DbTable {
+    pub source: String,
+    pub table: SqlTable,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -59,9 +101,17 @@ struct RawPeer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTable {
-    path: PathBuf,
+    /// A CSV or Parquet file, or a folder of them.
+    #[serde(default)]
+    path: Option<PathBuf>,
     #[serde(default)]
     format: Option<String>,
+    /// Or a `[sources.NAME]` database, and the table or view in it
+    /// (`name` or `schema.name`; default: the federated table's name).
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    table: Option<String>,
     /// Federated column → local column name, where they differ.
     #[serde(default)]
     columns: BTreeMap<String, String>,
@@ -100,6 +150,9 @@ pub struct GatewayConfig {
     pub catalog: Catalog,
     pub policy: Policy,
     pub tables: Vec<TableFile>,
+    /// Named databases (`[sources.NAME]`) and the tables they hold.
+    pub databases: BTreeMap<String, DatabaseConfig>,
+    pub db_tables: Vec<DbTable>,
     pub analysts: Vec<AnalystCredential>,
     pub tls: TlsMaterial,
     pub audit_log: PathBuf,
@@ -185,7 +238,13 @@ impl GatewayConfig {
                 bail!("config {}: peer `{}` is listed twice", path.display(), p.id);
             }
         }
+        let cfg_name = path.display().to_string();
+        let mut databases = BTreeMap::new();
+        for (name, src) in raw.sources {
+            databases.insert(name.clone(), database_config(&cfg_name, base, &name, src)?);
+        }
         let mut tables = Vec::new();
+        let mut db_tables = Vec::new();
         for (name, t) in raw.tables {
             let def = catalog.table(&name).ok_or_else(|| {
                 anyhow!(
@@ -194,28 +253,70 @@ impl GatewayConfig {
                     cat_path.display()
                 )
             })?;
-            let p = resolve(base, &t.path);
-            let format = match t.format.as_deref() {
-                Some("csv") => FileFormat::Csv,
-                Some("parquet") => FileFormat::Parquet,
-                Some(other) => bail!(
-                    "config {}: table `{name}`: format `{other}` is unknown; use csv or parquet",
+            match (t.path, t.source) {
+                (Some(_), Some(_)) => bail!(
+                    "config {}: table `{name}` has both `path` and `source`; keep one",
                     path.display()
                 ),
-                None => FileFormat::from_path(&p).unwrap_or(FileFormat::Csv),
-            };
-            tables.push(TableFile {
-                table: def.clone(),
-                path: p,
-                format,
-                renames: t.columns,
-            });
+                (None, None) => bail!(
+                    "config {}: table `{name}` needs `path = \"...\"` (a CSV or Parquet file) or `source = \"NAME\"` (a [sources.NAME] database)",
+                    path.display()
+                ),
+                (None, Some(source)) => {
+                    if !databases.contains_key(&source) {
+                        bail!(
+                            "config {}: table `{name}`: source `{source}` is not defined; add [sources.{source}] with postgres = {{ url_env = \"...\" }} or sqlite = \"FILE\"",
+                            path.display()
+                        );
+                    }
+                    if t.format.is_some() {
+                        bail!(
+                            "config {}: table `{name}`: `format` is for files; a database table has none",
+                            path.display()
+                        );
+                    }
+                    db_tables.push(DbTable {
+                        source,
+                        table: SqlTable {
+                            table: def.clone(),
+                            local: t.table.unwrap_or_else(|| name.clone()),
+                            renames: t.columns,
+                        },
+                    });
+                }
+                (Some(file), None) => {
+                    if t.table.is_some() {
+                        bail!(
+                            "config {}: table `{name}`: `table` names a table in a database source; a file has none",
+                            path.display()
+                        );
+                    }
+                    let p = resolve(base, &file);
+                    let format = match t.format.as_deref() {
+                        Some("csv") => FileFormat::Csv,
+                        Some("parquet") => FileFormat::Parquet,
+                        Some(other) => bail!(
+                            "config {}: table `{name}`: format `{other}` is unknown; use csv or parquet",
+                            path.display()
+                        ),
+                        None => FileFormat::from_path(&p).unwrap_or(FileFormat::Csv),
+                    };
+                    tables.push(TableFile {
+                        table: def.clone(),
+                        path: p,
+                        format,
+                        renames: t.columns,
+                    });
+                }
+            }
         }
         for t in catalog.tables.keys() {
-            if !tables.iter().any(|f| &f.table.name == t) {
+            if !tables.iter().any(|f| &f.table.name == t)
+                && !db_tables.iter().any(|d| &d.table.table.name == t)
+            {
                 bail!(
-                    "config {}: federated table `{t}` has no local data; add [tables.{t}] path = \"...\" \
-                     (an empty CSV with a header is fine if this party has no rows)",
+                    "config {}: federated table `{t}` has no local data; add [tables.{t}] with path = \"...\" \
+                     or source = \"...\" (an empty CSV with a header is fine if this party has no rows)",
                     path.display()
                 );
             }
@@ -249,6 +350,8 @@ impl GatewayConfig {
             catalog,
             policy,
             tables,
+            databases,
+            db_tables,
             analysts: raw.analysts,
             tls,
             audit_log: resolve(base, &raw.audit_log),
@@ -263,6 +366,44 @@ impl GatewayConfig {
             log_queries: true,
             fault: None,
         })
+    }
+}
+
+/// Checks one `[sources.NAME]` entry; reads the PostgreSQL connection string
+/// from its environment variable or file (never from the config itself).
+fn database_config(cfg: &str, base: &Path, name: &str, src: RawSource) -> Result<DatabaseConfig> {
+    match (src.postgres, src.sqlite) {
+        (Some(pg), None) => {
+            if pg.url.is_some() {
+                bail!(
+                    "config {cfg}: sources.{name}: connection strings never go in the config (it may be committed or shared); \
+                     put it in an environment variable and write url_env = \"NAME\", or in a file only the gateway can read and write url_file = \"PATH\""
+                );
+            }
+            let url = match (pg.url_env, pg.url_file) {
+                (Some(var), None) => std::env::var(&var).map_err(|_| {
+                    anyhow!("config {cfg}: sources.{name}: environment variable {var} (url_env) is not set; set it to the PostgreSQL connection string")
+                })?,
+                (None, Some(file)) => {
+                    let f = resolve(base, &file);
+                    std::fs::read_to_string(&f)
+                        .map_err(|e| anyhow!("config {cfg}: sources.{name}: url_file {}: {e}", f.display()))?
+                        .trim()
+                        .to_string()
+                }
+                _ => bail!(
+                    "config {cfg}: sources.{name}: postgres needs exactly one of url_env = \"VARIABLE\" or url_file = \"PATH\""
+                ),
+            };
+            Ok(DatabaseConfig::Postgres(PgConnect {
+                url,
+                ca_file: pg.ca_file.map(|f| resolve(base, &f)),
+            }))
+        }
+        (None, Some(file)) => Ok(DatabaseConfig::Sqlite(resolve(base, &file))),
+        _ => bail!(
+            "config {cfg}: sources.{name}: give exactly one of postgres = {{ url_env = \"...\" }} or sqlite = \"FILE\""
+        ),
     }
 }
 

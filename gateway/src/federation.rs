@@ -36,6 +36,11 @@ pub struct PartySpec {
     pub fault: Option<crate::config::Fault>,
     /// Preset Bearer tokens: analyst name → token (stored as SHA-256).
     pub tokens: BTreeMap<String, String>,
+    /// Databases holding some tables instead of files; a file of the same
+    /// table in `data_dir`, if any, is then only the plaintext reference's
+    /// copy of the rows.
+    pub databases: BTreeMap<String, crate::config::DatabaseConfig>,
+    pub db_tables: Vec<crate::config::DbTable>,
 }
 
 impl PartySpec {
@@ -53,6 +58,8 @@ impl PartySpec {
             catalog_override: None,
             fault: None,
             tokens: BTreeMap::new(),
+            databases: BTreeMap::new(),
+            db_tables: Vec::new(),
         }
     }
 }
@@ -123,6 +130,12 @@ impl LocalFederation {
             })?;
             let mut files = Vec::new();
             for t in catalog.tables.values() {
+                if party.db_tables.iter().any(|d| d.table.table.name == t.name) {
+                    if let Some(f) = find_table_file(&party.data_dir, t) {
+                        tables.entry(t.name.clone()).or_default().push(f.path);
+                    }
+                    continue;
+                }
                 let f = find_table_file(&party.data_dir, t).ok_or_else(|| {
                     anyhow!(
                         "party {}: no data for table `{}` in {} (expected {}.csv or {}.parquet)",
@@ -170,6 +183,8 @@ impl LocalFederation {
                 catalog: catalog.clone(),
                 policy,
                 tables: files,
+                databases: party.databases.clone(),
+                db_tables: party.db_tables.clone(),
                 analysts,
                 tls: TlsMaterial::from_pem(&fed.ca_cert, cert, key)?,
                 audit_log: work_dir.join("audit").join(format!("{}.log", party.id)),

@@ -182,7 +182,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn new(cfg: &GatewayConfig) -> anyhow::Result<Arc<Self>> {
-        let source = connectors::FileSource::open(cfg.tables.clone(), cfg.local_partitions).await?;
+        let source = open_sources(cfg).await?;
         if let Some(dir) = cfg.audit_log.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
@@ -435,8 +435,14 @@ impl Gateway {
                     self.prepare(&session);
                 }
                 self.audit(entry);
+                let source = if p.explain_only {
+                    self.source.explain(&plan.local).await
+                } else {
+                    Vec::new()
+                };
                 Verdict::Allow {
                     fingerprint: plan.fingerprint,
+                    source,
                 }
             }
         }
@@ -781,6 +787,11 @@ impl Gateway {
         let verdict = match own {
             Decision::Allow => Verdict::Allow {
                 fingerprint: plan.fingerprint.clone(),
+                source: if explain_only {
+                    self.source.explain(&plan.local).await
+                } else {
+                    Vec::new()
+                },
             },
             Decision::Deny { rule, reason } => Verdict::Deny { rule, reason },
         };
@@ -839,8 +850,8 @@ impl Gateway {
         let mut failure = None;
         for (p, v) in &verdicts {
             let f = match v {
-                Verdict::Allow { fingerprint } if *fingerprint == plan.fingerprint => continue,
-                Verdict::Allow { fingerprint } => QueryFailure::new(
+                Verdict::Allow { fingerprint, .. } if *fingerprint == plan.fingerprint => continue,
+                Verdict::Allow { fingerprint, .. } => QueryFailure::new(
                     FailureKind::Refused,
                     format!(
                         "{p} computed a different plan (fingerprint {} vs {} here); check that every gateway \
@@ -886,18 +897,30 @@ impl Gateway {
         let verdicts = self.ask_peers(&ask, &plan, own, &phases).await?;
         let mut s = plan.explain(&self.party);
         s.push_str("Verdicts:\n");
+        let mut sources = String::new();
         for (p, v) in verdicts {
             let line = match v {
-                Verdict::Allow { fingerprint } if fingerprint == plan.fingerprint => {
-                    "allow (same plan)".to_string()
-                }
-                Verdict::Allow { fingerprint } => {
-                    format!("allow, but a DIFFERENT plan {}", short(&fingerprint))
+                Verdict::Allow {
+                    fingerprint,
+                    source,
+                } => {
+                    for l in &source {
+                        sources.push_str(&format!("  {p}: {l}\n"));
+                    }
+                    if fingerprint == plan.fingerprint {
+                        "allow (same plan)".to_string()
+                    } else {
+                        format!("allow, but a DIFFERENT plan {}", short(&fingerprint))
+                    }
                 }
                 Verdict::Deny { rule, reason } => format!("deny: {reason} (policy: {rule})"),
                 Verdict::Error { message } => format!("error: {message}"),
             };
             s.push_str(&format!("  {p}: {line}\n"));
+        }
+        if !sources.is_empty() {
+            s.push_str("Local parts at each party's source (as that party reports them):\n");
+            s.push_str(&sources);
         }
         Ok(s)
     }
@@ -1092,6 +1115,62 @@ async fn post_process(
 }
 
 /// EXPLAIN's answer: one text column, one line per row.
+/// Every source of this party, checked against the catalog; every mismatch
+/// of every source is reported at once.
+async fn open_sources(cfg: &GatewayConfig) -> anyhow::Result<connectors::Sources> {
+    use connectors::{Database, DatabaseSource, SourceError};
+    let mut sources = connectors::Sources::default();
+    let mut problems = Vec::new();
+    let mut note = |r: Result<(), SourceError>| -> anyhow::Result<()> {
+        match r {
+            Ok(()) => Ok(()),
+            Err(SourceError::Mismatch(p)) => {
+                problems.extend(p);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    };
+    if !cfg.tables.is_empty() {
+        let names: Vec<String> = cfg.tables.iter().map(|t| t.table.name.clone()).collect();
+        let r = connectors::FileSource::open(cfg.tables.clone(), cfg.local_partitions)
+            .await
+            .map(|f| sources.add(Arc::new(f), names));
+        note(r)?;
+    }
+    for (name, db) in &cfg.databases {
+        let tables: Vec<connectors::SqlTable> = cfg
+            .db_tables
+            .iter()
+            .filter(|t| &t.source == name)
+            .map(|t| t.table.clone())
+            .collect();
+        if tables.is_empty() {
+            continue;
+        }
+        let names: Vec<String> = tables.iter().map(|t| t.table.name.clone()).collect();
+        let database: Arc<dyn Database> = match db {
+            crate::config::DatabaseConfig::Postgres(c) => Arc::new(
+                connectors::postgres::PostgresDatabase::connect(c)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("source {name}: {e}"))?,
+            ),
+            crate::config::DatabaseConfig::Sqlite(path) => Arc::new(
+                connectors::sqlite::SqliteDatabase::open(path)
+                    .map_err(|e| anyhow::anyhow!("source {name}: {e}"))?,
+            ),
+        };
+        let r = DatabaseSource::open(database, tables, cfg.local_partitions)
+            .await
+            .map(|s| sources.add(Arc::new(s), names));
+        note(r)?;
+    }
+    if !problems.is_empty() {
+        return Err(SourceError::Mismatch(problems).into());
+    }
+    Ok(sources)
+}
+
 pub fn explain_schema() -> arrow::datatypes::SchemaRef {
     Arc::new(arrow::datatypes::Schema::new(vec![
         arrow::datatypes::Field::new("plan", arrow::datatypes::DataType::Utf8, false),

@@ -44,6 +44,10 @@ pub struct Propose {
 pub enum Verdict {
     Allow {
         fingerprint: String,
+        /// For EXPLAIN only: how this party computes its local part (the
+        /// SQL sent to its database, what stays in the gateway).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        source: Vec<String>,
     },
     Deny {
         rule: String,
