@@ -3,8 +3,10 @@
 # and that this project did not write, then runs every test.
 #   - Python: pyarrow, the ADBC Flight SQL driver and psycopg 3, pinned, in
 #     a virtual environment at target/py (created once; no root needed);
-#   - psql (Debian's postgresql-client), installed with apt-get when missing
-#     and run as root; otherwise the psql test says how to get it.
+#   - psql (Debian's postgresql-client) and a PostgreSQL server (Debian's
+#     postgresql: the tests start their own throwaway cluster on 127.0.0.1
+#     and an ephemeral port), installed with apt-get when missing and run as
+#     root; otherwise the tests that need them say how to get them.
 # Set COUNCIL_TEST_PYTHON to use another interpreter that has them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,9 +24,14 @@ if [ -z "${COUNCIL_TEST_PYTHON:-}" ]; then
   export COUNCIL_TEST_PYTHON="$PWD/target/py/bin/python"
 fi
 
-if ! command -v psql >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "tests/run.sh: installing postgresql-client (psql)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-client
+need=()
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  need+=(postgresql)
+fi
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "tests/run.sh: installing ${need[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 
 cargo test --workspace --locked "$@"

@@ -231,18 +231,20 @@ columns = [
   { name = "label", type = "text" },
 ]"#;
 
+    type Row = (
+        Option<&'static str>,
+        Option<i64>,
+        Option<bool>,
+        Option<i64>,
+        Option<f64>,
+        Option<&'static str>,
+        Option<&'static str>,
+    );
+
     /// The same rows as CSV (read by DataFusion) and as a SQLite table with
     /// other column names.
     fn write_both(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-        let rows: Vec<(
-            Option<&str>,
-            Option<i64>,
-            Option<bool>,
-            Option<i64>,
-            Option<f64>,
-            Option<&str>,
-            Option<&str>,
-        )> = vec![
+        let rows: Vec<Row> = vec![
             (
                 Some("a"),
                 Some(1),

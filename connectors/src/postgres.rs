@@ -144,14 +144,16 @@ impl Inner {
                 None => break,
             }
         }
-        let (client, conn) = match &self.tls {
+        // The connection task runs until the client is dropped.
+        let client = match &self.tls {
             Some(tls) => {
                 let (c, conn) = self
                     .config
                     .connect(tls.clone())
                     .await
                     .map_err(|e| self.error(e))?;
-                (c, tokio::spawn(async move { conn.await }))
+                tokio::spawn(conn);
+                c
             }
             None => {
                 let (c, conn) = self
@@ -159,10 +161,10 @@ impl Inner {
                     .connect(NoTls)
                     .await
                     .map_err(|e| self.error(e))?;
-                (c, tokio::spawn(async move { conn.await }))
+                tokio::spawn(conn);
+                c
             }
         };
-        drop(conn); // the task runs until the client is dropped
         Ok(client)
     }
 

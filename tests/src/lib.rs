@@ -1,6 +1,8 @@
 //! Shared helpers for Council's end-to-end tests: seeded random federated
 //! data sets, permissive policies, and starting gateways on loopback.
 
+pub mod pg;
+
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;

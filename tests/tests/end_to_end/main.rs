@@ -6,3 +6,4 @@ mod failures;
 mod federated_answers;
 mod flight_sql;
 mod real_clients;
+mod sources;
