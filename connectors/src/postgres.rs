@@ -128,10 +128,11 @@ impl Inner {
     fn error(&self, e: tokio_postgres::Error) -> SourceError {
         // The server's own message (e.g. "numeric field overflow") is the
         // useful part; tokio-postgres's Display says only "db error".
-        let detail = e
-            .as_db_error()
-            .map(|d| d.message().to_string())
-            .unwrap_or_else(|| e.to_string());
+        let detail = match (e.as_db_error(), std::error::Error::source(&e)) {
+            (Some(d), _) => d.message().to_string(),
+            (None, Some(cause)) => format!("{e}: {cause}"),
+            (None, None) => e.to_string(),
+        };
         SourceError::Run(format!("PostgreSQL {}: {detail}", self.described))
     }
 

@@ -490,6 +490,74 @@ mod tests {
     }
 
     #[test]
+    fn connection_strings_come_from_the_environment_or_a_file_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let pg = |url: Option<&str>, env: Option<&str>, file: Option<&str>| RawSource {
+            postgres: Some(RawPostgres {
+                url: url.map(str::to_string),
+                url_env: env.map(str::to_string),
+                url_file: file.map(PathBuf::from),
+                ca_file: Some("pg-ca.pem".into()),
+            }),
+            sqlite: None,
+        };
+        let err = |src| {
+            format!(
+                "{:#}",
+                database_config("gw.toml", dir.path(), "db", src)
+                    .err()
+                    .unwrap()
+            )
+        };
+        let e = err(pg(Some("postgresql://u:pw@h/db"), None, None));
+        assert!(
+            e.contains("connection strings never go in the config") && e.contains("url_env"),
+            "{e}"
+        );
+        assert!(!e.contains("pw@"), "the secret is not echoed: {e}");
+        let e = err(pg(None, Some("COUNCIL_TEST_SURELY_UNSET_VAR"), None));
+        assert!(
+            e.contains("COUNCIL_TEST_SURELY_UNSET_VAR (url_env) is not set"),
+            "{e}"
+        );
+        let e = err(pg(None, None, None));
+        assert!(e.contains("exactly one of url_env"), "{e}");
+        let e = err(RawSource {
+            postgres: None,
+            sqlite: None,
+        });
+        assert!(e.contains("sources.db: give exactly one of"), "{e}");
+
+        std::fs::write(
+            dir.path().join("pg-url"),
+            "host=127.0.0.1 user=u dbname=d\n",
+        )
+        .unwrap();
+        let Ok(DatabaseConfig::Postgres(c)) =
+            database_config("gw.toml", dir.path(), "db", pg(None, None, Some("pg-url")))
+        else {
+            panic!("url_file was not read");
+        };
+        assert_eq!(c.url, "host=127.0.0.1 user=u dbname=d");
+        assert_eq!(c.ca_file, Some(dir.path().join("pg-ca.pem")));
+        // SAFETY of the test: a variable name no other test reads.
+        std::env::set_var("COUNCIL_TEST_PG_URL_CONFIG", "host=h user=u");
+        let Ok(DatabaseConfig::Postgres(c)) = database_config(
+            "gw.toml",
+            dir.path(),
+            "db",
+            pg(None, Some("COUNCIL_TEST_PG_URL_CONFIG"), None),
+        ) else {
+            panic!("url_env was not read");
+        };
+        assert_eq!(c.url, "host=h user=u");
+        assert!(
+            !format!("{c:?}").contains("host=h"),
+            "Debug hides the secret"
+        );
+    }
+
+    #[test]
     fn passwords_verify_against_their_hash_only() {
         let h = hash_password("s3cret").unwrap();
         assert!(verify_password("s3cret", &h));

@@ -211,5 +211,86 @@ async fn postgres_sqlite_and_parquet_parties_agree_with_plaintext() {
             && pushed.contains("GROUP BY \"grp\""),
         "{pushed}"
     );
+
+    // The database goes away: the query fails at every party and nothing is
+    // revealed. (p0's gateway log names PostgreSQL; other parties learn
+    // only that p0's local part failed.)
+    drop(pg);
+    let client = fed.client("p1", USER, PASSWORD).await.unwrap();
+    let e = client
+        .query("SELECT g, COUNT(*) FROM t GROUP BY g")
+        .await
+        .err()
+        .expect("a query over a database that is down must fail")
+        .to_string();
+    assert!(
+        e.contains("p0 aborted: its local part failed") && e.contains("nothing was revealed"),
+        "{e}"
+    );
     fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_mismatches_and_connection_errors_are_clear() {
+    let pg = PgServer::start().unwrap();
+    pg.execute(
+        "CREATE TABLE visits (id bigint, g text, h integer, flag boolean, x numeric, d numeric(20,5), f text)",
+    )
+    .await
+    .unwrap();
+    let catalog = Catalog::from_toml(council_tests::CATALOG, "catalog").unwrap();
+    let sql_table = |local: &str| SqlTable {
+        table: catalog.table("t").unwrap().clone(),
+        local: local.into(),
+        renames: BTreeMap::new(),
+    };
+    let connect = |url: String, ca: bool| PgConnect {
+        url,
+        ca_file: ca.then(|| pg.ca_file.clone()),
+    };
+    let db = connectors::postgres::PostgresDatabase::connect(&connect(pg.url(), true))
+        .await
+        .unwrap();
+    let db: std::sync::Arc<dyn connectors::Database> = std::sync::Arc::new(db);
+    let e = connectors::DatabaseSource::open(db.clone(), vec![sql_table("visits")], None)
+        .await
+        .err()
+        .expect("a mismatching table was accepted")
+        .to_string();
+    for want in [
+        "(4 problem(s))",
+        "column x: expected int, found numeric",
+        "column d: expected decimal(14,3), found numeric(20,5)",
+        "column f: expected float(scale 4), found text",
+        "column label: expected text, found no column `label`",
+    ] {
+        assert!(e.contains(want), "missing `{want}` in {e}");
+    }
+    let e = connectors::DatabaseSource::open(db, vec![sql_table("public.nothing")], None)
+        .await
+        .err()
+        .expect("a missing table was accepted")
+        .to_string();
+    assert!(e.contains("no table or view `public.nothing`"), "{e}");
+
+    let err = |c: PgConnect| async move {
+        connectors::postgres::PostgresDatabase::connect(&c)
+            .await
+            .err()
+            .expect("connected")
+            .to_string()
+    };
+    let e = err(connect(pg.url(), false)).await;
+    assert!(e.contains("sslmode=require needs `ca_file`"), "{e}");
+    let e = err(connect(pg.url().replace(&pg.password, "wrong"), true)).await;
+    assert!(e.contains("password authentication failed"), "{e}");
+    assert!(!e.contains("wrong"), "the password is not echoed: {e}");
+    let plain = pg.url().replace("sslmode=require", "sslmode=disable");
+    let e = err(connect(plain, false)).await;
+    assert!(
+        e.contains("no pg_hba.conf entry"),
+        "the server refuses plaintext: {e}"
+    );
+    let e = err(connect("not a url at all".into(), false)).await;
+    assert!(e.contains("connection string is not valid"), "{e}");
 }
