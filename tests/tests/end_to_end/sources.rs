@@ -220,8 +220,7 @@ async fn postgres_sqlite_and_parquet_parties_agree_with_plaintext() {
     let e = client
         .query("SELECT g, COUNT(*) FROM t GROUP BY g")
         .await
-        .err()
-        .expect("a query over a database that is down must fail")
+        .expect_err("a query over a database that is down must fail")
         .to_string();
     assert!(
         e.contains("p0 aborted: its local part failed") && e.contains("nothing was revealed"),
