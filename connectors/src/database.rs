@@ -85,6 +85,25 @@ impl DatabaseSource {
         })
     }
 
+    /// Every row of a table, for the plaintext reference of the demo and the
+    /// tests only. The gateway never calls this: raw rows never leave a party.
+    pub async fn read_rows_for_reference(
+        &self,
+        table: &str,
+    ) -> Result<Vec<RecordBatch>, SourceError> {
+        let t = self.tables.get(table).ok_or_else(|| SourceError::Table {
+            table: table.to_string(),
+            reason: format!("not held by {}", self.db.describe()),
+        })?;
+        let (sql, columns) = crate::sql::select_columns(self.db.dialect(), t, None);
+        self.db
+            .query(sql, columns)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
+    }
+
     /// What the database runs for `part`, and what is left to the gateway.
     pub async fn plan(&self, part: &LocalPart) -> Result<(SourcePlan, SchemaRef), SourceError> {
         let run = |e: datafusion::error::DataFusionError| {

@@ -262,10 +262,35 @@ pub fn plan_source(
             note(a);
         }
     }
+    let (select, columns) = select_columns(dialect, table, Some(&used));
+    let (w, kept) = match where_clause(&pushed) {
+        Ok(w) => (w, kept),
+        Err(e) => {
+            reasons.push(format!("the filter could not be written as SQL: {e}"));
+            (String::new(), part.filter.iter().cloned().collect())
+        }
+    };
+    SourcePlan {
+        sql: format!("{select}{w}"),
+        columns,
+        residual: Some(Residual {
+            filter: kept.into_iter().reduce(datafusion::logical_expr::and),
+            reasons,
+        }),
+    }
+}
+
+/// `SELECT` of the table's columns (those in `only`, or all), under their
+/// federated names, and how to read them.
+pub fn select_columns(
+    dialect: Dialect,
+    table: &SqlTable,
+    only: Option<&[String]>,
+) -> (String, Vec<OutColumn>) {
     let mut items = Vec::new();
     let mut columns = Vec::new();
     for c in &table.table.columns {
-        if !used.contains(&c.name) {
+        if only.is_some_and(|u| !u.contains(&c.name)) {
             continue;
         }
         let local = quote(table.local_column(&c.name));
@@ -289,25 +314,10 @@ pub fn plan_source(
             units: false,
         });
     }
-    let (w, kept) = match where_clause(&pushed) {
-        Ok(w) => (w, kept),
-        Err(e) => {
-            reasons.push(format!("the filter could not be written as SQL: {e}"));
-            (String::new(), part.filter.iter().cloned().collect())
-        }
-    };
-    SourcePlan {
-        sql: format!(
-            "SELECT {} FROM {}{w}",
-            items.join(", "),
-            table.from_clause()
-        ),
+    (
+        format!("SELECT {} FROM {}", items.join(", "), table.from_clause()),
         columns,
-        residual: Some(Residual {
-            filter: kept.into_iter().reduce(datafusion::logical_expr::and),
-            reasons,
-        }),
-    }
+    )
 }
 
 /// The SELECT list of the whole local part, or why it cannot be sent.

@@ -52,6 +52,100 @@ impl SqliteDatabase {
     }
 }
 
+/// Whether a file is a SQLite database by its name (`*.sqlite`, `*.db`).
+pub fn is_sqlite_file(p: &Path) -> bool {
+    p.is_file()
+        && p.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "sqlite" | "sqlite3" | "db"))
+}
+
+/// The SQLite files of a folder, sorted.
+pub fn sqlite_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_sqlite_file(p))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The first SQLite file of `dir` that holds a table or view `table`.
+pub fn file_holding(dir: &Path, table: &str) -> Option<PathBuf> {
+    sqlite_files(dir).into_iter().find(|f| {
+        SqliteDatabase::open(f)
+            .and_then(|db| db.tables())
+            .is_ok_and(|ts| ts.iter().any(|(n, _)| n.eq_ignore_ascii_case(table)))
+    })
+}
+
+/// Every row of `table` in a SQLite file, for plaintext references only.
+pub async fn read_rows_for_reference(
+    path: &Path,
+    table: &planner::TableDef,
+) -> Result<Vec<RecordBatch>, SourceError> {
+    let db = std::sync::Arc::new(SqliteDatabase::open(path)?);
+    let t = SqlTable {
+        table: table.clone(),
+        local: table.name.clone(),
+        renames: Default::default(),
+    };
+    crate::DatabaseSource::open(db, vec![t], Some(1))
+        .await?
+        .read_rows_for_reference(&table.name)
+        .await
+}
+
+impl SqliteDatabase {
+    /// The tables and views of the file, each with its columns and their
+    /// declared types, sorted by name.
+    pub fn tables(&self) -> Result<Vec<(String, Vec<(String, String)>)>, SourceError> {
+        let c = self.connect()?;
+        let mut stmt = c
+            .prepare(
+                "SELECT name FROM sqlite_schema WHERE type IN ('table', 'view') \
+                 AND name NOT LIKE 'sqlite_%' ORDER BY name",
+            )
+            .map_err(|e| self.error(e))?;
+        let names: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.error(e))?;
+        let mut cols = c
+            .prepare("SELECT name, type FROM pragma_table_xinfo(?1)")
+            .map_err(|e| self.error(e))?;
+        let mut out = Vec::new();
+        for n in names {
+            let found: Vec<(String, String)> = cols
+                .query_map([&n], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(|rows| rows.collect())
+                .map_err(|e| self.error(e))?;
+            out.push((n, found));
+        }
+        Ok(out)
+    }
+}
+
+/// The federated type a SQLite column's declared type suggests (for
+/// inferring a demo catalog), or None.
+pub fn suggested_type(declared: &str) -> Option<&'static str> {
+    let t = declared.to_ascii_uppercase();
+    if t.contains("BOOL") {
+        return Some("bool");
+    }
+    if t.contains("DATE") && !t.contains("TIME") {
+        return Some("date");
+    }
+    match affinity(declared) {
+        "INTEGER" => Some("int"),
+        "REAL" => Some("float"),
+        "TEXT" => Some("text"),
+        _ => None,
+    }
+}
+
 /// SQLite's type affinity of a declared column type (its documented rules).
 fn affinity(declared: &str) -> &'static str {
     let t = declared.to_ascii_uppercase();

@@ -516,7 +516,28 @@ async fn user_federation(
                     );
                 }
             }
-            PartySpec::new(id, d.clone(), pol, vec![(ANALYST.0.into(), ANALYST.1.into(), vec![])])
+            let mut spec = PartySpec::new(id, d.clone(), pol, vec![(ANALYST.0.into(), ANALYST.1.into(), vec![])]);
+            // Tables without a CSV or Parquet file may be in the party's
+            // SQLite files (`*.sqlite`, `*.db`).
+            for t in catalog.tables.values() {
+                if connectors::files::find_table_file(d, t).is_some() {
+                    continue;
+                }
+                if let Some(f) = connectors::sqlite::file_holding(d, &t.name) {
+                    let source = f.file_name().and_then(|n| n.to_str()).unwrap_or("sqlite").to_string();
+                    spec.databases
+                        .insert(source.clone(), crate::config::DatabaseConfig::Sqlite(f.clone()));
+                    spec.db_tables.push(crate::config::DbTable {
+                        source,
+                        table: connectors::SqlTable {
+                            table: t.clone(),
+                            local: t.name.clone(),
+                            renames: Default::default(),
+                        },
+                    });
+                }
+            }
+            spec
         })
         .collect();
     notes.push("demo policies for your data allow every column in every role; write real ones with `council policy check`".into());
@@ -568,6 +589,116 @@ async fn user_federation(
     ))
 }
 
+/// ` , domain = [...]` for a low-cardinality text, bool or int column of
+/// the union of every party's rows (registered as `p0..`), or nothing.
+async fn derived_domain(
+    ctx: &datafusion::prelude::SessionContext,
+    union: &[String],
+    table: &str,
+    column: &str,
+    ty: &str,
+    notes: &mut Vec<String>,
+) -> Result<String> {
+    if !matches!(ty, "text" | "bool" | "int") || union.is_empty() {
+        return Ok(String::new());
+    }
+    let q = format!(
+        "SELECT DISTINCT \"{column}\" AS v FROM ({}) WHERE \"{column}\" IS NOT NULL ORDER BY v LIMIT 51",
+        union.join(" UNION ALL ")
+    );
+    let vals: Vec<RecordBatch> = ctx.sql(&q).await?.collect().await?;
+    let n: usize = vals.iter().map(|b| b.num_rows()).sum();
+    let limit = if ty == "int" { 20 } else { 50 };
+    if n == 0 || n > limit {
+        return Ok(String::new());
+    }
+    let mut items = Vec::new();
+    for b in &vals {
+        for r in 0..b.num_rows() {
+            let v = arrow::util::display::array_value_to_string(b.column(0), r)?;
+            items.push(if ty == "text" { format!("{v:?}") } else { v });
+        }
+    }
+    notes.push(format!(
+        "derived the domain of {table}.{} from the data ({n} values); this reveals which values occur. \
+         Declare it in catalog.toml to fix it in advance",
+        column.to_ascii_lowercase()
+    ));
+    Ok(format!(", domain = [{}]", items.join(", ")))
+}
+
+/// Registers as `p{i}` the rows of `table` of each party `i` in `which`
+/// that holds it in a SQLite file.
+async fn register_sqlite_parties(
+    ctx: &datafusion::prelude::SessionContext,
+    parties: &[PathBuf],
+    which: impl Iterator<Item = usize>,
+    table: &planner::TableDef,
+    union: &mut Vec<String>,
+) -> Result<()> {
+    for i in which {
+        if let Some(f) = connectors::sqlite::file_holding(&parties[i], &table.name) {
+            let rows = connectors::sqlite::read_rows_for_reference(&f, table).await?;
+            let mem = datafusion::catalog::MemTable::try_new(table.schema(), vec![rows])?;
+            ctx.register_table(format!("p{i}").as_str(), std::sync::Arc::new(mem))?;
+            union.push(format!("SELECT * FROM p{i}"));
+        }
+    }
+    Ok(())
+}
+
+/// A SQLite table's catalog entry: types from the declared column types,
+/// domains derived from every party's rows as for files.
+async fn infer_sqlite_table(
+    parties: &[PathBuf],
+    first_file: &Path,
+    name: &str,
+    cols: &[(String, String)],
+    notes: &mut Vec<String>,
+) -> Result<String> {
+    let mut plain = format!("[tables.{}]\ncolumns = [\n", name.to_ascii_lowercase());
+    for (c, declared) in cols {
+        let ty = connectors::sqlite::suggested_type(declared).ok_or_else(|| {
+            anyhow!(
+                "column {c} of {name} in {} is declared `{declared}`, which gives no exact type; \
+                 declare it INTEGER, REAL, TEXT, BOOLEAN or DATE, or write catalog.toml yourself",
+                first_file.display()
+            )
+        })?;
+        let _ = writeln!(
+            plain,
+            "  {{ name = \"{}\", type = \"{ty}\" }},",
+            c.to_ascii_lowercase()
+        );
+    }
+    plain.push_str("]\n");
+    let cat = planner::Catalog::from_toml(&plain, "inferred")?;
+    let t = cat
+        .tables
+        .values()
+        .next()
+        .ok_or_else(|| anyhow!("no table inferred for {name}"))?;
+    let ctx = datafusion::prelude::SessionContext::new();
+    let mut union = Vec::new();
+    register_sqlite_parties(&ctx, parties, 0..parties.len(), t, &mut union).await?;
+    let mut text = format!("[tables.{}]\ncolumns = [\n", t.name);
+    for c in &t.columns {
+        let ty = c.ty.to_string();
+        let domain = derived_domain(&ctx, &union, &t.name, &c.name, &ty, notes).await?;
+        let ty = match &c.ty {
+            planner::ColumnType::Float { .. } => "float".to_string(),
+            _ => ty,
+        };
+        let _ = writeln!(
+            text,
+            "  {{ name = \"{}\", type = \"{ty}\"{domain} }},",
+            c.name
+        );
+    }
+    text.push_str("]\n");
+    Ok(text)
+}
+
 /// Infers a catalog from the first party's files, deriving the domains of
 /// low-cardinality text, bool and int columns from all parties' data.
 async fn infer_catalog(parties: &[PathBuf]) -> Result<(String, Vec<String>)> {
@@ -579,10 +710,28 @@ async fn infer_catalog(parties: &[PathBuf]) -> Result<(String, Vec<String>)> {
         .filter(|p| connectors::FileFormat::from_path(p).is_some())
         .collect();
     files.sort();
-    if files.is_empty() {
-        bail!("{} has no .csv or .parquet files", first.display());
-    }
     let mut text = String::from("# Inferred by council demo from the data.\n");
+    let file_tables: Vec<String> = files
+        .iter()
+        .filter_map(|f| f.file_stem().and_then(|s| s.to_str()))
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    let mut sqlite_tables = 0;
+    for f in connectors::sqlite::sqlite_files(first) {
+        for (name, cols) in connectors::sqlite::SqliteDatabase::open(&f)?.tables()? {
+            if file_tables.contains(&name.to_ascii_lowercase()) {
+                continue;
+            }
+            text.push_str(&infer_sqlite_table(parties, &f, &name, &cols, &mut notes).await?);
+            sqlite_tables += 1;
+        }
+    }
+    if files.is_empty() && sqlite_tables == 0 {
+        bail!(
+            "{} has no .csv, .parquet or SQLite (.sqlite, .db) files",
+            first.display()
+        );
+    }
     for f in files {
         let name = f
             .file_stem()
@@ -590,8 +739,14 @@ async fn infer_catalog(parties: &[PathBuf]) -> Result<(String, Vec<String>)> {
             .ok_or_else(|| anyhow!("bad file name {}", f.display()))?
             .to_ascii_lowercase();
         let ctx = SessionContext::new();
+        let mut union = Vec::new();
+        let mut missing = Vec::new();
         for (i, p) in parties.iter().enumerate() {
             let path = p.join(f.file_name().unwrap_or_default());
+            if !path.exists() {
+                missing.push(i);
+                continue;
+            }
             let path_s = path.to_str().ok_or_else(|| anyhow!("path is not UTF-8"))?;
             let t = format!("p{i}");
             match connectors::FileFormat::from_path(&path) {
@@ -601,13 +756,11 @@ async fn infer_catalog(parties: &[PathBuf]) -> Result<(String, Vec<String>)> {
                 }
                 _ => ctx.register_csv(&t, path_s, CsvReadOptions::new()).await?,
             }
+            union.push(format!("SELECT * FROM {t}"));
         }
-        let union: Vec<String> = (0..parties.len())
-            .map(|i| format!("SELECT * FROM p{i}"))
-            .collect();
         let df = ctx.sql("SELECT * FROM p0 LIMIT 0").await?;
         let schema = df.schema().clone();
-        let _ = writeln!(text, "[tables.{name}]\ncolumns = [");
+        let mut cols = Vec::new();
         for field in schema.fields() {
             let col = field.name().to_ascii_lowercase();
             let ty = match field.data_type() {
@@ -627,33 +780,32 @@ async fn infer_catalog(parties: &[PathBuf]) -> Result<(String, Vec<String>)> {
                     bail!("column {col} of {name} has type {other}, which Council cannot read yet")
                 }
             };
-            let mut domain = String::new();
-            if matches!(ty.as_str(), "text" | "bool" | "int") {
-                let q = format!(
-                    "SELECT DISTINCT \"{}\" AS v FROM ({}) WHERE \"{}\" IS NOT NULL ORDER BY v LIMIT 51",
-                    field.name(),
-                    union.join(" UNION ALL "),
-                    field.name()
+            cols.push((field.name().clone(), ty));
+        }
+        // Parties that hold this table in a SQLite file instead.
+        if !missing.is_empty() {
+            let mut plain = format!("[tables.{name}]\ncolumns = [\n");
+            for (c, ty) in &cols {
+                let _ = writeln!(
+                    plain,
+                    "  {{ name = \"{}\", type = \"{ty}\" }},",
+                    c.to_ascii_lowercase()
                 );
-                let vals: Vec<RecordBatch> = ctx.sql(&q).await?.collect().await?;
-                let n: usize = vals.iter().map(|b| b.num_rows()).sum();
-                let limit = if ty == "int" { 20 } else { 50 };
-                if n > 0 && n <= limit {
-                    let mut items = Vec::new();
-                    for b in &vals {
-                        for r in 0..b.num_rows() {
-                            let v = arrow::util::display::array_value_to_string(b.column(0), r)?;
-                            items.push(if ty == "text" { format!("{v:?}") } else { v });
-                        }
-                    }
-                    domain = format!(", domain = [{}]", items.join(", "));
-                    notes.push(format!(
-                        "derived the domain of {name}.{col} from the data ({n} values); this reveals which values occur. \
-                         Declare it in catalog.toml to fix it in advance"
-                    ));
-                }
             }
-            let _ = writeln!(text, "  {{ name = \"{col}\", type = \"{ty}\"{domain} }},");
+            plain.push_str("]\n");
+            let cat = planner::Catalog::from_toml(&plain, "inferred")?;
+            if let Some(t) = cat.tables.values().next() {
+                register_sqlite_parties(&ctx, parties, missing.into_iter(), t, &mut union).await?;
+            }
+        }
+        let _ = writeln!(text, "[tables.{name}]\ncolumns = [");
+        for (c, ty) in cols {
+            let domain = derived_domain(&ctx, &union, &name, &c, &ty, &mut notes).await?;
+            let _ = writeln!(
+                text,
+                "  {{ name = \"{}\", type = \"{ty}\"{domain} }},",
+                c.to_ascii_lowercase()
+            );
         }
         text.push_str("]\n");
     }

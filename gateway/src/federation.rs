@@ -130,9 +130,21 @@ impl LocalFederation {
             })?;
             let mut files = Vec::new();
             for t in catalog.tables.values() {
-                if party.db_tables.iter().any(|d| d.table.table.name == t.name) {
-                    if let Some(f) = find_table_file(&party.data_dir, t) {
-                        tables.entry(t.name.clone()).or_default().push(f.path);
+                if let Some(d) = party
+                    .db_tables
+                    .iter()
+                    .find(|d| d.table.table.name == t.name)
+                {
+                    // The plaintext reference reads the same rows: from a
+                    // copy in data_dir, or from the SQLite file itself.
+                    let copy = find_table_file(&party.data_dir, t)
+                        .map(|f| f.path)
+                        .or_else(|| match party.databases.get(&d.source) {
+                            Some(crate::config::DatabaseConfig::Sqlite(p)) => Some(p.clone()),
+                            _ => None,
+                        });
+                    if let Some(p) = copy {
+                        tables.entry(t.name.clone()).or_default().push(p);
                     }
                     continue;
                 }
@@ -260,6 +272,10 @@ pub async fn pooled_context(
     for t in catalog.tables.values() {
         let mut partitions: Vec<Vec<RecordBatch>> = Vec::new();
         for path in tables.get(&t.name).into_iter().flatten() {
+            if connectors::sqlite::is_sqlite_file(path) {
+                partitions.push(connectors::sqlite::read_rows_for_reference(path, t).await?);
+                continue;
+            }
             let format =
                 connectors::FileFormat::from_path(path).unwrap_or(connectors::FileFormat::Csv);
             let f = if path.is_dir() {
