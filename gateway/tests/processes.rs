@@ -177,6 +177,100 @@ async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
     }
 }
 
+/// `--data` with one party's table in a SQLite file instead of a CSV: the
+/// answer equals plaintext over the original CSVs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_data_accepts_a_party_whose_table_is_in_sqlite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("parties");
+    gateway::demo::write_demo_data(&dir, 5).unwrap();
+    let csv_b = tmp.path().join("hospital_b_patients.csv");
+    std::fs::rename(dir.join("hospital_b/patients.csv"), &csv_b).unwrap();
+    let db = rusqlite::Connection::open(dir.join("hospital_b/records.db")).unwrap();
+    db.execute_batch(
+        "CREATE TABLE patients (patient_id INTEGER, age_band TEXT, sex TEXT, diagnosis TEXT, \
+         cost REAL, length_of_stay INTEGER, readmitted BOOLEAN)",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&csv_b).unwrap();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let cost: Option<f64> = f[4].parse().ok();
+        db.execute(
+            "INSERT INTO patients VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            rusqlite::params![
+                f[0].parse::<i64>().unwrap(),
+                f[1],
+                f[2],
+                f[3],
+                cost,
+                f[5].parse::<i64>().unwrap(),
+                f[6] == "true"
+            ],
+        )
+        .unwrap();
+    }
+    drop(db);
+    let sql = "SELECT diagnosis, COUNT(*) AS n, SUM(cost) AS total, AVG(length_of_stay) AS stay FROM patients \
+               WHERE readmitted GROUP BY diagnosis ORDER BY diagnosis";
+    let out = Command::new(COUNCIL)
+        .args([
+            "demo",
+            "--data",
+            dir.to_str().unwrap(),
+            "--sql",
+            sql,
+            "--format",
+            "csv",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("equals the plaintext answer"), "{stderr}");
+
+    let ctx = datafusion::prelude::SessionContext::new();
+    for (p, path) in [
+        ("hospital_a", dir.join("hospital_a/patients.csv")),
+        ("hospital_b", csv_b),
+        ("hospital_c", dir.join("hospital_c/patients.csv")),
+    ] {
+        ctx.register_csv(
+            p,
+            path.to_str().unwrap(),
+            datafusion::prelude::CsvReadOptions::new(),
+        )
+        .await
+        .unwrap();
+    }
+    ctx.sql("CREATE VIEW patients AS SELECT * FROM hospital_a UNION ALL SELECT * FROM hospital_b UNION ALL SELECT * FROM hospital_c")
+        .await
+        .unwrap();
+    let expected = render(
+        &ctx.sql(sql).await.unwrap().collect().await.unwrap(),
+        Format::Csv,
+    )
+    .unwrap();
+    // Same rows; float sums within 1e-9 relative (plaintext adds in f64,
+    // Council in fixed point at the declared scale).
+    let got = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        got.lines().count(),
+        expected.lines().count(),
+        "{got}\n{expected}"
+    );
+    assert!(got.lines().count() > 2, "{got}");
+    for (a, b) in got.lines().zip(expected.lines()) {
+        for (x, y) in a.split(',').zip(b.split(',')) {
+            match (x.parse::<f64>(), y.parse::<f64>()) {
+                (Ok(x), Ok(y)) => assert!((x - y).abs() <= 1e-9 * y.abs().max(1.0), "{a} vs {b}"),
+                _ => assert_eq!(x, y, "{a} vs {b}"),
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_over_the_users_own_files_infers_the_catalog_and_answers_one_query() {
     let tmp = tempfile::tempdir().unwrap();
