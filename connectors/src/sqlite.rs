@@ -98,10 +98,13 @@ pub async fn read_rows_for_reference(
         .await
 }
 
+/// A table's columns: (name, declared type).
+pub type Columns = Vec<(String, String)>;
+
 impl SqliteDatabase {
     /// The tables and views of the file, each with its columns and their
     /// declared types, sorted by name.
-    pub fn tables(&self) -> Result<Vec<(String, Vec<(String, String)>)>, SourceError> {
+    pub fn tables(&self) -> Result<Vec<(String, Columns)>, SourceError> {
         let c = self.connect()?;
         let mut stmt = c
             .prepare(
