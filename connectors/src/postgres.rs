@@ -288,26 +288,11 @@ impl Database for PostgresDatabase {
                 t.local, inner.described
             )]);
         }
-        let mut problems = Vec::new();
-        for col in &t.table.columns {
-            let local = t.local_column(&col.name);
-            let found = rows.iter().find(|r| r.get::<_, String>(0) == local);
-            match found {
-                None => problems.push(format!(
-                    "table {fed}, column {}: expected {}, found no column `{local}` in {place}",
-                    col.name, col.ty
-                )),
-                Some(r) => {
-                    let ty: String = r.get(1);
-                    if let Some(why) = mismatch(&col.ty, &ty, r.get(2), r.get(3)) {
-                        problems.push(format!(
-                            "table {fed}, column {}: expected {}, {why} in {place}",
-                            col.name, col.ty
-                        ));
-                    }
-                }
-            }
-        }
+        let problems = crate::sql::column_problems(t, &place, |local, want| {
+            let r = rows.iter().find(|r| r.get::<_, String>(0) == local)?;
+            let ty: String = r.get(1);
+            Some(mismatch(want, &ty, r.get(2), r.get(3)))
+        });
         Ok(problems)
     }
 

@@ -115,6 +115,30 @@ impl SqlTable {
     }
 }
 
+/// Every column of `t` that a database lacks or holds in a type that cannot
+/// be read exactly. `fit(local name, federated type)`: `None` if there is no
+/// such column, `Some(None)` if it fits, `Some(Some(why))` if not.
+pub fn column_problems(
+    t: &SqlTable,
+    place: &str,
+    fit: impl Fn(&str, &planner::ColumnType) -> Option<Option<String>>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for col in &t.table.columns {
+        let local = t.local_column(&col.name);
+        let why = match fit(local, &col.ty) {
+            None => format!("found no column `{local}`"),
+            Some(None) => continue,
+            Some(Some(why)) => why,
+        };
+        problems.push(format!(
+            "table {}, column {}: expected {}, {why} in {place}",
+            t.table.name, col.name, col.ty
+        ));
+    }
+    problems
+}
+
 /// How a column of a query's result is read back from the database.
 #[derive(Debug, Clone)]
 pub struct OutColumn {

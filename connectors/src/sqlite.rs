@@ -230,30 +230,11 @@ impl Database for SqliteDatabase {
                 self.path.display()
             )]);
         }
-        let mut problems = Vec::new();
-        for col in &t.table.columns {
-            let local = t.local_column(&col.name);
-            match found.iter().find(|(n, _)| n.eq_ignore_ascii_case(local)) {
-                None => problems.push(format!(
-                    "table {fed}, column {}: expected {}, found no column `{local}` in SQLite {} `{}`",
-                    col.name,
-                    col.ty,
-                    self.path.display(),
-                    t.local
-                )),
-                Some((_, declared)) => {
-                    if let Some(why) = mismatch(&col.ty, declared) {
-                        problems.push(format!(
-                            "table {fed}, column {}: expected {}, {why} in SQLite {} `{}`",
-                            col.name,
-                            col.ty,
-                            self.path.display(),
-                            t.local
-                        ));
-                    }
-                }
-            }
-        }
+        let place = format!("SQLite {} `{}`", self.path.display(), t.local);
+        let problems = crate::sql::column_problems(t, &place, |local, want| {
+            let (_, declared) = found.iter().find(|(n, _)| n.eq_ignore_ascii_case(local))?;
+            Some(mismatch(want, declared))
+        });
         Ok(problems)
     }
 

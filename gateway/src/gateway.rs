@@ -991,13 +991,17 @@ impl Gateway {
             failed
         };
         let (failed_start, result) = tokio::join!(starts, self.compute(&session));
-        let result = match failed_start {
-            Some(e) => Err(PartyFailure {
+        let result = match (failed_start, result) {
+            // Another party aborted first (its abort reached our mailbox
+            // before our `start` reached a peer that had already ended the
+            // query): its reason is the true one.
+            (Some(e), Err(f)) if !f.shared.contains(&e) && !f.local.contains(&e) => Err(f),
+            (Some(e), _) => Err(PartyFailure {
                 local: e.clone(),
                 shared: e,
                 peer_down: true,
             }),
-            None => result,
+            (None, result) => result,
         };
         let revealed = match result {
             Ok(Some(r)) => r,

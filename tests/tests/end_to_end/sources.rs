@@ -222,8 +222,12 @@ async fn postgres_sqlite_and_parquet_parties_agree_with_plaintext() {
         .await
         .expect_err("a query over a database that is down must fail")
         .to_string();
+    // Usually "p0 aborted: its local part failed"; a peer that ended the
+    // query on p0's abort before the leader's `start` arrived may instead
+    // answer that it has no such query (a known race in the wording only).
     assert!(
-        e.contains("p0 aborted: its local part failed") && e.contains("nothing was revealed"),
+        (e.contains("p0 aborted: its local part failed") || e.contains("has no agreed query"))
+            && e.contains("nothing was revealed"),
         "{e}"
     );
     fed.stop().await;
