@@ -6,7 +6,9 @@
 #   - psql (Debian's postgresql-client) and a PostgreSQL server (Debian's
 #     postgresql: the tests start their own throwaway cluster on 127.0.0.1
 #     and an ephemeral port), installed with apt-get when missing and run as
-#     root; otherwise the tests that need them say how to get them.
+#     root; otherwise the tests that need them say how to get them;
+#   - protoc (Debian's protobuf-compiler), which the test-only Flight SQL
+#     server's substrait dependency needs at build time.
 # Set COUNCIL_TEST_PYTHON to use another interpreter that has them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +28,9 @@ fi
 
 need=()
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+# protoc: the test-only Flight SQL server (datafusion-flight-sql-server)
+# depends on substrait, whose build generates code with protoc.
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need+=(postgresql)
 fi

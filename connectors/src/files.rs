@@ -175,7 +175,7 @@ fn extension_of(path: &Path, default: &str) -> String {
 }
 
 /// Whether every value of `from` is represented exactly in `to`.
-fn exact_cast(from: &DataType, to: &DataType) -> bool {
+pub(crate) fn exact_cast(from: &DataType, to: &DataType) -> bool {
     use DataType::*;
     match (from, to) {
         (a, b) if a == b => true,

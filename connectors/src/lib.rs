@@ -10,6 +10,7 @@
 
 pub mod database;
 pub mod files;
+pub mod flight_sql;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;

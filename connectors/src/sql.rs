@@ -30,7 +30,7 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, DFSchema, ScalarValue};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{BinaryExpr, Expr, ExprSchemable, Operator};
-use datafusion::sql::unparser::dialect::{PostgreSqlDialect, SqliteDialect};
+use datafusion::sql::unparser::dialect::{DefaultDialect, PostgreSqlDialect, SqliteDialect};
 use datafusion::sql::unparser::Unparser;
 use planner::plan::PartialKind;
 use planner::{LocalPart, TableDef};
@@ -42,6 +42,9 @@ use crate::SourceError;
 pub enum Dialect {
     Postgres,
     Sqlite,
+    /// A DataFusion-based Flight SQL server: the same engine, so the local
+    /// part is sent exactly as the gateway would run it.
+    DataFusion,
 }
 
 impl Dialect {
@@ -49,6 +52,7 @@ impl Dialect {
         match self {
             Dialect::Postgres => "PostgreSQL",
             Dialect::Sqlite => "SQLite",
+            Dialect::DataFusion => "Flight SQL (DataFusion dialect)",
         }
     }
 
@@ -56,6 +60,7 @@ impl Dialect {
         let sql = match self {
             Dialect::Postgres => Unparser::new(&PostgreSqlDialect {}).expr_to_sql(e),
             Dialect::Sqlite => Unparser::new(&SqliteDialect {}).expr_to_sql(e),
+            Dialect::DataFusion => Unparser::new(&DefaultDialect {}).expr_to_sql(e),
         };
         sql.map(|s| s.to_string()).map_err(|e| e.to_string())
     }
@@ -383,6 +388,17 @@ fn pushdown(
         };
         let s = p.scale;
         let (item, units) = match dialect {
+            Dialect::DataFusion => {
+                let e = match part.aggregate_exprs().into_iter().nth(i) {
+                    Some(Expr::Alias(a)) => *a.expr,
+                    Some(e) => e,
+                    None => return Err("a partial without an expression".into()),
+                };
+                let sql = dialect
+                    .unparse(&table.localize(&e))
+                    .map_err(|e| format!("partial {i}: {e}"))?;
+                (sql, false)
+            }
             Dialect::Postgres => {
                 let a = || arg.as_ref().map(|(s, _)| s.as_str()).unwrap_or("1");
                 let item = match p.kind {
@@ -456,6 +472,10 @@ fn pushable(dialect: Dialect, e: &Expr, input: &DFSchema, table: &SqlTable) -> R
         )
     };
     let sqlite = dialect == Dialect::Sqlite;
+    if dialect == Dialect::DataFusion {
+        // The same engine computes the same values.
+        return Ok(());
+    }
     let rec = |e: &Expr| pushable(dialect, e, input, table);
     match e {
         Expr::Column(c) => {
@@ -576,7 +596,7 @@ fn pushable(dialect: Dialect, e: &Expr, input: &DFSchema, table: &SqlTable) -> R
             let name = f.name();
             let allowed: &[&str] = match dialect {
                 Dialect::Postgres => &["abs", "coalesce", "lower", "upper", "character_length"],
-                Dialect::Sqlite => &["abs", "coalesce"],
+                Dialect::Sqlite | Dialect::DataFusion => &["abs", "coalesce"],
             };
             if !allowed.contains(&name) {
                 return Err(format!("the function {name} is computed in the gateway"));

@@ -49,6 +49,31 @@ struct RawSource {
     postgres: Option<RawPostgres>,
     #[serde(default)]
     sqlite: Option<PathBuf>,
+    #[serde(default)]
+    flight_sql: Option<RawFlightSql>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlightSql {
+    uri: String,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    username: Option<String>,
+    /// Refused: present only to say where secrets go.
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    password_env: Option<String>,
+    #[serde(default)]
+    password_file: Option<PathBuf>,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    token_env: Option<String>,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -70,6 +95,7 @@ struct RawPostgres {
 pub enum DatabaseConfig {
     Postgres(PgConnect),
     Sqlite(PathBuf),
+    FlightSql(connectors::flight_sql::FlightSqlConnect),
 }
 
 /// A federated table held by a named database source.
@@ -372,37 +398,69 @@ impl GatewayConfig {
 /// Checks one `[sources.NAME]` entry; reads the PostgreSQL connection string
 /// from its environment variable or file (never from the config itself).
 fn database_config(cfg: &str, base: &Path, name: &str, src: RawSource) -> Result<DatabaseConfig> {
-    match (src.postgres, src.sqlite) {
-        (Some(pg), None) => {
-            if pg.url.is_some() {
-                bail!(
-                    "config {cfg}: sources.{name}: connection strings never go in the config (it may be committed or shared); \
-                     put it in an environment variable and write url_env = \"NAME\", or in a file only the gateway can read and write url_file = \"PATH\""
-                );
+    let never_inline = |key: &str| {
+        anyhow!(
+            "config {cfg}: sources.{name}: secrets never go in the config (it may be committed or shared); \
+             put the {key} in an environment variable and write {key}_env = \"NAME\", or in a file only the \
+             gateway can read and write {key}_file = \"PATH\""
+        )
+    };
+    // A secret from `{key}_env` or `{key}_file`; `required` if one must be given.
+    let secret = |key: &str,
+                  env: Option<String>,
+                  file: Option<PathBuf>,
+                  required: bool|
+     -> Result<Option<String>> {
+        match (env, file) {
+            (Some(var), None) => std::env::var(&var).map(Some).map_err(|_| {
+                anyhow!("config {cfg}: sources.{name}: environment variable {var} ({key}_env) is not set")
+            }),
+            (None, Some(f)) => {
+                let f = resolve(base, &f);
+                let text = std::fs::read_to_string(&f)
+                    .map_err(|e| anyhow!("config {cfg}: sources.{name}: {key}_file {}: {e}", f.display()))?;
+                Ok(Some(text.trim().to_string()))
             }
-            let url = match (pg.url_env, pg.url_file) {
-                (Some(var), None) => std::env::var(&var).map_err(|_| {
-                    anyhow!("config {cfg}: sources.{name}: environment variable {var} (url_env) is not set; set it to the PostgreSQL connection string")
-                })?,
-                (None, Some(file)) => {
-                    let f = resolve(base, &file);
-                    std::fs::read_to_string(&f)
-                        .map_err(|e| anyhow!("config {cfg}: sources.{name}: url_file {}: {e}", f.display()))?
-                        .trim()
-                        .to_string()
-                }
-                _ => bail!(
-                    "config {cfg}: sources.{name}: postgres needs exactly one of url_env = \"VARIABLE\" or url_file = \"PATH\""
-                ),
-            };
+            (None, None) if !required => Ok(None),
+            _ => bail!(
+                "config {cfg}: sources.{name}: give exactly one of {key}_env = \"VARIABLE\" or {key}_file = \"PATH\""
+            ),
+        }
+    };
+    match (src.postgres, src.sqlite, src.flight_sql) {
+        (Some(pg), None, None) => {
+            if pg.url.is_some() {
+                return Err(never_inline("url"));
+            }
+            let url = secret("url", pg.url_env, pg.url_file, true)?.unwrap_or_default();
             Ok(DatabaseConfig::Postgres(PgConnect {
                 url,
                 ca_file: pg.ca_file.map(|f| resolve(base, &f)),
             }))
         }
-        (None, Some(file)) => Ok(DatabaseConfig::Sqlite(resolve(base, &file))),
+        (None, Some(file), None) => Ok(DatabaseConfig::Sqlite(resolve(base, &file))),
+        (None, None, Some(f)) => {
+            if f.password.is_some() {
+                return Err(never_inline("password"));
+            }
+            if f.token.is_some() {
+                return Err(never_inline("token"));
+            }
+            let password = secret("password", f.password_env, f.password_file, false)?;
+            if password.is_some() != f.username.is_some() {
+                bail!("config {cfg}: sources.{name}: flight_sql needs both `username` and a password, or neither");
+            }
+            Ok(DatabaseConfig::FlightSql(connectors::flight_sql::FlightSqlConnect {
+                uri: f.uri,
+                ca_file: f.ca_file.map(|p| resolve(base, &p)),
+                username: f.username,
+                password,
+                token: secret("token", f.token_env, f.token_file, false)?,
+            }))
+        }
         _ => bail!(
-            "config {cfg}: sources.{name}: give exactly one of postgres = {{ url_env = \"...\" }} or sqlite = \"FILE\""
+            "config {cfg}: sources.{name}: give exactly one of postgres = {{ url_env = \"...\" }}, sqlite = \"FILE\" \
+             or flight_sql = {{ uri = \"grpc+tls://HOST:PORT\" }}"
         ),
     }
 }
@@ -500,6 +558,7 @@ mod tests {
                 ca_file: Some("pg-ca.pem".into()),
             }),
             sqlite: None,
+            flight_sql: None,
         };
         let err = |src| {
             format!(
@@ -525,6 +584,7 @@ mod tests {
         let e = err(RawSource {
             postgres: None,
             sqlite: None,
+            flight_sql: None,
         });
         assert!(e.contains("sources.db: give exactly one of"), "{e}");
 

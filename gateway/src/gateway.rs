@@ -1163,6 +1163,11 @@ async fn open_sources(cfg: &GatewayConfig) -> anyhow::Result<connectors::Sources
                 connectors::sqlite::SqliteDatabase::open(path)
                     .map_err(|e| anyhow::anyhow!("source {name}: {e}"))?,
             ),
+            crate::config::DatabaseConfig::FlightSql(c) => Arc::new(
+                connectors::flight_sql::FlightSqlDatabase::connect(c)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("source {name}: {e}"))?,
+            ),
         };
         let r = DatabaseSource::open(database, tables, cfg.local_partitions)
             .await

@@ -297,3 +297,114 @@ async fn postgres_mismatches_and_connection_errors_are_clear() {
     let e = err(connect("not a url at all".into(), false)).await;
     assert!(e.contains("connection string is not valid"), "{e}");
 }
+
+/// p0's rows behind a Flight SQL server this project did not write
+/// (`datafusion-flight-sql-server`): the whole local part runs there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_party_behind_a_flight_sql_server_agrees_with_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = party_ids(3);
+    let data = dir.path().join("data");
+    write_random_data(
+        &data,
+        &ids,
+        Shape {
+            seed: 41,
+            large: false,
+        },
+    )
+    .unwrap();
+    let mut spec = spec_for(dir.path(), &ids, Duration::from_secs(20));
+    let catalog = Catalog::from_toml(&spec.catalog_toml, "catalog").unwrap();
+    let table = catalog.table("t").unwrap().clone();
+
+    // The server's own DataFusion context: p0's rows as table `visits`,
+    // column `x` named `amount`.
+    let ctx = datafusion::prelude::SessionContext::new();
+    let rows = rows_of(&data.join("p0/t.csv"), &catalog).await;
+    let renamed: Vec<RecordBatch> = rows
+        .iter()
+        .map(|b| {
+            let fields: Vec<arrow::datatypes::Field> = b
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| {
+                    let name = if f.name() == "x" {
+                        "amount"
+                    } else {
+                        f.name().as_str()
+                    };
+                    f.as_ref().clone().with_name(name)
+                })
+                .collect();
+            RecordBatch::try_new(
+                std::sync::Arc::new(arrow::datatypes::Schema::new(fields)),
+                b.columns().to_vec(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let schema = renamed[0].schema();
+    let mem = datafusion::datasource::MemTable::try_new(schema, vec![renamed]).unwrap();
+    ctx.register_table("visits", std::sync::Arc::new(mem))
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = datafusion_flight_sql_server::service::FlightSqlService::new(ctx.state());
+    let serving = tokio::spawn(async move {
+        let _ = server
+            .serve_with_listener(listener)
+            .await
+            .map_err(|e| e.to_string());
+    });
+
+    spec.parties[0].databases.insert(
+        "warehouse".into(),
+        DatabaseConfig::FlightSql(connectors::flight_sql::FlightSqlConnect {
+            uri: format!("grpc://{addr}"),
+            ..Default::default()
+        }),
+    );
+    spec.parties[0].db_tables.push(DbTable {
+        source: "warehouse".into(),
+        table: SqlTable {
+            table,
+            local: "visits".into(),
+            renames: [("x".to_string(), "amount".to_string())]
+                .into_iter()
+                .collect(),
+        },
+    });
+    let fed = LocalFederation::start(&spec, &dir.path().join("run"))
+        .await
+        .unwrap();
+    let pooled = fed.pooled_context().await.unwrap();
+    for (qi, (sql, ordered)) in QUERIES.iter().enumerate() {
+        let leader = &ids[qi % 3];
+        let client = fed.client(leader, USER, PASSWORD).await.unwrap();
+        let secure = client
+            .query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("leader {leader}: {sql}: {e}"));
+        let plain = plaintext(&pooled, sql).await.unwrap();
+        if let Err(d) = compare(&secure, &plain, *ordered) {
+            panic!("leader {leader}: {sql}\n{d}");
+        }
+    }
+    let client = fed.client("p2", USER, PASSWORD).await.unwrap();
+    let explained = client
+        .explain("SELECT g, SUM(x), AVG(d) FROM t WHERE label LIKE 'l%' GROUP BY g")
+        .await
+        .unwrap();
+    assert!(
+        explained.contains(&format!(
+            "p0: sent to Flight SQL (DataFusion dialect) (grpc://{addr})"
+        )) && explained.contains("amount")
+            && !explained.contains("p0: then computed in the gateway"),
+        "{explained}"
+    );
+    fed.stop().await;
+    serving.abort();
+}
