@@ -43,6 +43,9 @@ pub struct DatabaseSource {
     /// The federated tables, empty: for the local part's schemas.
     shapes: SessionContext,
     partitions: Option<usize>,
+    /// Whether the database computes the partial aggregates (default) or
+    /// only filters, returning rows (for measuring what pushdown saves).
+    aggregate: bool,
 }
 
 impl DatabaseSource {
@@ -82,7 +85,15 @@ impl DatabaseSource {
             tables: by_name,
             shapes,
             partitions,
+            aggregate: true,
         })
+    }
+
+    /// The database only filters; the gateway aggregates the rows it
+    /// returns. For benchmarks: pushdown is always better where it applies.
+    pub fn without_aggregate_pushdown(mut self) -> Self {
+        self.aggregate = false;
+        self
     }
 
     /// Every row of a table, for the plaintext reference of the demo and the
@@ -121,7 +132,14 @@ impl DatabaseSource {
         let output = apply_local_part(df, part, part.filter.clone()).map_err(run)?;
         let output: SchemaRef = Arc::new(output.schema().as_arrow().clone());
         Ok((
-            plan_source(self.db.dialect(), table, part, &input, &output),
+            plan_source(
+                self.db.dialect(),
+                table,
+                part,
+                &input,
+                &output,
+                self.aggregate,
+            ),
             output,
         ))
     }

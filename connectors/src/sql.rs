@@ -205,13 +205,15 @@ impl SourcePlan {
 
 /// Decides what `dialect` runs for `part` over `table`. `input` is the
 /// federated table's schema; `output` the local part's result schema (group
-/// columns, then `p0..pk`), as DataFusion computes it.
+/// columns, then `p0..pk`), as DataFusion computes it. With `aggregate`
+/// false the database only filters (the benchmark's "pull rows" baseline).
 pub fn plan_source(
     dialect: Dialect,
     table: &SqlTable,
     part: &LocalPart,
     input: &DFSchema,
     output: &Schema,
+    aggregate: bool,
 ) -> SourcePlan {
     let conjuncts: Vec<&Expr> = part
         .filter
@@ -249,7 +251,10 @@ pub fn plan_source(
     };
 
     // The whole local part, if every conjunct and every partial can go.
-    if kept.is_empty() {
+    if !aggregate {
+        reasons.push("pushdown of the aggregates is turned off for this source".into());
+    }
+    if kept.is_empty() && aggregate {
         match pushdown(dialect, table, part, input, output) {
             Ok((select, columns)) => match where_clause(&pushed) {
                 Ok(w) => {
