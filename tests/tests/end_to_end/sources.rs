@@ -269,6 +269,49 @@ async fn postgres_mismatches_and_connection_errors_are_clear() {
     ] {
         assert!(e.contains(want), "missing `{want}` in {e}");
     }
+    // An empty party: the same partials as DataFusion over no rows (one
+    // row of zero counts and NULL sums without GROUP BY, none with it).
+    pg.execute(
+        "CREATE TABLE empty_t (id bigint, g text, h integer, flag boolean, x bigint, \
+         d numeric(14,3), f double precision, label text)",
+    )
+    .await
+    .unwrap();
+    let empty = connectors::DatabaseSource::open(db.clone(), vec![sql_table("empty_t")], None)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("t.csv");
+    std::fs::write(&csv, "id,g,h,flag,x,d,f,label\n").unwrap();
+    let files = FileSource::open(
+        vec![TableFile {
+            table: catalog.table("t").unwrap().clone(),
+            path: csv,
+            format: FileFormat::Csv,
+            renames: BTreeMap::new(),
+        }],
+        None,
+    )
+    .await
+    .unwrap();
+    for (sql, _) in QUERIES {
+        let plan = planner::plan_query(sql, &catalog, &["p".into()], &Default::default())
+            .await
+            .unwrap();
+        let got = connectors::LocalSource::run(&empty, &plan.local)
+            .await
+            .unwrap();
+        let want = connectors::LocalSource::run(&files, &plan.local)
+            .await
+            .unwrap();
+        let text = |b: &[RecordBatch]| {
+            arrow::util::pretty::pretty_format_batches(b)
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(text(&got), text(&want), "{sql}");
+    }
+
     let e = connectors::DatabaseSource::open(db, vec![sql_table("public.nothing")], None)
         .await
         .err()
