@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::Column;
 use datafusion::logical_expr::{cast, Expr};
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionConfig, SessionContext};
@@ -191,6 +191,10 @@ pub(crate) fn exact_cast(from: &DataType, to: &DataType) -> bool {
         (Int64 | UInt32, Decimal128(tp, ts)) => *tp as i16 - *ts as i16 >= 19,
         (Utf8 | LargeUtf8 | Utf8View, Utf8) => true,
         (Date32, Date32) => true,
+        (
+            Timestamp(TimeUnit::Second | TimeUnit::Millisecond | TimeUnit::Microsecond, None),
+            Timestamp(TimeUnit::Microsecond, None),
+        ) => true,
         _ => false,
     }
 }

@@ -211,6 +211,17 @@ fn mismatch(
         ColumnType::Text => matches!(found, "text" | "character varying"),
         ColumnType::Bool => found == "boolean",
         ColumnType::Date => found == "date",
+        ColumnType::Timestamp => match found {
+            "timestamp without time zone" | "date" => true,
+            "timestamp with time zone" => {
+                return Some(
+                    "found timestamp with time zone, an instant that has no date and time without a zone; \
+                     expose a view with `col AT TIME ZONE 'UTC'` (or the zone you mean)"
+                        .into(),
+                )
+            }
+            _ => false,
+        },
     };
     (!ok).then(|| match (found, precision, scale) {
         ("numeric", Some(p), Some(s)) => format!("found numeric({p},{s})"),
@@ -251,6 +262,10 @@ fn value(row: &Row, i: usize) -> Result<Value, String> {
             .try_get::<_, Option<chrono::NaiveDate>>(i)
             .map_err(e)?
             .map(|d| Value::Date(days_since_epoch(d))),
+        Type::TIMESTAMP => row
+            .try_get::<_, Option<chrono::NaiveDateTime>>(i)
+            .map_err(e)?
+            .map(|t| Value::Timestamp(t.and_utc().timestamp_micros())),
         other => return Err(format!("PostgreSQL type {other}")),
     }
     .unwrap_or(Value::Null))

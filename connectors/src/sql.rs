@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use arrow::array::{
     ArrayRef, BooleanBuilder, Date32Builder, Decimal128Builder, Float64Builder, Int64Builder,
-    StringBuilder,
+    StringBuilder, TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::array::RecordBatch;
@@ -485,8 +485,11 @@ fn pushable(dialect: Dialect, e: &Expr, input: &DFSchema, table: &SqlTable) -> R
     match e {
         Expr::Column(c) => {
             match ty(e) {
-                DataType::Date32 if sqlite => {
-                    return Err(format!("SQLite stores the date column {} as text", c.name))
+                DataType::Date32 | DataType::Timestamp(..) if sqlite => {
+                    return Err(format!(
+                        "SQLite stores the date/time column {} as text",
+                        c.name
+                    ))
                 }
                 DataType::Decimal128(_, s) if sqlite && s > 0 => {
                     return Err(format!(
@@ -516,7 +519,13 @@ fn pushable(dialect: Dialect, e: &Expr, input: &DFSchema, table: &SqlTable) -> R
             | ScalarValue::UInt32(_)
             | ScalarValue::Float64(_)
             | ScalarValue::Utf8(_) => Ok(()),
-            ScalarValue::Decimal128(..) | ScalarValue::Date32(_) if !sqlite => Ok(()),
+            ScalarValue::Decimal128(..)
+            | ScalarValue::Date32(_)
+            | ScalarValue::TimestampMicrosecond(_, None)
+                if !sqlite =>
+            {
+                Ok(())
+            }
             other => Err(format!(
                 "{} has no literal for {}",
                 dialect.name(),
@@ -584,7 +593,7 @@ fn pushable(dialect: Dialect, e: &Expr, input: &DFSchema, table: &SqlTable) -> R
                 (DataType::Float32, DataType::Float64) => true,
                 (f, DataType::Decimal128(..)) if int(f) => !sqlite,
                 // A date literal: PostgreSQL reads ISO dates as DataFusion does.
-                (DataType::Utf8, DataType::Date32) => {
+                (DataType::Utf8, DataType::Date32 | DataType::Timestamp(_, None)) => {
                     !sqlite && matches!(c.expr.as_ref(), Expr::Literal(..))
                 }
                 (&DataType::Decimal128(p, s), DataType::Decimal128(tp, ts)) => {
@@ -625,6 +634,8 @@ pub enum Value {
     Bool(bool),
     /// Days since 1970-01-01.
     Date(i32),
+    /// Microseconds since 1970-01-01 00:00:00 (no time zone).
+    Timestamp(i64),
 }
 
 /// Builds one Arrow column from database values, exactly or not at all.
@@ -635,6 +646,7 @@ pub enum ColumnBuilder {
     Text(StringBuilder),
     Bool(BooleanBuilder),
     Date(Date32Builder),
+    Timestamp(TimestampMicrosecondBuilder),
 }
 
 impl ColumnBuilder {
@@ -653,6 +665,9 @@ impl ColumnBuilder {
             DataType::Utf8 => ColumnBuilder::Text(StringBuilder::new()),
             DataType::Boolean => ColumnBuilder::Bool(BooleanBuilder::new()),
             DataType::Date32 => ColumnBuilder::Date(Date32Builder::new()),
+            DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None) => {
+                ColumnBuilder::Timestamp(TimestampMicrosecondBuilder::new())
+            }
             other => {
                 return Err(SourceError::Run(format!(
                     "column {}: type {other} cannot be read from a SQL source",
@@ -671,6 +686,12 @@ impl ColumnBuilder {
             (ColumnBuilder::Text(b), Value::Null) => b.append_null(),
             (ColumnBuilder::Bool(b), Value::Null) => b.append_null(),
             (ColumnBuilder::Date(b), Value::Null) => b.append_null(),
+            (ColumnBuilder::Timestamp(b), Value::Null) => b.append_null(),
+            (ColumnBuilder::Timestamp(b), Value::Timestamp(t)) => b.append_value(t),
+            (ColumnBuilder::Timestamp(b), Value::Date(d)) => {
+                b.append_value(d as i64 * 86_400_000_000)
+            }
+            (ColumnBuilder::Timestamp(b), Value::Text(t)) => b.append_value(parse_timestamp(&t)?),
             (ColumnBuilder::Int(b), Value::Int(i)) => b.append_value(i),
             (ColumnBuilder::Float(b), Value::Float(f)) => b.append_value(f),
             (ColumnBuilder::Float(b), Value::Int(i)) => {
@@ -709,6 +730,7 @@ impl ColumnBuilder {
                         Value::Text(_) => "text",
                         Value::Bool(_) => "boolean",
                         Value::Date(_) => "date",
+                        Value::Timestamp(_) => "timestamp",
                         Value::Null => "NULL",
                     },
                     b.type_name()
@@ -726,6 +748,7 @@ impl ColumnBuilder {
             ColumnBuilder::Text(_) => "text",
             ColumnBuilder::Bool(_) => "a boolean",
             ColumnBuilder::Date(_) => "a date",
+            ColumnBuilder::Timestamp(_) => "a timestamp",
         }
     }
 
@@ -737,6 +760,7 @@ impl ColumnBuilder {
             ColumnBuilder::Text(b) => Arc::new(b.finish()),
             ColumnBuilder::Bool(b) => Arc::new(b.finish()),
             ColumnBuilder::Date(b) => Arc::new(b.finish()),
+            ColumnBuilder::Timestamp(b) => Arc::new(b.finish()),
         }
     }
 }
@@ -786,6 +810,25 @@ pub fn parse_date(t: &str) -> Result<i32, String> {
     let d = chrono::NaiveDate::parse_from_str(t.trim(), "%Y-%m-%d")
         .map_err(|_| format!("`{t}` is not a date YYYY-MM-DD"))?;
     Ok(days_since_epoch(d))
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.ffffff]` (or with `T`) as microseconds since the
+/// epoch; a bare date is midnight.
+pub fn parse_timestamp(t: &str) -> Result<i64, String> {
+    let s = t.trim();
+    for f in [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M",
+    ] {
+        if let Ok(v) = chrono::NaiveDateTime::parse_from_str(s, f) {
+            return Ok(v.and_utc().timestamp_micros());
+        }
+    }
+    parse_date(s)
+        .map(|d| d as i64 * 86_400_000_000)
+        .map_err(|_| format!("`{t}` is not a timestamp YYYY-MM-DD HH:MM:SS"))
 }
 
 pub fn days_since_epoch(d: chrono::NaiveDate) -> i32 {
@@ -873,6 +916,10 @@ mod tests {
         assert!(parse_decimal("1e5", 2).is_err());
         assert!(parse_decimal("99999999999999999999999999999999999999999", 0).is_err());
         assert_eq!(parse_date("1970-01-02"), Ok(1));
+        assert_eq!(parse_timestamp("1970-01-01 00:00:01.5"), Ok(1_500_000));
+        assert_eq!(parse_timestamp("1970-01-02T00:00:00"), Ok(86_400_000_000));
+        assert_eq!(parse_timestamp("1970-01-02"), Ok(86_400_000_000));
+        assert!(parse_timestamp("yesterday").is_err());
         assert!(parse_date("02/01/1970").is_err());
     }
 }

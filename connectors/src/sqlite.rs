@@ -138,7 +138,10 @@ pub fn suggested_type(declared: &str) -> Option<&'static str> {
     if t.contains("BOOL") {
         return Some("bool");
     }
-    if t.contains("DATE") && !t.contains("TIME") {
+    if t.contains("TIME") {
+        return Some("timestamp");
+    }
+    if t.contains("DATE") {
         return Some("date");
     }
     match affinity(declared) {
@@ -186,7 +189,7 @@ fn mismatch(want: &ColumnType, declared: &str) -> Option<String> {
         ColumnType::Float { .. } => a == "REAL" || a == "INTEGER",
         ColumnType::Text => a == "TEXT",
         ColumnType::Bool => a == "INTEGER" || a == "NUMERIC",
-        ColumnType::Date => a == "TEXT" || a == "NUMERIC",
+        ColumnType::Date | ColumnType::Timestamp => a == "TEXT" || a == "NUMERIC",
     };
     (!ok).then(|| {
         format!(

@@ -775,6 +775,7 @@ async fn infer_catalog(parties: &[PathBuf]) -> Result<(String, Vec<String>)> {
                 DataType::Decimal128(p, s) => format!("decimal({p},{s})"),
                 DataType::Boolean => "bool".to_string(),
                 DataType::Date32 => "date".to_string(),
+                DataType::Timestamp(_, None) => "timestamp".to_string(),
                 DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "text".to_string(),
                 other => {
                     bail!("column {col} of {name} has type {other}, which Council cannot read yet")

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -41,6 +41,9 @@ pub enum ColumnType {
     Text,
     Bool,
     Date,
+    /// Date and time without time zone, in microseconds (as PostgreSQL's
+    /// `timestamp`).
+    Timestamp,
 }
 
 impl ColumnType {
@@ -54,6 +57,7 @@ impl ColumnType {
             "text" | "string" | "varchar" | "utf8" => ColumnType::Text,
             "bool" | "boolean" => ColumnType::Bool,
             "date" => ColumnType::Date,
+            "timestamp" | "datetime" => ColumnType::Timestamp,
             _ => {
                 let inner = t
                     .strip_prefix("decimal(")
@@ -61,7 +65,7 @@ impl ColumnType {
                     .and_then(|r| r.strip_suffix(')'))
                     .ok_or_else(|| {
                         format!(
-                            "unknown column type `{s}`; use int, decimal(P,S), float, text, bool or date"
+                            "unknown column type `{s}`; use int, decimal(P,S), float, text, bool, date or timestamp"
                         )
                     })?;
                 let (p, sc) = inner.split_once(',').ok_or_else(|| {
@@ -99,6 +103,7 @@ impl ColumnType {
             ColumnType::Text => DataType::Utf8,
             ColumnType::Bool => DataType::Boolean,
             ColumnType::Date => DataType::Date32,
+            ColumnType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
         }
     }
 }
@@ -112,6 +117,7 @@ impl fmt::Display for ColumnType {
             ColumnType::Text => write!(f, "text"),
             ColumnType::Bool => write!(f, "bool"),
             ColumnType::Date => write!(f, "date"),
+            ColumnType::Timestamp => write!(f, "timestamp"),
         }
     }
 }

@@ -25,6 +25,7 @@ columns = [
   { name = "d", type = "decimal(14,3)" },
   { name = "f", type = "float", scale = 4 },
   { name = "label", type = "text" },
+  { name = "ts", type = "timestamp" },
 ]
 "#;
 
@@ -35,7 +36,7 @@ pub fn open_policy(party: &str, parties: &[String]) -> String {
         "party = \"{party}\"\n[analysts]\nallow = [{}]\n[tables.t]\ncount_star = true\n",
         allow.join(", ")
     );
-    for c in ["id", "g", "h", "flag", "x", "d", "f", "label"] {
+    for c in ["id", "g", "h", "flag", "x", "d", "f", "label", "ts"] {
         let group = matches!(c, "g" | "h" | "flag");
         let _ = writeln!(
             s,
@@ -69,7 +70,7 @@ pub fn write_random_data(dir: &Path, parties: &[String], shape: Shape) -> anyhow
     for (pi, p) in parties.iter().enumerate() {
         let d = dir.join(p);
         std::fs::create_dir_all(&d)?;
-        let mut csv = String::from("id,g,h,flag,x,d,f,label\n");
+        let mut csv = String::from("id,g,h,flag,x,d,f,label,ts\n");
         // Every third data set leaves the last party empty.
         let rows = if shape.seed.is_multiple_of(3) && pi == n - 1 {
             0
@@ -119,9 +120,21 @@ pub fn write_random_data(dir: &Path, parties: &[String], shape: Shape) -> anyhow
                 format!("{}", k as f64 / 10_000.0)
             };
             let label = ["lime", "lemon", "plum", "kiwi"][rng.random_range(0..4)];
+            let ts = if rng.random_bool(0.05) {
+                String::new()
+            } else {
+                format!(
+                    "2024-{:02}-{:02} {:02}:{:02}:{:02}",
+                    rng.random_range(1..=12),
+                    rng.random_range(1..=28),
+                    rng.random_range(0..24),
+                    rng.random_range(0..60),
+                    rng.random_range(0..60)
+                )
+            };
             let _ = writeln!(
                 csv,
-                "{},{g},{h},{flag},{x},{dv},{f},{label}",
+                "{},{g},{h},{flag},{x},{dv},{f},{label},{ts}",
                 pi * 100_000 + i
             );
         }
@@ -181,4 +194,5 @@ pub const QUERIES: &[(&str, bool)] = &[
     ("SELECT h, SUM(x) FROM t WHERE g IS NULL OR x BETWEEN -10 AND 500 GROUP BY h ORDER BY h", true),
     ("SELECT SUM(d * 2) AS dd, AVG(x + 1) AS x1, COUNT(f) FROM t WHERE label IN ('lime', 'plum')", true),
     ("SELECT g, flag, h, COUNT(*) FROM t GROUP BY g, flag, h", false),
+    ("SELECT h, COUNT(ts), SUM(x) FROM t WHERE ts >= TIMESTAMP '2024-06-15 12:00:00' GROUP BY h ORDER BY h", true),
 ];

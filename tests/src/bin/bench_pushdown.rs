@@ -75,7 +75,7 @@ async fn counting_relay(to: u16, counter: Arc<AtomicU64>) -> Result<u16> {
 fn csv_rows(n: usize) -> String {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let mut s = String::with_capacity(n * 64);
-    s.push_str("id,g,h,flag,x,d,f,label\n");
+    s.push_str("id,g,h,flag,x,d,f,label,ts\n");
     for i in 0..n {
         let g = ["a", "b", "c", "d"][rng.random_range(0..4)];
         let h = rng.random_range(1..=3);
@@ -86,10 +86,12 @@ fn csv_rows(n: usize) -> String {
         let k: i64 = rng.random_range(-100_000_000..=100_000_000);
         let label = ["lime", "lemon", "plum", "kiwi"][rng.random_range(0..4)];
         s.push_str(&format!(
-            "{i},{g},{h},{flag},{x},{sign}{}.{:03},{},{label}\n",
+            "{i},{g},{h},{flag},{x},{sign}{}.{:03},{},{label},2024-{:02}-{:02} 12:00:00\n",
             d.unsigned_abs() / 1000,
             d.unsigned_abs() % 1000,
-            k as f64 / 10_000.0
+            k as f64 / 10_000.0,
+            rng.random_range(1..=12),
+            rng.random_range(1..=28)
         ));
     }
     s
@@ -119,12 +121,16 @@ async fn main() -> Result<()> {
     let pg = PgServer::start().context("starting PostgreSQL")?;
     pg.execute(
         "CREATE TABLE visits (id bigint, g text, h integer, flag boolean, x bigint, \
-         d numeric(14,3), f double precision, label text)",
+         d numeric(14,3), f double precision, label text, ts timestamp)",
     )
     .await?;
     let t = Instant::now();
     let loaded = pg
-        .copy_csv("visits", "id, g, h, flag, x, d, f, label", &csv_rows(rows))
+        .copy_csv(
+            "visits",
+            "id, g, h, flag, x, d, f, label, ts",
+            &csv_rows(rows),
+        )
         .await?;
     pg.execute("ANALYZE visits").await?;
     eprintln!(

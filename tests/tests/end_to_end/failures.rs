@@ -367,15 +367,15 @@ async fn partials_beyond_the_ring_bound_abort_instead_of_wrapping() {
     .unwrap();
     // p0's sum of x is 1.2e19: each value fits in i64, the sum does not fit
     // the per-party bound (2^63 - 1) / 2 of Z_2^64.
-    let mut rows = "id,g,h,flag,x,d,f,label\n1,a,1,true,4000000000000000000,1.0,1,lime\n2,a,1,true,4000000000000000000,1.0,1,lime\n3,a,1,true,4000000000000000000,1.0,1,lime\n".to_string();
+    let mut rows = "id,g,h,flag,x,d,f,label,ts\n1,a,1,true,4000000000000000000,1.0,1,lime,\n2,a,1,true,4000000000000000000,1.0,1,lime,\n3,a,1,true,4000000000000000000,1.0,1,lime,\n".to_string();
     // And 18 floats of 1e33 (1e37 at scale 4): their 128-bit local sum
     // would wrap (18e37 > 2^127), which DataFusion would not notice.
     for i in 0..18 {
-        rows.push_str(&format!("{},b,2,false,0,1.0,1e33,lime\n", 10 + i));
+        rows.push_str(&format!("{},b,2,false,0,1.0,1e33,lime,\n", 10 + i));
     }
     std::fs::write(dir.path().join("data/p0/t.csv"), rows).unwrap();
     // p1 holds a group key outside the declared domain.
-    let odd = "id,g,h,flag,x,d,f,label\n7,secret-key,1,true,1,1.0,1,lime\n";
+    let odd = "id,g,h,flag,x,d,f,label,ts\n7,secret-key,1,true,1,1.0,1,lime,\n";
     std::fs::write(dir.path().join("data/p1/t.csv"), odd).unwrap();
     let spec = spec_for(dir.path(), &ids, Duration::from_secs(5));
     let fed = LocalFederation::start(&spec, &dir.path().join("run"))

@@ -20,7 +20,7 @@ use gateway::config::{DatabaseConfig, DbTable};
 use gateway::federation::{plaintext, LocalFederation};
 use planner::Catalog;
 
-const COLUMNS: &str = "id, grp, h, flag, amount, d, f, label";
+const COLUMNS: &str = "id, grp, h, flag, amount, d, f, label, ts";
 
 async fn rows_of(csv: &Path, catalog: &Catalog) -> Vec<RecordBatch> {
     let src = FileSource::open(
@@ -41,11 +41,11 @@ async fn rows_of(csv: &Path, catalog: &Catalog) -> Vec<RecordBatch> {
 fn write_sqlite(db: &Path, batches: &[RecordBatch]) {
     let c = rusqlite::Connection::open(db).unwrap();
     c.execute_batch(
-        "CREATE TABLE t (id INTEGER, g TEXT, h INTEGER, flag BOOLEAN, x INTEGER, d TEXT, f REAL, label TEXT)",
+        "CREATE TABLE t (id INTEGER, g TEXT, h INTEGER, flag BOOLEAN, x INTEGER, d TEXT, f REAL, label TEXT, ts DATETIME)",
     )
     .unwrap();
     let mut stmt = c
-        .prepare("INSERT INTO t VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")
+        .prepare("INSERT INTO t VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")
         .unwrap();
     for b in batches {
         for r in 0..b.num_rows() {
@@ -103,7 +103,7 @@ async fn postgres_sqlite_and_parquet_parties_agree_with_plaintext() {
     // p0: PostgreSQL, `clinic.visits`, two columns named differently.
     pg.execute(
         "CREATE SCHEMA clinic; CREATE TABLE clinic.visits (id bigint, grp text, h integer, flag boolean, \
-         amount bigint, d numeric(14,3), f double precision, label varchar(20))",
+         amount bigint, d numeric(14,3), f double precision, label varchar(20), ts timestamp)",
     )
     .await
     .unwrap();
@@ -237,7 +237,8 @@ async fn postgres_sqlite_and_parquet_parties_agree_with_plaintext() {
 async fn postgres_mismatches_and_connection_errors_are_clear() {
     let pg = PgServer::start().unwrap();
     pg.execute(
-        "CREATE TABLE visits (id bigint, g text, h integer, flag boolean, x numeric, d numeric(20,5), f text)",
+        "CREATE TABLE visits (id bigint, g text, h integer, flag boolean, x numeric, d numeric(20,5), f text, \
+         ts timestamptz)",
     )
     .await
     .unwrap();
@@ -261,7 +262,8 @@ async fn postgres_mismatches_and_connection_errors_are_clear() {
         .expect("a mismatching table was accepted")
         .to_string();
     for want in [
-        "(4 problem(s))",
+        "(5 problem(s))",
+        "column ts: expected timestamp, found timestamp with time zone",
         "column x: expected int, found numeric",
         "column d: expected decimal(14,3), found numeric(20,5)",
         "column f: expected float(scale 4), found text",
@@ -273,7 +275,7 @@ async fn postgres_mismatches_and_connection_errors_are_clear() {
     // row of zero counts and NULL sums without GROUP BY, none with it).
     pg.execute(
         "CREATE TABLE empty_t (id bigint, g text, h integer, flag boolean, x bigint, \
-         d numeric(14,3), f double precision, label text)",
+         d numeric(14,3), f double precision, label text, ts timestamp)",
     )
     .await
     .unwrap();
@@ -282,7 +284,7 @@ async fn postgres_mismatches_and_connection_errors_are_clear() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("t.csv");
-    std::fs::write(&csv, "id,g,h,flag,x,d,f,label\n").unwrap();
+    std::fs::write(&csv, "id,g,h,flag,x,d,f,label,ts\n").unwrap();
     let files = FileSource::open(
         vec![TableFile {
             table: catalog.table("t").unwrap().clone(),
