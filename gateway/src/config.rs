@@ -570,7 +570,7 @@ mod tests {
         };
         let e = err(pg(Some("postgresql://u:pw@h/db"), None, None));
         assert!(
-            e.contains("connection strings never go in the config") && e.contains("url_env"),
+            e.contains("secrets never go in the config") && e.contains("url_env"),
             "{e}"
         );
         assert!(!e.contains("pw@"), "the secret is not echoed: {e}");
@@ -587,6 +587,28 @@ mod tests {
             flight_sql: None,
         });
         assert!(e.contains("sources.db: give exactly one of"), "{e}");
+        let flight = |password: Option<&str>, username: Option<&str>| RawSource {
+            postgres: None,
+            sqlite: None,
+            flight_sql: Some(RawFlightSql {
+                uri: "grpc+tls://warehouse:443".into(),
+                ca_file: None,
+                username: username.map(str::to_string),
+                password: password.map(str::to_string),
+                password_env: None,
+                password_file: None,
+                token: None,
+                token_env: None,
+                token_file: None,
+            }),
+        };
+        let e = err(flight(Some("hunter2"), Some("svc")));
+        assert!(
+            e.contains("put the password in an environment variable") && !e.contains("hunter2"),
+            "{e}"
+        );
+        let e = err(flight(None, Some("svc")));
+        assert!(e.contains("needs both `username` and a password"), "{e}");
 
         std::fs::write(
             dir.path().join("pg-url"),
