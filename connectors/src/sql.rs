@@ -406,9 +406,18 @@ fn pushdown(
             }
             Dialect::Postgres => {
                 let a = || arg.as_ref().map(|(s, _)| s.as_str()).unwrap_or("1");
+                let int_arg = matches!(
+                    arg.as_ref().map(|(_, t)| t),
+                    Some(DataType::Int64 | DataType::Int32 | DataType::Int16)
+                );
                 let item = match p.kind {
                     PartialKind::RowCount => "COUNT(*)".to_string(),
                     PartialKind::Count => format!("COUNT({})", a()),
+                    // PostgreSQL sums integers exactly (into numeric, with
+                    // 128-bit accumulators): no per-row cast needed.
+                    PartialKind::Sum if s == 0 && int_arg => {
+                        format!("CAST(SUM({}) AS TEXT)", a())
+                    }
                     PartialKind::Sum => {
                         format!("CAST(SUM(CAST({} AS NUMERIC(38,{s}))) AS TEXT)", a())
                     }
