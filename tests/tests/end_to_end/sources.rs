@@ -207,7 +207,8 @@ async fn postgres_sqlite_and_parquet_parties_agree_with_plaintext() {
         .await
         .unwrap();
     assert!(
-        pushed.contains("CAST(SUM(CAST(\"amount\" AS NUMERIC(38,0))) AS TEXT)")
+        pushed.contains("CAST(SUM(\"amount\") AS TEXT)")
+            && pushed.contains("CAST(SUM(CAST(\"d\" AS NUMERIC(38,3))) AS TEXT)")
             && pushed.contains("GROUP BY \"grp\""),
         "{pushed}"
     );
