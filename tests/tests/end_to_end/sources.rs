@@ -81,24 +81,45 @@ fn write_parquet(path: &Path, batches: &[RecordBatch]) {
     w.close().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_sqlite_and_parquet_parties_agree_with_plaintext() {
-    let pg = PgServer::start().unwrap();
+/// Three parties over seeded random data, each with its CSV in `data`.
+struct Setup {
+    dir: tempfile::TempDir,
+    ids: Vec<String>,
+    data: std::path::PathBuf,
+    spec: gateway::federation::FederationSpec,
+    catalog: Catalog,
+    table: planner::TableDef,
+}
+
+fn setup(seed: u64) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let ids = party_ids(3);
     let data = dir.path().join("data");
-    write_random_data(
-        &data,
-        &ids,
-        Shape {
-            seed: 40,
-            large: false,
-        },
-    )
-    .unwrap();
-    let mut spec = spec_for(dir.path(), &ids, Duration::from_secs(20));
+    write_random_data(&data, &ids, Shape { seed, large: false }).unwrap();
+    let spec = spec_for(dir.path(), &ids, Duration::from_secs(20));
     let catalog = Catalog::from_toml(&spec.catalog_toml, "catalog").unwrap();
     let table = catalog.table("t").unwrap().clone();
+    Setup {
+        dir,
+        ids,
+        data,
+        spec,
+        catalog,
+        table,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_sqlite_and_parquet_parties_agree_with_plaintext() {
+    let pg = PgServer::start().unwrap();
+    let Setup {
+        dir,
+        ids,
+        data,
+        mut spec,
+        catalog,
+        table,
+    } = setup(40);
 
     // p0: PostgreSQL, `clinic.visits`, two columns named differently.
     pg.execute(
@@ -348,21 +369,14 @@ async fn postgres_mismatches_and_connection_errors_are_clear() {
 /// (`datafusion-flight-sql-server`): the whole local part runs there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_party_behind_a_flight_sql_server_agrees_with_plaintext() {
-    let dir = tempfile::tempdir().unwrap();
-    let ids = party_ids(3);
-    let data = dir.path().join("data");
-    write_random_data(
-        &data,
-        &ids,
-        Shape {
-            seed: 41,
-            large: false,
-        },
-    )
-    .unwrap();
-    let mut spec = spec_for(dir.path(), &ids, Duration::from_secs(20));
-    let catalog = Catalog::from_toml(&spec.catalog_toml, "catalog").unwrap();
-    let table = catalog.table("t").unwrap().clone();
+    let Setup {
+        dir,
+        ids,
+        data,
+        mut spec,
+        catalog,
+        table,
+    } = setup(41);
 
     // The server's own DataFusion context: p0's rows as table `visits`,
     // column `x` named `amount`.
