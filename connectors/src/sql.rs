@@ -551,8 +551,11 @@ fn pushable(dialect: Dialect, e: &Expr, input: &DFSchema, table: &SqlTable) -> R
                         return Err("the order of text depends on PostgreSQL's collation".into());
                     }
                 }
+                // Exact in both engines (or an overflow error in both).
+                // Not `/` or `%`: decimal quotients round at engine-specific
+                // scales, and a float division by zero is an error in
+                // PostgreSQL but infinity in DataFusion.
                 Plus | Minus | Multiply if !sqlite => {}
-                Divide | Modulo if !sqlite => {}
                 other => {
                     return Err(format!(
                         "{} would compute `{other}` differently",
@@ -618,7 +621,9 @@ fn pushable(dialect: Dialect, e: &Expr, input: &DFSchema, table: &SqlTable) -> R
         Expr::ScalarFunction(f) => {
             let name = f.name();
             let allowed: &[&str] = match dialect {
-                Dialect::Postgres => &["abs", "coalesce", "lower", "upper", "character_length"],
+                // Not lower/upper: PostgreSQL's follow the database's
+                // LC_CTYPE (ASCII only under C), DataFusion's all of Unicode.
+                Dialect::Postgres => &["abs", "coalesce", "character_length"],
                 Dialect::Sqlite | Dialect::DataFusion => &["abs", "coalesce"],
             };
             if !allowed.contains(&name) {
