@@ -13,6 +13,7 @@
 pub mod additive;
 pub mod encode;
 pub mod groups;
+pub mod noise;
 pub mod ring;
 pub mod shares;
 pub mod transport;
