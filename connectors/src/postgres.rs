@@ -230,7 +230,12 @@ fn mismatch(
 }
 
 fn value(row: &Row, i: usize) -> Result<Value, String> {
-    let ty = row.columns()[i].type_().clone();
+    let ty = row
+        .columns()
+        .get(i)
+        .ok_or_else(|| format!("no column {i} in the row"))?
+        .type_()
+        .clone();
     let e = |e: tokio_postgres::Error| e.to_string();
     Ok(match ty {
         Type::INT2 => row
@@ -304,9 +309,12 @@ impl Database for PostgresDatabase {
             )]);
         }
         let problems = crate::sql::column_problems(t, &place, |local, want| {
-            let r = rows.iter().find(|r| r.get::<_, String>(0) == local)?;
-            let ty: String = r.get(1);
-            Some(mismatch(want, &ty, r.get(2), r.get(3)))
+            let r = rows
+                .iter()
+                .find(|r| r.try_get::<_, String>(0).is_ok_and(|n| n == local))?;
+            let ty: String = r.try_get(1).unwrap_or_default();
+            let (p, s) = (r.try_get(2).ok().flatten(), r.try_get(3).ok().flatten());
+            Some(mismatch(want, &ty, p, s))
         });
         Ok(problems)
     }

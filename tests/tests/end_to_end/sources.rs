@@ -81,6 +81,32 @@ fn write_parquet(path: &Path, batches: &[RecordBatch]) {
     w.close().unwrap();
 }
 
+/// Every query, led by each party in turn, equals plaintext over the pooled
+/// rows.
+async fn agree_with_plaintext(
+    fed: &LocalFederation,
+    pooled: &datafusion::prelude::SessionContext,
+    ids: &[String],
+    queries: &[(&str, bool)],
+) {
+    for (qi, (sql, ordered)) in queries.iter().enumerate() {
+        let leader = &ids[qi % ids.len()];
+        let client = fed.client(leader, USER, PASSWORD).await.unwrap();
+        let secure = client
+            .query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("leader {leader}: {sql}: {e}"));
+        let plain = plaintext(pooled, sql).await.unwrap();
+        if let Err(d) = compare(&secure, &plain, *ordered) {
+            panic!(
+                "leader {leader}: {sql}\n{d}\nsecure:\n{}\nplain:\n{}",
+                arrow::util::pretty::pretty_format_batches(&secure).unwrap(),
+                arrow::util::pretty::pretty_format_batches(&plain).unwrap()
+            );
+        }
+    }
+}
+
 /// Three parties over seeded random data, each with its CSV in `data`.
 struct Setup {
     dir: tempfile::TempDir,
@@ -187,22 +213,8 @@ async fn postgres_sqlite_and_parquet_parties_agree_with_plaintext() {
             true,
         ),
     ];
-    for (qi, (sql, ordered)) in QUERIES.iter().chain(extra).enumerate() {
-        let leader = &ids[qi % 3];
-        let client = fed.client(leader, USER, PASSWORD).await.unwrap();
-        let secure = client
-            .query(sql)
-            .await
-            .unwrap_or_else(|e| panic!("leader {leader}: {sql}: {e}"));
-        let plain = plaintext(&pooled, sql).await.unwrap();
-        if let Err(d) = compare(&secure, &plain, *ordered) {
-            panic!(
-                "leader {leader}: {sql}\n{d}\nsecure:\n{}\nplain:\n{}",
-                arrow::util::pretty::pretty_format_batches(&secure).unwrap(),
-                arrow::util::pretty::pretty_format_batches(&plain).unwrap()
-            );
-        }
-    }
+    let queries: Vec<(&str, bool)> = QUERIES.iter().chain(extra).copied().collect();
+    agree_with_plaintext(&fed, &pooled, &ids, &queries).await;
 
     // EXPLAIN: each party's source says what it runs.
     let client = fed.client("p1", USER, PASSWORD).await.unwrap();
@@ -441,18 +453,7 @@ async fn a_party_behind_a_flight_sql_server_agrees_with_plaintext() {
         .await
         .unwrap();
     let pooled = fed.pooled_context().await.unwrap();
-    for (qi, (sql, ordered)) in QUERIES.iter().enumerate() {
-        let leader = &ids[qi % 3];
-        let client = fed.client(leader, USER, PASSWORD).await.unwrap();
-        let secure = client
-            .query(sql)
-            .await
-            .unwrap_or_else(|e| panic!("leader {leader}: {sql}: {e}"));
-        let plain = plaintext(&pooled, sql).await.unwrap();
-        if let Err(d) = compare(&secure, &plain, *ordered) {
-            panic!("leader {leader}: {sql}\n{d}");
-        }
-    }
+    agree_with_plaintext(&fed, &pooled, &ids, QUERIES).await;
     let client = fed.client("p2", USER, PASSWORD).await.unwrap();
     let explained = client
         .explain("SELECT g, SUM(x), AVG(d) FROM t WHERE label LIKE 'l%' GROUP BY g")
