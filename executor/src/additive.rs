@@ -11,8 +11,13 @@ use std::sync::Arc;
 
 use arrow::array::{Array, FixedSizeBinaryArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rand::rngs::OsRng;
-use rand::TryRngCore;
+use rand::{SeedableRng, TryRngCore};
+use rand_chacha::ChaCha20Rng;
+
+use crate::noise::NoiseSpec;
 
 use crate::shares::SharedTable;
 use crate::transport::{Round, Transport};
@@ -25,6 +30,57 @@ pub struct AdditiveEngine {
     pub me: String,
     /// The querying party: the only one that learns the result.
     pub leader: String,
+    /// Differential privacy: the noise this party adds to its share of each
+    /// column before anything leaves it for the reveal (`None`: none).
+    pub noise: Vec<Option<NoiseSpec>>,
+    /// Set once this party's part can lead to a reveal: just before a
+    /// party sends its result share, and at the leader once it holds every
+    /// share. A budget charge is refunded only if this was never set.
+    pub reveal_point: Option<Arc<AtomicBool>>,
+}
+
+impl AdditiveEngine {
+    /// Without noise.
+    pub fn new(parties: Vec<String>, me: String, leader: String) -> Self {
+        AdditiveEngine {
+            parties,
+            me,
+            leader,
+            noise: Vec::new(),
+            reveal_point: None,
+        }
+    }
+
+    /// Adds this party's noise share to its share of the totals: the
+    /// revealed sum carries every party's noise, and no party knows any
+    /// draw but its own. Draws come from ChaCha20 seeded by the OS.
+    fn add_noise(&self, acc: &mut SharedTable) -> Result<(), ExecError> {
+        if self.noise.iter().all(|n| n.is_none()) {
+            return Ok(());
+        }
+        let mut rng = ChaCha20Rng::try_from_os_rng()
+            .map_err(|e| ExecError::Encode(format!("OS randomness failed: {e}")))?;
+        for (col, spec) in self.noise.iter().enumerate() {
+            let Some(spec) = spec else { continue };
+            for row in 0..acc.rows {
+                let x = spec.draw(&mut rng).ok_or_else(|| {
+                    ExecError::Encode(
+                        "a noise draw fell beyond its safety bound (probability below 10^-25); \
+                         run the query again"
+                            .into(),
+                    )
+                })?;
+                acc.add_value(col, row, x);
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_reveal_point(&self) {
+        if let Some(f) = &self.reveal_point {
+            f.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -79,8 +135,10 @@ impl SecureSum for AdditiveEngine {
         for r in &received {
             acc.add_assign(r);
         }
+        self.add_noise(&mut acc)?;
 
         if self.me != self.leader {
+            self.mark_reveal_point();
             let b = acc
                 .to_batch()
                 .map_err(|e| ExecError::Encode(e.to_string()))?;
@@ -97,6 +155,7 @@ impl SecureSum for AdditiveEngine {
             })
         }))
         .await?;
+        self.mark_reveal_point();
         for r in &results {
             acc.add_assign(r);
         }
@@ -167,11 +226,7 @@ mod tests {
                 )
                 .unwrap();
                 tasks.push(tokio::spawn(async move {
-                    let e = AdditiveEngine {
-                        parties: ps.clone(),
-                        me: ps[i].clone(),
-                        leader: ps[1].clone(),
-                    };
+                    let e = AdditiveEngine::new(ps.clone(), ps[i].clone(), ps[1].clone());
                     let input = SharedTable {
                         keys: vec![],
                         columns: enc,
@@ -202,11 +257,7 @@ mod tests {
         let _silent = net.pop();
         let t1 = net.pop().unwrap();
         let enc = crate::encode::to_ring(&[vec![5]], &[Width::Z64], 3).unwrap();
-        let e = AdditiveEngine {
-            parties: ps.clone(),
-            me: ps[1].clone(),
-            leader: ps[1].clone(),
-        };
+        let e = AdditiveEngine::new(ps.clone(), ps[1].clone(), ps[1].clone());
         let err = e
             .sum_and_reveal(
                 &t1,
@@ -242,11 +293,7 @@ mod garbage {
             .to_batch()
             .unwrap();
         b.send("a", Round::Input, junk).await.unwrap();
-        let e = AdditiveEngine {
-            parties: ps.clone(),
-            me: "a".into(),
-            leader: "a".into(),
-        };
+        let e = AdditiveEngine::new(ps.clone(), "a".into(), "a".into());
         let input = SharedTable::zeros(vec![], &[Width::Z64], 1);
         let err = e.sum_and_reveal(&a, &input).await.unwrap_err().to_string();
         assert!(err.contains("peer b sent a malformed share batch"), "{err}");

@@ -50,10 +50,10 @@ pub fn bernoulli_exp<R: Rng + CryptoRng>(rng: &mut R, num: u128, den: u128) -> b
 /// P(x) ∝ exp(-|x|·t/s) over the integers (CKS Algorithm 2, which names
 /// the scale t/s: its uniform part runs over the numerator and its division
 /// is by the denominator).
-pub fn discrete_laplace<R: Rng + CryptoRng>(rng: &mut R, s: u64, t: u64) -> i64 {
+pub fn discrete_laplace<R: Rng + CryptoRng>(rng: &mut R, s: u128, t: u128) -> i128 {
     assert!(s > 0 && t > 0, "the scale s/t must be positive");
     // In CKS's notation the output scale is t'/s' with t' = s and s' = t.
-    let (s, t) = (t as u128, s as u128);
+    let (s, t) = (t, s);
     loop {
         let u = rng.random_range(0..t);
         if !bernoulli_exp(rng, u, t) {
@@ -63,14 +63,91 @@ pub fn discrete_laplace<R: Rng + CryptoRng>(rng: &mut R, s: u64, t: u64) -> i64 
         while bernoulli_exp(rng, 1, 1) {
             v += 1;
         }
-        let x = u + t * v;
+        // x = u + t·v; a v large enough to overflow has probability
+        // below e^-100: draw again.
+        let Some(x) = t.checked_mul(v).and_then(|tv| tv.checked_add(u)) else {
+            continue;
+        };
         let y = x / s;
         let negative: bool = rng.random();
         if negative && y == 0 {
             continue;
         }
-        let y = i64::try_from(y).unwrap_or(i64::MAX);
+        let y = i128::try_from(y).unwrap_or(i128::MAX);
         return if negative { -y } else { y };
+    }
+}
+
+/// Integer square root (floor).
+fn isqrt(n: u128) -> u128 {
+    if n < 2 {
+        return n;
+    }
+    let mut x = (n as f64).sqrt() as u128;
+    while x.checked_mul(x).is_none_or(|v| v > n) {
+        x -= 1;
+    }
+    while (x + 1).checked_mul(x + 1).is_some_and(|v| v <= n) {
+        x += 1;
+    }
+    x
+}
+
+/// One draw of the discrete Gaussian distribution with variance parameter
+/// σ² = `sigma2`: P(x) ∝ exp(-x²/(2σ²)) (CKS Algorithm 3: discrete Laplace
+/// proposals of scale t = ⌊σ⌋+1, accepted with probability
+/// exp(-(|Y| - σ²/t)²/(2σ²)), all in exact integer arithmetic).
+/// `sigma2` must be at most 2^56 so that the acceptance test fits 128 bits.
+pub fn discrete_gaussian<R: Rng + CryptoRng>(rng: &mut R, sigma2: u128) -> i128 {
+    assert!(
+        (1..=1u128 << 56).contains(&sigma2),
+        "σ² must be in 1..=2^56"
+    );
+    let t = isqrt(sigma2) + 1;
+    loop {
+        let y = discrete_laplace(rng, t, 1);
+        // γ = (|Y|·t - σ²)² / (2σ²t²).
+        let a = (y.unsigned_abs()).checked_mul(t);
+        let Some(a) = a else { continue };
+        let diff = a.abs_diff(sigma2);
+        let (Some(num), Some(den)) = (
+            diff.checked_mul(diff),
+            sigma2.checked_mul(2).and_then(|v| v.checked_mul(t * t)),
+        ) else {
+            // |Y| beyond ~2^36·σ: acceptance probability below e^-2^60.
+            continue;
+        };
+        if bernoulli_exp(rng, num, den) {
+            return y;
+        }
+    }
+}
+
+/// The noise a party draws for one revealed total.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Distribution {
+    /// Discrete Laplace of scale num/den.
+    Laplace { num: u128, den: u128 },
+    /// Discrete Gaussian of variance parameter sigma2.
+    Gaussian { sigma2: u128 },
+}
+
+/// A distribution and the bound beyond which a draw aborts the query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoiseSpec {
+    pub distribution: Distribution,
+    pub bound: u128,
+}
+
+impl NoiseSpec {
+    /// One draw; `None` if it exceeds the bound (probability below 10^-25
+    /// for the bounds the planner sets).
+    pub fn draw<R: Rng + CryptoRng>(&self, rng: &mut R) -> Option<i128> {
+        let x = match self.distribution {
+            Distribution::Laplace { num, den } => discrete_laplace(rng, num, den),
+            Distribution::Gaussian { sigma2 } => discrete_gaussian(rng, sigma2),
+        };
+        (x.unsigned_abs() <= self.bound).then_some(x)
     }
 }
 
@@ -80,22 +157,35 @@ mod tests {
     use rand::SeedableRng;
     use rand_chacha::ChaCha20Rng;
 
-    /// Pearson's chi-square of `draws` against the discrete Laplace pmf of
-    /// scale `b`, over the bins -k..=k and the two tails.
-    fn chi_square(draws: &[i64], b: f64, k: i64) -> (f64, usize) {
+    /// Fixed seeds in CI; `COUNCIL_NOISE_SEED=fresh` draws one from the OS
+    /// (and prints it), any number replays that seed.
+    fn base_seed() -> u64 {
+        let seed = match std::env::var("COUNCIL_NOISE_SEED").as_deref() {
+            Ok("fresh") => rand::random(),
+            Ok(s) => s.parse().unwrap_or(1),
+            Err(_) => 1,
+        };
+        eprintln!("noise test seed {seed}");
+        seed
+    }
+
+    /// Pearson's chi-square of `draws` against `pmf` over the bins -k..=k
+    /// and the two tails (whose mass is what the bins leave, split evenly:
+    /// every pmf here is symmetric).
+    fn chi_square(draws: &[i64], pmf: &dyn Fn(i64) -> f64, k: i64) -> (f64, usize) {
         let n = draws.len() as f64;
-        let q = (-1.0 / b).exp();
-        let pmf = |x: i64| (1.0 - q) / (1.0 + q) * q.powi(x.unsigned_abs() as i32);
         let mut stat = 0.0;
         let mut bins = 0;
+        let mut inside = 0.0;
         for x in -k..=k {
             let seen = draws.iter().filter(|&&d| d == x).count() as f64;
-            let want = n * pmf(x);
+            let p = pmf(x);
+            inside += p;
+            let want = n * p;
             stat += (seen - want).powi(2) / want;
             bins += 1;
         }
-        // Each tail |x| > k has mass q^(k+1) / (1 + q).
-        let tail = n * q.powi(k as i32 + 1) / (1.0 + q);
+        let tail = n * ((1.0 - inside) / 2.0).max(1e-300);
         for side in [1, -1] {
             let seen = draws.iter().filter(|&&d| d * side > k).count() as f64;
             stat += (seen - tail).powi(2) / tail;
@@ -104,38 +194,205 @@ mod tests {
         (stat, bins - 1)
     }
 
-    fn check(seed: u64, s: u64, t: u64, k: i64) {
-        let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let draws: Vec<i64> = (0..100_000)
-            .map(|_| discrete_laplace(&mut rng, s, t))
-            .collect();
-        let (stat, dof) = chi_square(&draws, s as f64 / t as f64, k);
+    fn assert_fits(what: &str, draws: &[i64], pmf: &dyn Fn(i64) -> f64, k: i64) {
+        let (stat, dof) = chi_square(draws, pmf, k);
         // The 0.999 quantile of chi-square is below dof + 3.1·sqrt(2·dof) + 10
         // for these degrees of freedom (a loose, safe bound).
         let bound = dof as f64 + 3.1 * (2.0 * dof as f64).sqrt() + 10.0;
         assert!(
             stat < bound,
-            "scale {s}/{t}, seed {seed}: chi-square {stat:.1} with {dof} degrees of freedom exceeds {bound:.1}"
+            "{what}: chi-square {stat:.1} with {dof} degrees of freedom exceeds {bound:.1}"
         );
-        let mean = draws.iter().sum::<i64>() as f64 / draws.len() as f64;
-        assert!(
-            mean.abs() < 0.1 * (s as f64 / t as f64).max(1.0),
-            "mean {mean}"
-        );
+    }
+
+    /// The pmf of one draw, normalised over a wide window.
+    fn pmf_table(d: Distribution, w: i64) -> Vec<f64> {
+        let mut v: Vec<f64> = (-w..=w)
+            .map(|x| match d {
+                Distribution::Laplace { num, den } => {
+                    (-(x.unsigned_abs() as f64) * den as f64 / num as f64).exp()
+                }
+                Distribution::Gaussian { sigma2 } => {
+                    (-((x * x) as f64) / (2.0 * sigma2 as f64)).exp()
+                }
+            })
+            .collect();
+        let t: f64 = v.iter().sum();
+        v.iter_mut().for_each(|p| *p /= t);
+        v
+    }
+
+    /// The pmf of the sum of `n` independent draws (centre at index len/2).
+    fn convolve(one: &[f64], n: usize) -> Vec<f64> {
+        let mut total = one.to_vec();
+        for _ in 1..n {
+            let mut next = vec![0.0; total.len() + one.len() - 1];
+            for (i, a) in total.iter().enumerate() {
+                for (j, b) in one.iter().enumerate() {
+                    next[i + j] += a * b;
+                }
+            }
+            total = next;
+        }
+        total
+    }
+
+    fn lookup(table: &[f64]) -> impl Fn(i64) -> f64 + '_ {
+        let mid = (table.len() / 2) as i64;
+        move |x| table.get((x + mid) as usize).copied().unwrap_or(0.0)
     }
 
     #[test]
     fn discrete_laplace_fits_its_distribution() {
-        // Fixed seeds in CI; `COUNCIL_NOISE_SEED=fresh` draws one from the OS.
-        let seed = match std::env::var("COUNCIL_NOISE_SEED").as_deref() {
-            Ok("fresh") => rand::random(),
-            Ok(s) => s.parse().unwrap_or(1),
-            Err(_) => 1,
+        let seed = base_seed();
+        for (i, (s, t, k)) in [(1u128, 1u128, 6), (5, 2, 12), (1, 3, 2), (40, 1, 60)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut rng = ChaCha20Rng::seed_from_u64(seed ^ i as u64);
+            let draws: Vec<i64> = (0..100_000)
+                .map(|_| discrete_laplace(&mut rng, s, t) as i64)
+                .collect();
+            let table = pmf_table(Distribution::Laplace { num: s, den: t }, 4000);
+            assert_fits(
+                &format!("Laplace {s}/{t}, seed {seed}"),
+                &draws,
+                &lookup(&table),
+                k,
+            );
+            let mean = draws.iter().sum::<i64>() as f64 / draws.len() as f64;
+            assert!(
+                mean.abs() < 0.1 * (s as f64 / t as f64).max(1.0),
+                "mean {mean}"
+            );
+        }
+    }
+
+    #[test]
+    fn discrete_gaussian_fits_its_distribution() {
+        let seed = base_seed();
+        for (i, (sigma2, k)) in [(1u128, 4), (7, 8), (400, 50)].into_iter().enumerate() {
+            let mut rng = ChaCha20Rng::seed_from_u64(seed ^ (100 + i as u64));
+            let draws: Vec<i64> = (0..100_000)
+                .map(|_| discrete_gaussian(&mut rng, sigma2) as i64)
+                .collect();
+            let table = pmf_table(Distribution::Gaussian { sigma2 }, 4000);
+            assert_fits(
+                &format!("Gaussian σ²={sigma2}, seed {seed}"),
+                &draws,
+                &lookup(&table),
+                k,
+            );
+        }
+        // Large σ² takes the same exact path (no overflow, right spread).
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let big = 1u128 << 56;
+        let draws: Vec<f64> = (0..20_000)
+            .map(|_| discrete_gaussian(&mut rng, big) as f64)
+            .collect();
+        let var = draws.iter().map(|x| x * x).sum::<f64>() / draws.len() as f64;
+        assert!((var / big as f64 - 1.0).abs() < 0.05, "variance {var:e}");
+    }
+
+    /// Every party draws its noise from its own CSPRNG; the revealed total
+    /// carries the sum. A coalition knows (and can subtract) its own draws:
+    /// what remains for every coalition short of all parties must still be
+    /// the declared honest noise — here, for every coalition of 3 parties,
+    /// the residual is checked against the exact distribution of the sum of
+    /// the honest parties' draws, which for coalitions of all but one is a
+    /// single calibrated draw.
+    #[test]
+    fn removing_any_coalition_leaves_calibrated_noise() {
+        let seed = base_seed();
+        let parties = 3;
+        for (di, d) in [
+            Distribution::Laplace { num: 3, den: 2 },
+            Distribution::Gaussian { sigma2: 5 },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let spec = NoiseSpec {
+                distribution: d,
+                bound: 1 << 40,
+            };
+            let mut rngs: Vec<ChaCha20Rng> = (0..parties)
+                .map(|p| ChaCha20Rng::seed_from_u64(seed ^ (1000 * (di as u64 + 1) + p as u64)))
+                .collect();
+            let draws: Vec<Vec<i64>> = (0..100_000)
+                .map(|_| {
+                    rngs.iter_mut()
+                        .map(|r| spec.draw(r).expect("within bound") as i64)
+                        .collect()
+                })
+                .collect();
+            let one = pmf_table(d, 200);
+            for coalition in 0u32..(1 << parties) - 1 {
+                let honest: Vec<usize> =
+                    (0..parties).filter(|p| coalition & (1 << p) == 0).collect();
+                let residual: Vec<i64> = draws
+                    .iter()
+                    .map(|row| honest.iter().map(|&p| row[p]).sum())
+                    .collect();
+                let table = convolve(&one, honest.len());
+                assert_fits(
+                    &format!("{d:?} with coalition {coalition:03b} removed, seed {seed}"),
+                    &residual,
+                    &lookup(&table),
+                    8,
+                );
+            }
+        }
+    }
+
+    /// Through the engine: three parties share zeros and add their noise
+    /// shares; what the leader reveals is exactly the summed noise, which
+    /// must fit the distribution of three independent draws.
+    #[tokio::test]
+    async fn the_revealed_total_carries_the_summed_noise() {
+        use crate::shares::{SharedTable, Width};
+        use crate::transport::InMemoryNetwork;
+        use crate::{AdditiveEngine, SecureSum};
+        let parties: Vec<String> = (0..3).map(|i| format!("p{i}")).collect();
+        let d = Distribution::Laplace { num: 2, den: 1 };
+        let spec = NoiseSpec {
+            distribution: d,
+            bound: 1 << 40,
         };
-        check(seed, 1, 1, 6); // scale 1
-        check(seed ^ 2, 5, 2, 12); // scale 2.5
-        check(seed ^ 3, 1, 3, 2); // scale 1/3
-        check(seed ^ 4, 40, 1, 60); // scale 40
+        let rows = 1000;
+        let mut totals = Vec::new();
+        for _ in 0..40 {
+            let net = InMemoryNetwork::connect(&parties, std::time::Duration::from_secs(10));
+            let mut tasks = Vec::new();
+            for (i, t) in net.into_iter().enumerate() {
+                let mut e =
+                    AdditiveEngine::new(parties.clone(), parties[i].clone(), parties[0].clone());
+                e.noise = vec![Some(spec), None];
+                tasks.push(tokio::spawn(async move {
+                    let input = SharedTable::zeros(vec![], &[Width::Z64, Width::Z128], rows);
+                    e.sum_and_reveal(&t, &input).await.unwrap()
+                }));
+            }
+            let mut out = None;
+            for t in tasks {
+                if let Some(r) = t.await.unwrap() {
+                    out = Some(r);
+                }
+            }
+            let out = out.unwrap();
+            assert!(
+                out[1].iter().all(|&v| v == 0),
+                "the un-noised column stays exact"
+            );
+            totals.extend(out[0].iter().map(|&v| v as i64));
+        }
+        let table = convolve(&pmf_table(d, 400), 3);
+        assert_fits(
+            "engine total of 3 Laplace(2) draws",
+            &totals,
+            &lookup(&table),
+            10,
+        );
     }
 
     #[test]

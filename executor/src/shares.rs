@@ -104,6 +104,26 @@ pub struct SharedTable {
 }
 
 impl SharedTable {
+    /// Adds the signed integer `v` (mod the column's ring) to one entry.
+    pub fn add_value(&mut self, column: usize, row: usize, v: i128) {
+        match self.columns.get_mut(column) {
+            Some(ShareColumn::Z64(a)) => {
+                if let Some(x) = a.get_mut(row) {
+                    *x = x.wrapping_add(v as u64);
+                }
+            }
+            Some(ShareColumn::Z128 { lo, hi }) => {
+                if let (Some(l), Some(h)) = (lo.get_mut(row), hi.get_mut(row)) {
+                    let u = v as u128;
+                    let (nl, carry) = l.overflowing_add(u as u64);
+                    *l = nl;
+                    *h = h.wrapping_add((u >> 64) as u64).wrapping_add(carry as u64);
+                }
+            }
+            None => {}
+        }
+    }
+
     pub fn widths(&self) -> Vec<Width> {
         self.columns.iter().map(|c| c.width()).collect()
     }

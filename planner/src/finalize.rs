@@ -29,6 +29,11 @@ pub struct Revealed {
 /// The groups that exist: with GROUP BY, those with at least one row (as in
 /// SQL); without, the single group always.
 pub fn present_groups(plan: &FederatedPlan, revealed: &Revealed) -> Vec<usize> {
+    if plan.grouped && plan.privacy.is_some() {
+        // Every group of the public domain is released, noised: which
+        // groups are empty is itself private.
+        return (0..plan.groups.len()).collect();
+    }
     let rows = &revealed.totals[plan.row_count];
     if plan.grouped {
         (0..plan.groups.len())
@@ -45,7 +50,7 @@ pub fn revealed_batch(plan: &FederatedPlan, revealed: &Revealed) -> Result<Recor
     let agg_schema = aggregate_schema(&plan.logical)?;
     let mut columns: Vec<ArrayRef> = plan.groups.key_arrays_for(&groups);
     for a in &plan.aggregates {
-        columns.push(final_values(a, &groups, revealed)?);
+        columns.push(final_values(a, &groups, revealed, plan.privacy.is_some())?);
     }
     let fields: Vec<Field> = agg_schema
         .fields()
@@ -114,17 +119,147 @@ pub fn post_plan(plan: &FederatedPlan, batch: RecordBatch) -> Result<LogicalPlan
         .map_err(internal)
 }
 
+/// What an output column's noise is, for analysts: the distribution of
+/// the noise on the revealed totals behind it and, where it is the same for
+/// every row (COUNT, SUM), the half-width of the interval that holds the
+/// noise with 95% probability.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ColumnNoise {
+    pub column: String,
+    pub distribution: String,
+    /// ± this around the answer covers the true (clamped, bounded) value
+    /// with probability 95%, for every row.
+    pub ci95: Option<f64>,
+    pub note: String,
+}
+
+/// The noise behind each output column of a DP query (`None` for group
+/// columns); empty without DP.
+pub fn noise_report(plan: &FederatedPlan) -> Vec<Option<ColumnNoise>> {
+    if plan.privacy.is_none() {
+        return Vec::new();
+    }
+    let n = plan.parties.len();
+    let describe = |i: Option<usize>| {
+        let noise = plan.noise_of(i?)?;
+        Some((
+            format!(
+                "sum of {n} independent {} draws (one per party)",
+                noise.noise.describe_units(noise.scale)
+            ),
+            noise.half_width_value(),
+        ))
+    };
+    let schema = plan.logical.schema();
+    let exprs = output_exprs(&plan.logical);
+    (0..schema.fields().len())
+        .map(|col| {
+            let name = schema.field(col).name().clone();
+            let agg = match &exprs {
+                Some(exprs) => {
+                    let e = exprs.get(col)?;
+                    let inner = match e {
+                        Expr::Alias(a) => a.expr.as_ref(),
+                        other => other,
+                    };
+                    match inner {
+                        Expr::Column(c) => plan.aggregates.iter().find(|a| a.field.name() == &c.name),
+                        other => {
+                            let refs = other.column_refs();
+                            if plan.aggregates.iter().any(|a| refs.iter().any(|c| &c.name == a.field.name())) {
+                                return Some(ColumnNoise {
+                                    column: name,
+                                    distribution: "computed from noised aggregates".into(),
+                                    ci95: None,
+                                    note: "an expression over noised values; see the aggregates it uses".into(),
+                                });
+                            }
+                            None
+                        }
+                    }
+                }
+                None => col
+                    .checked_sub(plan.groups.columns.len())
+                    .and_then(|i| plan.aggregates.get(i)),
+            }?;
+            let (distribution, ci95, note) = match agg.kind {
+                AggKind::CountStar | AggKind::Count => {
+                    let (d, w) = describe(agg.count)?;
+                    (d, Some(w), "unbiased; may be negative for small groups".to_string())
+                }
+                AggKind::Sum => {
+                    let (d, w) = describe(agg.sum)?;
+                    (d, Some(w), "of the clamped values".to_string())
+                }
+                AggKind::Avg => {
+                    let (ds, ws) = describe(agg.sum)?;
+                    let (_, wc) = describe(agg.count)?;
+                    (
+                        format!("noised sum / noised count; the sum's noise: {ds}"),
+                        None,
+                        format!(
+                            "about ±({} + |avg|·{}) / count per row (95% each for sum and count); NULL where the noised count is ≤ 0",
+                            fmt_f(ws),
+                            fmt_f(wc)
+                        ),
+                    )
+                }
+                _ => (
+                    "computed from the noised count, sum and sum of squares".to_string(),
+                    None,
+                    "no closed-form interval; NULL where the noised count is too small".to_string(),
+                ),
+            };
+            Some(ColumnNoise {
+                column: name,
+                distribution,
+                ci95,
+                note,
+            })
+        })
+        .collect()
+}
+
+fn fmt_f(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// The expressions of the projection that gives the query's output (under
+/// any ORDER BY and LIMIT), or `None` if the Aggregate is the output.
+fn output_exprs(plan: &LogicalPlan) -> Option<Vec<Expr>> {
+    match plan {
+        LogicalPlan::Projection(p) => Some(p.expr.clone()),
+        LogicalPlan::Sort(s) => output_exprs(&s.input),
+        LogicalPlan::Limit(l) => output_exprs(&l.input),
+        _ => None,
+    }
+}
+
 fn pow10(n: u32) -> i128 {
     10i128.pow(n)
 }
 
+/// With `noised` totals, a SUM is never NULL (whether a group has values
+/// is private) and an AVG or variance is NULL where the noised count is too
+/// small to divide by.
 fn final_values(
     a: &AggregateOutput,
     groups: &[usize],
     r: &Revealed,
+    noised: bool,
 ) -> Result<ArrayRef, PlanError> {
-    let count = |g: usize| a.count.map(|i| r.totals[i][g]).unwrap_or(0);
-    let sum = |g: usize| a.sum.map(|i| r.totals[i][g]).unwrap_or(0);
+    let total = |i: usize, g: usize| r.totals.get(i).and_then(|t| t.get(g)).copied();
+    let count = |g: usize| match a.count.and_then(|i| total(i, g)) {
+        Some(c) => c,
+        // A noised SUM reveals no count: never NULL.
+        None if noised => 1,
+        None => 0,
+    };
+    let sum = |g: usize| a.sum.and_then(|i| total(i, g)).unwrap_or(0);
     let overflow = |what: &str| {
         PlanError::Invalid(format!(
             "{} of `{}` does not fit its result type {}: the exact total overflows; narrow the query",
@@ -202,7 +337,7 @@ fn final_values(
                 let mut b = Decimal128Builder::with_capacity(groups.len());
                 for &g in groups {
                     let n = count(g);
-                    if n == 0 {
+                    if n <= 0 {
                         b.append_null();
                         continue;
                     }
@@ -222,7 +357,7 @@ fn final_values(
                 let mut b = Float64Builder::with_capacity(groups.len());
                 for &g in groups {
                     let n = count(g);
-                    if n == 0 {
+                    if n <= 0 {
                         b.append_null();
                     } else {
                         b.append_value(sum(g) as f64 / pow10(a.scale) as f64 / n as f64);
@@ -240,7 +375,7 @@ fn final_values(
             let mut b = Float64Builder::with_capacity(groups.len());
             for &g in groups {
                 let n = count(g);
-                let v = variance(n, sum(g), r.totals[sq][g], a.scale, sample);
+                let v = variance(n, sum(g), total(sq, g).unwrap_or(0), a.scale, sample);
                 match v {
                     Some(v) => b.append_value(if root { v.sqrt() } else { v }),
                     None => b.append_null(),
@@ -254,7 +389,7 @@ fn final_values(
 /// Variance from n, S1 = Σx·10^s and S2 = Σx²·10^(2s), exact in integers
 /// up to the final division: (n·S2 − S1²) / (n·(n−1) or n²) / 10^(2s).
 pub fn variance(n: i128, s1: i128, s2: i128, scale: u32, sample: bool) -> Option<f64> {
-    if n == 0 || (sample && n == 1) {
+    if n <= 0 || (sample && n <= 1) {
         return None;
     }
     if n == 1 {

@@ -16,6 +16,7 @@ pub mod ast_check;
 pub mod catalog;
 pub mod finalize;
 pub mod plan;
+pub mod privacy;
 
 pub use catalog::{Catalog, ColumnDef, ColumnType, Domain, DomainValue, TableDef};
 pub use plan::{

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::catalog::{Catalog, ColumnType, DomainValue, TableDef, DEFAULT_FLOAT_SCALE, MAX_GROUPS};
+use crate::privacy::{Dec, DpParams, PartialNoise};
 use crate::PlanError;
 
 /// Options the querying analyst may set; part of the fingerprint.
@@ -110,7 +111,7 @@ pub struct Partial {
 }
 
 impl Partial {
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         let arg = self
             .arg
             .as_ref()
@@ -209,6 +210,10 @@ pub struct LocalPart {
     pub filter: Option<Expr>,
     pub group_columns: Vec<String>,
     pub partials: Vec<Partial>,
+    /// Differential privacy's contribution bound: keep at most this many
+    /// rows per value of the individual id column (after the filter; rows
+    /// without an id are dropped).
+    pub bound: Option<(String, u64)>,
 }
 
 impl LocalPart {
@@ -253,6 +258,9 @@ impl LocalPart {
         let mut s = format!("SELECT {} FROM {}", items.join(", "), self.table);
         if let Some(f) = &self.filter {
             let _ = write!(s, " WHERE {}", sql_of(f));
+        }
+        if let Some((id, k)) = &self.bound {
+            let _ = write!(s, " [at most {k} row(s) per {id}]");
         }
         if !self.group_columns.is_empty() {
             let _ = write!(s, " GROUP BY {}", self.group_columns.join(", "));
@@ -301,16 +309,151 @@ pub struct FederatedPlan {
     pub uses: ColumnUses,
     /// DataFusion's logical plan of the whole query.
     pub logical: LogicalPlan,
+    /// The federated table's schema (from the catalog).
+    pub input_schema: datafusion::arrow::datatypes::SchemaRef,
     pub catalog_digest: String,
     pub fingerprint: String,
+    /// The agreed differential-privacy parameters, if any party asked.
+    pub privacy: Option<DpParams>,
+    /// The noise each party adds to each revealed total (with `privacy`).
+    pub noise: Vec<PartialNoise>,
 }
 
 impl FederatedPlan {
-    /// Indices of the partials that are secret-shared and revealed.
+    /// Indices of the partials that are secret-shared and revealed. With
+    /// differential privacy, only those the aggregates need (every revealed
+    /// total costs a share of ε): the row count only for COUNT(*), and a
+    /// SUM's count not at all.
     pub fn shared_partials(&self) -> Vec<usize> {
+        if self.privacy.is_some() {
+            return self.shared_partials_under_dp();
+        }
         (0..self.local.partials.len())
             .filter(|&i| self.local.partials[i].kind.is_shared())
             .collect()
+    }
+
+    /// The plan under the agreed differential-privacy parameters: aggregated
+    /// columns clamped, each individual's rows bounded, the noise of every
+    /// revealed total calibrated, and a new fingerprint.
+    pub fn with_privacy(mut self, params: DpParams) -> Result<FederatedPlan, PlanError> {
+        let table = self.table.clone();
+        let refuse =
+            |what: String, hint: String| PlanError::not_permitted(what, "the SELECT list", hint);
+        let mut sensitivities = Vec::new();
+        let k = params.max_rows as u128;
+        for p in self.local.partials.iter_mut() {
+            if !matches!(
+                p.kind,
+                PartialKind::Sum | PartialKind::SumSquares | PartialKind::LocalMaxAbs
+            ) {
+                continue;
+            }
+            let Some(Expr::Column(c)) = &p.arg else {
+                return Err(refuse(
+                    format!("aggregating the expression {} under differential privacy", p.arg.as_ref().map(|a| a.to_string()).unwrap_or_default()),
+                    "aggregate a plain column: its clamp range is what bounds one individual's influence".into(),
+                ));
+            };
+            let name = c.name.clone();
+            let Some(clamp) = params.clamps.get(&name) else {
+                return Err(refuse(
+                    format!("SUM/AVG/VAR/STDDEV of {name} under differential privacy"),
+                    format!("no party's policy gives a clamp range for {table}.{name}; add `clamp = [LO, HI]` to its column policy"),
+                ));
+            };
+            let (lo, hi) = clamp.bounds().map_err(PlanError::Invalid)?;
+            let units = |d: crate::privacy::Dec| {
+                d.units(p.scale).ok_or_else(|| {
+                    PlanError::Invalid(format!(
+                        "the clamp bound {} of {name} has more decimal digits than the column's scale {}",
+                        if d == lo { &clamp.lo } else { &clamp.hi },
+                        p.scale
+                    ))
+                })
+            };
+            let c_max = units(lo)?.unsigned_abs().max(units(hi)?.unsigned_abs());
+            let ty = self
+                .input_schema
+                .field_with_name(&name)
+                .map(|f| f.data_type().clone())
+                .ok();
+            p.arg = Some(clamp_expr(
+                p.arg
+                    .take()
+                    .unwrap_or_else(|| Expr::Column(Column::new_unqualified(&name))),
+                lo,
+                hi,
+                &name,
+                ty,
+            )?);
+            let sens = match p.kind {
+                PartialKind::Sum => k.checked_mul(c_max),
+                PartialKind::SumSquares => c_max.checked_mul(c_max).and_then(|v| v.checked_mul(k)),
+                _ => continue,
+            };
+            sensitivities.push((p.kind, name, sens));
+        }
+        let shared = self.shared_partials_under_dp();
+        let mut totals = Vec::new();
+        for i in shared {
+            let p = &self.local.partials[i];
+            let sens = match p.kind {
+                PartialKind::RowCount | PartialKind::Count => Some(k),
+                PartialKind::Sum | PartialKind::SumSquares => {
+                    let name = match &p.arg {
+                        Some(e) => e.column_refs().iter().next().map(|c| c.name.clone()),
+                        None => None,
+                    };
+                    sensitivities
+                        .iter()
+                        .find(|(kind, n, _)| *kind == p.kind && Some(n) == name.as_ref())
+                        .and_then(|(_, _, s)| *s)
+                }
+                PartialKind::LocalMaxAbs => continue,
+            };
+            let sens = sens.ok_or_else(|| {
+                PlanError::Invalid(
+                    "the sensitivity of a total overflows; narrow the clamp ranges".into(),
+                )
+            })?;
+            let scale = if p.kind == PartialKind::SumSquares {
+                2 * p.scale
+            } else {
+                p.scale
+            };
+            totals.push((i, sens, scale));
+        }
+        if let Some(id) = &params.individual_id {
+            if self.input_schema.field_with_name(id).is_err() {
+                return Err(PlanError::Invalid(format!(
+                    "the individual id column {id} is not a column of {table}"
+                )));
+            }
+            self.local.bound = Some((id.clone(), params.max_rows));
+        }
+        self.noise = crate::privacy::calibrate(&params, &totals, self.parties.len())
+            .map_err(PlanError::Invalid)?;
+        self.privacy = Some(params);
+        self.fingerprint = fingerprint(&self);
+        Ok(self)
+    }
+
+    fn shared_partials_under_dp(&self) -> Vec<usize> {
+        let mut used = BTreeSet::new();
+        for a in &self.aggregates {
+            if a.kind != AggKind::Sum {
+                used.extend(a.count);
+            }
+            used.extend(a.sum);
+            used.extend(a.sum_squares);
+        }
+        used.into_iter().collect()
+    }
+
+    /// The noise of partial `i`, if it is noised.
+    pub fn noise_of(&self, i: usize) -> Option<&PartialNoise> {
+        self.noise.iter().find(|n| n.partial == i)
     }
 
     /// The disclosure manifest and plan, for EXPLAIN.
@@ -357,11 +500,32 @@ impl FederatedPlan {
              Arrow batch of UInt64."
         );
         let _ = writeln!(s, "3. Reveal: the per-group totals of the partials above, to {leader} (the querying gateway) only.");
-        let _ = writeln!(
-            s,
-            "   {leader} learns each group's total row count (even if not selected) and the totals listed; \
-             no party learns another party's partials."
-        );
+        if self.privacy.is_some() {
+            let _ = writeln!(
+                s,
+                "   {leader} learns only the noised totals listed, for every group of the domain; \
+                 no party learns another party's partials or the noise."
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "   {leader} learns each group's total row count (even if not selected) and the totals listed; \
+                 no party learns another party's partials."
+            );
+        }
+        if let Some(params) = &self.privacy {
+            let names: Vec<String> = self
+                .noise
+                .iter()
+                .map(|n| self.local.partials[n.partial].describe())
+                .collect();
+            s.push_str(&crate::privacy::explain(
+                params,
+                &self.noise,
+                &names,
+                self.parties.len(),
+            ));
+        }
         let _ = writeln!(s, "4. Post part at {leader}, on revealed values only:");
         for line in post_lines(&self.logical) {
             let _ = writeln!(s, "     {line}");
@@ -634,6 +798,7 @@ pub async fn plan_query(
         filter,
         group_columns,
         partials,
+        bound: None,
     };
     let grouped = !agg.group_expr.is_empty();
     let catalog_digest = catalog.digest();
@@ -649,11 +814,62 @@ pub async fn plan_query(
         row_count: 0,
         uses,
         logical: logical.clone(),
+        input_schema: table.schema(),
         catalog_digest,
         fingerprint: String::new(),
+        privacy: None,
+        noise: Vec::new(),
     };
     plan.fingerprint = fingerprint(&plan);
     Ok(plan)
+}
+
+/// `CASE WHEN x < lo THEN lo WHEN x > hi THEN hi ELSE x END`, with the
+/// bounds as literals of the column's own type (NULL stays NULL).
+fn clamp_expr(
+    x: Expr,
+    lo: Dec,
+    hi: Dec,
+    name: &str,
+    ty: Option<DataType>,
+) -> Result<Expr, PlanError> {
+    use datafusion::common::ScalarValue;
+    let lit = |d: Dec| -> Result<Expr, PlanError> {
+        let v = match &ty {
+            Some(DataType::Int64) => ScalarValue::Int64(Some(
+                d.units(0)
+                    .and_then(|v| i64::try_from(v).ok())
+                    .ok_or_else(|| {
+                        PlanError::Invalid(format!(
+                            "the clamp bounds of the integer column {name} must be integers"
+                        ))
+                    })?,
+            )),
+            Some(DataType::Decimal128(p, s)) => ScalarValue::Decimal128(
+                Some(d.units(*s as u32).ok_or_else(|| {
+                    PlanError::Invalid(format!(
+                        "a clamp bound of {name} has more decimal digits than its scale {s}"
+                    ))
+                })?),
+                *p,
+                *s,
+            ),
+            Some(DataType::Float64) => {
+                ScalarValue::Float64(Some(d.mantissa as f64 / 10f64.powi(d.scale as i32)))
+            }
+            other => {
+                return Err(PlanError::Invalid(format!(
+                    "column {name} of type {other:?} cannot be clamped; aggregate a numeric column"
+                )))
+            }
+        };
+        Ok(Expr::Literal(v, None))
+    };
+    let (lo, hi) = (lit(lo)?, lit(hi)?);
+    datafusion::logical_expr::when(x.clone().lt(lo.clone()), lo)
+        .when(x.clone().gt(hi.clone()), hi)
+        .otherwise(x)
+        .map_err(|e| PlanError::Internal(e.to_string()))
 }
 
 /// Bits of the largest magnitude a value of `ty` can have at its encoding
@@ -795,6 +1011,16 @@ fn fingerprint(plan: &FederatedPlan) -> String {
             a.field.name(),
             a.field.data_type()
         );
+    }
+    if let Some(p) = &plan.privacy {
+        let _ = writeln!(
+            s,
+            "privacy {}",
+            serde_json::to_string(p).unwrap_or_default()
+        );
+        for n in &plan.noise {
+            let _ = writeln!(s, "noise {} {} {:?}", n.partial, n.sensitivity, n.noise);
+        }
     }
     hex::encode(Sha256::digest(s.as_bytes()))
 }
