@@ -62,6 +62,22 @@ pub fn apply_local_part(
         Some(f) => df.filter(f)?,
         None => df,
     };
+    // Differential privacy's contribution bound: at most k rows per
+    // individual (any k of theirs), and none without an id.
+    let df = match &part.bound {
+        Some((id, k)) => {
+            use datafusion::logical_expr::{col, lit, ExprFunctionExt};
+            let id = Expr::Column(Column::new_unqualified(id.clone()));
+            let rn = datafusion::functions_window::expr_fn::row_number()
+                .partition_by(vec![id.clone()])
+                .build()?
+                .alias("__council_rn");
+            df.filter(id.is_not_null())?
+                .window(vec![rn])?
+                .filter(col("__council_rn").lt_eq(lit(*k)))?
+        }
+        None => df,
+    };
     let groups: Vec<Expr> = part
         .group_columns
         .iter()

@@ -254,6 +254,14 @@ pub fn plan_source(
     if !aggregate {
         reasons.push("pushdown of the aggregates is turned off for this source".into());
     }
+    let aggregate = aggregate && {
+        if let Some((id, k)) = &part.bound {
+            reasons.push(format!(
+                "differential privacy keeps at most {k} row(s) per {id}, which the gateway enforces"
+            ));
+        }
+        part.bound.is_none()
+    };
     if kept.is_empty() && aggregate {
         match pushdown(dialect, table, part, input, output) {
             Ok((select, columns)) => match where_clause(&pushed) {
@@ -295,6 +303,9 @@ pub fn plan_source(
         if let Some(a) = &p.arg {
             note(a);
         }
+    }
+    if let Some((id, _)) = &part.bound {
+        note(&Expr::Column(datafusion::common::Column::new_unqualified(id.clone())));
     }
     let (select, columns) = select_columns(dialect, table, Some(&used));
     let (w, kept) = match where_clause(&pushed) {

@@ -7,7 +7,9 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod ledger;
 pub mod policy;
 
 pub use audit::{AuditEntry, AuditLog};
-pub use policy::{Analyst, Decision, Policy};
+pub use ledger::{Ledger, LedgerError};
+pub use policy::{Analyst, Budget, Decision, Policy, PrivacyPolicy};

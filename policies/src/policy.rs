@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use planner::privacy::{Clamp, Dec, Mechanism, Requirement, MICRO};
 use planner::{Catalog, FederatedPlan};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
@@ -41,6 +42,35 @@ struct RawPolicy {
     results: RawResults,
     #[serde(default)]
     tables: BTreeMap<String, Spanned<RawTable>>,
+    privacy: Option<Spanned<RawPrivacy>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrivacy {
+    mechanism: Spanned<String>,
+    epsilon_per_query: Spanned<f64>,
+    delta_per_query: Option<Spanned<f64>>,
+    colluders: Option<Spanned<toml::Value>>,
+    budget: Option<Spanned<RawBudget>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    epsilon: f64,
+    delta: Option<f64>,
+    period_days: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTablePrivacy {
+    /// Analysts it applies to (`PARTY:NAME`, `PARTY:*`, `role:ROLE`, `*`);
+    /// all of them if absent.
+    analysts: Option<Vec<Spanned<String>>>,
+    individual_id: Option<Spanned<String>>,
+    max_rows_per_individual: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -64,6 +94,7 @@ struct RawTable {
     count_star: bool,
     #[serde(default)]
     columns: BTreeMap<String, Spanned<RawColumn>>,
+    privacy: Option<Spanned<RawTablePrivacy>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -75,6 +106,7 @@ struct RawColumn {
     filter: bool,
     #[serde(default)]
     aggregate: Vec<Spanned<String>>,
+    clamp: Option<Spanned<Vec<toml::Value>>>,
 }
 
 /// One party's policy, validated.
@@ -84,12 +116,44 @@ pub struct Policy {
     pub allow: Vec<String>,
     pub min_group_size: u64,
     pub tables: BTreeMap<String, TablePolicy>,
+    /// The party's differential-privacy settings (mechanism, ε and δ per
+    /// query, the budget), used by every table that requires DP.
+    pub privacy: Option<PrivacyPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrivacyPolicy {
+    pub mechanism: Mechanism,
+    pub epsilon_micro: u64,
+    pub delta: f64,
+    /// Colluding parties to calibrate against; `None`: all but one.
+    pub colluders: Option<u32>,
+    pub budget: Budget,
+}
+
+/// What one analyst may spend per period, at this party.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    pub epsilon_micro: u64,
+    pub delta: f64,
+    pub period_days: u32,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct TablePolicy {
     pub count_star: bool,
     pub columns: BTreeMap<String, ColumnPolicy>,
+    /// Differential privacy is required for this table (for the analysts
+    /// listed, or all).
+    pub privacy: Option<TablePrivacy>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TablePrivacy {
+    /// Empty: every analyst.
+    pub analysts: Vec<String>,
+    pub individual_id: Option<String>,
+    pub max_rows: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -97,6 +161,39 @@ pub struct ColumnPolicy {
     pub group_by: bool,
     pub filter: bool,
     pub aggregate: Vec<String>,
+    /// The range values are clamped into under DP.
+    pub clamp: Option<Clamp>,
+}
+
+/// Whether an `analysts.allow`-style pattern names `a`.
+fn pattern_matches(pattern: &str, a: &Analyst) -> bool {
+    match pattern.split_once(':') {
+        _ if pattern == "*" => true,
+        Some(("role", r)) => a.roles.iter().any(|x| x == r),
+        Some((p, "*")) => p == a.party,
+        Some((p, n)) => p == a.party && n == a.name,
+        None => false,
+    }
+}
+
+fn valid_pattern(v: &str) -> bool {
+    match v.split_once(':') {
+        Some(("role", r)) => !r.is_empty() && r != "*",
+        Some((p, n)) => !p.is_empty() && !n.is_empty(),
+        None => false,
+    }
+}
+
+/// A TOML number or string as exact decimal text.
+fn clamp_bound(v: &toml::Value) -> Result<String, String> {
+    let t = match v {
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) if f.is_finite() => f.to_string(),
+        toml::Value::String(s) => s.clone(),
+        other => return Err(format!("`{other}` is not a number")),
+    };
+    Dec::parse(&t)?;
+    Ok(t)
 }
 
 /// A problem in a policy file, with its line.
@@ -143,12 +240,7 @@ impl Policy {
         };
         for a in &raw.analysts.allow {
             let v = a.get_ref();
-            let ok = match v.split_once(':') {
-                Some(("role", r)) => !r.is_empty() && r != "*",
-                Some((p, n)) => !p.is_empty() && !n.is_empty(),
-                None => false,
-            };
-            if !ok {
+            if !valid_pattern(v) {
                 problem(
                     a.span().start,
                     format!(
@@ -168,6 +260,99 @@ impl Policy {
                 );
             }
         }
+        let privacy = match &raw.privacy {
+            None => None,
+            Some(rp) => {
+                let at = rp.span().start;
+                let rp = rp.get_ref();
+                let mechanism = match rp.mechanism.get_ref().as_str() {
+                    "laplace" => Some(Mechanism::Laplace),
+                    "gaussian" => Some(Mechanism::Gaussian),
+                    other => {
+                        problem(
+                            rp.mechanism.span().start,
+                            format!("privacy.mechanism `{other}` is unknown; use \"laplace\" (pure ε-DP) or \"gaussian\" ((ε, δ)-DP)"),
+                        );
+                        None
+                    }
+                };
+                let eps = *rp.epsilon_per_query.get_ref();
+                let epsilon_micro = (eps * MICRO as f64).floor();
+                if !(eps.is_finite() && epsilon_micro >= 1.0 && eps <= 1000.0) {
+                    problem(
+                        rp.epsilon_per_query.span().start,
+                        format!("privacy.epsilon_per_query = {eps} must be between 0.000001 and 1000"),
+                    );
+                }
+                let delta = rp.delta_per_query.as_ref().map(|d| (*d.get_ref(), d.span().start));
+                match (mechanism, delta) {
+                    (Some(Mechanism::Gaussian), None) => problem(
+                        at,
+                        "privacy.mechanism = \"gaussian\" needs delta_per_query (e.g. 1e-6)".into(),
+                    ),
+                    (Some(Mechanism::Gaussian), Some((d, pos))) if !(d > 0.0 && d < 1.0) => {
+                        problem(pos, format!("privacy.delta_per_query = {d} must be between 0 and 1"))
+                    }
+                    (Some(Mechanism::Laplace), Some((_, pos))) => problem(
+                        pos,
+                        "privacy.delta_per_query does not apply to the laplace mechanism (pure ε-DP); remove it".into(),
+                    ),
+                    _ => {}
+                }
+                let colluders = match rp.colluders.as_ref().map(|c| (c.get_ref(), c.span().start)) {
+                    None => None,
+                    Some((toml::Value::String(s), _)) if s == "all_but_one" => None,
+                    Some((toml::Value::Integer(i), _)) if *i >= 1 && *i <= 1000 => Some(*i as u32),
+                    Some((other, pos)) => {
+                        problem(
+                            pos,
+                            format!("privacy.colluders = {other} must be \"all_but_one\" or a number of parties (at least 1)"),
+                        );
+                        None
+                    }
+                };
+                let budget = match &rp.budget {
+                    None => {
+                        problem(
+                            at,
+                            "privacy.budget is missing: a per-query ε alone does not bound what an analyst learns \
+                             over time; add budget = { epsilon = 10, period_days = 30 } (and delta for gaussian)"
+                                .into(),
+                        );
+                        None
+                    }
+                    Some(b) => {
+                        let pos = b.span().start;
+                        let b = b.get_ref();
+                        if !(b.epsilon.is_finite() && b.epsilon > 0.0 && b.epsilon <= 1e6) {
+                            problem(pos, format!("privacy.budget.epsilon = {} must be positive", b.epsilon));
+                        }
+                        if b.period_days == 0 {
+                            problem(pos, "privacy.budget.period_days must be at least 1".into());
+                        }
+                        let bd = b.delta.unwrap_or(0.0);
+                        if mechanism == Some(Mechanism::Gaussian) && !(bd > 0.0 && bd < 1.0) {
+                            problem(pos, "privacy.budget.delta (between 0 and 1) is needed for the gaussian mechanism".into());
+                        }
+                        Some(Budget {
+                            epsilon_micro: (b.epsilon * MICRO as f64).floor() as u64,
+                            delta: bd,
+                            period_days: b.period_days,
+                        })
+                    }
+                };
+                match (mechanism, budget) {
+                    (Some(mechanism), Some(budget)) => Some(PrivacyPolicy {
+                        mechanism,
+                        epsilon_micro: epsilon_micro as u64,
+                        delta: delta.map(|d| d.0).unwrap_or(0.0),
+                        colluders,
+                        budget,
+                    }),
+                    _ => None,
+                }
+            }
+        };
         let mut tables = BTreeMap::new();
         for (tname, rt) in &raw.tables {
             let tdef = catalog.map(|c| c.table(tname));
@@ -181,6 +366,50 @@ impl Policy {
                 count_star: rt.get_ref().count_star,
                 ..Default::default()
             };
+            if let Some(rp) = &rt.get_ref().privacy {
+                let at = rp.span().start;
+                let rp = rp.get_ref();
+                if raw.privacy.is_none() {
+                    problem(
+                        at,
+                        format!("tables.{tname}.privacy requires differential privacy, but the policy has no [privacy] section (mechanism, epsilon_per_query, budget)"),
+                    );
+                }
+                let mut analysts = Vec::new();
+                for a in rp.analysts.iter().flatten() {
+                    if a.get_ref() != "*" && !valid_pattern(a.get_ref()) {
+                        problem(
+                            a.span().start,
+                            format!("tables.{tname}.privacy.analysts entry `{}` must be `*`, `PARTY:NAME`, `PARTY:*` or `role:ROLE`", a.get_ref()),
+                        );
+                    }
+                    analysts.push(a.get_ref().clone());
+                }
+                let individual_id = rp.individual_id.as_ref().map(|i| {
+                    if let Some(Some(t)) = tdef {
+                        if t.column(i.get_ref()).is_none() {
+                            problem(
+                                i.span().start,
+                                format!("tables.{tname}.privacy.individual_id `{}` is not a column of the catalog's {tname}", i.get_ref()),
+                            );
+                        }
+                    }
+                    i.get_ref().clone()
+                });
+                let max_rows = match &rp.max_rows_per_individual {
+                    Some(m) if *m.get_ref() == 0 => {
+                        problem(m.span().start, "max_rows_per_individual must be at least 1".into());
+                        1
+                    }
+                    Some(m) => *m.get_ref(),
+                    None => 1,
+                };
+                tp.privacy = Some(TablePrivacy {
+                    analysts,
+                    individual_id,
+                    max_rows,
+                });
+            }
             for (cname, rc) in &rt.get_ref().columns {
                 if let Some(Some(t)) = tdef {
                     match t.column(cname) {
@@ -212,12 +441,43 @@ impl Policy {
                     }
                 }
                 let c = rc.get_ref();
+                let clamp = c.clamp.as_ref().and_then(|cl| {
+                    let bounds: Result<Vec<String>, String> =
+                        cl.get_ref().iter().map(clamp_bound).collect();
+                    let fail = |m: String| {
+                        format!("tables.{tname}.columns.{cname}.clamp: {m}; write clamp = [LO, HI]")
+                    };
+                    match bounds {
+                        Ok(b) if b.len() == 2 => {
+                            let c = Clamp {
+                                lo: b[0].clone(),
+                                hi: b[1].clone(),
+                            };
+                            match c.bounds() {
+                                Ok(_) => Some(c),
+                                Err(e) => {
+                                    problem(cl.span().start, fail(e));
+                                    None
+                                }
+                            }
+                        }
+                        Ok(b) => {
+                            problem(cl.span().start, fail(format!("{} values given, 2 needed", b.len())));
+                            None
+                        }
+                        Err(e) => {
+                            problem(cl.span().start, fail(e));
+                            None
+                        }
+                    }
+                });
                 tp.columns.insert(
                     cname.clone(),
                     ColumnPolicy {
                         group_by: c.group_by,
                         filter: c.filter,
                         aggregate: aggs,
+                        clamp,
                     },
                 );
             }
@@ -240,17 +500,45 @@ impl Policy {
                 .map(|m| m.into_inner())
                 .unwrap_or(0),
             tables,
+            privacy,
+        })
+    }
+
+    /// What this party demands of `plan` for `analyst` under differential
+    /// privacy, or `None` if its policy does not require DP for them.
+    pub fn requirement(&self, plan: &FederatedPlan, analyst: &Analyst) -> Option<Requirement> {
+        let pp = self.privacy.as_ref()?;
+        let tp = self.tables.get(&plan.table)?;
+        let tprivacy = tp.privacy.as_ref()?;
+        if !tprivacy.analysts.is_empty()
+            && !tprivacy.analysts.iter().any(|p| pattern_matches(p, analyst))
+        {
+            return None;
+        }
+        let clamps = plan
+            .uses
+            .aggregate
+            .keys()
+            .filter_map(|c| Some((c.clone(), tp.columns.get(c)?.clamp.clone()?)))
+            .collect();
+        Some(Requirement {
+            party: self.party.clone().unwrap_or_default(),
+            mechanism: pp.mechanism,
+            epsilon_micro: pp.epsilon_micro,
+            delta: pp.delta,
+            colluders: pp.colluders,
+            clamps,
+            individual_id: tprivacy.individual_id.clone(),
+            max_rows: tprivacy.max_rows,
         })
     }
 
     /// Whether `analysts.allow` admits `analyst` at all.
     pub fn admits(&self, analyst: &Analyst) -> bool {
-        self.allow.iter().any(|a| match a.split_once(':') {
-            Some(("role", r)) => analyst.roles.iter().any(|x| x == r),
-            Some((p, "*")) => p == analyst.party,
-            Some((p, n)) => p == analyst.party && n == analyst.name,
-            None => false,
-        })
+        self.allow
+            .iter()
+            .filter(|a| a.as_str() != "*")
+            .any(|a| pattern_matches(a, analyst))
     }
 
     /// The columns of `table` that `analyst` may use in some way, or None
@@ -311,6 +599,20 @@ impl Policy {
                     return deny(
                         format!("tables.{t}.columns.{c}"),
                         format!("column {c} may not be aggregated with {}", f.to_uppercase()),
+                    );
+                }
+            }
+        }
+        if self.requirement(plan, analyst).is_some() {
+            for (c, funcs) in &plan.uses.aggregate {
+                let needs_clamp = funcs.iter().any(|f| *f != "count");
+                if needs_clamp && col(c).and_then(|p| p.clamp.as_ref()).is_none() {
+                    return deny(
+                        format!("tables.{t}.columns.{c}.clamp"),
+                        format!(
+                            "this party requires differential privacy for {t}, and column {c} has no clamp range \
+                             to bound one individual's influence on its sums"
+                        ),
                     );
                 }
             }
