@@ -305,7 +305,9 @@ pub fn plan_source(
         }
     }
     if let Some((id, _)) = &part.bound {
-        note(&Expr::Column(datafusion::common::Column::new_unqualified(id.clone())));
+        note(&Expr::Column(datafusion::common::Column::new_unqualified(
+            id.clone(),
+        )));
     }
     let (select, columns) = select_columns(dialect, table, Some(&used));
     let (w, kept) = match where_clause(&pushed) {

@@ -23,6 +23,9 @@ struct RawConfig {
     catalog: PathBuf,
     policy: PathBuf,
     audit_log: PathBuf,
+    /// The privacy-budget ledger (SQLite); next to the audit log if absent.
+    #[serde(default)]
+    budget_ledger: Option<PathBuf>,
     #[serde(default = "default_timeout_ms")]
     peer_timeout_ms: u64,
     #[serde(default)]
@@ -182,6 +185,8 @@ pub struct GatewayConfig {
     pub analysts: Vec<AnalystCredential>,
     pub tls: TlsMaterial,
     pub audit_log: PathBuf,
+    /// The privacy-budget ledger (SQLite), opened when the policy uses DP.
+    pub budget_ledger: PathBuf,
     pub peer_timeout: Duration,
     /// DataFusion's target partitions for the local part (None: the number
     /// of cores). Lower it where the gateway shares its machine.
@@ -200,6 +205,14 @@ pub enum Fault {
     /// Take part until the shares are due, then fall silent (as a crashed
     /// process would): send no shares and no abort.
     SilentBeforeShares,
+}
+
+/// `budget.sqlite` in the audit log's folder.
+pub fn default_ledger(audit_log: &Path) -> PathBuf {
+    audit_log
+        .parent()
+        .map(|d| d.join("budget.sqlite"))
+        .unwrap_or_else(|| PathBuf::from("budget.sqlite"))
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -380,6 +393,10 @@ impl GatewayConfig {
             db_tables,
             analysts: raw.analysts,
             tls,
+            budget_ledger: match &raw.budget_ledger {
+                Some(p) => resolve(base, p),
+                None => default_ledger(&resolve(base, &raw.audit_log)),
+            },
             audit_log: resolve(base, &raw.audit_log),
             peer_timeout: Duration::from_millis(raw.peer_timeout_ms.max(1)),
             local_partitions: match raw.local_partitions {

@@ -200,6 +200,9 @@ impl LocalFederation {
                 analysts,
                 tls: TlsMaterial::from_pem(&fed.ca_cert, cert, key)?,
                 audit_log: work_dir.join("audit").join(format!("{}.log", party.id)),
+                budget_ledger: work_dir
+                    .join("audit")
+                    .join(format!("{}-budget.sqlite", party.id)),
                 peer_timeout: spec.peer_timeout,
                 local_partitions: None,
                 pg_listen: None,

@@ -209,7 +209,16 @@ impl FlightSqlFrontDoor {
             return Ok((schema, vec![batch]));
         }
         let answer = self.gw.run_query(analyst, sql, &Default::default()).await?;
-        Ok((answer.schema, answer.batches))
+        crate::dp::annotate(
+            answer.schema,
+            answer.batches,
+            answer.privacy.as_deref(),
+            &answer.noise,
+        )
+        .map_err(|e| QueryFailure {
+            kind: crate::gateway::FailureKind::Internal,
+            message: e.to_string(),
+        })
     }
 
     /// A metadata answer: schema up front, the command itself as the ticket.

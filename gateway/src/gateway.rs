@@ -18,12 +18,13 @@ use executor::encode::{dense_partials, sum_cannot_wrap, to_ring};
 use executor::transport::Mailbox;
 use executor::{AdditiveEngine, GroupIndex, SecureSum, SharedTable, Width};
 use planner::finalize::{post_plan, revealed_batch, Revealed};
+use planner::privacy::{DpParams, Noise, Requirement};
 use planner::{plan_query, Catalog, FederatedPlan, PartialKind, QueryOptions};
-use policies::{Analyst, AuditEntry, AuditLog, Decision, Policy};
+use policies::{Analyst, AuditEntry, AuditLog, Decision, Ledger, Policy};
 use sha2::{Digest, Sha256};
 
 use crate::config::{verify_password, AnalystCredential, Fault, GatewayConfig};
-use crate::peer::{PeerClients, Propose, QueryRef, QueryTransport, Verdict};
+use crate::peer::{PeerClients, Propose, QueryRef, QueryTransport, Start, Verdict};
 
 /// Sessions not started within this time are dropped.
 const SESSION_TTL: Duration = Duration::from_secs(600);
@@ -69,11 +70,24 @@ pub struct QueryAnswer {
     pub schema: arrow::datatypes::SchemaRef,
     pub batches: Vec<RecordBatch>,
     pub fingerprint: String,
+    /// Differential privacy: the noise behind each output column (empty
+    /// without DP; `None` for group columns).
+    pub noise: Vec<Option<planner::finalize::ColumnNoise>>,
+    /// Differential privacy: the one-line summary (mechanism, ε, δ).
+    pub privacy: Option<String>,
 }
 
 /// One query at one party, between `propose` and its end.
 struct Session {
-    plan: Arc<FederatedPlan>,
+    /// The agreed plan; replaced once, at `start`, by its DP version.
+    plan: Mutex<Arc<FederatedPlan>>,
+    /// What this party's own policy demands under DP, decided at `propose`.
+    requirement: Option<Requirement>,
+    /// This party charged its budget ledger for the query.
+    charged: AtomicBool,
+    /// Set by the engine once this party's part can lead to a reveal; a
+    /// charge is refunded only if it never was.
+    reveal_point: Arc<AtomicBool>,
     leader: String,
     analyst: Analyst,
     query_id: String,
@@ -88,6 +102,14 @@ struct Session {
 }
 
 impl Session {
+    fn plan(&self) -> Arc<FederatedPlan> {
+        self.plan.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_plan(&self, plan: FederatedPlan) {
+        *self.plan.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(plan);
+    }
+
     fn new(
         plan: FederatedPlan,
         leader: &str,
@@ -97,7 +119,10 @@ impl Session {
         phases: Phases,
     ) -> Self {
         Session {
-            plan: Arc::new(plan),
+            plan: Mutex::new(Arc::new(plan)),
+            requirement: None,
+            charged: AtomicBool::new(false),
+            reveal_point: Arc::new(AtomicBool::new(false)),
             leader: leader.to_string(),
             analyst: analyst.clone(),
             query_id: query_id.to_string(),
@@ -171,6 +196,8 @@ pub struct Gateway {
     policy: Policy,
     source: Arc<dyn LocalSource>,
     audit: AuditLog,
+    /// The privacy-budget ledger, when the policy uses DP.
+    ledger: Option<Arc<Ledger>>,
     analysts: Vec<AnalystCredential>,
     auth_cache: Mutex<HashMap<String, [u8; 32]>>,
     pub(crate) clients: Arc<PeerClients>,
@@ -189,6 +216,12 @@ impl Gateway {
         }
         let audit = AuditLog::open(&cfg.audit_log)
             .map_err(|e| anyhow::anyhow!("audit log {}: {e}", cfg.audit_log.display()))?;
+        let ledger = match &cfg.policy.privacy {
+            Some(_) => Some(Arc::new(
+                Ledger::open(&cfg.budget_ledger).map_err(|e| anyhow::anyhow!("{e}"))?,
+            )),
+            None => None,
+        };
         let clients =
             PeerClients::new(&cfg.peers, cfg.tls.peer_client_config()?, cfg.peer_timeout)?;
         let mut parties: Vec<String> = cfg.peers.keys().cloned().collect();
@@ -202,6 +235,7 @@ impl Gateway {
             policy: cfg.policy.clone(),
             source: Arc::new(source),
             audit,
+            ledger,
             analysts: cfg.analysts.clone(),
             auth_cache: Mutex::new(HashMap::new()),
             clients: Arc::new(clients),
@@ -399,15 +433,19 @@ impl Gateway {
         };
         entry.fingerprint = Some(plan.fingerprint.clone());
         phases.span("plan", t);
-        match self.policy.check(&plan, &p.analyst) {
-            Decision::Deny { rule, reason } => {
+        let decision = match self.policy.check(&plan, &p.analyst) {
+            Decision::Allow => self.own_requirement(&plan, &p.analyst),
+            Decision::Deny { rule, reason } => Err((rule, reason)),
+        };
+        match decision {
+            Err((rule, reason)) => {
                 entry.decision = "deny".into();
                 entry.rule = Some(rule.clone());
                 entry.outcome = Some(reason.clone());
                 self.audit(entry);
                 Verdict::Deny { rule, reason }
             }
-            Decision::Allow => {
+            Ok(requirement) => {
                 entry.decision = "allow".into();
                 if p.explain_only {
                     entry.event = "explain".into();
@@ -422,14 +460,16 @@ impl Gateway {
                             message: format!("query id {} is already in use", p.query_id),
                         };
                     }
-                    let session = Arc::new(Session::new(
+                    let mut session = Session::new(
                         plan.clone(),
                         from,
                         &p.analyst,
                         &p.query_id,
                         self.timeout,
                         phases,
-                    ));
+                    );
+                    session.requirement = requirement.clone();
+                    let session = Arc::new(session);
                     sessions.insert(key, session.clone());
                     drop(sessions);
                     self.prepare(&session);
@@ -443,13 +483,21 @@ impl Gateway {
                 Verdict::Allow {
                     fingerprint: plan.fingerprint,
                     source,
+                    privacy: requirement,
                 }
             }
         }
     }
 
     /// `start` from the leader: run our part in the background.
-    pub fn on_start(self: &Arc<Self>, from: &str, query_id: &str) -> Result<(), String> {
+    ///
+    /// With differential privacy, `start` carries the parameters the leader
+    /// merged from every party's requirement: this party checks them
+    /// against its own, derives the DP plan itself (the fingerprint must
+    /// match the leader's) and charges its budget before anything of the
+    /// query can leave it.
+    pub fn on_start(self: &Arc<Self>, from: &str, start: Start) -> Result<(), String> {
+        let query_id = &start.query_id;
         let s = self
             .sessions()
             .get(&(from.to_string(), query_id.to_string()))
@@ -457,6 +505,10 @@ impl Gateway {
             .ok_or_else(|| format!("{} has no agreed query {query_id} from {from}", self.party))?;
         if s.started.swap(true, Ordering::SeqCst) {
             return Err(format!("query {query_id} was already started"));
+        }
+        if let Err(e) = self.adopt_privacy(&s, start.privacy, start.fingerprint.as_deref()) {
+            self.finish(&s, format!("not run: {e}"));
+            return Err(e);
         }
         let me = self.clone();
         tokio::spawn(async move {
@@ -470,6 +522,109 @@ impl Gateway {
             };
             me.finish(&s, outcome);
         });
+        Ok(())
+    }
+
+    /// Checks the leader's DP parameters against this party's requirement,
+    /// switches the session to the DP plan and charges the ledger.
+    fn adopt_privacy(
+        self: &Arc<Self>,
+        s: &Arc<Session>,
+        params: Option<DpParams>,
+        fingerprint: Option<&str>,
+    ) -> Result<(), String> {
+        let refuse = |m: String| format!("{} refused: {m}", self.party);
+        let params = match (params, &s.requirement) {
+            (None, None) => return Ok(()),
+            (None, Some(_)) => {
+                return Err(refuse(
+                    "its policy requires differential privacy for this query, and the leader started it without \
+                     (policy: privacy)"
+                        .into(),
+                ))
+            }
+            (Some(p), req) => {
+                if let Some(r) = req {
+                    p.satisfies(r, self.parties.len())
+                        .map_err(|e| refuse(format!("the query's privacy parameters fall short: {e} (policy: privacy)")))?;
+                }
+                p
+            }
+        };
+        let plan = (*s.plan())
+            .clone()
+            .with_privacy(params.clone())
+            .map_err(|e| refuse(e.to_string()))?;
+        if fingerprint != Some(plan.fingerprint.as_str()) {
+            return Err(refuse(format!(
+                "the leader's DP plan differs from the one computed here ({} vs {})",
+                short(fingerprint.unwrap_or("none")),
+                short(&plan.fingerprint)
+            )));
+        }
+        s.set_plan(plan);
+        self.charge(s, &params)?;
+        // The local part prepared at `propose` had no clamps or bounds.
+        if let Some(task) = s.prepared.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+        self.prepare(s);
+        Ok(())
+    }
+
+    /// This party's requirement for `plan`, after checking that the
+    /// analyst's budget still covers one query at this party.
+    fn own_requirement(
+        &self,
+        plan: &FederatedPlan,
+        analyst: &Analyst,
+    ) -> Result<Option<Requirement>, (String, String)> {
+        let Some(mut req) = self.policy.requirement(plan, analyst) else {
+            return Ok(None);
+        };
+        req.party = self.party.clone();
+        if let (Some(ledger), Some(pp)) = (&self.ledger, &self.policy.privacy) {
+            let who = analyst.to_string();
+            let left = ledger
+                .remaining(&who, &pp.budget, policies::ledger::now_unix())
+                .map_err(|e| ("privacy.budget".to_string(), e.to_string()))?;
+            if left.epsilon_micro < req.epsilon_micro || (req.delta > 0.0 && left.delta < req.delta)
+            {
+                return Err((
+                    "privacy.budget".into(),
+                    policies::ledger::over_budget_message(
+                        &who,
+                        &pp.budget,
+                        left,
+                        req.epsilon_micro,
+                        req.delta,
+                    ),
+                ));
+            }
+        }
+        Ok(Some(req))
+    }
+
+    /// Records the charge for a DP query durably, before anything of it can
+    /// be revealed; refuses if the budget does not cover it.
+    fn charge(&self, s: &Session, params: &DpParams) -> Result<(), String> {
+        let (Some(_), Some(ledger), Some(pp)) =
+            (&s.requirement, &self.ledger, &self.policy.privacy)
+        else {
+            return Ok(());
+        };
+        ledger
+            .charge(
+                &ledger_key(s),
+                &s.analyst.to_string(),
+                params.epsilon_micro,
+                params.delta,
+                &pp.budget,
+                policies::ledger::now_unix(),
+                &s.plan().sql,
+            )
+            .map_err(|e| format!("{} refused: {e} (policy: privacy.budget)", self.party))?;
+        s.charged.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -530,6 +685,19 @@ impl Gateway {
     fn finish(&self, s: &Session, outcome: String) {
         self.sessions()
             .remove(&(s.leader.clone(), s.query_id.clone()));
+        if s.charged.swap(false, Ordering::SeqCst) {
+            if let Some(ledger) = &self.ledger {
+                let key = ledger_key(s);
+                let r = if s.reveal_point.load(Ordering::SeqCst) {
+                    ledger.mark_spent(&key)
+                } else {
+                    ledger.refund(&key).map(|_| ())
+                };
+                if let Err(e) = r {
+                    eprintln!("[{}] BUDGET LEDGER UPDATE FAILED: {e}", self.party);
+                }
+            }
+        }
         if let Some(task) = s.prepared.lock().unwrap_or_else(|p| p.into_inner()).take() {
             task.abort();
         }
@@ -542,9 +710,9 @@ impl Gateway {
             query_id: s.query_id.clone(),
             leader: s.leader.clone(),
             analyst: s.analyst.to_string(),
-            sql: s.plan.sql.clone(),
+            sql: s.plan().sql.clone(),
             decision: "-".into(),
-            fingerprint: Some(s.plan.fingerprint.clone()),
+            fingerprint: Some(s.plan().fingerprint.clone()),
             outcome: Some(outcome),
             ..Default::default()
         });
@@ -600,7 +768,7 @@ impl Gateway {
     /// The local part over this party's data, as ring elements per group.
     async fn local_input(&self, s: &Session) -> Result<SharedTable, PartyFailure> {
         let t = Instant::now();
-        let plan = &s.plan;
+        let plan = &s.plan();
         let mine = |m: String| PartyFailure {
             peer_down: false,
             shared: format!("{} aborted: {m}", self.party),
@@ -683,7 +851,7 @@ impl Gateway {
         input: &SharedTable,
     ) -> Result<Option<Revealed>, PartyFailure> {
         let t = Instant::now();
-        let plan = &s.plan;
+        let plan = &s.plan();
         let shared_idx = plan.shared_partials();
         let transport = QueryTransport {
             me: self.party.clone(),
@@ -697,11 +865,28 @@ impl Gateway {
             std::future::pending::<()>().await;
         }
         let engine: Box<dyn SecureSum> = match plan.options.engine {
-            planner::plan::Engine::Additive => Box::new(AdditiveEngine {
-                parties: self.parties.clone(),
-                me: self.party.clone(),
-                leader: s.leader.clone(),
-            }),
+            planner::plan::Engine::Additive => {
+                let mut e =
+                    AdditiveEngine::new(self.parties.clone(), self.party.clone(), s.leader.clone());
+                e.noise = shared_idx
+                    .iter()
+                    .map(|&i| {
+                        plan.noise_of(i).map(|n| executor::noise::NoiseSpec {
+                            distribution: match n.noise {
+                                Noise::Laplace { num, den } => {
+                                    executor::noise::Distribution::Laplace { num, den }
+                                }
+                                Noise::Gaussian { sigma2 } => {
+                                    executor::noise::Distribution::Gaussian { sigma2 }
+                                }
+                            },
+                            bound: n.noise.draw_bound(),
+                        })
+                    })
+                    .collect();
+                e.reveal_point = Some(s.reveal_point.clone());
+                Box::new(e)
+            }
         };
         let out = engine
             .sum_and_reveal(&transport, input)
@@ -753,7 +938,17 @@ impl Gateway {
             .await
             .map_err(|e| QueryFailure::new(FailureKind::Invalid, e.to_string()))?;
         phases.span("plan", t);
-        let own = self.policy.check(&plan, analyst);
+        let mut requirement = None;
+        let own = match self.policy.check(&plan, analyst) {
+            Decision::Allow => match self.own_requirement(&plan, analyst) {
+                Ok(r) => {
+                    requirement = r;
+                    Decision::Allow
+                }
+                Err((rule, reason)) => Decision::Deny { rule, reason },
+            },
+            deny => deny,
+        };
         self.audit(AuditEntry {
             event: if explain_only {
                 "explain".into()
@@ -792,6 +987,7 @@ impl Gateway {
                 } else {
                     Vec::new()
                 },
+                privacy: requirement,
             },
             Decision::Deny { rule, reason } => Verdict::Deny { rule, reason },
         };
@@ -877,6 +1073,59 @@ impl Gateway {
         Ok(verdicts)
     }
 
+    /// Every party's DP requirement (from its verdict), merged.
+    fn merged_privacy(&self, verdicts: &[(String, Verdict)]) -> Result<Option<DpParams>, String> {
+        let reqs: Vec<Requirement> = verdicts
+            .iter()
+            .filter_map(|(p, v)| match v {
+                Verdict::Allow {
+                    privacy: Some(r), ..
+                } => {
+                    let mut r = r.clone();
+                    r.party = p.clone();
+                    Some(r)
+                }
+                _ => None,
+            })
+            .collect();
+        DpParams::merge(&reqs, self.parties.len())
+    }
+
+    /// At the leader, once every party allowed: the merged DP parameters,
+    /// the DP plan, the charge to this party's ledger and the local part
+    /// under the agreed clamps and bounds.
+    fn agree_privacy(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        verdicts: &[(String, Verdict)],
+    ) -> Result<Option<DpParams>, QueryFailure> {
+        let refused = |m: String| QueryFailure::new(FailureKind::Refused, m);
+        let Some(params) = self.merged_privacy(verdicts).map_err(|e| {
+            refused(format!(
+                "the parties' privacy requirements cannot be met together: {e}"
+            ))
+        })?
+        else {
+            return Ok(None);
+        };
+        let plan = (*session.plan())
+            .clone()
+            .with_privacy(params.clone())
+            .map_err(|e| QueryFailure::new(FailureKind::Invalid, e.to_string()))?;
+        session.set_plan(plan);
+        self.charge(session, &params).map_err(refused)?;
+        if let Some(task) = session
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+        self.prepare(session);
+        Ok(Some(params))
+    }
+
     /// EXPLAIN: the plan, the disclosure manifest and every party's verdict.
     pub async fn explain(
         &self,
@@ -895,7 +1144,21 @@ impl Gateway {
         };
         let (plan, own) = self.decide_own(&ask, &phases).await?;
         let verdicts = self.ask_peers(&ask, &plan, own, &phases).await?;
+        let base_fingerprint = plan.fingerprint.clone();
+        let (plan, dp_problem) = match self.merged_privacy(&verdicts) {
+            Ok(Some(params)) => match plan.clone().with_privacy(params) {
+                Ok(p) => (p, None),
+                Err(e) => (plan, Some(e.to_string())),
+            },
+            Ok(None) => (plan, None),
+            Err(e) => (plan, Some(e)),
+        };
         let mut s = plan.explain(&self.party);
+        if let Some(e) = dp_problem {
+            s.push_str(&format!(
+                "Differential privacy: required, but the query cannot run under it: {e}\n"
+            ));
+        }
         s.push_str("Verdicts:\n");
         let mut sources = String::new();
         for (p, v) in verdicts {
@@ -903,14 +1166,28 @@ impl Gateway {
                 Verdict::Allow {
                     fingerprint,
                     source,
+                    privacy,
                 } => {
                     for l in &source {
                         sources.push_str(&format!("  {p}: {l}\n"));
                     }
-                    if fingerprint == plan.fingerprint {
-                        "allow (same plan)".to_string()
+                    let dp = match privacy {
+                        Some(r) => format!(
+                            "; requires DP: {}, ε ≤ {} per query{}",
+                            r.mechanism.name(),
+                            planner::privacy::epsilon_text(r.epsilon_micro),
+                            if r.delta > 0.0 {
+                                format!(", δ ≤ {:e}", r.delta)
+                            } else {
+                                String::new()
+                            }
+                        ),
+                        None => String::new(),
+                    };
+                    if fingerprint == base_fingerprint {
+                        format!("allow (same plan){dp}")
                     } else {
-                        format!("allow, but a DIFFERENT plan {}", short(&fingerprint))
+                        format!("allow, but a DIFFERENT plan {}{dp}", short(&fingerprint))
                     }
                 }
                 Verdict::Deny { rule, reason } => format!("deny: {reason} (policy: {rule})"),
@@ -942,36 +1219,58 @@ impl Gateway {
             explain_only: false,
         };
         let (plan, own) = self.decide_own(&ask, &phases).await?;
+        let own_requirement = match &own {
+            Verdict::Allow { privacy, .. } => privacy.clone(),
+            _ => None,
+        };
         // Our own policy allowed it: start our local part now, while the
         // peers decide (nothing leaves this party before the secure sum).
-        let session = Arc::new(Session::new(
-            plan,
-            &self.party,
-            analyst,
-            &query_id,
-            self.timeout,
-            phases,
-        ));
+        // Under DP the local part waits for the agreed clamps and bounds.
+        let mut session = Session::new(plan, &self.party, analyst, &query_id, self.timeout, phases);
+        session.requirement = own_requirement;
+        let session = Arc::new(session);
         session.started.store(true, Ordering::SeqCst);
         self.sessions()
             .insert((self.party.clone(), query_id.clone()), session.clone());
-        self.prepare(&session);
-        if let Err(f) = self
-            .ask_peers(&ask, &session.plan, own, &session.phases)
+        if session.requirement.is_none() {
+            self.prepare(&session);
+        }
+        let verdicts = match self
+            .ask_peers(&ask, &session.plan(), own, &session.phases)
             .await
         {
-            self.finish(&session, format!("not run: {}", f.message));
-            return Err(f);
+            Ok(v) => v,
+            Err(f) => {
+                self.finish(&session, format!("not run: {}", f.message));
+                return Err(f);
+            }
+        };
+        let mut start = Start {
+            query_id: query_id.clone(),
+            privacy: None,
+            fingerprint: None,
+        };
+        match self.agree_privacy(&session, &verdicts) {
+            Ok(Some(params)) => {
+                start.fingerprint = Some(session.plan().fingerprint.clone());
+                start.privacy = Some(params);
+            }
+            Ok(None) => {}
+            Err(f) => {
+                self.abort_peers(&self.party, &query_id, &f.message).await;
+                self.finish(&session, format!("not run: {}", f.message));
+                return Err(f);
+            }
         }
 
         // `start` and our own part of the secure sum go together: our input
         // round carries only random seeds, and the peers' sessions exist
         // since they allowed. A failed start stops our part at once.
         let t = Instant::now();
+        let body = serde_json::to_vec(&start)
+            .map_err(|e| QueryFailure::new(FailureKind::Internal, e.to_string()))?;
         let starts = self.peers.keys().map(|p| {
-            let body = serde_json::json!({ "query_id": query_id })
-                .to_string()
-                .into_bytes();
+            let body = body.clone();
             async move {
                 self.clients
                     .action(p, "start", body)
@@ -1016,14 +1315,17 @@ impl Gateway {
             Err(f) => return Err(self.fail(&session, f).await),
         };
         let t = Instant::now();
-        let batches = post_process(&session.plan, &revealed).await;
+        let plan = session.plan();
+        let batches = post_process(&plan, &revealed).await;
         session.phases.span("post part", t);
         self.finish(&session, "revealed to analyst".into());
         let (schema, batches) = batches?;
         Ok(QueryAnswer {
             schema,
             batches,
-            fingerprint: session.plan.fingerprint.clone(),
+            fingerprint: plan.fingerprint.clone(),
+            noise: planner::finalize::noise_report(&plan),
+            privacy: plan.privacy.as_ref().map(crate::dp::summary),
         })
     }
 
@@ -1189,6 +1491,11 @@ pub fn explain_schema() -> arrow::datatypes::SchemaRef {
 /// The first 16 characters of a fingerprint (which may come from a peer).
 fn short(fingerprint: &str) -> String {
     fingerprint.chars().take(16).collect()
+}
+
+/// A query's key in the budget ledger.
+fn ledger_key(s: &Session) -> String {
+    format!("{}/{}", s.leader, s.query_id)
 }
 
 fn new_query_id() -> String {

@@ -8,6 +8,7 @@ pub mod client;
 pub mod compare;
 pub mod config;
 pub mod demo;
+pub mod dp;
 pub mod federation;
 pub mod flightsql;
 pub mod gateway;

@@ -131,6 +131,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Show the differential-privacy budget ledger of a gateway.
+    Budget {
+        #[command(subcommand)]
+        command: BudgetCommand,
+    },
     /// Verify an audit log's hash chain.
     Audit {
         #[command(subcommand)]
@@ -180,6 +185,20 @@ enum PolicyCommand {
 #[derive(Subcommand)]
 enum AuditCommand {
     Verify { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum BudgetCommand {
+    /// Every analyst's spent and remaining budget, and the charges.
+    Show {
+        /// The gateway's config file (its policy gives the budget, its
+        /// `budget_ledger` the ledger).
+        #[arg(long, default_value = "gateway.toml")]
+        config: PathBuf,
+        /// Only this analyst (`PARTY:NAME`).
+        #[arg(long)]
+        analyst: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -337,6 +356,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 let batches = c.query(&sql).await.map_err(|e| anyhow!("{e}"))?;
                 print!("{}", render(&batches, format)?);
+                if let Some(f) = batches
+                    .first()
+                    .and_then(|b| gateway::dp::footer(&b.schema()))
+                {
+                    // On standard error: the rows on standard output stay
+                    // machine-readable in every format.
+                    eprint!("{f}");
+                }
             }
         }
         Command::Explain { conn, sql } => {
@@ -344,6 +371,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", c.explain(&sql).await.map_err(|e| anyhow!("{e}"))?);
         }
         Command::Policy { command } => return policy(command).await,
+        Command::Budget {
+            command: BudgetCommand::Show { config, analyst },
+        } => {
+            let cfg = gateway::config::GatewayConfig::load(&config)?;
+            print!(
+                "{}",
+                gateway::dp::budget_report(&cfg, analyst.as_deref(), policies::ledger::now_unix())?
+            );
+        }
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => match policies::audit::verify(&file) {

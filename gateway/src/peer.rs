@@ -48,6 +48,9 @@ pub enum Verdict {
         /// SQL sent to its database, what stays in the gateway).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         source: Vec<String>,
+        /// What this party's policy demands under differential privacy.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        privacy: Option<planner::privacy::Requirement>,
     },
     Deny {
         rule: String,
@@ -57,6 +60,17 @@ pub enum Verdict {
     Error {
         message: String,
     },
+}
+
+/// `start`: every party allowed; with DP, the merged parameters and the
+/// fingerprint of the DP plan, which each party recomputes and compares.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Start {
+    pub query_id: String,
+    #[serde(default)]
+    pub privacy: Option<planner::privacy::DpParams>,
+    #[serde(default)]
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

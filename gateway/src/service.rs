@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::gateway::{FailureKind, Gateway, QueryFailure};
 use crate::net::ConnInfo;
-use crate::peer::{Propose, PutHeader, QueryRef};
+use crate::peer::{Propose, PutHeader, QueryRef, Start};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -71,9 +71,9 @@ impl FlightService for PeerService {
                 Ok(Response::new(one_result(body)))
             }
             "start" => {
-                let r: QueryRef = serde_json::from_slice(&action.body).map_err(bad)?;
+                let r: Start = serde_json::from_slice(&action.body).map_err(bad)?;
                 self.gw
-                    .on_start(&from, &r.query_id)
+                    .on_start(&from, r)
                     .map_err(Status::failed_precondition)?;
                 Ok(Response::new(one_result(b"{}".to_vec())))
             }

@@ -100,7 +100,12 @@ impl Ledger {
     }
 
     /// What `analyst` has left of `budget` at time `now`.
-    pub fn remaining(&self, analyst: &str, budget: &Budget, now: i64) -> Result<Remaining, LedgerError> {
+    pub fn remaining(
+        &self,
+        analyst: &str,
+        budget: &Budget,
+        now: i64,
+    ) -> Result<Remaining, LedgerError> {
         let conn = self.conn();
         spent_in_period(&conn, analyst, budget, now)
             .map(|(e, d)| remaining_of(budget, e, d))
@@ -285,11 +290,14 @@ mod tests {
         let now = 1_000_000_000;
         {
             let l = Ledger::open(&path).unwrap();
-            l.charge("q1", "a:alice", 1_000_000, 0.0, &b, now, "SELECT 1").unwrap();
-            l.charge("q2", "a:alice", 1_500_000, 0.0, &b, now, "SELECT 2").unwrap();
+            l.charge("q1", "a:alice", 1_000_000, 0.0, &b, now, "SELECT 1")
+                .unwrap();
+            l.charge("q2", "a:alice", 1_500_000, 0.0, &b, now, "SELECT 2")
+                .unwrap();
             // Aborted before the reveal: refunded.
             assert!(l.refund("q2").unwrap());
-            l.charge("q3", "a:alice", 1_500_000, 0.0, &b, now, "SELECT 3").unwrap();
+            l.charge("q3", "a:alice", 1_500_000, 0.0, &b, now, "SELECT 3")
+                .unwrap();
             l.mark_spent("q3").unwrap();
             // A spent charge is never refunded.
             assert!(!l.refund("q3").unwrap());
@@ -305,9 +313,13 @@ mod tests {
         assert!(e.contains("ε = 0.5 left of 3"), "{e}");
         assert!(e.contains("needs ε = 1"), "{e}");
         // Other analysts have their own budget; old charges age out.
-        l.charge("q5", "b:bob", 3_000_000, 0.0, &b, now, "SELECT 5").unwrap();
+        l.charge("q5", "b:bob", 3_000_000, 0.0, &b, now, "SELECT 5")
+            .unwrap();
         let later = now + 31 * 86_400;
-        assert_eq!(l.remaining("a:alice", &b, later).unwrap().epsilon_micro, 3_000_000);
+        assert_eq!(
+            l.remaining("a:alice", &b, later).unwrap().epsilon_micro,
+            3_000_000
+        );
         let all = l.charges(Some("a:alice")).unwrap();
         assert_eq!(all.len(), 3);
         assert_eq!(l.get("q2").unwrap().unwrap().state, "refunded");
@@ -329,8 +341,16 @@ mod tests {
             };
             let mut out = std::io::stdout();
             for i in 0.. {
-                l.charge(&format!("q{i}"), "a:alice", 1, 0.0, &b, now_unix(), "SELECT 1")
-                    .unwrap();
+                l.charge(
+                    &format!("q{i}"),
+                    "a:alice",
+                    1,
+                    0.0,
+                    &b,
+                    now_unix(),
+                    "SELECT 1",
+                )
+                .unwrap();
                 writeln!(out, "recorded q{i}").unwrap();
                 out.flush().unwrap();
             }
@@ -365,7 +385,10 @@ mod tests {
         assert_eq!(recorded.len(), 150, "the child stopped early");
         let l = Ledger::open(&path).unwrap();
         for id in &recorded {
-            assert!(l.has(id).unwrap(), "charge {id} was reported recorded but is gone");
+            assert!(
+                l.has(id).unwrap(),
+                "charge {id} was reported recorded but is gone"
+            );
         }
         assert!(l.charges(None).unwrap().len() >= recorded.len());
     }

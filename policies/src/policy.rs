@@ -281,10 +281,15 @@ impl Policy {
                 if !(eps.is_finite() && epsilon_micro >= 1.0 && eps <= 1000.0) {
                     problem(
                         rp.epsilon_per_query.span().start,
-                        format!("privacy.epsilon_per_query = {eps} must be between 0.000001 and 1000"),
+                        format!(
+                            "privacy.epsilon_per_query = {eps} must be between 0.000001 and 1000"
+                        ),
                     );
                 }
-                let delta = rp.delta_per_query.as_ref().map(|d| (*d.get_ref(), d.span().start));
+                let delta = rp
+                    .delta_per_query
+                    .as_ref()
+                    .map(|d| (*d.get_ref(), d.span().start));
                 match (mechanism, delta) {
                     (Some(Mechanism::Gaussian), None) => problem(
                         at,
@@ -325,7 +330,10 @@ impl Policy {
                         let pos = b.span().start;
                         let b = b.get_ref();
                         if !(b.epsilon.is_finite() && b.epsilon > 0.0 && b.epsilon <= 1e6) {
-                            problem(pos, format!("privacy.budget.epsilon = {} must be positive", b.epsilon));
+                            problem(
+                                pos,
+                                format!("privacy.budget.epsilon = {} must be positive", b.epsilon),
+                            );
                         }
                         if b.period_days == 0 {
                             problem(pos, "privacy.budget.period_days must be at least 1".into());
@@ -398,7 +406,10 @@ impl Policy {
                 });
                 let max_rows = match &rp.max_rows_per_individual {
                     Some(m) if *m.get_ref() == 0 => {
-                        problem(m.span().start, "max_rows_per_individual must be at least 1".into());
+                        problem(
+                            m.span().start,
+                            "max_rows_per_individual must be at least 1".into(),
+                        );
                         1
                     }
                     Some(m) => *m.get_ref(),
@@ -462,7 +473,10 @@ impl Policy {
                             }
                         }
                         Ok(b) => {
-                            problem(cl.span().start, fail(format!("{} values given, 2 needed", b.len())));
+                            problem(
+                                cl.span().start,
+                                fail(format!("{} values given, 2 needed", b.len())),
+                            );
                             None
                         }
                         Err(e) => {
@@ -511,7 +525,10 @@ impl Policy {
         let tp = self.tables.get(&plan.table)?;
         let tprivacy = tp.privacy.as_ref()?;
         if !tprivacy.analysts.is_empty()
-            && !tprivacy.analysts.iter().any(|p| pattern_matches(p, analyst))
+            && !tprivacy
+                .analysts
+                .iter()
+                .any(|p| pattern_matches(p, analyst))
         {
             return None;
         }
