@@ -10,6 +10,7 @@
 //! sampling over a caller-chosen CSPRNG; the algorithms are short and
 //! tested against their exact distribution below.
 
+use num_bigint::BigUint;
 use rand::{CryptoRng, Rng};
 
 /// Bernoulli(num/den), exactly: a uniform integer below `den` compared to
@@ -78,6 +79,50 @@ pub fn discrete_laplace<R: Rng + CryptoRng>(rng: &mut R, s: u128, t: u128) -> i1
     }
 }
 
+/// A uniform integer below `n` (> 0): rejection over the bit length.
+fn uniform_below<R: Rng + CryptoRng>(rng: &mut R, n: &BigUint) -> BigUint {
+    let bits = n.bits();
+    let bytes = bits.div_ceil(8) as usize;
+    let mut buf = vec![0u8; bytes];
+    loop {
+        rng.fill_bytes(&mut buf);
+        let extra = bytes as u64 * 8 - bits;
+        if extra > 0 {
+            if let Some(top) = buf.last_mut() {
+                *top &= 0xff >> extra;
+            }
+        }
+        let x = BigUint::from_bytes_le(&buf);
+        if &x < n {
+            return x;
+        }
+    }
+}
+
+/// [`bernoulli_exp`] for rationals beyond 128 bits (the discrete
+/// Gaussian's acceptance test at large σ), exactly.
+fn bernoulli_exp_big<R: Rng + CryptoRng>(rng: &mut R, num: &BigUint, den: &BigUint) -> bool {
+    if num <= den {
+        let mut k = BigUint::from(1u32);
+        loop {
+            let d = den * &k;
+            if &uniform_below(rng, &d) >= num {
+                return (&k % 2u32) == BigUint::from(1u32);
+            }
+            k += 1u32;
+        }
+    }
+    let whole = num / den;
+    let mut i = BigUint::from(0u32);
+    while i < whole {
+        if !bernoulli_exp(rng, 1, 1) {
+            return false;
+        }
+        i += 1u32;
+    }
+    bernoulli_exp_big(rng, &(num % den), den)
+}
+
 /// Integer square root (floor).
 fn isqrt(n: u128) -> u128 {
     if n < 2 {
@@ -93,31 +138,44 @@ fn isqrt(n: u128) -> u128 {
     x
 }
 
+/// Largest σ² the Gaussian sampler takes (its draws and the ring's
+/// headroom stay far inside 128 bits).
+pub const MAX_SIGMA2: u128 = 1 << 120;
+
 /// One draw of the discrete Gaussian distribution with variance parameter
 /// σ² = `sigma2`: P(x) ∝ exp(-x²/(2σ²)) (CKS Algorithm 3: discrete Laplace
 /// proposals of scale t = ⌊σ⌋+1, accepted with probability
-/// exp(-(|Y| - σ²/t)²/(2σ²)), all in exact integer arithmetic).
-/// `sigma2` must be at most 2^56 so that the acceptance test fits 128 bits.
+/// exp(-(|Y| - σ²/t)²/(2σ²)), in exact integer arithmetic: 128-bit where it
+/// fits, arbitrary precision where it does not).
 pub fn discrete_gaussian<R: Rng + CryptoRng>(rng: &mut R, sigma2: u128) -> i128 {
     assert!(
-        (1..=1u128 << 56).contains(&sigma2),
-        "σ² must be in 1..=2^56"
+        (1..=MAX_SIGMA2).contains(&sigma2),
+        "σ² must be in 1..=2^120"
     );
     let t = isqrt(sigma2) + 1;
     loop {
         let y = discrete_laplace(rng, t, 1);
         // γ = (|Y|·t - σ²)² / (2σ²t²).
-        let a = (y.unsigned_abs()).checked_mul(t);
-        let Some(a) = a else { continue };
-        let diff = a.abs_diff(sigma2);
-        let (Some(num), Some(den)) = (
-            diff.checked_mul(diff),
-            sigma2.checked_mul(2).and_then(|v| v.checked_mul(t * t)),
-        ) else {
-            // |Y| beyond ~2^36·σ: acceptance probability below e^-2^60.
-            continue;
+        let small = y.unsigned_abs().checked_mul(t).and_then(|a| {
+            let diff = a.abs_diff(sigma2);
+            Some((
+                diff.checked_mul(diff)?,
+                sigma2.checked_mul(2)?.checked_mul(t.checked_mul(t)?)?,
+            ))
+        });
+        let accept = match small {
+            Some((num, den)) => bernoulli_exp(rng, num, den),
+            None => {
+                let a = BigUint::from(y.unsigned_abs()) * BigUint::from(t);
+                let s2 = BigUint::from(sigma2);
+                let diff = if a >= s2 { &a - &s2 } else { &s2 - &a };
+                let num = &diff * &diff;
+                let tb = BigUint::from(t);
+                let den = s2 * 2u32 * &tb * &tb;
+                bernoulli_exp_big(rng, &num, &den)
+            }
         };
-        if bernoulli_exp(rng, num, den) {
+        if accept {
             return y;
         }
     }
@@ -284,14 +342,27 @@ mod tests {
                 k,
             );
         }
-        // Large σ² takes the same exact path (no overflow, right spread).
-        let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let big = 1u128 << 56;
-        let draws: Vec<f64> = (0..20_000)
-            .map(|_| discrete_gaussian(&mut rng, big) as f64)
-            .collect();
-        let var = draws.iter().map(|x| x * x).sum::<f64>() / draws.len() as f64;
-        assert!((var / big as f64 - 1.0).abs() < 0.05, "variance {var:e}");
+        // Large σ² (the arbitrary-precision acceptance test): the right
+        // spread, and the standardised draws fit a normal distribution.
+        for big in [1u128 << 56, 1u128 << 80, 1u128 << 118] {
+            let mut rng = ChaCha20Rng::seed_from_u64(seed ^ big as u64);
+            let sd = (big as f64).sqrt();
+            let z: Vec<f64> = (0..20_000)
+                .map(|_| discrete_gaussian(&mut rng, big) as f64 / sd)
+                .collect();
+            let var = z.iter().map(|x| x * x).sum::<f64>() / z.len() as f64;
+            assert!(
+                (var - 1.0).abs() < 0.05,
+                "σ² = 2^{}: variance ratio {var}",
+                big.ilog2()
+            );
+            let within = z.iter().filter(|x| x.abs() <= 1.959964).count() as f64 / z.len() as f64;
+            assert!(
+                (within - 0.95).abs() < 0.007,
+                "σ² = 2^{}: {within} within 1.96σ",
+                big.ilog2()
+            );
+        }
     }
 
     /// Every party draws its noise from its own CSPRNG; the revealed total

@@ -45,6 +45,8 @@ pub fn annotate(
     let Some(privacy) = privacy else {
         return Ok((schema, batches));
     };
+    // The batches' own schema (nullability may differ from the plan's).
+    let schema = batches.first().map(|b| b.schema()).unwrap_or(schema);
     let fields: Vec<Field> = schema
         .fields()
         .iter()

@@ -115,7 +115,7 @@ impl Partial {
         let arg = self
             .arg
             .as_ref()
-            .map(|a| a.to_string())
+            .map(show_arg)
             .unwrap_or_else(|| "*".into());
         match self.kind {
             PartialKind::RowCount => "COUNT(*)".into(),
@@ -129,6 +129,21 @@ impl Partial {
             }
         }
     }
+}
+
+/// An aggregate's argument for people: a clamp (see [`clamp_expr`]) as
+/// `CLAMP(x, lo, hi)`.
+fn show_arg(e: &Expr) -> String {
+    if let Expr::Case(c) = e {
+        if let (Some(x), [(_, lo), (_, hi)]) = (&c.else_expr, c.when_then_expr.as_slice()) {
+            let lit = |e: &Expr| match e {
+                Expr::Literal(v, _) => v.to_string(),
+                other => other.to_string(),
+            };
+            return format!("CLAMP({x}, {}, {})", lit(lo), lit(hi));
+        }
+    }
+    e.to_string()
 }
 
 /// One public group column and its declared values; NULL is the last value.

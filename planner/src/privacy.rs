@@ -342,9 +342,8 @@ pub enum Noise {
     Gaussian { sigma2: u128 },
 }
 
-/// Largest σ² the exact Gaussian sampler takes: its rejection step squares
-/// numbers of about 40·σ², which must fit 128 bits.
-pub const MAX_SIGMA2: u128 = 1 << 56;
+/// Largest σ² the exact Gaussian sampler takes (the executor's bound).
+pub const MAX_SIGMA2: u128 = 1 << 120;
 
 impl Noise {
     /// The scale of one party's draw: b for Laplace, σ for Gaussian.
@@ -552,7 +551,7 @@ pub fn calibrate(
                 if !(s2.is_finite() && s2 < MAX_SIGMA2 as f64) {
                     return Err(format!(
                         "the Gaussian noise for a total with sensitivity {sensitivity} would need σ² ≈ {s2:.3e}, \
-                         beyond the exact sampler's 2^56; narrow the clamp ranges, lower the column's declared \
+                         beyond the exact sampler's 2^120; narrow the clamp ranges, lower the column's declared \
                          scale, or use the laplace mechanism"
                     ));
                 }
@@ -608,7 +607,7 @@ pub fn explain(
     );
     let bound = match &params.individual_id {
         Some(id) => format!(
-            "at most {} rows per {id} at each party (enforced)",
+            "at most {} row(s) per {id} at each party (enforced)",
             params.max_rows
         ),
         None => format!(

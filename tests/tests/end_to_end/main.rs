@@ -5,5 +5,6 @@
 mod failures;
 mod federated_answers;
 mod flight_sql;
+mod privacy;
 mod real_clients;
 mod sources;
