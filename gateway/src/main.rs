@@ -440,6 +440,22 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode> {
             let cat = catalog.as_ref().map(load_catalog).transpose()?;
             match policies::Policy::parse(&read(&file)?, cat.as_ref()) {
                 Ok(p) => {
+                    if let Some(pp) = &p.privacy {
+                        let dp_tables: Vec<&String> = p
+                            .tables
+                            .iter()
+                            .filter(|(_, t)| t.privacy.is_some())
+                            .map(|(n, _)| n)
+                            .collect();
+                        println!(
+                            "differential privacy for {:?}: {} mechanism, ε = {} per query, budget ε = {} per analyst per {} days",
+                            dp_tables,
+                            pp.mechanism.name(),
+                            planner::privacy::epsilon_text(pp.epsilon_micro),
+                            planner::privacy::epsilon_text(pp.budget.epsilon_micro),
+                            pp.budget.period_days
+                        );
+                    }
                     println!(
                         "{}: ok ({} table(s), {} analyst rule(s){})",
                         file.display(),
@@ -499,6 +515,40 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode> {
                 Ok(plan) => match pol.check(&plan, &who) {
                     policies::Decision::Allow => {
                         println!("allow: every column use is listed in {}", file.display());
+                        if let Some(req) = pol.requirement(&plan, &who) {
+                            // The noise this policy alone would ask for (the
+                            // federation's other policies may ask for more).
+                            let dp = planner::privacy::DpParams::merge(&[req], 1)
+                                .map_err(|e| anyhow!(e))?
+                                .ok_or_else(|| anyhow!("no privacy parameters"))?;
+                            match plan.with_privacy(dp) {
+                                Ok(p) => {
+                                    let names: Vec<String> = p
+                                        .noise
+                                        .iter()
+                                        .map(|n| p.local.partials[n.partial].describe())
+                                        .collect();
+                                    print!(
+                                        "with {}",
+                                        planner::privacy::explain(
+                                            p.privacy
+                                                .as_ref()
+                                                .ok_or_else(|| anyhow!("no privacy"))?,
+                                            &p.noise,
+                                            &names,
+                                            1
+                                        )
+                                    );
+                                }
+                                Err(e) => {
+                                    println!("deny: under the differential privacy this policy requires: {e}");
+                                    return match expect.as_deref() {
+                                        Some("allow") => Ok(ExitCode::FAILURE),
+                                        _ => Ok(ExitCode::SUCCESS),
+                                    };
+                                }
+                            }
+                        }
                         "allow"
                     }
                     policies::Decision::Deny { rule, reason } => {

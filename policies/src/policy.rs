@@ -820,3 +820,130 @@ mod fail_closed {
         assert!(bad[0].message.contains("querying_party"), "{bad:?}");
     }
 }
+
+#[cfg(test)]
+mod privacy_settings {
+    use super::*;
+    use planner::QueryOptions;
+
+    const CATALOG: &str = r#"
+[tables.t]
+columns = [
+  { name = "pid", type = "int" },
+  { name = "g", type = "text", domain = ["a", "b"] },
+  { name = "cost", type = "decimal(10,2)" },
+  { name = "los", type = "int" },
+]
+"#;
+
+    const POLICY: &str = r#"
+party = "h1"
+[analysts]
+allow = ["h1:*", "h2:*"]
+[privacy]
+mechanism = "gaussian"
+epsilon_per_query = 0.5
+delta_per_query = 1e-7
+colluders = 1
+budget = { epsilon = 5, delta = 1e-5, period_days = 7 }
+[tables.t]
+count_star = true
+[tables.t.privacy]
+analysts = ["h2:*"]
+individual_id = "pid"
+max_rows_per_individual = 4
+[tables.t.columns.g]
+group_by = true
+[tables.t.columns.cost]
+aggregate = ["sum", "avg"]
+clamp = [0, "2500.50"]
+[tables.t.columns.los]
+aggregate = ["sum"]
+"#;
+
+    fn who(party: &str) -> Analyst {
+        Analyst {
+            party: party.into(),
+            name: "x".into(),
+            roles: vec![],
+        }
+    }
+
+    async fn plan(sql: &str) -> FederatedPlan {
+        let cat = Catalog::from_toml(CATALOG, "c").unwrap();
+        planner::plan_query(
+            sql,
+            &cat,
+            &["h1".into(), "h2".into()],
+            &QueryOptions::default(),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_table_requires_dp_for_the_analysts_listed_with_clamps_and_bounds() {
+        let cat = Catalog::from_toml(CATALOG, "c").unwrap();
+        let pol = Policy::parse(POLICY, Some(&cat)).unwrap();
+        let pp = pol.privacy.clone().unwrap();
+        assert_eq!(pp.mechanism, Mechanism::Gaussian);
+        assert_eq!(pp.epsilon_micro, 500_000);
+        assert_eq!(pp.colluders, Some(1));
+        assert_eq!(pp.budget.period_days, 7);
+        let p = plan("SELECT g, SUM(cost), COUNT(*) FROM t GROUP BY g").await;
+        // h1's own analysts are not under DP; h2's are.
+        assert!(pol.requirement(&p, &who("h1")).is_none());
+        let r = pol.requirement(&p, &who("h2")).unwrap();
+        assert_eq!(r.individual_id.as_deref(), Some("pid"));
+        assert_eq!(r.max_rows, 4);
+        assert_eq!(
+            r.clamps["cost"],
+            Clamp {
+                lo: "0".into(),
+                hi: "2500.50".into()
+            }
+        );
+        assert_eq!(pol.check(&p, &who("h2")), Decision::Allow);
+        // A sum of a column without a clamp range is refused under DP only.
+        let p = plan("SELECT SUM(los) FROM t").await;
+        assert_eq!(pol.check(&p, &who("h1")), Decision::Allow);
+        match pol.check(&p, &who("h2")) {
+            Decision::Deny { rule, reason } => {
+                assert_eq!(rule, "tables.t.columns.los.clamp");
+                assert!(reason.contains("no clamp range"), "{reason}");
+            }
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn privacy_mistakes_are_reported_with_their_lines() {
+        let cat = Catalog::from_toml(CATALOG, "c").unwrap();
+        let bad = POLICY
+            .replace("delta_per_query = 1e-7\n", "")
+            .replace("clamp = [0, \"2500.50\"]", "clamp = [3000, 1]")
+            .replace("individual_id = \"pid\"", "individual_id = \"patient\"");
+        let problems = Policy::parse(&bad, Some(&cat)).unwrap_err();
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 3, "{text:?}");
+        assert!(
+            text.iter().any(|t| t.contains("needs delta_per_query")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("clamp range [3000, 1] is empty")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|t| t.contains("`patient` is not a column")),
+            "{text:?}"
+        );
+        let no_section = "[tables.t.privacy]\nmax_rows_per_individual = 2\n";
+        let p = Policy::parse(no_section, None).unwrap_err();
+        assert!(p[0].message.contains("no [privacy] section"), "{p:?}");
+        let no_budget = "[privacy]\nmechanism = \"laplace\"\nepsilon_per_query = 1\n";
+        let p = Policy::parse(no_budget, None).unwrap_err();
+        assert!(p[0].message.contains("privacy.budget is missing"), "{p:?}");
+    }
+}
