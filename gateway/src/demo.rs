@@ -30,9 +30,31 @@ columns = [
 ]
 "#;
 
+/// hospital_c's differential-privacy settings in the demo: required for
+/// analysts with the role `external`.
+const DEMO_PRIVACY: &str = r#"
+# Differential privacy for external analysts: pure ε-DP, 1 per query,
+# at most 10 per analyst in any 30 days; one row per patient.
+[privacy]
+mechanism = "laplace"
+epsilon_per_query = 1.0
+budget = { epsilon = 10, period_days = 30 }
+
+[tables.patients.privacy]
+analysts = ["role:external"]
+individual_id = "patient_id"
+max_rows_per_individual = 1
+"#;
+
 /// A hospital's demo policy. `patient_id_filter` says whether its analysts'
-/// queries may filter on patient ids (only hospital_a allows it).
+/// queries may filter on patient ids (only hospital_a allows it);
+/// hospital_c requires differential privacy for external analysts.
 pub fn demo_policy(party: &str, patient_id_filter: bool) -> String {
+    let privacy = if party == "hospital_c" {
+        DEMO_PRIVACY
+    } else {
+        ""
+    };
     format!(
         r#"# Demo policy of {party}: an allow-list; anything not listed is refused.
 party = "{party}"
@@ -64,16 +86,18 @@ filter = true
 [tables.patients.columns.cost]
 filter = true
 aggregate = ["count", "sum", "avg", "var", "stddev"]
+clamp = [0, 50000]
 
 [tables.patients.columns.length_of_stay]
 filter = true
 aggregate = ["count", "sum", "avg", "var", "stddev"]
+clamp = [0, 60]
 
 [tables.patients.columns.readmitted]
 group_by = true
 filter = true
 aggregate = ["count"]
-"#
+{privacy}"#
     )
 }
 
@@ -211,6 +235,11 @@ pub const DEMO_UNSUPPORTED: (&str, &str) = (
 );
 
 const ANALYST: (&str, &str) = ("alice", "demo-password-not-secret");
+/// An external analyst at hospital_a: hospital_c answers them only with
+/// differential privacy.
+const VISITOR: (&str, &str) = ("victor", "demo-password-not-secret");
+const DEMO_DP: &str =
+    "SELECT age_band, COUNT(*) AS patients, SUM(length_of_stay) AS bed_days FROM patients GROUP BY age_band ORDER BY age_band";
 
 /// `council demo --serve`: how to connect, then serve until Ctrl-C.
 async fn serve(fed: LocalFederation, spec: &FederationSpec, work: &std::path::Path) -> Result<()> {
@@ -275,16 +304,19 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
                 .into_iter()
                 .map(|(id, dir)| {
                     let policy = demo_policy(&id, id == "hospital_a");
-                    PartySpec::new(
-                        &id,
-                        dir,
-                        policy,
-                        vec![(
-                            ANALYST.0.into(),
-                            ANALYST.1.into(),
-                            vec!["researcher".into()],
-                        )],
-                    )
+                    let mut analysts = vec![(
+                        ANALYST.0.into(),
+                        ANALYST.1.into(),
+                        vec!["researcher".into()],
+                    )];
+                    if id == "hospital_a" {
+                        analysts.push((
+                            VISITOR.0.into(),
+                            VISITOR.1.into(),
+                            vec!["external".into()],
+                        ));
+                    }
+                    PartySpec::new(&id, dir, policy, analysts)
                 })
                 .collect();
             let spec = FederationSpec {
@@ -397,6 +429,36 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
                         all_ok = false;
                     }
                     Err(e) => println!("   refused, nothing computed: {e}\n"),
+                }
+            }
+            println!("── Differential privacy: hospital_c requires it for external analysts");
+            println!("   {DEMO_DP}   (asked by `{}`, role external)", VISITOR.0);
+            let visitor = fed.client(&leader, VISITOR.0, VISITOR.1).await?;
+            match visitor.query(DEMO_DP).await {
+                Ok(noised) => {
+                    let plain = plaintext(&pooled, DEMO_DP).await?;
+                    println!(
+                        "{}",
+                        side_by_side(
+                            &render(&noised, Format::Table)?,
+                            &render(&plain, Format::Table)?,
+                            "Council (noised at every hospital)",
+                            "Exact, over pooled data"
+                        )
+                    );
+                    if let Some(f) = noised.first().and_then(|b| crate::dp::footer(&b.schema())) {
+                        for l in f.lines() {
+                            println!("   {l}");
+                        }
+                    }
+                    println!(
+                        "   No gateway knows the total noise; hospital_c charged ε = 1 to hospital_a:{} in its budget ledger.\n",
+                        VISITOR.0
+                    );
+                }
+                Err(e) => {
+                    println!("   error: {e}\n");
+                    all_ok = false;
                 }
             }
             println!("── EXPLAIN of the first query: what runs where, and who learns what");

@@ -157,11 +157,10 @@ pub fn noise_report(plan: &FederatedPlan) -> Vec<Option<ColumnNoise>> {
             let name = schema.field(col).name().clone();
             let agg = match &exprs {
                 Some(exprs) => {
-                    let e = exprs.get(col)?;
-                    let inner = match e {
-                        Expr::Alias(a) => a.expr.as_ref(),
-                        other => other,
-                    };
+                    let mut inner = exprs.get(col)?;
+                    while let Expr::Alias(a) = inner {
+                        inner = a.expr.as_ref();
+                    }
                     match inner {
                         Expr::Column(c) => plan.aggregates.iter().find(|a| a.field.name() == &c.name),
                         other => {
