@@ -1267,8 +1267,17 @@ impl Gateway {
         // round carries only random seeds, and the peers' sessions exist
         // since they allowed. A failed start stops our part at once.
         let t = Instant::now();
-        let body = serde_json::to_vec(&start)
-            .map_err(|e| QueryFailure::new(FailureKind::Internal, e.to_string()))?;
+        let body = match serde_json::to_vec(&start) {
+            Ok(b) => b,
+            Err(e) => {
+                let f = PartyFailure {
+                    peer_down: false,
+                    local: format!("encoding start: {e}"),
+                    shared: "internal error".into(),
+                };
+                return Err(self.fail(&session, f).await);
+            }
+        };
         let starts = self.peers.keys().map(|p| {
             let body = body.clone();
             async move {

@@ -352,6 +352,9 @@ impl FederatedPlan {
     /// columns clamped, each individual's rows bounded, the noise of every
     /// revealed total calibrated, and a new fingerprint.
     pub fn with_privacy(mut self, params: DpParams) -> Result<FederatedPlan, PlanError> {
+        params
+            .validate(self.parties.len())
+            .map_err(|e| PlanError::Invalid(format!("differential privacy: {e}")))?;
         let table = self.table.clone();
         let refuse =
             |what: String, hint: String| PlanError::not_permitted(what, "the SELECT list", hint);
@@ -1134,5 +1137,70 @@ columns = [
             .unwrap_err()
             .to_string();
         assert!(e.contains("nosuch"), "{e}");
+    }
+
+    fn dp(eps: u64) -> DpParams {
+        DpParams {
+            mechanism: crate::privacy::Mechanism::Laplace,
+            epsilon_micro: eps,
+            delta: 0.0,
+            colluders: 2,
+            clamps: BTreeMap::from([(
+                "cost".to_string(),
+                crate::privacy::Clamp {
+                    lo: "0".into(),
+                    hi: "500.25".into(),
+                },
+            )]),
+            individual_id: Some("patient_id".into()),
+            max_rows: 2,
+            required_by: vec!["b".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dp_plan_clamps_bounds_and_reveals_only_what_its_aggregates_need() {
+        let base = plan("SELECT sex, SUM(cost), AVG(cost) FROM patients GROUP BY sex")
+            .await
+            .unwrap();
+        let p = base.clone().with_privacy(dp(1_000_000)).unwrap();
+        assert_ne!(p.fingerprint, base.fingerprint);
+        let sql = p.local.to_sql();
+        assert!(
+            sql.contains(
+                r#"CASE WHEN ("cost" < 0.00) THEN 0.00 WHEN ("cost" > 500.25) THEN 500.25"#
+            ),
+            "{sql}"
+        );
+        assert!(sql.contains("[at most 2 row(s) per patient_id]"), "{sql}");
+        // No row count: SUM and AVG need the sum and AVG the count.
+        let kinds: Vec<PartialKind> = p
+            .shared_partials()
+            .iter()
+            .map(|&i| p.local.partials[i].kind)
+            .collect();
+        assert_eq!(kinds, vec![PartialKind::Count, PartialKind::Sum]);
+        // Count sensitivity is the row bound; the sum's is 2 · 500.25 at scale 2.
+        let sens: Vec<u128> = p.noise.iter().map(|n| n.sensitivity).collect();
+        assert_eq!(sens, vec![2, 100_050]);
+        // ε = 1 over 2 totals: scale = Δ / 0.5.
+        assert_eq!(p.noise[0].noise.scale(), 4.0);
+        // Parameters from the network are checked, never trusted.
+        let e = base.clone().with_privacy(dp(0)).unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{e}");
+        let mut d = dp(1_000_000);
+        d.colluders = 3;
+        assert!(base.clone().with_privacy(d).is_err());
+        let mut d = dp(1_000_000);
+        d.clamps.clear();
+        let e = base.with_privacy(d).unwrap_err().to_string();
+        assert!(e.contains("no party's policy gives a clamp range"), "{e}");
+        let e = plan("SELECT SUM(cost * 2) FROM patients")
+            .await
+            .unwrap()
+            .with_privacy(dp(1_000_000))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("aggregate a plain column"), "{e}");
     }
 }

@@ -283,6 +283,43 @@ impl DpParams {
         Ok(Some(p))
     }
 
+    /// Checks parameters that came over the network before using them.
+    pub fn validate(&self, parties: usize) -> Result<(), String> {
+        if !(1..=1000 * MICRO).contains(&self.epsilon_micro) {
+            return Err(format!(
+                "ε = {} is out of range",
+                epsilon_text(self.epsilon_micro)
+            ));
+        }
+        match self.mechanism {
+            Mechanism::Gaussian
+                if !(self.delta.is_finite() && self.delta > 0.0 && self.delta < 1.0) =>
+            {
+                return Err(format!("δ = {} is out of range", self.delta))
+            }
+            Mechanism::Laplace if self.delta != 0.0 => {
+                return Err("the laplace mechanism takes no δ".into())
+            }
+            _ => {}
+        }
+        if !(1..=1_000_000).contains(&self.max_rows) {
+            return Err(format!(
+                "{} rows per individual is out of range",
+                self.max_rows
+            ));
+        }
+        if self.colluders as usize >= parties.max(1) {
+            return Err(format!(
+                "{} colluders among {parties} parties leave no honest party",
+                self.colluders
+            ));
+        }
+        for (c, r) in &self.clamps {
+            r.bounds().map_err(|e| format!("clamp range of {c}: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Whether these parameters give at least the protection `req` asks
     /// for; if not, what falls short (a party checks the leader's merge).
     pub fn satisfies(&self, req: &Requirement, parties: usize) -> Result<(), String> {
