@@ -354,3 +354,126 @@ async fn budgets_are_refused_when_spent_also_after_a_restart_and_refunded_on_abo
     assert_eq!(states, ("refunded".to_string(), "refunded".to_string()));
     fed.stop().await;
 }
+
+/// A leader is not trusted with the privacy parameters: a party that
+/// requires DP refuses a `start` without them, with looser ones, or with
+/// nonsense, and charges nothing for any of these.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_party_refuses_a_leader_that_drops_or_loosens_its_privacy() {
+    use gateway::peer::{Propose, Start, Verdict};
+    let dir = tempfile::tempdir().unwrap();
+    let ids = party_ids(2);
+    write_random_data(
+        &dir.path().join("data"),
+        &ids,
+        Shape {
+            seed: 4,
+            large: false,
+        },
+    )
+    .unwrap();
+    let mut spec = spec_for(dir.path(), &ids, Duration::from_secs(5));
+    spec.parties[1].policy_toml = dp_policy(
+        "p1",
+        &ids,
+        "mechanism = \"laplace\"\nepsilon_per_query = 0.5",
+        "{ epsilon = 10, period_days = 30 }",
+    );
+    let run = dir.path().join("run");
+    let fed = LocalFederation::start(&spec, &run).await.unwrap();
+    let p1 = fed.gateway("p1").unwrap().gateway.clone();
+    let analyst = policies::Analyst {
+        party: "p0".into(),
+        name: USER.into(),
+        roles: vec![],
+    };
+    let mut asked = 0;
+    let mut propose = |p1: std::sync::Arc<gateway::gateway::Gateway>| {
+        asked += 1;
+        let id = format!("{asked:032x}");
+        let analyst = analyst.clone();
+        async move {
+            let v = p1
+                .on_propose(
+                    "p0",
+                    Propose {
+                        query_id: id.clone(),
+                        sql: "SELECT COUNT(*), SUM(x) FROM t".into(),
+                        options: Default::default(),
+                        analyst,
+                        explain_only: false,
+                    },
+                )
+                .await;
+            let Verdict::Allow {
+                privacy: Some(req), ..
+            } = v
+            else {
+                panic!("p1 should allow, requiring DP: {v:?}");
+            };
+            (id, req)
+        }
+    };
+    // No parameters at all.
+    let (id, _) = propose(p1.clone()).await;
+    let e = p1
+        .on_start(
+            "p0",
+            Start {
+                query_id: id,
+                privacy: None,
+                fingerprint: None,
+            },
+        )
+        .unwrap_err();
+    assert!(e.contains("requires differential privacy"), "{e}");
+    // Looser than p1's requirement.
+    let (id, req) = propose(p1.clone()).await;
+    let mut params = planner::privacy::DpParams::merge(&[req], 2)
+        .unwrap()
+        .unwrap();
+    params.epsilon_micro = 5_000_000;
+    let e = p1
+        .on_start(
+            "p0",
+            Start {
+                query_id: id,
+                privacy: Some(params.clone()),
+                fingerprint: None,
+            },
+        )
+        .unwrap_err();
+    assert!(e.contains("fall short") && e.contains("ε = 5"), "{e}");
+    // Nonsense (ε = 0 would divide by zero) and a wrong fingerprint.
+    let (id, _) = propose(p1.clone()).await;
+    params.epsilon_micro = 0;
+    assert!(p1
+        .on_start(
+            "p0",
+            Start {
+                query_id: id,
+                privacy: Some(params.clone()),
+                fingerprint: None
+            }
+        )
+        .is_err());
+    let (id, req) = propose(p1.clone()).await;
+    let params = planner::privacy::DpParams::merge(&[req], 2)
+        .unwrap()
+        .unwrap();
+    let e = p1
+        .on_start(
+            "p0",
+            Start {
+                query_id: id,
+                privacy: Some(params),
+                fingerprint: Some("0".repeat(64)),
+            },
+        )
+        .unwrap_err();
+    assert!(e.contains("differs"), "{e}");
+    // Nothing was charged for any of them.
+    let ledger = policies::Ledger::open(&run.join("audit/p1-budget.sqlite")).unwrap();
+    assert!(ledger.charges(None).unwrap().is_empty());
+    fed.stop().await;
+}
