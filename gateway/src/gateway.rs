@@ -682,13 +682,14 @@ impl Gateway {
             .map_err(|e| e.to_string())
     }
 
-    fn finish(&self, s: &Session, outcome: String) {
+    fn finish(&self, s: &Session, mut outcome: String) {
         self.sessions()
             .remove(&(s.leader.clone(), s.query_id.clone()));
         if s.charged.swap(false, Ordering::SeqCst) {
             if let Some(ledger) = &self.ledger {
                 let key = ledger_key(s);
-                let r = if s.reveal_point.load(Ordering::SeqCst) {
+                let spent = s.reveal_point.load(Ordering::SeqCst);
+                let r = if spent {
                     ledger.mark_spent(&key)
                 } else {
                     ledger.refund(&key).map(|_| ())
@@ -696,6 +697,18 @@ impl Gateway {
                 if let Err(e) = r {
                     eprintln!("[{}] BUDGET LEDGER UPDATE FAILED: {e}", self.party);
                 }
+                // The audit log records what the query cost here.
+                let eps = s
+                    .plan()
+                    .privacy
+                    .as_ref()
+                    .map(|p| planner::privacy::epsilon_text(p.epsilon_micro))
+                    .unwrap_or_default();
+                outcome.push_str(&if spent {
+                    format!("; privacy budget charged: ε = {eps}")
+                } else {
+                    format!("; privacy budget refunded: ε = {eps}")
+                });
             }
         }
         if let Some(task) = s.prepared.lock().unwrap_or_else(|p| p.into_inner()).take() {

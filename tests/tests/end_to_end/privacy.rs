@@ -13,6 +13,17 @@ use arrow::datatypes::Schema;
 use council_tests::{open_policy, party_ids, spec_for, write_random_data, Shape, PASSWORD, USER};
 use gateway::federation::{plaintext, FederationSpec, LocalFederation};
 
+/// A federation spec over seeded random data, with open policies.
+fn random_spec(
+    dir: &std::path::Path,
+    ids: &[String],
+    seed: u64,
+    timeout: Duration,
+) -> FederationSpec {
+    write_random_data(&dir.join("data"), ids, Shape { seed, large: false }).unwrap();
+    spec_for(dir, ids, timeout)
+}
+
 /// `[privacy]` and the table's privacy section added to the open policy.
 fn dp_policy(party: &str, ids: &[String], privacy: &str, budget: &str) -> String {
     let mut p = open_policy(party, ids);
@@ -117,16 +128,7 @@ async fn coverage(
 async fn noised_answers_lie_within_their_stated_intervals_at_the_stated_rate() {
     let dir = tempfile::tempdir().unwrap();
     let ids = party_ids(3);
-    write_random_data(
-        &dir.path().join("data"),
-        &ids,
-        Shape {
-            seed: 7,
-            large: false,
-        },
-    )
-    .unwrap();
-    let mut spec: FederationSpec = spec_for(dir.path(), &ids, Duration::from_secs(20));
+    let mut spec = random_spec(dir.path(), &ids, 7, Duration::from_secs(20));
     // p0 and p1 require pure ε-DP (p1 is stricter: the query runs at ε = 0.5);
     // p2 requires nothing.
     let budget = "{ epsilon = 1000, period_days = 30 }";
@@ -194,16 +196,7 @@ async fn noised_answers_lie_within_their_stated_intervals_at_the_stated_rate() {
 async fn gaussian_answers_lie_within_their_stated_intervals() {
     let dir = tempfile::tempdir().unwrap();
     let ids = party_ids(3);
-    write_random_data(
-        &dir.path().join("data"),
-        &ids,
-        Shape {
-            seed: 8,
-            large: false,
-        },
-    )
-    .unwrap();
-    let mut spec = spec_for(dir.path(), &ids, Duration::from_secs(20));
+    let mut spec = random_spec(dir.path(), &ids, 8, Duration::from_secs(20));
     spec.parties[2].policy_toml = dp_policy(
         "p2",
         &ids,
@@ -267,16 +260,7 @@ async fn gaussian_answers_lie_within_their_stated_intervals() {
 async fn budgets_are_refused_when_spent_also_after_a_restart_and_refunded_on_abort() {
     let dir = tempfile::tempdir().unwrap();
     let ids = party_ids(3);
-    write_random_data(
-        &dir.path().join("data"),
-        &ids,
-        Shape {
-            seed: 5,
-            large: false,
-        },
-    )
-    .unwrap();
-    let mut spec = spec_for(dir.path(), &ids, Duration::from_secs(20));
+    let mut spec = random_spec(dir.path(), &ids, 5, Duration::from_secs(20));
     spec.parties[1].policy_toml = dp_policy(
         "p1",
         &ids,
@@ -308,16 +292,7 @@ async fn budgets_are_refused_when_spent_also_after_a_restart_and_refunded_on_abo
     // A party falls silent after the charges: the query aborts before the
     // reveal and the charges are refunded.
     let dir2 = tempfile::tempdir().unwrap();
-    write_random_data(
-        &dir2.path().join("data"),
-        &ids,
-        Shape {
-            seed: 5,
-            large: false,
-        },
-    )
-    .unwrap();
-    let mut spec = spec_for(dir2.path(), &ids, Duration::from_secs(2));
+    let mut spec = random_spec(dir2.path(), &ids, 5, Duration::from_secs(2));
     let budget = "{ epsilon = 10, period_days = 30 }";
     spec.parties[0].policy_toml = dp_policy(
         "p0",
@@ -363,16 +338,7 @@ async fn a_party_refuses_a_leader_that_drops_or_loosens_its_privacy() {
     use gateway::peer::{Propose, Start, Verdict};
     let dir = tempfile::tempdir().unwrap();
     let ids = party_ids(2);
-    write_random_data(
-        &dir.path().join("data"),
-        &ids,
-        Shape {
-            seed: 4,
-            large: false,
-        },
-    )
-    .unwrap();
-    let mut spec = spec_for(dir.path(), &ids, Duration::from_secs(5));
+    let mut spec = random_spec(dir.path(), &ids, 4, Duration::from_secs(5));
     spec.parties[1].policy_toml = dp_policy(
         "p1",
         &ids,
