@@ -31,6 +31,12 @@ pub fn summary(p: &DpParams) -> String {
         " for this query (required by {}); values clamped and rows per individual bounded as EXPLAIN shows",
         p.required_by.join(", ")
     ));
+    if p.min_group_size > 0 {
+        s.push_str(&format!(
+            "; groups whose noised row count is below {} are left out",
+            p.min_group_size
+        ));
+    }
     s
 }
 

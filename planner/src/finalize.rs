@@ -29,10 +29,16 @@ pub struct Revealed {
 /// The groups that exist: with GROUP BY, those with at least one row (as in
 /// SQL); without, the single group always.
 pub fn present_groups(plan: &FederatedPlan, revealed: &Revealed) -> Vec<usize> {
-    if plan.grouped && plan.privacy.is_some() {
-        // Every group of the public domain is released, noised: which
-        // groups are empty is itself private.
-        return (0..plan.groups.len()).collect();
+    if let Some(p) = &plan.privacy {
+        // Every group of the public domain is released, noised (which
+        // groups are empty is itself private), unless a minimum group size
+        // leaves out those whose noised row count is below it.
+        if !plan.grouped {
+            return vec![0];
+        }
+        return (0..plan.groups.len())
+            .filter(|&g| !suppressed(plan, revealed, g, p.min_group_size))
+            .collect();
     }
     let rows = &revealed.totals[plan.row_count];
     if plan.grouped {
@@ -44,13 +50,36 @@ pub fn present_groups(plan: &FederatedPlan, revealed: &Revealed) -> Vec<usize> {
     }
 }
 
+/// Whether group `g`'s noised row count is below `min` (never without a
+/// threshold).
+fn suppressed(plan: &FederatedPlan, revealed: &Revealed, g: usize, min: u64) -> bool {
+    min > 0
+        && revealed
+            .totals
+            .get(plan.row_count)
+            .and_then(|t| t.get(g))
+            .is_none_or(|&n| n < min as i128)
+}
+
 /// Builds the batch that stands in for DataFusion's Aggregate node.
 pub fn revealed_batch(plan: &FederatedPlan, revealed: &Revealed) -> Result<RecordBatch, PlanError> {
     let groups = present_groups(plan, revealed);
     let agg_schema = aggregate_schema(&plan.logical)?;
     let mut columns: Vec<ArrayRef> = plan.groups.key_arrays_for(&groups);
+    // An ungrouped answer under a minimum group size it does not reach is
+    // all NULL.
+    let blank = !plan.grouped
+        && plan
+            .privacy
+            .as_ref()
+            .is_some_and(|p| suppressed(plan, revealed, 0, p.min_group_size));
     for a in &plan.aggregates {
-        columns.push(final_values(a, &groups, revealed, plan.privacy.is_some())?);
+        let c = final_values(a, &groups, revealed, plan.privacy.is_some())?;
+        columns.push(if blank {
+            datafusion::arrow::array::new_null_array(c.data_type(), c.len())
+        } else {
+            c
+        });
     }
     let fields: Vec<Field> = agg_schema
         .fields()

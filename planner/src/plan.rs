@@ -412,6 +412,7 @@ impl FederatedPlan {
             };
             sensitivities.push((p.kind, name, sens));
         }
+        self.privacy = Some(params.clone());
         let shared = self.shared_partials_under_dp();
         let mut totals = Vec::new();
         for i in shared {
@@ -459,6 +460,10 @@ impl FederatedPlan {
 
     fn shared_partials_under_dp(&self) -> Vec<usize> {
         let mut used = BTreeSet::new();
+        if self.privacy.as_ref().is_some_and(|p| p.min_group_size > 0) {
+            // The threshold is applied to the noised row count.
+            used.insert(self.row_count);
+        }
         for a in &self.aggregates {
             if a.kind != AggKind::Sum {
                 used.extend(a.count);
@@ -1154,6 +1159,7 @@ columns = [
             )]),
             individual_id: Some("patient_id".into()),
             max_rows: 2,
+            min_group_size: 0,
             required_by: vec!["b".into()],
         }
     }

@@ -194,6 +194,9 @@ pub struct Requirement {
     pub individual_id: Option<String>,
     /// Most rows one individual contributes (enforced with an id).
     pub max_rows: u64,
+    /// Groups whose noised row count is below this are left out (0: none).
+    #[serde(default)]
+    pub min_group_size: u64,
 }
 
 /// The privacy parameters of one query, agreed by every party: the
@@ -208,6 +211,9 @@ pub struct DpParams {
     pub clamps: BTreeMap<String, Clamp>,
     pub individual_id: Option<String>,
     pub max_rows: u64,
+    /// Groups whose noised row count is below this are left out (0: none).
+    #[serde(default)]
+    pub min_group_size: u64,
     /// The parties whose policies asked for DP.
     pub required_by: Vec<String>,
 }
@@ -228,6 +234,7 @@ impl DpParams {
             clamps: BTreeMap::new(),
             individual_id: None,
             max_rows: first.max_rows,
+            min_group_size: 0,
             required_by: Vec::new(),
         };
         for r in reqs {
@@ -237,6 +244,7 @@ impl DpParams {
             }
             p.epsilon_micro = p.epsilon_micro.min(r.epsilon_micro);
             p.max_rows = p.max_rows.min(r.max_rows);
+            p.min_group_size = p.min_group_size.max(r.min_group_size);
             let c = r.colluders.unwrap_or(all_but_one);
             if c > all_but_one {
                 return Err(format!(
@@ -361,6 +369,12 @@ impl DpParams {
             return Err(format!(
                 "{} rows per individual exceeds this party's bound of {}",
                 self.max_rows, req.max_rows
+            ));
+        }
+        if self.min_group_size < req.min_group_size {
+            return Err(format!(
+                "groups below {} rows are not left out (this party's min_group_size)",
+                req.min_group_size
             ));
         }
         if req.individual_id.is_some() && self.individual_id != req.individual_id {
@@ -680,10 +694,19 @@ pub fn explain(
             fmt_num(n.half_width_value())
         );
     }
-    let _ = writeln!(
-        s,
-        "   every group of the public domain is released (noised); HAVING and ORDER BY act on noised values"
-    );
+    if params.min_group_size > 0 {
+        let _ = writeln!(
+            s,
+            "   groups whose noised row count is below {} are left out (an ungrouped answer becomes NULL); \
+             HAVING and ORDER BY act on noised values",
+            params.min_group_size
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "   every group of the public domain is released (noised); HAVING and ORDER BY act on noised values"
+        );
+    }
     s
 }
 
@@ -726,6 +749,7 @@ mod tests {
             )]),
             individual_id: None,
             max_rows: 2,
+            min_group_size: 0,
         }
     }
 
@@ -784,6 +808,7 @@ mod tests {
             clamps: BTreeMap::new(),
             individual_id: None,
             max_rows: 1,
+            min_group_size: 0,
             required_by: vec!["a".into()],
         };
         let n = calibrate(&p, &[(0, 1, 0), (2, 100_000, 2)], 2).unwrap();

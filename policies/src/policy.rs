@@ -547,6 +547,7 @@ impl Policy {
             clamps,
             individual_id: tprivacy.individual_id.clone(),
             max_rows: tprivacy.max_rows,
+            min_group_size: self.min_group_size,
         })
     }
 
@@ -634,12 +635,16 @@ impl Policy {
                 }
             }
         }
-        if self.min_group_size > 0 {
+        // Under DP the threshold is applied to noised row counts (which
+        // reveals nothing more); without DP it cannot be enforced without
+        // revealing the small counts, so it fails closed.
+        if self.min_group_size > 0 && self.requirement(plan, analyst).is_none() {
             return deny(
                 "results.min_group_size".into(),
                 format!(
-                    "this party requires groups of at least {} rows, and Council cannot yet enforce a threshold \
-                     without revealing small counts, so it fails closed",
+                    "this party requires groups of at least {} rows, which Council enforces only on noised counts \
+                     under differential privacy; without DP it cannot enforce a threshold without revealing small \
+                     counts, so it fails closed",
                     self.min_group_size
                 ),
             );

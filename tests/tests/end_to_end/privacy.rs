@@ -443,3 +443,73 @@ async fn a_party_refuses_a_leader_that_drops_or_loosens_its_privacy() {
     assert!(ledger.charges(None).unwrap().is_empty());
     fed.stop().await;
 }
+
+/// Under DP a minimum group size is enforced on the noised row counts:
+/// groups below it are left out, an ungrouped answer below it is NULL, and
+/// every released group's noised count is at least the threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_minimum_group_size_is_enforced_on_noised_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = party_ids(2);
+    let mut spec = random_spec(dir.path(), &ids, 10, Duration::from_secs(20));
+    let budget = "{ epsilon = 1000, period_days = 30 }";
+    spec.parties[0].policy_toml = dp_policy(
+        "p0",
+        &ids,
+        "mechanism = \"laplace\"\nepsilon_per_query = 2",
+        budget,
+    )
+    .replace(
+        "[tables.t]\n",
+        "[results]\nmin_group_size = 30\n[tables.t]\n",
+    );
+    let fed = LocalFederation::start(&spec, &dir.path().join("run"))
+        .await
+        .unwrap();
+    let pooled = fed.pooled_context().await.unwrap();
+    let client = fed.client("p1", USER, PASSWORD).await.unwrap();
+    // g has a, b, c at both parties and d at p0 only, plus NULL (5%).
+    let sql = "SELECT g, COUNT(*) AS n, SUM(x) FROM t GROUP BY g ORDER BY g";
+    let plain = by_group(&plaintext(&pooled, sql).await.unwrap(), Some(0), 1);
+    let mut seen_small = false;
+    for _ in 0..10 {
+        let got = client.query(sql).await.unwrap();
+        let noisy = by_group(&got, Some(0), 1);
+        assert!(noisy.values().all(|&n| n >= 30.0), "{noisy:?}");
+        // A group far above the threshold is always there; one far below never.
+        for (k, &n) in &plain {
+            if n >= 60.0 {
+                assert!(noisy.contains_key(k), "{k:?} ({n} rows) left out");
+            }
+            if n <= 10.0 {
+                seen_small = true;
+                assert!(!noisy.contains_key(k), "{k:?} ({n} rows) released");
+            }
+        }
+        // Groups with no rows at all (none here) would be left out too.
+        assert!(noisy.len() <= 5);
+    }
+    assert!(
+        seen_small,
+        "the data set should have a small group: {plain:?}"
+    );
+    // Ungrouped, below the threshold: one row of NULLs.
+    let got = client
+        .query("SELECT COUNT(*), SUM(x) FROM t WHERE g IS NULL AND x > 900")
+        .await
+        .unwrap();
+    let text = arrow::util::pretty::pretty_format_batches(&got)
+        .unwrap()
+        .to_string();
+    assert_eq!(got.iter().map(|b| b.num_rows()).sum::<usize>(), 1, "{text}");
+    assert!(
+        got[0].column(0).is_null(0) && got[0].column(1).is_null(0),
+        "{text}"
+    );
+    let explain = client.explain(sql).await.unwrap();
+    assert!(
+        explain.contains("noised row count is below 30 are left out"),
+        "{explain}"
+    );
+    fed.stop().await;
+}
