@@ -49,6 +49,11 @@ if q 127.0.0.1:7201 "SELECT sex, COUNT(*) FROM patients WHERE patient_id < 10001
   echo "expected a refusal" >&2; exit 1
 fi
 
+echo "== an external analyst of hospital_a: hospital_c answers only with differential privacy"
+COUNCIL_USER=victor q 127.0.0.1:7201 "SELECT age_band, COUNT(*) AS patients, SUM(length_of_stay) AS bed_days FROM patients GROUP BY age_band ORDER BY age_band"
+echo "== hospital_c's budget ledger"
+"$COUNCIL" budget show --config hospital_c.toml
+
 if command -v psql > /dev/null; then
   echo "== hospital_c's analyst through psql (PostgreSQL wire protocol, TLS, SCRAM)"
   PGPASSWORD="$COUNCIL_PASSWORD" psql -X \

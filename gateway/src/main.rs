@@ -529,7 +529,7 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode> {
                                         .map(|n| p.local.partials[n.partial].describe())
                                         .collect();
                                     print!(
-                                        "with {}",
+                                        "{}",
                                         planner::privacy::explain(
                                             p.privacy
                                                 .as_ref()

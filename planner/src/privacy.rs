@@ -680,11 +680,18 @@ pub fn explain(
             clamps.join(", ")
         }
     );
-    let _ = writeln!(
-        s,
-        "   each of the {parties} parties adds its own noise to its share before the reveal (calibrated so that \
-         one honest party's noise alone suffices; no party sees the total noise):"
-    );
+    if parties > 1 {
+        let _ = writeln!(
+            s,
+            "   each of the {parties} parties adds its own noise to its share before the reveal (calibrated so that \
+             one honest party's noise alone suffices; no party sees the total noise):"
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "   noise per party (in a federation every party adds one such draw to its share):"
+        );
+    }
     for (n, name) in noise.iter().zip(names) {
         let _ = writeln!(
             s,

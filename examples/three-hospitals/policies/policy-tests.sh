@@ -13,4 +13,7 @@ for h in hospital_a hospital_b hospital_c; do
 done
 t hospital_a hospital_a:alice "SELECT COUNT(*) FROM patients WHERE patient_id < 1000100" allow
 t hospital_b hospital_a:alice "SELECT COUNT(*) FROM patients WHERE patient_id < 1000100" deny
+# External analysts get noised answers from hospital_c (the test prints the noise).
+"$COUNCIL" policy test policies/hospital_c.toml --catalog catalog.toml --analyst hospital_a:victor --role external \
+  --sql "SELECT age_band, COUNT(*), SUM(length_of_stay) FROM patients GROUP BY age_band" --expect allow
 echo "all policy tests passed"
