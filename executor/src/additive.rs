@@ -14,10 +14,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rand::rngs::OsRng;
-use rand::{SeedableRng, TryRngCore};
-use rand_chacha::ChaCha20Rng;
-
-use crate::noise::NoiseSpec;
+use rand::TryRngCore;
 
 use crate::shares::SharedTable;
 use crate::transport::{Round, Transport};
@@ -31,8 +28,11 @@ pub struct AdditiveEngine {
     /// The querying party: the only one that learns the result.
     pub leader: String,
     /// Differential privacy: the noise this party adds to its share of each
-    /// column before anything leaves it for the reveal (`None`: none).
-    pub noise: Vec<Option<NoiseSpec>>,
+    /// column (one draw per row) before anything leaves it for the reveal
+    /// (`None`: none). Drawn beforehand ([`crate::noise::draw_all`]), so
+    /// that the time the draws take, which depends on their values, does
+    /// not show in when this party's messages leave.
+    pub noise: Vec<Option<Vec<i128>>>,
     /// Set once this party's part can lead to a reveal: just before a
     /// party sends its result share, and at the leader once it holds every
     /// share. A budget charge is refunded only if this was never set.
@@ -53,23 +53,18 @@ impl AdditiveEngine {
 
     /// Adds this party's noise share to its share of the totals: the
     /// revealed sum carries every party's noise, and no party knows any
-    /// draw but its own. Draws come from ChaCha20 seeded by the OS.
+    /// draw but its own.
     fn add_noise(&self, acc: &mut SharedTable) -> Result<(), ExecError> {
-        if self.noise.iter().all(|n| n.is_none()) {
-            return Ok(());
-        }
-        let mut rng = ChaCha20Rng::try_from_os_rng()
-            .map_err(|e| ExecError::Encode(format!("OS randomness failed: {e}")))?;
-        for (col, spec) in self.noise.iter().enumerate() {
-            let Some(spec) = spec else { continue };
-            for row in 0..acc.rows {
-                let x = spec.draw(&mut rng).ok_or_else(|| {
-                    ExecError::Encode(
-                        "a noise draw fell beyond its safety bound (probability below 10^-25); \
-                         run the query again"
-                            .into(),
-                    )
-                })?;
+        for (col, draws) in self.noise.iter().enumerate() {
+            let Some(draws) = draws else { continue };
+            if draws.len() != acc.rows {
+                return Err(ExecError::Encode(format!(
+                    "{} noise draws for {} groups",
+                    draws.len(),
+                    acc.rows
+                )));
+            }
+            for (row, &x) in draws.iter().enumerate() {
                 acc.add_value(col, row, x);
             }
         }

@@ -190,6 +190,37 @@ pub enum Distribution {
     Gaussian { sigma2: u128 },
 }
 
+/// One draw per row for every column that has a spec, from ChaCha20
+/// seeded by the operating system; an error if a draw falls beyond its
+/// bound (probability below 10^-25) or the OS has no randomness.
+pub fn draw_all(
+    specs: &[Option<NoiseSpec>],
+    rows: usize,
+) -> Result<Vec<Option<Vec<i128>>>, String> {
+    use rand::SeedableRng;
+    if specs.iter().all(|s| s.is_none()) {
+        return Ok(vec![None; specs.len()]);
+    }
+    let mut rng = rand_chacha::ChaCha20Rng::try_from_os_rng()
+        .map_err(|e| format!("OS randomness failed: {e}"))?;
+    specs
+        .iter()
+        .map(|spec| {
+            spec.map(|spec| {
+                (0..rows)
+                    .map(|_| {
+                        spec.draw(&mut rng).ok_or_else(|| {
+                            "a noise draw fell beyond its safety bound (probability below 10^-25); run the query again"
+                                .to_string()
+                        })
+                    })
+                    .collect::<Result<Vec<i128>, String>>()
+            })
+            .transpose()
+        })
+        .collect()
+}
+
 /// A distribution and the bound beyond which a draw aborts the query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NoiseSpec {
@@ -438,7 +469,7 @@ mod tests {
             for (i, t) in net.into_iter().enumerate() {
                 let mut e =
                     AdditiveEngine::new(parties.clone(), parties[i].clone(), parties[0].clone());
-                e.noise = vec![Some(spec), None];
+                e.noise = draw_all(&[Some(spec), None], rows).unwrap();
                 tasks.push(tokio::spawn(async move {
                     let input = SharedTable::zeros(vec![], &[Width::Z64, Width::Z128], rows);
                     e.sum_and_reveal(&t, &input).await.unwrap()

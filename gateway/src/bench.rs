@@ -552,6 +552,44 @@ pub fn micro(elements: usize) -> Result<()> {
         "to Arrow batch (UInt64 column)",
         time(&mut || batch = table.to_batch().ok()),
     ));
+    // DP noise, one draw per revealed total: measured on fewer draws (the
+    // Gaussian at large σ² uses arbitrary precision), reported per element.
+    let draws = elements.min(200_000);
+    let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(1);
+    let mut noise_rows = Vec::new();
+    for (name, d) in [
+        (
+            "DP noise: discrete Laplace, scale 4000",
+            executor::noise::Distribution::Laplace { num: 4000, den: 1 },
+        ),
+        (
+            "DP noise: discrete Gaussian, σ² = 1e9",
+            executor::noise::Distribution::Gaussian {
+                sigma2: 1_000_000_000,
+            },
+        ),
+        (
+            "DP noise: discrete Gaussian, σ² = 1e21 (bigint)",
+            executor::noise::Distribution::Gaussian {
+                sigma2: 1_000_000_000_000_000_000_000,
+            },
+        ),
+    ] {
+        let spec = executor::noise::NoiseSpec {
+            distribution: d,
+            bound: u128::MAX,
+        };
+        let mut acc = 0i128;
+        let secs = time(&mut || {
+            for _ in 0..draws {
+                acc = acc.wrapping_add(spec.draw(&mut rng).unwrap_or(0));
+            }
+        });
+        std::hint::black_box(acc);
+        // Scaled to `elements` for the comparison with the baseline.
+        noise_rows.push((name, secs * elements as f64 / draws as f64));
+    }
+    rows.extend(noise_rows);
     println!(
         "executor micro-benchmarks, {elements} elements, best of 5 ({}):",
         if cfg!(debug_assertions) {

@@ -185,7 +185,14 @@ struct Ask<'a> {
 }
 
 /// This party's encoded input, computed as soon as it allowed the query.
-type Prepared = tokio::task::JoinHandle<Result<SharedTable, PartyFailure>>;
+type Prepared = tokio::task::JoinHandle<Result<Input, PartyFailure>>;
+
+/// A party's encoded partials and, under DP, its noise draws (made while
+/// preparing, so that their value-dependent time hides in the local part's).
+struct Input {
+    table: SharedTable,
+    noise: Vec<Option<Vec<i128>>>,
+}
 
 pub struct Gateway {
     pub party: String,
@@ -775,11 +782,11 @@ impl Gateway {
             })??,
             None => self.local_input(s).await?,
         };
-        self.secure_sum(s, &input).await
+        self.secure_sum(s, &input.table, input.noise).await
     }
 
     /// The local part over this party's data, as ring elements per group.
-    async fn local_input(&self, s: &Session) -> Result<SharedTable, PartyFailure> {
+    async fn local_input(&self, s: &Session) -> Result<Input, PartyFailure> {
         let t = Instant::now();
         let plan = &s.plan();
         let mine = |m: String| PartyFailure {
@@ -850,10 +857,34 @@ impl Gateway {
         })?;
         let rows = index.len();
         s.phases.span("encode", t);
-        Ok(SharedTable {
-            keys,
-            columns: ring,
-            rows,
+        let t = Instant::now();
+        let specs: Vec<Option<executor::noise::NoiseSpec>> = shared_idx
+            .iter()
+            .map(|&i| {
+                plan.noise_of(i).map(|n| executor::noise::NoiseSpec {
+                    distribution: match n.noise {
+                        Noise::Laplace { num, den } => {
+                            executor::noise::Distribution::Laplace { num, den }
+                        }
+                        Noise::Gaussian { sigma2 } => {
+                            executor::noise::Distribution::Gaussian { sigma2 }
+                        }
+                    },
+                    bound: n.noise.draw_bound(),
+                })
+            })
+            .collect();
+        let noise = executor::noise::draw_all(&specs, rows).map_err(mine)?;
+        if plan.privacy.is_some() {
+            s.phases.span("noise", t);
+        }
+        Ok(Input {
+            table: SharedTable {
+                keys,
+                columns: ring,
+                rows,
+            },
+            noise,
         })
     }
 
@@ -862,6 +893,7 @@ impl Gateway {
         &self,
         s: &Session,
         input: &SharedTable,
+        noise: Vec<Option<Vec<i128>>>,
     ) -> Result<Option<Revealed>, PartyFailure> {
         let t = Instant::now();
         let plan = &s.plan();
@@ -881,22 +913,7 @@ impl Gateway {
             planner::plan::Engine::Additive => {
                 let mut e =
                     AdditiveEngine::new(self.parties.clone(), self.party.clone(), s.leader.clone());
-                e.noise = shared_idx
-                    .iter()
-                    .map(|&i| {
-                        plan.noise_of(i).map(|n| executor::noise::NoiseSpec {
-                            distribution: match n.noise {
-                                Noise::Laplace { num, den } => {
-                                    executor::noise::Distribution::Laplace { num, den }
-                                }
-                                Noise::Gaussian { sigma2 } => {
-                                    executor::noise::Distribution::Gaussian { sigma2 }
-                                }
-                            },
-                            bound: n.noise.draw_bound(),
-                        })
-                    })
-                    .collect();
+                e.noise = noise;
                 e.reveal_point = Some(s.reveal_point.clone());
                 Box::new(e)
             }
