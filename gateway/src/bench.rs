@@ -569,7 +569,7 @@ pub fn micro(elements: usize) -> Result<()> {
             },
         ),
         (
-            "DP noise: discrete Gaussian, σ² = 1e21 (bigint)",
+            "DP noise: discrete Gaussian, σ² = 1e21, bigint",
             executor::noise::Distribution::Gaussian {
                 sigma2: 1_000_000_000_000_000_000_000,
             },

@@ -102,29 +102,28 @@ pub fn footer(schema: &Schema) -> Option<String> {
 /// `council budget show`: the budget, then per analyst what is spent and
 /// left in the current period, then every charge, newest first.
 pub fn budget_report(
-    cfg: &crate::config::GatewayConfig,
+    party: &str,
+    privacy: Option<&policies::PrivacyPolicy>,
+    ledger_path: &std::path::Path,
     analyst: Option<&str>,
     now: i64,
 ) -> anyhow::Result<String> {
-    let Some(pp) = &cfg.policy.privacy else {
+    let Some(pp) = privacy else {
         anyhow::bail!(
-            "the policy of {} has no [privacy] section, so it keeps no budget ledger",
-            cfg.party
+            "the policy of {party} has no [privacy] section, so it keeps no budget ledger"
         );
     };
-    if !cfg.budget_ledger.exists() {
+    if !ledger_path.exists() {
         return Ok(format!(
-            "{}: no budget ledger yet at {} (no DP query has run)\n",
-            cfg.party,
-            cfg.budget_ledger.display()
+            "{party}: no budget ledger yet at {} (no DP query has run)\n",
+            ledger_path.display()
         ));
     }
-    let ledger = policies::Ledger::open(&cfg.budget_ledger)?;
+    let ledger = policies::Ledger::open(ledger_path)?;
     let b = &pp.budget;
     let mut s = format!(
-        "Privacy budget at {} (ledger {}): ε = {}{} per analyst per rolling {}-day period\n",
-        cfg.party,
-        cfg.budget_ledger.display(),
+        "Privacy budget at {party} (ledger {}): ε = {}{} per analyst per rolling {}-day period\n",
+        ledger_path.display(),
         epsilon_text(b.epsilon_micro),
         if b.delta > 0.0 {
             format!(", δ = {:e}", b.delta)

@@ -377,7 +377,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = gateway::config::GatewayConfig::load(&config)?;
             print!(
                 "{}",
-                gateway::dp::budget_report(&cfg, analyst.as_deref(), policies::ledger::now_unix())?
+                gateway::dp::budget_report(
+                    &cfg.party,
+                    cfg.policy.privacy.as_ref(),
+                    &cfg.budget_ledger,
+                    analyst.as_deref(),
+                    policies::ledger::now_unix()
+                )?
             );
         }
         Command::Audit {

@@ -288,6 +288,25 @@ async fn budgets_are_refused_when_spent_also_after_a_restart_and_refunded_on_abo
     let other = fed.client("p2", USER, PASSWORD).await.unwrap();
     other.query(sql).await.unwrap();
     fed.stop().await;
+    // What `council budget show` prints for p1.
+    let policy = policies::Policy::parse(&spec.parties[1].policy_toml, None).unwrap();
+    let ledger = run.join("audit/p1-budget.sqlite");
+    let now = policies::ledger::now_unix();
+    let all =
+        gateway::dp::budget_report("p1", policy.privacy.as_ref(), &ledger, None, now).unwrap();
+    let words = all.split_whitespace().collect::<Vec<_>>().join(" ");
+    for want in [
+        "ε = 1.2 per analyst per rolling 30-day period",
+        "p0:ana 1 0.2 2 0",
+        "p2:ana 0.5 0.7 1 0",
+        "p0:ana ε = 0.5 spent SELECT COUNT(*), SUM(x) FROM t",
+    ] {
+        assert!(words.contains(want), "budget show lacks `{want}`:\n{all}");
+    }
+    let one =
+        gateway::dp::budget_report("p1", policy.privacy.as_ref(), &ledger, Some("p2:ana"), now)
+            .unwrap();
+    assert!(!one.contains("p0:ana"), "{one}");
 
     // A party falls silent after the charges: the query aborts before the
     // reveal and the charges are refunded.
