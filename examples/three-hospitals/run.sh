@@ -59,6 +59,10 @@ if command -v psql > /dev/null; then
   PGPASSWORD="$COUNCIL_PASSWORD" psql -X \
     "host=127.0.0.1 port=7303 user=alice dbname=council sslmode=verify-full sslrootcert=run/certs/ca.pem" \
     -c "SELECT sex, COUNT(*) AS n, AVG(cost) AS avg_cost FROM patients GROUP BY sex ORDER BY sex"
+  echo "== hospital_a's external analyst through psql: the noise comes as a NOTICE"
+  PGPASSWORD="$COUNCIL_PASSWORD" psql -X \
+    "host=127.0.0.1 port=7301 user=victor dbname=council sslmode=verify-full sslrootcert=run/certs/ca.pem" \
+    -c "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex ORDER BY sex"
 fi
 
 echo "== audit logs"

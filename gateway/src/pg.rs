@@ -304,14 +304,17 @@ impl PgFrontDoor {
         })
     }
 
+    /// Runs `sql`; with it, under differential privacy, a notice that says
+    /// what noise the answer carries (psql prints it above the rows).
     async fn execute(
         &self,
         analyst: &Analyst,
         sql: &str,
         format: &Format,
-    ) -> PgWireResult<Response> {
+    ) -> PgWireResult<(Response, Option<String>)> {
+        let mut notice = None;
         let (schema, batches) = match self.route(analyst, sql).await? {
-            Route::Ack(tag) => return Ok(Response::Execution(Tag::new(tag))),
+            Route::Ack(tag) => return Ok((Response::Execution(Tag::new(tag)), None)),
             Route::Show(name) => {
                 let schema = show_schema(&name);
                 let value = show_value(&name);
@@ -342,7 +345,11 @@ impl PgFrontDoor {
                     .run_query(analyst, &sql, &Default::default())
                     .await
                     .map_err(failure)?;
-                (a.schema, a.batches)
+                let (schema, batches) =
+                    crate::dp::annotate(a.schema, a.batches, a.privacy.as_deref(), &a.noise)
+                        .map_err(|e| pg_error("XX000", e.to_string()))?;
+                notice = crate::dp::footer(&schema);
+                (schema, batches)
             }
             Route::Local(df) => {
                 let schema = Arc::new(df.schema().as_arrow().clone());
@@ -352,8 +359,22 @@ impl PgFrontDoor {
                 (schema, batches)
             }
         };
-        encode(&schema, &batches, format)
+        Ok((encode(&schema, &batches, format)?, notice))
     }
+}
+
+/// Sends a NOTICE (psql prints it before the answer).
+async fn send_notice<C>(client: &mut C, text: &str) -> PgWireResult<()>
+where
+    C: Sink<PgWireBackendMessage> + Unpin,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    use futures::SinkExt;
+    let info = ErrorInfo::new("NOTICE".into(), "01000".into(), text.trim_end().to_string());
+    client
+        .send(PgWireBackendMessage::NoticeResponse(info.into()))
+        .await?;
+    Ok(())
 }
 
 /// Removes `pg_catalog.` qualifiers (any case) outside string literals.
@@ -532,7 +553,12 @@ impl SimpleQueryHandler for PgFrontDoor {
         let mut out = Vec::new();
         for stmt in split_statements(query) {
             match self.execute(&analyst, stmt, &Format::UnifiedText).await {
-                Ok(r) => out.push(r),
+                Ok((r, notice)) => {
+                    if let Some(n) = notice {
+                        send_notice(client, &n).await?;
+                    }
+                    out.push(r)
+                }
                 Err(PgWireError::UserError(info)) => {
                     out.push(Response::Error(info));
                     break;
@@ -631,12 +657,17 @@ impl ExtendedQueryHandler for PgFrontDoor {
             ));
         }
         let analyst = self.analyst(client)?;
-        self.execute(
-            &analyst,
-            &portal.statement.statement,
-            &portal.result_column_format,
-        )
-        .await
+        let (r, notice) = self
+            .execute(
+                &analyst,
+                &portal.statement.statement,
+                &portal.result_column_format,
+            )
+            .await?;
+        if let Some(n) = notice {
+            send_notice(client, &n).await?;
+        }
+        Ok(r)
     }
 }
 
