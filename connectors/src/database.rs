@@ -428,6 +428,56 @@ columns = [
             assert_eq!(sorted(&got), sorted(&want), "{sql}\n{}", sp.sql);
             assert_eq!(got[0].schema(), want[0].schema(), "{sql}");
         }
+        // Under differential privacy: clamped arguments and at most 2 rows
+        // per value of h, computed in the gateway over the rows SQLite
+        // returns; the same rows are kept whatever order they come in.
+        let dp = planner::privacy::DpParams {
+            mechanism: planner::privacy::Mechanism::Laplace,
+            epsilon_micro: 1_000_000,
+            delta: 0.0,
+            colluders: 0,
+            clamps: [(
+                "x".to_string(),
+                planner::privacy::Clamp {
+                    lo: "-3".into(),
+                    hi: "3".into(),
+                },
+            )]
+            .into_iter()
+            .collect(),
+            individual_id: Some("h".into()),
+            max_rows: 2,
+            min_group_size: 0,
+            required_by: vec!["p".into()],
+        };
+        let sql = "SELECT g, COUNT(*), SUM(x) FROM t WHERE x > -50 GROUP BY g";
+        let plan = planner::plan_query(sql, &cat, &["p".into()], &QueryOptions::default())
+            .await
+            .unwrap()
+            .with_privacy(dp)
+            .unwrap();
+        let explained = sqlite.explain(&plan.local).await.join("\n");
+        assert!(
+            explained.contains("keeps at most 2 row(s) per h"),
+            "{explained}"
+        );
+        let want = files.run(&plan.local).await.unwrap();
+        let got = sqlite.run(&plan.local).await.unwrap();
+        assert_eq!(sorted(&got), sorted(&want), "{explained}");
+        // At most 2 rows for each of h = 1, 2, 3 (NULL ids dropped).
+        let rows: i64 = got
+            .iter()
+            .map(|b| {
+                arrow::compute::sum(
+                    b.column(1)
+                        .as_any()
+                        .downcast_ref::<arrow::array::Int64Array>()
+                        .unwrap(),
+                )
+                .unwrap_or(0)
+            })
+            .sum();
+        assert!(rows <= 6, "{rows} rows kept");
     }
 
     #[tokio::test]

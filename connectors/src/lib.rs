@@ -63,13 +63,28 @@ pub fn apply_local_part(
         None => df,
     };
     // Differential privacy's contribution bound: at most k rows per
-    // individual (any k of theirs), and none without an id.
+    // individual, and none without an id. Which k is deterministic (ordered
+    // by the columns the part uses; rows equal on them are interchangeable),
+    // so a rerun bounds the same rows whatever order the source returns.
     let df = match &part.bound {
         Some((id, k)) => {
             use datafusion::logical_expr::{col, lit, ExprFunctionExt};
             let id = Expr::Column(Column::new_unqualified(id.clone()));
+            let mut order: Vec<Expr> = part
+                .group_columns
+                .iter()
+                .map(|g| Expr::Column(Column::new_unqualified(g.clone())))
+                .collect();
+            for p in &part.partials {
+                if let Some(a) = &p.arg {
+                    if !order.contains(a) {
+                        order.push(a.clone());
+                    }
+                }
+            }
             let rn = datafusion::functions_window::expr_fn::row_number()
                 .partition_by(vec![id.clone()])
+                .order_by(order.into_iter().map(|e| e.sort(true, true)).collect())
                 .build()?
                 .alias("__council_rn");
             df.filter(id.is_not_null())?

@@ -874,6 +874,10 @@ impl Gateway {
                 })
             })
             .collect();
+        if plan.privacy.is_some() && specs.iter().any(|s| s.is_none()) {
+            // Never reveal a total without its noise under DP.
+            return Err(mine("a revealed total has no calibrated noise".into()));
+        }
         let noise = executor::noise::draw_all(&specs, rows).map_err(mine)?;
         if plan.privacy.is_some() {
             s.phases.span("noise", t);
