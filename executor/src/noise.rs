@@ -463,13 +463,20 @@ mod tests {
         };
         let rows = 1000;
         let mut totals = Vec::new();
-        for _ in 0..40 {
+        let seed = base_seed();
+        for run in 0..40u64 {
             let net = InMemoryNetwork::connect(&parties, std::time::Duration::from_secs(10));
             let mut tasks = Vec::new();
             for (i, t) in net.into_iter().enumerate() {
                 let mut e =
                     AdditiveEngine::new(parties.clone(), parties[i].clone(), parties[0].clone());
-                e.noise = draw_all(&[Some(spec), None], rows).unwrap();
+                // Seeded here, so that the test is deterministic in CI
+                // (gateways draw with `draw_all`, seeded by the OS).
+                let mut rng = ChaCha20Rng::seed_from_u64(seed ^ (run * 16 + i as u64));
+                e.noise = vec![
+                    Some((0..rows).map(|_| spec.draw(&mut rng).unwrap()).collect()),
+                    None,
+                ];
                 tasks.push(tokio::spawn(async move {
                     let input = SharedTable::zeros(vec![], &[Width::Z64, Width::Z128], rows);
                     e.sum_and_reveal(&t, &input).await.unwrap()
@@ -495,6 +502,21 @@ mod tests {
             &lookup(&table),
             10,
         );
+    }
+
+    #[test]
+    fn draw_all_gives_one_draw_per_row_where_asked() {
+        let spec = NoiseSpec {
+            distribution: Distribution::Laplace { num: 3, den: 1 },
+            bound: 1 << 40,
+        };
+        let d = draw_all(&[None, Some(spec)], 7).unwrap();
+        assert!(d[0].is_none());
+        assert_eq!(d[1].as_ref().map(|v| v.len()), Some(7));
+        let tight = NoiseSpec { bound: 0, ..spec };
+        // With a bound of 0 some draw of 10^4 is non-zero: refused, not wrapped.
+        let e = draw_all(&[Some(tight)], 10_000).unwrap_err();
+        assert!(e.contains("safety bound"), "{e}");
     }
 
     #[test]
