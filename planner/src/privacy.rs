@@ -440,11 +440,12 @@ impl Noise {
     pub fn half_width_95(&self, parties: usize) -> u128 {
         let n = parties.max(1);
         let b = self.scale();
-        let w = match self {
-            Noise::Laplace { .. } => (b * 40.0).ceil() as i64 + 2,
-            Noise::Gaussian { .. } => (b * 12.0).ceil() as i64 + 2,
+        let width = match self {
+            Noise::Laplace { .. } => (b * 40.0).ceil() + 2.0,
+            Noise::Gaussian { .. } => (b * 12.0).ceil() + 2.0,
         };
-        if (w as usize) * n <= 4000 {
+        if width * n as f64 <= 4000.0 {
+            let w = width as i64;
             let one = self.pmf(w);
             let mut total = one.clone();
             for _ in 1..n {
@@ -577,6 +578,9 @@ pub fn calibrate(
     let m = totals.len().max(1) as u128;
     let mut out = Vec::new();
     for &(partial, sensitivity, scale) in totals {
+        // A total no individual can move (clamped to [0, 0]) still gets
+        // the noise of sensitivity 1: every scale stays positive.
+        let sensitivity = sensitivity.max(1);
         let (noise, loss) = match params.mechanism {
             Mechanism::Laplace => {
                 // b = Δ / (ε / m) = Δ · m · 10^6 / ε_micro.
@@ -857,6 +861,27 @@ mod tests {
         assert!((exact - cont).abs() <= 2.0, "{exact} vs {cont}");
         let g = Noise::Gaussian { sigma2: 1_000_000 }.half_width_95(4) as f64;
         assert!((g / (1.96 * 2000.0) - 1.0).abs() < 1e-3, "{g}");
+    }
+
+    #[test]
+    fn extreme_parameters_stay_well_defined() {
+        let mut p = DpParams::merge(&[req("a", 1, "0", "0")], 2)
+            .unwrap()
+            .unwrap();
+        p.mechanism = Mechanism::Laplace;
+        p.delta = 0.0;
+        // Sensitivity 0 (a [0, 0] clamp) still gets a positive scale.
+        let n = calibrate(&p, &[(0, 0, 0)], 2).unwrap();
+        assert!(n[0].noise.scale() > 0.0);
+        // Huge scales: intervals from the continuous law, no overflow.
+        let w = Noise::Laplace {
+            num: u128::MAX / 2,
+            den: 1,
+        }
+        .half_width_95(5);
+        assert!(w > 0);
+        let w = Noise::Gaussian { sigma2: MAX_SIGMA2 }.half_width_95(5);
+        assert!(w > 0);
     }
 
     #[test]
