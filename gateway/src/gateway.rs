@@ -209,6 +209,10 @@ pub struct Gateway {
     auth_cache: Mutex<HashMap<String, [u8; 32]>>,
     pub(crate) clients: Arc<PeerClients>,
     sessions: Mutex<HashMap<(String, String), Arc<Session>>>,
+    /// The last queries that ended here, with a reason this party may tell
+    /// the others: a late `start` or share then learns why, instead of
+    /// "no agreed query".
+    ended: Mutex<std::collections::VecDeque<((String, String), String)>>,
     timeout: Duration,
     fault: Option<Fault>,
     log_queries: bool,
@@ -247,6 +251,7 @@ impl Gateway {
             auth_cache: Mutex::new(HashMap::new()),
             clients: Arc::new(clients),
             sessions: Mutex::new(HashMap::new()),
+            ended: Mutex::new(std::collections::VecDeque::new()),
             timeout: cfg.peer_timeout,
             fault: cfg.fault,
             log_queries: cfg.log_queries,
@@ -509,20 +514,25 @@ impl Gateway {
             .sessions()
             .get(&(from.to_string(), query_id.to_string()))
             .cloned()
-            .ok_or_else(|| format!("{} has no agreed query {query_id} from {from}", self.party))?;
+            .ok_or_else(|| self.no_session(from, query_id))?;
         if s.started.swap(true, Ordering::SeqCst) {
             return Err(format!("query {query_id} was already started"));
         }
         if let Err(e) = self.adopt_privacy(&s, start.privacy, start.fingerprint.as_deref()) {
+            self.note_end(&s, &e);
             self.finish(&s, format!("not run: {e}"));
             return Err(e);
         }
         let me = self.clone();
         tokio::spawn(async move {
             let outcome = match me.compute(&s).await {
-                Ok(_) => "shares sent".to_string(),
+                Ok(_) => {
+                    me.note_end(&s, "it sent its result share");
+                    "shares sent".to_string()
+                }
                 Err(f) => {
                     eprintln!("[{}] query {} failed: {}", me.party, s.query_id, f.local);
+                    me.note_end(&s, &f.shared);
                     me.abort_everywhere(&s, &f.shared).await;
                     format!("aborted: {}", f.local)
                 }
@@ -530,6 +540,35 @@ impl Gateway {
             me.finish(&s, outcome);
         });
         Ok(())
+    }
+
+    /// Remembers why a query ended here (a reason other parties may see).
+    fn note_end(&self, s: &Session, reason: &str) {
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        if ended.len() >= 512 {
+            ended.pop_front();
+        }
+        ended.push_back(((s.leader.clone(), s.query_id.clone()), reason.to_string()));
+    }
+
+    /// The answer to a `start` or share for a query this party does not
+    /// hold: why it ended, if it did.
+    fn no_session(&self, leader: &str, query_id: &str) -> String {
+        let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        match ended
+            .iter()
+            .rev()
+            .find(|((l, q), _)| l == leader && q == query_id)
+        {
+            Some((_, reason)) => format!(
+                "{} already ended query {query_id} from {leader}: {reason}",
+                self.party
+            ),
+            None => format!(
+                "{} has no agreed query {query_id} from {leader}",
+                self.party
+            ),
+        }
     }
 
     /// Checks the leader's DP parameters against this party's requirement,
@@ -651,6 +690,7 @@ impl Gateway {
             s.mailbox.abort(&r.reason);
             // A started session ends in its own task, which sees the abort.
             if !s.started.load(Ordering::SeqCst) {
+                self.note_end(&s, &format!("aborted by {from}: {}", r.reason));
                 self.finish(&s, format!("aborted by {from}: {}", r.reason));
             }
         }
@@ -678,12 +718,7 @@ impl Gateway {
             .sessions()
             .get(&(leader.to_string(), query_id.to_string()))
             .cloned()
-            .ok_or_else(|| {
-                format!(
-                    "{} has no agreed query {query_id} from {leader}",
-                    self.party
-                )
-            })?;
+            .ok_or_else(|| self.no_session(leader, query_id))?;
         s.mailbox
             .deliver(from, round, batch)
             .map_err(|e| e.to_string())
@@ -1374,6 +1409,7 @@ impl Gateway {
 
     async fn fail(&self, s: &Session, f: PartyFailure) -> QueryFailure {
         let reason = f.shared.clone();
+        self.note_end(s, &reason);
         self.abort_everywhere(s, &reason).await;
         self.finish(s, format!("aborted: {}", f.local));
         let kind = if f.peer_down {

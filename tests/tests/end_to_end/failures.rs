@@ -425,3 +425,77 @@ async fn partials_beyond_the_ring_bound_abort_instead_of_wrapping() {
     assert!(c.query("SELECT COUNT(*) FROM t WHERE h = 1").await.is_ok());
     fed.stop().await;
 }
+
+/// A `start` that arrives after the query ended at a peer (another party
+/// aborted it first) is answered with why it ended, not "no agreed query".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_start_learns_why_the_query_ended() {
+    use gateway::peer::{Propose, QueryRef, Start, Verdict};
+    let dir = tempfile::tempdir().unwrap();
+    let fed = council_tests::start_random(
+        dir.path(),
+        3,
+        council_tests::Shape {
+            seed: 2,
+            large: false,
+        },
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let p1 = fed.gateway("p1").unwrap().gateway.clone();
+    let query_id = "0123456789abcdef0123456789abcdef".to_string();
+    let v = p1
+        .on_propose(
+            "p0",
+            Propose {
+                query_id: query_id.clone(),
+                sql: "SELECT COUNT(*) FROM t".into(),
+                options: Default::default(),
+                analyst: policies::Analyst {
+                    party: "p0".into(),
+                    name: council_tests::USER.into(),
+                    roles: vec![],
+                },
+                explain_only: false,
+            },
+        )
+        .await;
+    assert!(matches!(v, Verdict::Allow { .. }), "{v:?}");
+    p1.on_abort(
+        "p2",
+        &QueryRef {
+            query_id: query_id.clone(),
+            reason: "p2 aborted: its local part failed (details in its gateway log)".into(),
+            leader: "p0".into(),
+        },
+    );
+    let e = p1
+        .on_start(
+            "p0",
+            Start {
+                query_id: query_id.clone(),
+                privacy: None,
+                fingerprint: None,
+            },
+        )
+        .unwrap_err();
+    assert!(
+        e.contains("p1 already ended query")
+            && e.contains("aborted by p2: p2 aborted: its local part failed"),
+        "{e}"
+    );
+    // A query it never heard of is still "no agreed query".
+    let e = p1
+        .on_start(
+            "p0",
+            Start {
+                query_id: "f".repeat(32),
+                privacy: None,
+                fingerprint: None,
+            },
+        )
+        .unwrap_err();
+    assert!(e.contains("has no agreed query"), "{e}");
+    fed.stop().await;
+}
