@@ -254,14 +254,12 @@ pub fn plan_source(
     if !aggregate {
         reasons.push("pushdown of the aggregates is turned off for this source".into());
     }
-    let aggregate = aggregate && {
-        if let Some((id, k)) = &part.bound {
-            reasons.push(format!(
-                "differential privacy keeps at most {k} row(s) per {id}, which the gateway enforces"
-            ));
-        }
-        part.bound.is_none()
-    };
+    if let Some((id, k)) = &part.bound {
+        reasons.push(format!(
+            "differential privacy keeps at most {k} row(s) per {id}, which the gateway enforces"
+        ));
+    }
+    let aggregate = aggregate && part.bound.is_none();
     if kept.is_empty() && aggregate {
         match pushdown(dialect, table, part, input, output) {
             Ok((select, columns)) => match where_clause(&pushed) {

@@ -484,7 +484,11 @@ impl Gateway {
                     let session = Arc::new(session);
                     sessions.insert(key, session.clone());
                     drop(sessions);
-                    self.prepare(&session);
+                    // Under this party's own DP requirement the local part
+                    // will be clamped and bounded: it waits for `start`.
+                    if requirement.is_none() {
+                        self.prepare(&session);
+                    }
                 }
                 self.audit(entry);
                 let source = if p.explain_only {

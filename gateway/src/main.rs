@@ -528,24 +528,7 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode> {
                                 .map_err(|e| anyhow!(e))?
                                 .ok_or_else(|| anyhow!("no privacy parameters"))?;
                             match plan.with_privacy(dp) {
-                                Ok(p) => {
-                                    let names: Vec<String> = p
-                                        .noise
-                                        .iter()
-                                        .map(|n| p.local.partials[n.partial].describe())
-                                        .collect();
-                                    print!(
-                                        "{}",
-                                        planner::privacy::explain(
-                                            p.privacy
-                                                .as_ref()
-                                                .ok_or_else(|| anyhow!("no privacy"))?,
-                                            &p.noise,
-                                            &names,
-                                            1
-                                        )
-                                    );
-                                }
+                                Ok(p) => print!("{}", p.explain_privacy().unwrap_or_default()),
                                 Err(e) => {
                                     println!("deny: under the differential privacy this policy requires: {e}");
                                     return match expect.as_deref() {

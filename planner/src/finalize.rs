@@ -176,7 +176,7 @@ pub fn noise_report(plan: &FederatedPlan) -> Vec<Option<ColumnNoise>> {
                 "sum of {n} independent {} draws (one per party)",
                 noise.noise.describe_units(noise.scale)
             ),
-            noise.half_width_value(),
+            noise.half_width_value(n),
         ))
     };
     let schema = plan.logical.schema();

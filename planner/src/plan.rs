@@ -111,7 +111,7 @@ pub struct Partial {
 }
 
 impl Partial {
-    pub fn describe(&self) -> String {
+    fn describe(&self) -> String {
         let arg = self
             .arg
             .as_ref()
@@ -451,8 +451,7 @@ impl FederatedPlan {
             }
             self.local.bound = Some((id.clone(), params.max_rows));
         }
-        self.noise = crate::privacy::calibrate(&params, &totals, self.parties.len())
-            .map_err(PlanError::Invalid)?;
+        self.noise = crate::privacy::calibrate(&params, &totals).map_err(PlanError::Invalid)?;
         self.privacy = Some(params);
         self.fingerprint = fingerprint(&self);
         Ok(self)
@@ -472,6 +471,22 @@ impl FederatedPlan {
             used.extend(a.sum_squares);
         }
         used.into_iter().collect()
+    }
+
+    /// EXPLAIN's differential-privacy section, if the plan has DP.
+    pub fn explain_privacy(&self) -> Option<String> {
+        let params = self.privacy.as_ref()?;
+        let names: Vec<String> = self
+            .noise
+            .iter()
+            .map(|n| self.local.partials[n.partial].describe())
+            .collect();
+        Some(crate::privacy::explain(
+            params,
+            &self.noise,
+            &names,
+            self.parties.len(),
+        ))
     }
 
     /// The noise of partial `i`, if it is noised.
@@ -536,18 +551,8 @@ impl FederatedPlan {
                  no party learns another party's partials."
             );
         }
-        if let Some(params) = &self.privacy {
-            let names: Vec<String> = self
-                .noise
-                .iter()
-                .map(|n| self.local.partials[n.partial].describe())
-                .collect();
-            s.push_str(&crate::privacy::explain(
-                params,
-                &self.noise,
-                &names,
-                self.parties.len(),
-            ));
+        if let Some(dp) = self.explain_privacy() {
+            s.push_str(&dp);
         }
         let _ = writeln!(s, "4. Post part at {leader}, on revealed values only:");
         for line in post_lines(&self.logical) {

@@ -549,15 +549,14 @@ pub struct PartialNoise {
     /// The share of the query's privacy loss spent on this total: ε for
     /// Laplace, ρ (zCDP) for Gaussian.
     pub loss: f64,
-    /// 95% of the total noise (all parties' draws) lies within ± this, in
-    /// fixed-point units.
-    pub half_width_95: u128,
 }
 
 impl PartialNoise {
-    /// Noise half-width in the total's own units (e.g. currency).
-    pub fn half_width_value(&self) -> f64 {
-        self.half_width_95 as f64 / 10f64.powi(self.scale as i32)
+    /// 95% of the total noise (one draw from each of `parties`) lies within
+    /// ± this, in the total's own units (e.g. currency). Computed where it
+    /// is shown (the leader's answer, EXPLAIN), not at every party.
+    pub fn half_width_value(&self, parties: usize) -> f64 {
+        self.noise.half_width_95(parties) as f64 / 10f64.powi(self.scale as i32)
     }
 }
 
@@ -573,7 +572,6 @@ pub fn rho_for(epsilon: f64, delta: f64) -> f64 {
 pub fn calibrate(
     params: &DpParams,
     totals: &[(usize, u128, u32)],
-    parties: usize,
 ) -> Result<Vec<PartialNoise>, String> {
     let m = totals.len().max(1) as u128;
     let mut out = Vec::new();
@@ -624,7 +622,6 @@ pub fn calibrate(
             scale,
             noise,
             loss,
-            half_width_95: noise.half_width_95(parties),
         });
     }
     Ok(out)
@@ -702,7 +699,7 @@ pub fn explain(
             "     {name}: sensitivity {}, {} per party; 95% of the total noise within ±{}",
             fmt_units(n.sensitivity, n.scale),
             n.noise.describe_units(n.scale),
-            fmt_num(n.half_width_value())
+            fmt_num(n.half_width_value(parties))
         );
     }
     if params.min_group_size > 0 {
@@ -822,7 +819,7 @@ mod tests {
             min_group_size: 0,
             required_by: vec!["a".into()],
         };
-        let n = calibrate(&p, &[(0, 1, 0), (2, 100_000, 2)], 2).unwrap();
+        let n = calibrate(&p, &[(0, 1, 0), (2, 100_000, 2)]).unwrap();
         // ε = 0.5 over 2 totals: 0.25 each; b = Δ / 0.25.
         assert_eq!(n[0].noise, Noise::Laplace { num: 4, den: 1 });
         assert_eq!(n[1].noise.scale(), 400_000.0);
@@ -871,7 +868,7 @@ mod tests {
         p.mechanism = Mechanism::Laplace;
         p.delta = 0.0;
         // Sensitivity 0 (a [0, 0] clamp) still gets a positive scale.
-        let n = calibrate(&p, &[(0, 0, 0)], 2).unwrap();
+        let n = calibrate(&p, &[(0, 0, 0)]).unwrap();
         assert!(n[0].noise.scale() > 0.0);
         // Huge scales: intervals from the continuous law, no overflow.
         let w = Noise::Laplace {

@@ -180,47 +180,42 @@ impl Ledger {
     pub fn charges(&self, analyst: Option<&str>) -> Result<Vec<Charge>, LedgerError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare(
-                "SELECT query_id, analyst, at_unix, epsilon_micro, delta, state, sql FROM charges
-                 WHERE ?1 IS NULL OR analyst = ?1 ORDER BY at_unix DESC, rowid DESC",
-            )
+            .prepare(&format!(
+                "{CHARGE_COLUMNS} WHERE ?1 IS NULL OR analyst = ?1 ORDER BY at_unix DESC, rowid DESC"
+            ))
             .map_err(|e| self.io(e))?;
         let rows = stmt
-            .query_map(params![analyst], |r| {
-                Ok(Charge {
-                    query_id: r.get(0)?,
-                    analyst: r.get(1)?,
-                    at_unix: r.get(2)?,
-                    epsilon_micro: r.get::<_, i64>(3)?.max(0) as u64,
-                    delta: r.get(4)?,
-                    state: r.get(5)?,
-                    sql: r.get(6)?,
-                })
-            })
+            .query_map(params![analyst], charge_of_row)
             .map_err(|e| self.io(e))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.io(e))
     }
 
-    /// One charge by query id.
+    /// The charge of `query_id`, if any.
     pub fn get(&self, query_id: &str) -> Result<Option<Charge>, LedgerError> {
-        Ok(self
-            .charges(None)?
-            .into_iter()
-            .find(|c| c.query_id == query_id))
-    }
-
-    /// Whether the ledger holds any charge for `query_id`.
-    pub fn has(&self, query_id: &str) -> Result<bool, LedgerError> {
         self.conn()
             .query_row(
-                "SELECT 1 FROM charges WHERE query_id = ?1",
+                &format!("{CHARGE_COLUMNS} WHERE query_id = ?1"),
                 params![query_id],
-                |_| Ok(()),
+                charge_of_row,
             )
             .optional()
-            .map(|r| r.is_some())
             .map_err(|e| self.io(e))
     }
+}
+
+const CHARGE_COLUMNS: &str =
+    "SELECT query_id, analyst, at_unix, epsilon_micro, delta, state, sql FROM charges";
+
+fn charge_of_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Charge> {
+    Ok(Charge {
+        query_id: r.get(0)?,
+        analyst: r.get(1)?,
+        at_unix: r.get(2)?,
+        epsilon_micro: r.get::<_, i64>(3)?.max(0) as u64,
+        delta: r.get(4)?,
+        state: r.get(5)?,
+        sql: r.get(6)?,
+    })
 }
 
 fn spent_in_period(
@@ -386,7 +381,7 @@ mod tests {
         let l = Ledger::open(&path).unwrap();
         for id in &recorded {
             assert!(
-                l.has(id).unwrap(),
+                l.get(id).unwrap().is_some(),
                 "charge {id} was reported recorded but is gone"
             );
         }
