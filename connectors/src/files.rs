@@ -206,13 +206,18 @@ impl LocalSource for FileSource {
     }
 
     async fn explain(&self, part: &LocalPart) -> Vec<String> {
-        let file = self
+        // What other parties see: the table and the file format, never the
+        // local path (it says how this party's host is laid out).
+        let format = self
             .described
             .iter()
             .find(|d| d.starts_with(&format!("{}:", part.table)))
-            .cloned()
-            .unwrap_or_else(|| part.table.clone());
-        vec![format!("computed in the gateway by DataFusion over {file}")]
+            .and_then(|d| d.split_whitespace().nth(1))
+            .unwrap_or("files");
+        vec![format!(
+            "computed in the gateway by DataFusion over {}: {format} files",
+            part.table
+        )]
     }
 
     async fn run(&self, part: &LocalPart) -> Result<Vec<RecordBatch>, SourceError> {

@@ -82,6 +82,12 @@ pub fn apply_local_part(
                     }
                 }
             }
+            if order.is_empty() {
+                // COUNT(*) alone uses no column: any k rows of an
+                // individual are interchangeable, but the window still
+                // needs an order.
+                order.push(id.clone());
+            }
             let rn = datafusion::functions_window::expr_fn::row_number()
                 .partition_by(vec![id.clone()])
                 .order_by(order.into_iter().map(|e| e.sort(true, true)).collect())

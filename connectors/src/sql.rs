@@ -562,11 +562,11 @@ fn pushable(dialect: Dialect, e: &Expr, input: &DFSchema, table: &SqlTable) -> R
                         return Err("the order of text depends on PostgreSQL's collation".into());
                     }
                 }
-                // Exact in both engines (or an overflow error in both).
-                // Not `/` or `%`: decimal quotients round at engine-specific
-                // scales, and a float division by zero is an error in
-                // PostgreSQL but infinity in DataFusion.
-                Plus | Minus | Multiply if !sqlite => {}
+                // No arithmetic: PostgreSQL raises an error where an integer
+                // sum or product overflows, DataFusion wraps; an error on some
+                // row would make the query's outcome depend on the data
+                // (planner::total). Not `/` or `%` either: decimal quotients
+                // round at engine-specific scales.
                 other => {
                     return Err(format!(
                         "{} would compute `{other}` differently",

@@ -521,6 +521,15 @@ pub fn new_token() -> (String, String) {
     (token, digest)
 }
 
+/// The argon2id hash (the same parameters as `hash_password`) that an
+/// unknown user name is checked against, so that a refusal takes as long for
+/// a name that does not exist as for a wrong password. Its password was
+/// random and was never kept: no password matches it.
+pub fn standin_password_hash() -> String {
+    "$argon2id$v=19$m=19456,t=2,p=1$UdwEa0FULhnHe7Hw3yy8VQ$U+ubGxp0TAGBE0XrrHjcAYC3p/Sc6xE0YXQIO+GlkQA"
+        .to_string()
+}
+
 /// An argon2id PHC hash of `password`.
 pub fn hash_password(password: &str) -> Result<String> {
     use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};

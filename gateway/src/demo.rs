@@ -55,13 +55,22 @@ pub fn demo_policy(party: &str, patient_id_filter: bool) -> String {
     } else {
         ""
     };
+    // hospital_c's DP rule names a role, which only the analyst's own
+    // gateway can check: hospital_c trusts the other hospitals' gateways to
+    // state roles (without this, it would treat every analyst of theirs as
+    // external).
+    let trust = if party == "hospital_c" {
+        "trust_identities_from = [\"hospital_a\", \"hospital_b\"]\n"
+    } else {
+        ""
+    };
     format!(
         r#"# Demo policy of {party}: an allow-list; anything not listed is refused.
 party = "{party}"
 
 [analysts]
 allow = ["hospital_a:*", "hospital_b:*", "hospital_c:*"]
-
+{trust}
 [results]
 recipients = "querying_party"
 

@@ -142,10 +142,9 @@ impl FlightSqlFrontDoor {
                 .map_err(|f| failure_status(&f));
         }
         let (user, password) = basic_credentials(md)?;
-        let gw = self.gw.clone();
-        tokio::task::spawn_blocking(move || gw.authenticate(&user, &password))
+        self.gw
+            .authenticate(&user, &password)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|f| failure_status(&f))
     }
 
@@ -270,10 +269,10 @@ impl FlightSqlService for FlightSqlFrontDoor {
         request: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<FlightStream<HandshakeResponse>>, Status> {
         let (user, password) = basic_credentials(request.metadata())?;
-        let gw = self.gw.clone();
-        let analyst = tokio::task::spawn_blocking(move || gw.authenticate(&user, &password))
+        let analyst = self
+            .gw
+            .authenticate(&user, &password)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|f| failure_status(&f))?;
         let token = new_handle();
         {

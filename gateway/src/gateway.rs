@@ -28,6 +28,15 @@ use crate::peer::{PeerClients, Propose, QueryRef, QueryTransport, Start, Verdict
 
 /// Sessions not started within this time are dropped.
 const SESSION_TTL: Duration = Duration::from_secs(600);
+/// Open queries (sessions) one leader may have at this party, and in all.
+pub const MAX_SESSIONS_PER_LEADER: usize = 64;
+pub const MAX_SESSIONS: usize = 512;
+/// Password checks that may run at once (argon2id takes 19 MiB and a core).
+pub const LOGIN_SLOTS: usize = 2;
+/// How long a login waits for a free slot before it is turned away.
+pub const LOGIN_WAIT: Duration = Duration::from_secs(30);
+/// Logins that may wait for a slot; more are turned away at once.
+pub const LOGIN_QUEUE: usize = 256;
 
 /// What kind of failure an analyst sees (maps to gRPC codes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +97,9 @@ struct Session {
     /// Set by the engine once this party's part can lead to a reveal; a
     /// charge is refunded only if it never was.
     reveal_point: Arc<AtomicBool>,
+    /// This party's local part started under the DP plan: from then on an
+    /// abort can depend on its rows, so a charge is never refunded.
+    local_ran: AtomicBool,
     leader: String,
     analyst: Analyst,
     query_id: String,
@@ -123,6 +135,7 @@ impl Session {
             requirement: None,
             charged: AtomicBool::new(false),
             reveal_point: Arc::new(AtomicBool::new(false)),
+            local_ran: AtomicBool::new(false),
             leader: leader.to_string(),
             analyst: analyst.clone(),
             query_id: query_id.to_string(),
@@ -190,8 +203,8 @@ type Prepared = tokio::task::JoinHandle<Result<Input, PartyFailure>>;
 /// A party's encoded partials and, under DP, its noise draws (made while
 /// preparing, so that their value-dependent time hides in the local part's).
 struct Input {
+    /// Under DP, this party's noise is already in it.
     table: SharedTable,
-    noise: Vec<Option<Vec<i128>>>,
 }
 
 pub struct Gateway {
@@ -207,6 +220,11 @@ pub struct Gateway {
     ledger: Option<Arc<Ledger>>,
     analysts: Vec<AnalystCredential>,
     auth_cache: Mutex<HashMap<String, [u8; 32]>>,
+    /// Bounds the password checks running at once.
+    login_slots: tokio::sync::Semaphore,
+    login_waiting: std::sync::atomic::AtomicUsize,
+    /// An argon2id hash of a random password, checked for unknown users.
+    standin_hash: String,
     pub(crate) clients: Arc<PeerClients>,
     sessions: Mutex<HashMap<(String, String), Arc<Session>>>,
     /// The last queries that ended here, with a reason this party may tell
@@ -249,6 +267,9 @@ impl Gateway {
             ledger,
             analysts: cfg.analysts.clone(),
             auth_cache: Mutex::new(HashMap::new()),
+            login_slots: tokio::sync::Semaphore::new(LOGIN_SLOTS),
+            login_waiting: std::sync::atomic::AtomicUsize::new(0),
+            standin_hash: crate::config::standin_password_hash(),
             clients: Arc::new(clients),
             sessions: Mutex::new(HashMap::new()),
             ended: Mutex::new(std::collections::VecDeque::new()),
@@ -363,38 +384,79 @@ impl Gateway {
     }
 
     /// Checks an analyst's password; returns the analyst as policies see them.
-    pub fn authenticate(&self, user: &str, password: &str) -> Result<Analyst, QueryFailure> {
-        let cred = self.analysts.iter().find(|a| a.name == user);
+    ///
+    /// A password check (argon2id, 19 MiB) runs on the blocking pool, at
+    /// most [`LOGIN_SLOTS`] at once: a flood of bad logins waits for a slot
+    /// (and is turned away after [`LOGIN_WAIT`]) instead of taking the
+    /// gateway's memory and cores from the analysts already logged in. An
+    /// unknown user name costs the same check against a stand-in hash, so
+    /// the time of a refusal does not tell which names exist.
+    pub async fn authenticate(
+        self: &Arc<Self>,
+        user: &str,
+        password: &str,
+    ) -> Result<Analyst, QueryFailure> {
         let denied = || {
             QueryFailure::new(
                 FailureKind::Unauthenticated,
                 format!(
-                    "wrong user name or password for `{user}` at gateway {}",
+                    "wrong user name or password for `{}` at gateway {}",
+                    user.chars().take(64).collect::<String>(),
                     self.party
                 ),
             )
         };
-        let Some(cred) = cred else {
+        if user.len() > 256 || password.len() > 1024 {
             return Err(denied());
+        }
+        let cred = self.analysts.iter().find(|a| a.name == user).cloned();
+        let hash = match &cred {
+            Some(c) => c.password_hash.clone(),
+            None => self.standin_hash.clone(),
         };
         let digest: [u8; 32] =
-            Sha256::digest(format!("{user}\0{password}\0{}", cred.password_hash).as_bytes()).into();
-        let cached = self
-            .auth_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(user)
-            == Some(&digest);
-        if !cached {
-            if !verify_password(password, &cred.password_hash) {
-                return Err(denied());
-            }
-            self.auth_cache
+            Sha256::digest(format!("{user}\0{password}\0{hash}").as_bytes()).into();
+        let cached = cred.is_some()
+            && self
+                .auth_cache
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(user.to_string(), digest);
+                .get(user)
+                == Some(&digest);
+        if !cached {
+            let busy = || {
+                QueryFailure::new(
+                    FailureKind::Unauthenticated,
+                    format!(
+                        "gateway {} is checking too many passwords at once; try again in a moment",
+                        self.party
+                    ),
+                )
+            };
+            let waiting = self.login_waiting.fetch_add(1, Ordering::SeqCst);
+            let _queued = Decrement(&self.login_waiting);
+            if waiting >= LOGIN_QUEUE {
+                return Err(busy());
+            }
+            let slot = tokio::time::timeout(LOGIN_WAIT, self.login_slots.acquire())
+                .await
+                .map_err(|_| busy())?
+                .map_err(|_| QueryFailure::new(FailureKind::Internal, "login slots closed"))?;
+            let password = password.to_string();
+            let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+                .await
+                .map_err(|e| QueryFailure::new(FailureKind::Internal, e.to_string()))?;
+            drop(slot);
+            if !ok || cred.is_none() {
+                return Err(denied());
+            }
+            let mut cache = self.auth_cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache.insert(user.to_string(), digest);
         }
-        Ok(self.as_analyst(cred))
+        match cred {
+            Some(c) => Ok(self.as_analyst(&c)),
+            None => Err(denied()),
+        }
     }
 
     async fn plan(
@@ -466,6 +528,27 @@ impl Gateway {
                     sessions.retain(|_, s| {
                         s.started.load(Ordering::SeqCst) || s.created.elapsed() < SESSION_TTL
                     });
+                    // Each session may run a local part: bound them per
+                    // leader and in total, so that one peer cannot make this
+                    // party scan its data without end.
+                    let from_leader = sessions.keys().filter(|(l, _)| l == from).count();
+                    if from_leader >= MAX_SESSIONS_PER_LEADER || sessions.len() >= MAX_SESSIONS {
+                        drop(sessions);
+                        entry.decision = "error".into();
+                        entry.outcome = Some("too many open queries".into());
+                        self.audit(entry);
+                        return Verdict::Error {
+                            message: format!(
+                                "peer {} has too many open queries ({from_leader} from {from}); try again when some have ended",
+                                self.party
+                            ),
+                        };
+                    }
+                    if p.query_id.len() > 64 {
+                        return Verdict::Error {
+                            message: "a query id has at most 64 characters".into(),
+                        };
+                    }
                     let key = (from.to_string(), p.query_id.clone());
                     if sessions.contains_key(&key) {
                         return Verdict::Error {
@@ -651,6 +734,25 @@ impl Gateway {
                     ),
                 ));
             }
+            if let Some(pb) = self.policy.party_budget(&analyst.party) {
+                let left = ledger
+                    .remaining_for_party(&analyst.party, &pb, policies::ledger::now_unix())
+                    .map_err(|e| ("privacy.budget".to_string(), e.to_string()))?;
+                if left.epsilon_micro < req.epsilon_micro
+                    || (req.delta > 0.0 && left.delta < req.delta)
+                {
+                    return Err((
+                        "privacy.budget.per_party_epsilon".into(),
+                        policies::ledger::over_budget_message(
+                            &format!("all analysts of {} together", analyst.party),
+                            &pb,
+                            left,
+                            req.epsilon_micro,
+                            req.delta,
+                        ),
+                    ));
+                }
+            }
         }
         Ok(Some(req))
     }
@@ -670,6 +772,7 @@ impl Gateway {
                 params.epsilon_micro,
                 params.delta,
                 &pp.budget,
+                self.policy.party_budget(&s.analyst.party).as_ref(),
                 policies::ledger::now_unix(),
                 &s.plan().sql,
             )
@@ -723,6 +826,27 @@ impl Gateway {
             .get(&(leader.to_string(), query_id.to_string()))
             .cloned()
             .ok_or_else(|| self.no_session(leader, query_id))?;
+        // The shape is checked on delivery, before anything is kept: an
+        // input share is one 32-byte seed; a result share has one row per
+        // group and at most two columns per shared partial plus the keys.
+        let plan = s.plan();
+        let (rows, max_cols) = match round {
+            executor::Round::Input => (1, 1),
+            executor::Round::Result => (
+                if plan.grouped { plan.groups.len() } else { 1 },
+                2 * plan.shared_partials().len() + plan.groups.columns.len(),
+            ),
+        };
+        if batch.num_rows() != rows || batch.num_columns() > max_cols {
+            let reason = format!(
+                "{from} sent a {round:?} share of {} rows and {} columns where {rows} rows and at most {max_cols} \
+                 columns belong",
+                batch.num_rows(),
+                batch.num_columns()
+            );
+            s.mailbox.abort(&reason);
+            return Err(reason);
+        }
         s.mailbox
             .deliver(from, round, batch)
             .map_err(|e| e.to_string())
@@ -734,7 +858,8 @@ impl Gateway {
         if s.charged.swap(false, Ordering::SeqCst) {
             if let Some(ledger) = &self.ledger {
                 let key = ledger_key(s);
-                let spent = s.reveal_point.load(Ordering::SeqCst);
+                let spent =
+                    s.reveal_point.load(Ordering::SeqCst) || s.local_ran.load(Ordering::SeqCst);
                 let r = if spent {
                     ledger.mark_spent(&key)
                 } else {
@@ -821,7 +946,7 @@ impl Gateway {
             })??,
             None => self.local_input(s).await?,
         };
-        self.secure_sum(s, &input.table, input.noise).await
+        self.secure_sum(s, &input.table).await
     }
 
     /// The local part over this party's data, as ring elements per group.
@@ -833,6 +958,13 @@ impl Gateway {
             shared: format!("{} aborted: {m}", self.party),
             local: m,
         };
+        // From here on, how the query ends may depend on this party's rows
+        // (a source that fails, a value out of the declared domain, a sum
+        // too large for the ring): under DP its charge is kept, whatever
+        // happens next.
+        if plan.privacy.is_some() {
+            s.local_ran.store(true, Ordering::SeqCst);
+        }
         let batches = self
             .source
             .run(&plan.local)
@@ -863,7 +995,47 @@ impl Gateway {
         })?;
         check_no_wrap(&self.party, plan, &dense, index.len())?;
         let shared_idx = plan.shared_partials();
-        let shared: Vec<Vec<i128>> = shared_idx.iter().map(|&i| dense[i].clone()).collect();
+        let mut shared: Vec<Vec<i128>> = shared_idx.iter().map(|&i| dense[i].clone()).collect();
+        let rows = index.len();
+        // Differential privacy: this party's noise is drawn now (its
+        // value-dependent time hides in the local part's) and added to its
+        // own input before the ring bound is checked, so a noised total can
+        // never wrap. The input is only ever seen as additive shares, so
+        // adding the noise here is the same as adding it to a share.
+        let t_noise = Instant::now();
+        let specs: Vec<Option<executor::noise::NoiseSpec>> = shared_idx
+            .iter()
+            .map(|&i| {
+                plan.noise_of(i).map(|n| executor::noise::NoiseSpec {
+                    distribution: match n.noise {
+                        Noise::Laplace { num, den } => {
+                            executor::noise::Distribution::Laplace { num, den }
+                        }
+                        Noise::Gaussian { sigma2 } => {
+                            executor::noise::Distribution::Gaussian { sigma2 }
+                        }
+                    },
+                    bound: n.noise.draw_bound(),
+                })
+            })
+            .collect();
+        if plan.privacy.is_some() && specs.iter().any(|s| s.is_none()) {
+            // Never reveal a total without its noise under DP.
+            return Err(mine("a revealed total has no calibrated noise".into()));
+        }
+        let noise = executor::noise::draw_all(&specs, rows).map_err(mine)?;
+        for (col, draws) in shared.iter_mut().zip(&noise) {
+            if let Some(draws) = draws {
+                for (v, d) in col.iter_mut().zip(draws) {
+                    *v = v
+                        .checked_add(*d)
+                        .ok_or_else(|| mine("a noised partial does not fit 128 bits".into()))?;
+                }
+            }
+        }
+        if plan.privacy.is_some() {
+            s.phases.span("noise", t_noise);
+        }
         let widths: Vec<Width> = shared_idx
             .iter()
             .map(|&i| {
@@ -894,40 +1066,13 @@ impl Gateway {
                 ),
             }
         })?;
-        let rows = index.len();
         s.phases.span("encode", t);
-        let t = Instant::now();
-        let specs: Vec<Option<executor::noise::NoiseSpec>> = shared_idx
-            .iter()
-            .map(|&i| {
-                plan.noise_of(i).map(|n| executor::noise::NoiseSpec {
-                    distribution: match n.noise {
-                        Noise::Laplace { num, den } => {
-                            executor::noise::Distribution::Laplace { num, den }
-                        }
-                        Noise::Gaussian { sigma2 } => {
-                            executor::noise::Distribution::Gaussian { sigma2 }
-                        }
-                    },
-                    bound: n.noise.draw_bound(),
-                })
-            })
-            .collect();
-        if plan.privacy.is_some() && specs.iter().any(|s| s.is_none()) {
-            // Never reveal a total without its noise under DP.
-            return Err(mine("a revealed total has no calibrated noise".into()));
-        }
-        let noise = executor::noise::draw_all(&specs, rows).map_err(mine)?;
-        if plan.privacy.is_some() {
-            s.phases.span("noise", t);
-        }
         Ok(Input {
             table: SharedTable {
                 keys,
                 columns: ring,
                 rows,
             },
-            noise,
         })
     }
 
@@ -936,7 +1081,6 @@ impl Gateway {
         &self,
         s: &Session,
         input: &SharedTable,
-        noise: Vec<Option<Vec<i128>>>,
     ) -> Result<Option<Revealed>, PartyFailure> {
         let t = Instant::now();
         let plan = &s.plan();
@@ -956,7 +1100,6 @@ impl Gateway {
             planner::plan::Engine::Additive => {
                 let mut e =
                     AdditiveEngine::new(self.parties.clone(), self.party.clone(), s.leader.clone());
-                e.noise = noise;
                 e.reveal_point = Some(s.reveal_point.clone());
                 Box::new(e)
             }
@@ -1305,6 +1448,13 @@ impl Gateway {
         session.started.store(true, Ordering::SeqCst);
         self.sessions()
             .insert((self.party.clone(), query_id.clone()), session.clone());
+        // An analyst who disconnects drops this future at whatever await it
+        // is in: the guard then ends the query at every party and settles
+        // this party's charge, as any other failure would.
+        let _cancel = CancelGuard {
+            gw: self.clone(),
+            session: session.clone(),
+        };
         if session.requirement.is_none() {
             self.prepare(&session);
         }
@@ -1429,6 +1579,43 @@ impl Gateway {
             kind,
             format!("{reason}; the query was aborted at every party and nothing was revealed"),
         )
+    }
+}
+
+/// Ends a leader's query that was dropped before it finished (the analyst
+/// cancelled or disconnected). A query that finished is no longer in the
+/// session table, and the guard does nothing.
+struct CancelGuard {
+    gw: Arc<Gateway>,
+    session: Arc<Session>,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        let key = (self.session.leader.clone(), self.session.query_id.clone());
+        if !self.gw.sessions().contains_key(&key) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let gw = self.gw.clone();
+        let s = self.session.clone();
+        rt.spawn(async move {
+            let reason = format!("{} cancelled: the analyst disconnected", gw.party);
+            gw.note_end(&s, &reason);
+            gw.abort_everywhere(&s, &reason).await;
+            gw.finish(&s, "cancelled by the analyst".into());
+        });
+    }
+}
+
+/// Decrements a counter when dropped.
+struct Decrement<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

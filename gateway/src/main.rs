@@ -518,7 +518,14 @@ async fn policy(cmd: PolicyCommand) -> Result<ExitCode> {
                     println!("deny: the planner refuses the query before any policy: {e}");
                     "deny"
                 }
-                Ok(plan) => match pol.check(&plan, &who) {
+                Ok(plan) => match {
+                    // Every use, as the checker classed it.
+                    println!("column uses:");
+                    for line in plan.uses.describe() {
+                        println!("  {line}");
+                    }
+                    pol.check(&plan, &who)
+                } {
                     policies::Decision::Allow => {
                         println!("allow: every column use is listed in {}", file.display());
                         if let Some(req) = pol.requirement(&plan, &who) {

@@ -141,13 +141,21 @@ impl PgFrontDoor {
     /// small `pg_catalog` stand-ins, for tools' catalog queries.
     fn catalog_context(&self, analyst: &Analyst) -> PgWireResult<SessionContext> {
         let df = |e: datafusion::error::DataFusionError| pg_error("XX000", e.to_string());
-        let ctx = SessionContext::new_with_config(
+        // Bounded like everything an analyst can start: a memory pool, and
+        // (in `route`/`execute`) a time limit and a row limit.
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_limit(CATALOG_QUERY_MEMORY, 1.0)
+            .build_arc()
+            .map_err(df)?;
+        let ctx = SessionContext::new_with_config_rt(
             SessionConfig::new()
                 .with_information_schema(true)
+                .with_target_partitions(1)
                 .with_default_catalog_and_schema(
                     crate::flightsql::CATALOG_NAME,
                     crate::flightsql::SCHEMA_NAME,
                 ),
+            runtime,
         );
         let tables = self.gw.visible_tables(analyst);
         for (name, schema) in &tables {
@@ -235,6 +243,7 @@ impl PgFrontDoor {
     }
 
     async fn route(&self, analyst: &Analyst, sql: &str) -> PgWireResult<Route> {
+        planner::limits::check_text(sql).map_err(|e| pg_error("54000", e.to_string()))?;
         let sql = sql.trim().trim_end_matches(';').trim();
         let first = sql
             .split_whitespace()
@@ -252,10 +261,42 @@ impl PgFrontDoor {
             "EXPLAIN" => return Ok(Route::Explain(sql.to_string())),
             _ => {}
         }
+        // Read-only: one SELECT (or VALUES) and nothing else reaches a
+        // DataFusion context. DDL, DML, COPY, CREATE/DROP of anything and
+        // settings are refused here, before planning, and again by the
+        // context's SQLOptions.
+        read_only(sql).await?;
         // Catalog queries name pg_catalog's tables and functions qualified.
         let local_sql = strip_pg_catalog(sql);
         let ctx = self.catalog_context(analyst)?;
-        let planned = ctx.sql(&local_sql).await;
+        let options = datafusion::execution::context::SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let planned = match tokio::time::timeout(
+            CATALOG_QUERY_TIME,
+            ctx.sql_with_options(&local_sql, options),
+        )
+        .await
+        {
+            Ok(r) => r.and_then(|df| {
+                let names: Vec<String> = ctx
+                    .catalog_names()
+                    .iter()
+                    .filter_map(|c| ctx.catalog(c))
+                    .flat_map(|c| {
+                        c.schema_names()
+                            .into_iter()
+                            .filter_map(move |s| c.schema(&s))
+                            .flat_map(|s| s.table_names())
+                    })
+                    .collect();
+                bounded_catalog_plan(df.logical_plan(), &names)
+                    .map_err(datafusion::error::DataFusionError::Plan)?;
+                df.limit(0, Some(MAX_CATALOG_ROWS))
+            }),
+            Err(_) => return Err(pg_error("57014", "the catalog query took too long")),
+        };
         let catalog = self.gw.catalog();
         let reads_federated = |plan: &LogicalPlan| {
             let mut found = false;
@@ -353,13 +394,126 @@ impl PgFrontDoor {
             }
             Route::Local(df) => {
                 let schema = Arc::new(df.schema().as_arrow().clone());
-                let batches = df.collect().await.map_err(|e| {
-                    pg_error("42601", planner::plan::clean_df_error(&e.to_string()))
-                })?;
+                let batches = tokio::time::timeout(CATALOG_QUERY_TIME, df.collect())
+                    .await
+                    .map_err(|_| pg_error("57014", "the catalog query took too long"))?
+                    .map_err(|e| {
+                        pg_error("42601", planner::plan::clean_df_error(&e.to_string()))
+                    })?;
                 (schema, batches)
             }
         };
         Ok((encode(&schema, &batches, format)?, notice))
+    }
+}
+
+/// Limits of the catalog-only context (tools' catalog queries).
+const CATALOG_QUERY_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+const CATALOG_QUERY_MEMORY: usize = 64 * 1024 * 1024;
+const MAX_CATALOG_ROWS: usize = 10_000;
+/// Functions a catalog query may not call: their output grows with an
+/// argument, not with the (tiny) catalog tables.
+const CATALOG_DENIED_FUNCTIONS: &[&str] = &[
+    "repeat",
+    "lpad",
+    "rpad",
+    "array_repeat",
+    "range",
+    "generate_series",
+    "overlay",
+    "string_to_array",
+    "regexp_replace",
+    "replace",
+    "translate",
+];
+
+/// Refuses anything but one SELECT/VALUES query. Parsing runs on the
+/// planning thread (a deep statement must not overflow a worker's stack).
+async fn read_only(sql: &str) -> PgWireResult<()> {
+    let text = sql.to_string();
+    let verdict = planner::limits::on_planning_thread(move || {
+        use datafusion::sql::sqlparser::ast::{SetExpr, Statement};
+        use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+        let stmts =
+            datafusion::sql::sqlparser::parser::Parser::parse_sql(&PostgreSqlDialect {}, &text)
+                .map_err(|e| planner::PlanError::Syntax(e.to_string()))?;
+        if let [Statement::Query(q)] = stmts.as_slice() {
+            planner::limits::check_statement(&stmts[0])?;
+            let into = matches!(q.body.as_ref(), SetExpr::Select(s) if s.into.is_some());
+            if !into {
+                return Ok(None);
+            }
+            return Ok(Some("SELECT INTO".to_string()));
+        }
+        let what = stmts
+            .first()
+            .map(|s| {
+                s.to_string()
+                    .split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .to_uppercase()
+            })
+            .unwrap_or_else(|| "an empty statement".into());
+        Ok(Some(if stmts.len() > 1 {
+            "more than one statement".to_string()
+        } else {
+            what
+        }))
+    })
+    .await
+    .map_err(|e| pg_error("42601", e.to_string()))?;
+    match verdict {
+        None => Ok(()),
+        Some(what) => Err(pg_error(
+            "25006",
+            format!(
+                "Council's front doors are read-only: {what} is refused. Send SELECT, EXPLAIN or SHOW; \
+                 nothing an analyst sends changes data, settings or files at a gateway"
+            ),
+        )),
+    }
+}
+
+/// A catalog query may scan only the stand-in tables of its context (no
+/// table functions) and call no function whose output size an argument
+/// sets.
+fn bounded_catalog_plan(plan: &LogicalPlan, tables: &[String]) -> Result<(), String> {
+    let mut problem = None;
+    let _ = plan.apply_with_subqueries(|n| {
+        if let LogicalPlan::TableScan(s) = n {
+            let t = s.table_name.table();
+            if !tables.iter().any(|x| x == t) {
+                problem = Some(format!("`{t}` is not a table of the catalog"));
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        let _ = n.apply_expressions(|e| {
+            let _ = e.apply(|x| {
+                if let datafusion::logical_expr::Expr::ScalarFunction(f) = x {
+                    let name = f.func.name().to_ascii_lowercase();
+                    if CATALOG_DENIED_FUNCTIONS.contains(&name.as_str()) {
+                        problem = Some(format!(
+                            "{}() is not answered on the catalog",
+                            name.to_uppercase()
+                        ));
+                        return Ok(TreeNodeRecursion::Stop);
+                    }
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+            Ok(TreeNodeRecursion::Continue)
+        });
+        Ok(if problem.is_some() {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    match problem {
+        Some(p) => Err(p),
+        None => Ok(()),
     }
 }
 
@@ -674,7 +828,55 @@ impl ExtendedQueryHandler for PgFrontDoor {
 /// One per connection: SCRAM at startup, then the query handlers.
 pub struct PgHandlers {
     pub door: Arc<PgFrontDoor>,
+    /// Set once this connection has logged in (the login deadline then no
+    /// longer applies).
+    pub logged_in: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// The PostgreSQL door's startup: TLS first, then SCRAM. A client that
+/// starts without TLS (libpq's `sslmode=prefer` can be downgraded by the
+/// network, and SCRAM could then be relayed) is refused before anything
+/// else happens.
+pub struct TlsFirst<H> {
+    inner: Arc<H>,
+    logged_in: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait]
+impl<H: StartupHandler> StartupHandler for TlsFirst<H> {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: pgwire::messages::PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if !client.is_secure() {
+            return Err(pg_error(
+                "28000",
+                "this gateway accepts PostgreSQL connections over TLS only; connect with sslmode=verify-full \
+                 and sslrootcert=the federation CA",
+            ));
+        }
+        self.inner.on_startup(client, message).await?;
+        if matches!(
+            client.state(),
+            pgwire::api::PgWireConnectionState::ReadyForQuery
+        ) {
+            self.logged_in
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+/// A connection that has not logged in by then is closed.
+pub const PG_LOGIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// PostgreSQL connections open at once; more are closed on arrival.
+pub const PG_MAX_CONNECTIONS: usize = 256;
 
 impl PgWireServerHandlers for PgHandlers {
     fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
@@ -692,7 +894,10 @@ impl PgWireServerHandlers for PgHandlers {
         scram.set_iterations(SCRAM_ITERATIONS);
         let mut params = DefaultServerParameterProvider::default();
         params.server_version = "15.0 (Council)".to_string();
-        Arc::new(SASLAuthStartupHandler::new(Arc::new(params)).with_scram(scram))
+        Arc::new(TlsFirst {
+            inner: Arc::new(SASLAuthStartupHandler::new(Arc::new(params)).with_scram(scram)),
+            logged_in: self.logged_in.clone(),
+        })
     }
 }
 
@@ -704,18 +909,34 @@ pub fn spawn_pg(
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> tokio::task::JoinHandle<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let handlers = Arc::new(PgHandlers { door });
+    let open = Arc::new(tokio::sync::Semaphore::new(PG_MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = &mut stop => break,
                 accepted = listener.accept() => {
                     let Ok((socket, _)) = accepted else { continue };
+                    let Ok(permit) = open.clone().try_acquire_owned() else {
+                        drop(socket);
+                        continue;
+                    };
                     let _ = socket.set_nodelay(true);
                     let acceptor = acceptor.clone();
-                    let handlers = handlers.clone();
+                    let logged_in = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let handlers = Arc::new(PgHandlers { door: door.clone(), logged_in: logged_in.clone() });
                     tokio::spawn(async move {
-                        let _ = pgwire::tokio::process_socket(socket, Some(acceptor), handlers).await;
+                        let serve = pgwire::tokio::process_socket(socket, Some(acceptor), handlers);
+                        tokio::pin!(serve);
+                        tokio::select! {
+                            _ = &mut serve => {}
+                            _ = tokio::time::sleep(PG_LOGIN_DEADLINE) => {
+                                // Logged in: serve on. Else drop the socket.
+                                if logged_in.load(std::sync::atomic::Ordering::SeqCst) {
+                                    let _ = serve.await;
+                                }
+                            }
+                        }
+                        drop(permit);
                     });
                 }
             }

@@ -118,11 +118,9 @@ pub async fn start(cfg: &GatewayConfig, listeners: Listeners) -> Result<RunningG
 
     let (peer_tx, peer_rx) = oneshot::channel::<()>();
     let (an_tx, an_rx) = oneshot::channel::<()>();
-    let peer_svc = FlightServiceServer::new(PeerService {
-        gw: gateway.clone(),
-    })
-    .max_decoding_message_size(MAX_MESSAGE)
-    .max_encoding_message_size(MAX_MESSAGE);
+    let peer_svc = FlightServiceServer::new(PeerService::new(gateway.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
     let analyst_svc = FlightServiceServer::new(
         FlightSqlFrontDoor::new(gateway.clone()).map_err(|e| anyhow::anyhow!(e))?,
     )

@@ -24,8 +24,11 @@ use crate::peer::{Propose, PutHeader, QueryRef, Start};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Most bytes one share batch may take; far above any legal batch.
-pub const MAX_MESSAGE: usize = 256 << 20;
+/// Most bytes one peer message may take. The planner refuses a query whose
+/// result share would come near it (`planner::plan::MAX_SHARE_BYTES`).
+pub const MAX_MESSAGE: usize = 64 << 20;
+/// Share streams a gateway reads at once (each may hold one message).
+pub const MAX_PUTS: usize = 64;
 
 fn caller_party<T>(req: &Request<T>) -> Result<String, Status> {
     req.extensions()
@@ -36,6 +39,17 @@ fn caller_party<T>(req: &Request<T>) -> Result<String, Status> {
 
 pub struct PeerService {
     pub gw: Arc<Gateway>,
+    /// Bounds the share streams read at once.
+    pub puts: Arc<tokio::sync::Semaphore>,
+}
+
+impl PeerService {
+    pub fn new(gw: Arc<Gateway>) -> Self {
+        PeerService {
+            gw,
+            puts: Arc::new(tokio::sync::Semaphore::new(MAX_PUTS)),
+        }
+    }
 }
 
 fn one_result(body: Vec<u8>) -> BoxStream<arrow_flight::Result> {
@@ -93,6 +107,13 @@ impl FlightService for PeerService {
         request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
         let from = caller_party(&request)?;
+        let _slot = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            self.puts.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| Status::resource_exhausted("too many share streams at once"))?
+        .map_err(|_| Status::internal("share slots closed"))?;
         let mut stream = request.into_inner();
         let first = stream
             .message()

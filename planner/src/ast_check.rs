@@ -67,7 +67,10 @@ pub fn position(span: Span) -> String {
 }
 
 /// Parses `sql` and refuses unsupported constructs. Returns the one statement.
+/// Call it on the planning thread ([`crate::limits::on_planning_thread`]):
+/// a deep syntax tree needs its stack.
 pub fn parse_and_check(sql: &str) -> Result<Statement, PlanError> {
+    crate::limits::check_text(sql)?;
     let mut stmts =
         Parser::parse_sql(&GenericDialect {}, sql).map_err(|e| PlanError::Syntax(e.to_string()))?;
     if stmts.len() != 1 {
@@ -77,6 +80,7 @@ pub fn parse_and_check(sql: &str) -> Result<Statement, PlanError> {
         )));
     }
     let stmt = stmts.remove(0);
+    crate::limits::check_statement(&stmt)?;
     let Statement::Query(query) = &stmt else {
         return Err(PlanError::not_permitted(
             first_word(&stmt),

@@ -7,6 +7,12 @@
 //! - **Deterministic.** The same SQL, catalog and options give the same plan
 //!   and the same fingerprint on every gateway; that is how gateways agree
 //!   without trusting each other's plans.
+//! - **No data-dependent outcome.** The local part contains only expressions
+//!   that return a value for every row (`total`), so whether a query
+//!   succeeds depends on no party's rows. A column's use is classed by what
+//!   the analyst can learn through it (`plan::ColumnUses`).
+//! - **Bounded.** SQL length, expression depth and list sizes are limited,
+//!   and planning runs on its own large stack (`limits`).
 //! - **Fails closed.** Anything that is not positively understood (a construct,
 //!   an aggregate, a group column without a public domain) is refused with an
 //!   error that names it and its position.
@@ -15,13 +21,15 @@
 pub mod ast_check;
 pub mod catalog;
 pub mod finalize;
+pub mod limits;
 pub mod plan;
 pub mod privacy;
+pub mod total;
 
 pub use catalog::{Catalog, ColumnDef, ColumnType, Domain, DomainValue, TableDef};
 pub use plan::{
-    plan_query, AggKind, AggregateOutput, ColumnUses, FederatedPlan, GroupColumn, GroupSpace,
-    LocalPart, Partial, PartialKind, QueryOptions,
+    plan_query, AggKind, AggregateOutput, ColumnUse, ColumnUses, FederatedPlan, GroupColumn,
+    GroupSpace, LocalPart, Partial, PartialKind, QueryOptions,
 };
 
 /// Why a query could not be planned. Every message names the cause and, where

@@ -20,7 +20,7 @@ use datafusion::datasource::empty::EmptyTable;
 use datafusion::functions::math::expr_fn::abs;
 use datafusion::functions_aggregate::count::count_all;
 use datafusion::functions_aggregate::expr_fn::{count, max, sum};
-use datafusion::logical_expr::{cast, Aggregate, Expr, ExprSchemable, LogicalPlan};
+use datafusion::logical_expr::{try_cast, Aggregate, Expr, ExprSchemable, LogicalPlan};
 use datafusion::prelude::SessionContext;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -28,6 +28,10 @@ use sha2::{Digest, Sha256};
 use crate::catalog::{Catalog, ColumnType, DomainValue, TableDef, DEFAULT_FLOAT_SCALE, MAX_GROUPS};
 use crate::privacy::{Dec, DpParams, PartialNoise};
 use crate::PlanError;
+
+/// The largest result share (bytes) a plan may need: below the peers'
+/// message limit (64 MiB) with room for Arrow's framing.
+pub const MAX_SHARE_BYTES: usize = 48 << 20;
 
 /// Options the querying analyst may set; part of the fingerprint.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +137,16 @@ impl Partial {
 
 /// An aggregate's argument for people: a clamp (see [`clamp_expr`]) as
 /// `CLAMP(x, lo, hi)`.
+/// An expression as text, cut to a readable length for messages.
+fn brief(e: &Expr) -> String {
+    let s = e.to_string();
+    if s.chars().count() > 80 {
+        format!("{}…", s.chars().take(80).collect::<String>())
+    } else {
+        s
+    }
+}
+
 fn show_arg(e: &Expr) -> String {
     if let Expr::Case(c) = e {
         if let (Some(x), [(_, lo), (_, hi)]) = (&c.else_expr, c.when_then_expr.as_slice()) {
@@ -243,7 +257,11 @@ impl LocalPart {
                         .arg
                         .clone()
                         .unwrap_or_else(|| datafusion::logical_expr::lit(1i64));
-                    cast(arg, DataType::Decimal128(precision, p.scale as i8))
+                    // TRY_CAST: a value without an exact fixed-point
+                    // encoding (NaN, ±∞, a float beyond 10^(38−s), a square
+                    // factor beyond 10^(18−s)) counts as NULL rather than
+                    // failing the query on that row (see `total`).
+                    try_cast(arg, DataType::Decimal128(precision, p.scale as i8))
                 };
                 let e = match p.kind {
                     PartialKind::RowCount => count_all(),
@@ -298,6 +316,16 @@ pub struct AggregateOutput {
 }
 
 /// Which columns the query uses, and how: the policy checks this.
+///
+/// A use is classed by what the analyst can learn through it, not by where
+/// it stands in the text. Only a column that is itself the argument of an
+/// aggregate (`SUM(cost)`, `COUNT(patient_id)`) is an *aggregate* use. A
+/// column anywhere in WHERE, in HAVING, or inside an expression that is an
+/// aggregate's argument (`COUNT(CASE WHEN patient_id = 7 THEN 1 END)`,
+/// `SUM(CASE WHEN cost > 4000 THEN los ELSE 0 END)`, `SUM(los + 0 * id)`) is a
+/// *filter* use: such an expression can select rows by that column as
+/// WHERE does. Columns inside an expression argument are also aggregate
+/// uses of that function, since their values reach the total.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ColumnUses {
     pub filter: BTreeSet<String>,
@@ -305,6 +333,71 @@ pub struct ColumnUses {
     /// Column → the policy names of the aggregates applied to it.
     pub aggregate: BTreeMap<String, BTreeSet<&'static str>>,
     pub count_star: bool,
+    /// Every use with where it was found, in the order found: what EXPLAIN
+    /// and `council policy test` show, and what a refusal names.
+    pub notes: Vec<ColumnUse>,
+}
+
+/// One use of a column, and why it was classed so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnUse {
+    pub column: String,
+    /// `filter`, `group_by`, or `aggregate:<function>`.
+    pub role: String,
+    /// Where the use was found ("in WHERE", "inside the argument of SUM(...)").
+    pub place: String,
+}
+
+impl ColumnUses {
+    fn note(&mut self, column: &str, role: String, place: &str) {
+        let u = ColumnUse {
+            column: column.to_string(),
+            role,
+            place: place.to_string(),
+        };
+        if !self.notes.contains(&u) {
+            self.notes.push(u);
+        }
+    }
+
+    pub(crate) fn filter_use(&mut self, column: &str, place: &str) {
+        self.filter.insert(column.to_string());
+        self.note(column, "filter".into(), place);
+    }
+
+    pub(crate) fn group_use(&mut self, column: &str) {
+        self.group_by.insert(column.to_string());
+        self.note(column, "group_by".into(), "in GROUP BY");
+    }
+
+    pub(crate) fn aggregate_use(&mut self, column: &str, func: &'static str, place: &str) {
+        self.aggregate
+            .entry(column.to_string())
+            .or_default()
+            .insert(func);
+        self.note(column, format!("aggregate:{func}"), place);
+    }
+
+    /// Where `column` was first used with `role` (for a refusal's message).
+    pub fn place_of(&self, column: &str, role: &str) -> Option<&str> {
+        self.notes
+            .iter()
+            .find(|u| u.column == column && u.role == role)
+            .map(|u| u.place.as_str())
+    }
+
+    /// One line per use: `column: role (place)`.
+    pub fn describe(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .notes
+            .iter()
+            .map(|u| format!("{}: {} ({})", u.column, u.role, u.place))
+            .collect();
+        if self.count_star {
+            out.push("*: count_star (COUNT(*), or the row counts the query reveals)".into());
+        }
+        out
+    }
 }
 
 /// The plan every gateway computes for itself.
@@ -452,6 +545,29 @@ impl FederatedPlan {
             self.local.bound = Some((id.clone(), params.max_rows));
         }
         self.noise = crate::privacy::calibrate(&params, &totals).map_err(PlanError::Invalid)?;
+        // The noise is part of each party's input, which must stay within
+        // its share of the ring (±(2^63−1)/N, or ±(2^127−1)/N for sums of
+        // squares): refuse at plan time a noise that could come near it,
+        // rather than abort at run time on a large draw.
+        let n = self.parties.len().max(1) as u128;
+        for pn in &self.noise {
+            let wide = self.local.partials[pn.partial].kind.is_wide();
+            let ring = if wide {
+                (i128::MAX as u128) / n
+            } else {
+                (i64::MAX as u128) / n
+            };
+            if pn.noise.draw_bound() > ring / 4 {
+                return Err(PlanError::Invalid(format!(
+                    "the noise for {} ({}) is too large for the {}-bit ring shared by {} parties; \
+                     raise epsilon_per_query, narrow the clamp ranges or lower the column's declared scale",
+                    self.local.partials[pn.partial].describe(),
+                    pn.noise.describe(),
+                    if wide { 128 } else { 64 },
+                    n
+                )));
+            }
+        }
         self.privacy = Some(params);
         self.fingerprint = fingerprint(&self);
         Ok(self)
@@ -523,6 +639,13 @@ impl FederatedPlan {
                 self.groups.len()
             );
         }
+        let _ = writeln!(
+            s,
+            "   column uses, as each party's policy checks them (a column inside an aggregate's expression is a filter use):"
+        );
+        for line in self.uses.describe() {
+            let _ = writeln!(s, "     {line}");
+        }
         let shared = self.shared_partials();
         let _ = writeln!(
             s,
@@ -583,7 +706,30 @@ fn post_lines(plan: &LogicalPlan) -> Vec<String> {
 }
 
 /// Plans `sql` over `catalog` for the federation `parties` (sorted ids).
+///
+/// Planning runs on a thread of its own with a large stack
+/// ([`crate::limits`]): the SQL may come from any analyst or peer, and no
+/// shape of it may overflow a gateway's stack.
 pub async fn plan_query(
+    sql: &str,
+    catalog: &Catalog,
+    parties: &[String],
+    options: &QueryOptions,
+) -> Result<FederatedPlan, PlanError> {
+    crate::limits::check_text(sql)?;
+    let (sql, catalog, parties, options) = (
+        sql.to_string(),
+        catalog.clone(),
+        parties.to_vec(),
+        options.clone(),
+    );
+    crate::limits::on_planning_thread(move || {
+        futures::executor::block_on(plan_query_here(&sql, &catalog, &parties, &options))
+    })
+    .await
+}
+
+async fn plan_query_here(
     sql: &str,
     catalog: &Catalog,
     parties: &[String],
@@ -621,7 +767,57 @@ pub async fn plan_query(
     let mut uses = ColumnUses::default();
     if let Some(f) = &filter {
         for c in f.column_refs() {
-            uses.filter.insert(c.name.clone());
+            uses.filter_use(&c.name, "in WHERE");
+        }
+    }
+    for pred in having_predicates(&logical) {
+        for c in pred.column_refs() {
+            if agg
+                .group_expr
+                .iter()
+                .any(|g| matches!(g, Expr::Column(gc) if gc.name == c.name))
+            {
+                uses.filter_use(&c.name, "in HAVING");
+            }
+        }
+    }
+    // Type-coerced, the plan shows the casts DataFusion adds: the local part
+    // must not contain anything that can fail on some row.
+    let analyzed = {
+        let state = ctx.state();
+        state
+            .analyzer()
+            .execute_and_check(logical.clone(), state.config_options(), |_, _| {})
+            .map_err(|e| PlanError::Invalid(clean_df_error(&e.to_string())))?
+    };
+    {
+        let a_agg = find_aggregate(&analyzed)?;
+        let (a_filter, _) = local_input(&a_agg.input)?;
+        let schema = a_agg.input.schema();
+        // Checked as DataFusion will run them: simplified, which moves a
+        // cast from a column to the literal it is compared with where the
+        // literal converts exactly (`ts >= TIMESTAMP '…'` with `ts` in
+        // microseconds), and folds constants.
+        let simplifier = datafusion::optimizer::simplify_expressions::ExprSimplifier::new(
+            datafusion::optimizer::simplify_expressions::SimplifyContext::builder()
+                .with_schema(schema.clone())
+                .build(),
+        );
+        let simplified = |e: &Expr| simplifier.simplify(e.clone()).unwrap_or_else(|_| e.clone());
+        if let Some(f) = &a_filter {
+            crate::total::check(&simplified(f), schema, "WHERE")?;
+        }
+        for e in &a_agg.aggr_expr {
+            let inner = match e {
+                Expr::Alias(a) => a.expr.as_ref(),
+                other => other,
+            };
+            if let Expr::AggregateFunction(af) = inner {
+                let place = format!("the argument of {}", af.func.name().to_uppercase());
+                for arg in &af.params.args {
+                    crate::total::check(&simplified(arg), schema, &place)?;
+                }
+            }
         }
     }
 
@@ -650,7 +846,7 @@ pub async fn plan_query(
                 ),
             ));
         };
-        uses.group_by.insert(c.name.clone());
+        uses.group_use(&c.name);
         let mut values: Vec<Option<DomainValue>> =
             domain.values.iter().cloned().map(Some).collect();
         values.push(None);
@@ -761,11 +957,25 @@ pub async fn plan_query(
                 name.to_uppercase()
             )));
         }
-        for r in &refs {
-            uses.aggregate
-                .entry(r.clone())
-                .or_default()
-                .insert(kind.policy_name());
+        match &arg {
+            Expr::Column(c) => {
+                uses.aggregate_use(
+                    &c.name,
+                    kind.policy_name(),
+                    &format!("the argument of {}", name.to_uppercase()),
+                );
+            }
+            expr => {
+                let place = format!(
+                    "inside the argument of {}({})",
+                    name.to_uppercase(),
+                    brief(expr)
+                );
+                for r in &refs {
+                    uses.filter_use(r, &place);
+                    uses.aggregate_use(r, kind.policy_name(), &place);
+                }
+            }
         }
         let arg_type = arg
             .get_type(input_schema)
@@ -820,6 +1030,20 @@ pub async fn plan_query(
         aggregates.push(out);
     }
 
+    // A result share carries up to two 8-byte words per group and shared
+    // partial; peers refuse messages beyond a fixed size, so a plan whose
+    // shares would not fit is refused here, before anything runs.
+    let share_bytes = (groups.len().max(1) as u128) * (partials.len() as u128) * 16;
+    if share_bytes > MAX_SHARE_BYTES as u128 {
+        return Err(PlanError::not_permitted(
+            "this combination of GROUP BY and aggregates",
+            "the query",
+            format!(
+                "its result shares would take {share_bytes} bytes, above the {MAX_SHARE_BYTES} a gateway accepts; \
+                 group by fewer columns or ask for fewer aggregates per query"
+            ),
+        ));
+    }
     let filter = filter.map(unqualify).transpose()?;
     let local = LocalPart {
         table: table.name.clone(),
@@ -991,6 +1215,21 @@ fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate, PlanError> {
     }
 }
 
+/// The HAVING conditions: filters above the aggregate.
+fn having_predicates(plan: &LogicalPlan) -> Vec<&Expr> {
+    match plan {
+        LogicalPlan::Projection(p) => having_predicates(&p.input),
+        LogicalPlan::Sort(s) => having_predicates(&s.input),
+        LogicalPlan::Limit(l) => having_predicates(&l.input),
+        LogicalPlan::Filter(f) => {
+            let mut v = having_predicates(&f.input);
+            v.push(&f.predicate);
+            v
+        }
+        _ => Vec::new(),
+    }
+}
+
 fn local_input(plan: &LogicalPlan) -> Result<(Option<Expr>, String), PlanError> {
     match plan {
         LogicalPlan::Filter(f) => {
@@ -1083,6 +1322,71 @@ columns = [
     async fn plan(sql: &str) -> Result<FederatedPlan, PlanError> {
         let cat = Catalog::from_toml(CATALOG, "catalog.toml").unwrap();
         plan_query(sql, &cat, &parties(), &QueryOptions::default()).await
+    }
+
+    #[tokio::test]
+    async fn a_column_inside_an_aggregate_argument_is_a_filter_use() {
+        // The attacks of the adversary issue: conditions hidden in CASE,
+        // functions and arithmetic inside aggregates select rows as WHERE.
+        for (sql, column) in [
+            ("SELECT sex, COUNT(CASE WHEN patient_id < 2000100 THEN 1 END) FROM patients GROUP BY sex", "patient_id"),
+            ("SELECT age_band, COUNT(CASE WHEN patient_id = 2000007 THEN 1 END) FROM patients GROUP BY age_band", "patient_id"),
+            ("SELECT SUM(CASE WHEN cost > 4000 THEN los ELSE 0 END) FROM patients", "cost"),
+            ("SELECT SUM(los + 0 * patient_id) FROM patients", "patient_id"),
+            ("SELECT COUNT(NULLIF(diagnosis, 'E11')) FROM patients", "diagnosis"),
+            ("SELECT SUM(los * CAST(diagnosis = 'E11' AS INT)) FROM patients", "diagnosis"),
+            ("SELECT age_band, COUNT(*) FROM patients GROUP BY age_band HAVING age_band = '65+'", "age_band"),
+        ] {
+            let p = plan(sql).await.unwrap();
+            assert!(p.uses.filter.contains(column), "{sql}: {:?}", p.uses);
+            let place = p.uses.place_of(column, "filter").unwrap();
+            assert!(place.starts_with("inside the argument of") || place == "in HAVING", "{place}");
+        }
+        // A plain column argument is an aggregate use only.
+        let p = plan("SELECT COUNT(patient_id), SUM(cost) FROM patients")
+            .await
+            .unwrap();
+        assert!(p.uses.filter.is_empty(), "{:?}", p.uses);
+        assert_eq!(p.uses.aggregate["patient_id"], BTreeSet::from(["count"]));
+        let lines = p.uses.describe();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l == "cost: aggregate:sum (the argument of SUM)"),
+            "{lines:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn expressions_that_can_fail_on_a_row_are_refused_at_plan_time() {
+        for sql in [
+            "SELECT COUNT(*) FROM patients WHERE 1 / (CASE WHEN age_band = '65+' AND los = 3 THEN 0 ELSE 1 END) = 1",
+            "SELECT COUNT(*) FROM patients WHERE los % (los - 3) = 1",
+            "SELECT COUNT(*) FROM patients WHERE CAST(diagnosis AS INT) = 1",
+            "SELECT COUNT(*) FROM patients WHERE diagnosis ~ '(' ",
+            "SELECT COUNT(*) FROM patients WHERE to_date(diagnosis) > DATE '2020-01-01'",
+            "SELECT COUNT(*) FROM patients WHERE abs(los) > 1",
+            "SELECT COUNT(*) FROM patients WHERE repeat(diagnosis, 1000000000) = ''",
+            "SELECT SUM(los / 0) FROM patients",
+            "SELECT SUM(los / -1) FROM patients",
+            "SELECT COUNT(*) FROM patients WHERE substr(diagnosis, 1, los) = 'E'",
+        ] {
+            let e = plan(sql).await.expect_err(sql).to_string();
+            assert!(
+                e.contains("not permitted") || e.contains("not valid") || e.contains("cannot be read"),
+                "{sql}: {e}"
+            );
+        }
+        // What cannot fail is planned as before.
+        for sql in [
+            "SELECT COUNT(*) FROM patients WHERE TRY_CAST(diagnosis AS INT) = 1",
+            "SELECT COUNT(*) FROM patients WHERE diagnosis LIKE 'E1%' AND lower(diagnosis) <> 'x'",
+            "SELECT COUNT(*) FROM patients WHERE diagnosis ~ '^E1[0-9]$'",
+            "SELECT SUM(cost / 100), SUM(los * 2 + 1) FROM patients WHERE los BETWEEN 1 AND 5 OR los IN (7, 8)",
+            "SELECT COUNT(*) FROM patients WHERE abs(CAST(los AS DOUBLE)) > 1 AND los = '3'",
+        ] {
+            plan(sql).await.expect(sql);
+        }
     }
 
     #[tokio::test]

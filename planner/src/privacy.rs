@@ -243,7 +243,6 @@ impl DpParams {
                 p.mechanism = Mechanism::Laplace;
             }
             p.epsilon_micro = p.epsilon_micro.min(r.epsilon_micro);
-            p.max_rows = p.max_rows.min(r.max_rows);
             p.min_group_size = p.min_group_size.max(r.min_group_size);
             let c = r.colluders.unwrap_or(all_but_one);
             if c > all_but_one {
@@ -281,6 +280,28 @@ impl DpParams {
             }
             p.required_by.push(r.party.clone());
         }
+        // The row bound k is both what each party enforces (with an
+        // individual id) and the sensitivity the noise is calibrated to. A
+        // party that enforces it is protected by any k (rows beyond k are
+        // dropped, and the noise grows with k); a party without an id only
+        // *declares* that an individual has at most its k rows, so the
+        // merged k may never be below its declaration.
+        let enforced = reqs
+            .iter()
+            .filter(|r| r.individual_id.is_some())
+            .map(|r| r.max_rows)
+            .min();
+        let declared = reqs
+            .iter()
+            .filter(|r| r.individual_id.is_none())
+            .map(|r| r.max_rows)
+            .max();
+        p.max_rows = match (enforced, declared) {
+            (Some(e), Some(d)) => e.max(d),
+            (Some(e), None) => e,
+            (None, Some(d)) => d,
+            (None, None) => first.max_rows,
+        };
         p.delta = if p.mechanism == Mechanism::Laplace {
             0.0
         } else {
@@ -365,9 +386,13 @@ impl DpParams {
                 }
             }
         }
-        if self.max_rows > req.max_rows || self.max_rows == 0 {
+        if self.max_rows == 0 {
+            return Err("a bound of 0 rows per individual".into());
+        }
+        if req.individual_id.is_none() && self.max_rows < req.max_rows {
             return Err(format!(
-                "{} rows per individual exceeds this party's bound of {}",
+                "the noise is calibrated to {} row(s) per individual, below the {} this party declares \
+                 (max_rows_per_individual)",
                 self.max_rows, req.max_rows
             ));
         }
@@ -408,7 +433,7 @@ impl Noise {
     /// A bound no honest draw exceeds but with probability below 10^-25;
     /// a draw beyond it aborts the query (which reveals nothing of the data).
     pub fn draw_bound(&self) -> u128 {
-        (self.scale() * 60.0).ceil() as u128 + 64
+        ((self.scale() * 60.0).ceil() as u128).saturating_add(64)
     }
 
     pub fn describe(&self) -> String {
@@ -772,8 +797,26 @@ mod tests {
             .unwrap();
         assert_eq!(p.mechanism, Mechanism::Laplace);
         assert_eq!(p.epsilon_micro, 500_000);
-        assert_eq!(p.max_rows, 1);
+        // Neither enforces a bound: the larger declaration is the sensitivity.
+        assert_eq!(p.max_rows, 2);
         assert_eq!(p.colluders, 2);
+        let mut low = p.clone();
+        low.max_rows = 1;
+        assert!(low.satisfies(&a, 3).unwrap_err().contains("below the 2"));
+        // One that enforces with an id takes the smaller bound only where
+        // no declaration is larger.
+        let mut e = req("e", 1_000_000, "0", "1000");
+        e.individual_id = Some("pid".into());
+        e.max_rows = 1;
+        let q = DpParams::merge(&[e.clone(), a.clone()], 3)
+            .unwrap()
+            .unwrap();
+        assert_eq!(q.max_rows, 2);
+        assert!(q.satisfies(&e, 3).is_ok() && q.satisfies(&a, 3).is_ok());
+        let mut e2 = e.clone();
+        e2.max_rows = 5;
+        let q = DpParams::merge(&[e.clone(), e2], 3).unwrap().unwrap();
+        assert_eq!(q.max_rows, 1);
         assert_eq!(
             p.clamps["cost"],
             Clamp {

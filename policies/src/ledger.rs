@@ -100,6 +100,18 @@ impl Ledger {
     }
 
     /// What `analyst` has left of `budget` at time `now`.
+    /// What all analysts of `party` have left together under `budget`.
+    pub fn remaining_for_party(
+        &self,
+        party: &str,
+        budget: &Budget,
+        now: i64,
+    ) -> Result<Remaining, LedgerError> {
+        let conn = self.conn();
+        let (e, d) = spent_by_party(&conn, party, budget, now).map_err(|e| self.io(e))?;
+        Ok(remaining_of(budget, e, d))
+    }
+
     pub fn remaining(
         &self,
         analyst: &str,
@@ -122,6 +134,7 @@ impl Ledger {
         epsilon_micro: u64,
         delta: f64,
         budget: &Budget,
+        party_budget: Option<&Budget>,
         now: i64,
         sql: &str,
     ) -> Result<Remaining, LedgerError> {
@@ -139,6 +152,20 @@ impl Ledger {
                 epsilon_micro,
                 delta,
             )));
+        }
+        if let Some(pb) = party_budget {
+            let party = party_of(analyst);
+            let (e, d) = spent_by_party(&tx, party, pb, now).map_err(|e| self.io(e))?;
+            let left = remaining_of(pb, e, d);
+            if epsilon_micro > left.epsilon_micro || delta > left.delta + 1e-18 {
+                return Err(LedgerError::OverBudget(over_budget_message(
+                    &format!("all analysts of {party} together"),
+                    pb,
+                    left,
+                    epsilon_micro,
+                    delta,
+                )));
+            }
         }
         tx.execute(
             "INSERT INTO charges (query_id, analyst, at_unix, epsilon_micro, delta, state, sql)
@@ -218,19 +245,55 @@ fn charge_of_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Charge> {
     })
 }
 
+/// Whose spending a budget counts: one analyst, or every analyst of a party.
+enum Spender<'a> {
+    Analyst(&'a str),
+    Party(&'a str),
+}
+
 fn spent_in_period(
     conn: &Connection,
     analyst: &str,
     budget: &Budget,
     now: i64,
 ) -> rusqlite::Result<(u64, f64)> {
+    spent(conn, Spender::Analyst(analyst), budget, now)
+}
+
+/// What every analyst of `party` spent together in the period.
+fn spent_by_party(
+    conn: &Connection,
+    party: &str,
+    budget: &Budget,
+    now: i64,
+) -> rusqlite::Result<(u64, f64)> {
+    spent(conn, Spender::Party(party), budget, now)
+}
+
+fn spent(
+    conn: &Connection,
+    who: Spender<'_>,
+    budget: &Budget,
+    now: i64,
+) -> rusqlite::Result<(u64, f64)> {
     let since = now - budget.period_days as i64 * 86_400;
+    let (filter, key) = match who {
+        Spender::Analyst(a) => ("analyst = ?1", a),
+        Spender::Party(p) => ("substr(analyst, 1, length(?1) + 1) = ?1 || ':'", p),
+    };
     conn.query_row(
-        "SELECT COALESCE(SUM(epsilon_micro), 0), COALESCE(SUM(delta), 0.0) FROM charges
-         WHERE analyst = ?1 AND at_unix > ?2 AND state != 'refunded'",
-        params![analyst, since],
+        &format!(
+            "SELECT COALESCE(SUM(epsilon_micro), 0), COALESCE(SUM(delta), 0.0) FROM charges
+             WHERE {filter} AND at_unix > ?2 AND state != 'refunded'"
+        ),
+        params![key, since],
         |r| Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, f64>(1)?)),
     )
+}
+
+/// The party of a ledger's `PARTY:NAME` analyst key.
+fn party_of(analyst: &str) -> &str {
+    analyst.split_once(':').map(|(p, _)| p).unwrap_or(analyst)
 }
 
 fn remaining_of(budget: &Budget, eps: u64, delta: f64) -> Remaining {
@@ -274,6 +337,7 @@ mod tests {
             epsilon_micro: 3_000_000,
             delta: 0.0,
             period_days: 30,
+            per_party: None,
         }
     }
 
@@ -285,13 +349,13 @@ mod tests {
         let now = 1_000_000_000;
         {
             let l = Ledger::open(&path).unwrap();
-            l.charge("q1", "a:alice", 1_000_000, 0.0, &b, now, "SELECT 1")
+            l.charge("q1", "a:alice", 1_000_000, 0.0, &b, None, now, "SELECT 1")
                 .unwrap();
-            l.charge("q2", "a:alice", 1_500_000, 0.0, &b, now, "SELECT 2")
+            l.charge("q2", "a:alice", 1_500_000, 0.0, &b, None, now, "SELECT 2")
                 .unwrap();
             // Aborted before the reveal: refunded.
             assert!(l.refund("q2").unwrap());
-            l.charge("q3", "a:alice", 1_500_000, 0.0, &b, now, "SELECT 3")
+            l.charge("q3", "a:alice", 1_500_000, 0.0, &b, None, now, "SELECT 3")
                 .unwrap();
             l.mark_spent("q3").unwrap();
             // A spent charge is never refunded.
@@ -302,13 +366,13 @@ mod tests {
         let left = l.remaining("a:alice", &b, now).unwrap();
         assert_eq!(left.epsilon_micro, 500_000);
         let e = l
-            .charge("q4", "a:alice", 1_000_000, 0.0, &b, now, "SELECT 4")
+            .charge("q4", "a:alice", 1_000_000, 0.0, &b, None, now, "SELECT 4")
             .unwrap_err()
             .to_string();
         assert!(e.contains("ε = 0.5 left of 3"), "{e}");
         assert!(e.contains("needs ε = 1"), "{e}");
         // Other analysts have their own budget; old charges age out.
-        l.charge("q5", "b:bob", 3_000_000, 0.0, &b, now, "SELECT 5")
+        l.charge("q5", "b:bob", 3_000_000, 0.0, &b, None, now, "SELECT 5")
             .unwrap();
         let later = now + 31 * 86_400;
         assert_eq!(
@@ -318,6 +382,48 @@ mod tests {
         let all = l.charges(Some("a:alice")).unwrap();
         assert_eq!(all.len(), 3);
         assert_eq!(l.get("q2").unwrap().unwrap().state, "refunded");
+        // A party cap counts every analyst of the party together: invented
+        // names do not get fresh budgets.
+        let cap = Budget {
+            epsilon_micro: 4_000_000,
+            delta: 0.0,
+            period_days: 30,
+            per_party: None,
+        };
+        l.charge(
+            "q6",
+            "a:carol",
+            1_000_000,
+            0.0,
+            &b,
+            Some(&cap),
+            now,
+            "SELECT 6",
+        )
+        .unwrap();
+        let e = l
+            .charge(
+                "q7",
+                "a:mallory",
+                1_000_000,
+                0.0,
+                &b,
+                Some(&cap),
+                now,
+                "SELECT 7",
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("all analysts of a together"), "{e}");
+        // a:alice spent 2.5 and a:carol 1 of the party's 4.
+        assert_eq!(
+            l.remaining_for_party("a", &cap, now).unwrap().epsilon_micro,
+            500_000
+        );
+        assert_eq!(
+            l.remaining_for_party("b", &cap, now).unwrap().epsilon_micro,
+            1_000_000
+        );
     }
 
     /// Killing the gateway (SIGKILL, no chance to clean up) while it charges
@@ -333,6 +439,7 @@ mod tests {
                 epsilon_micro: u64::MAX / 4,
                 delta: 0.0,
                 period_days: 30,
+                per_party: None,
             };
             let mut out = std::io::stdout();
             for i in 0.. {
@@ -342,6 +449,7 @@ mod tests {
                     1,
                     0.0,
                     &b,
+                    None,
                     now_unix(),
                     "SELECT 1",
                 )

@@ -61,6 +61,9 @@ struct RawBudget {
     epsilon: f64,
     delta: Option<f64>,
     period_days: u32,
+    /// What all analysts of one querying party may spend together.
+    per_party_epsilon: Option<f64>,
+    per_party_delta: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +81,10 @@ struct RawTablePrivacy {
 struct RawAnalysts {
     #[serde(default)]
     allow: Vec<Spanned<String>>,
+    /// Parties whose gateways this party trusts to say which of their
+    /// analysts is asking (name and roles).
+    #[serde(default)]
+    trust_identities_from: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -114,6 +121,10 @@ struct RawColumn {
 pub struct Policy {
     pub party: Option<String>,
     pub allow: Vec<String>,
+    /// Parties whose gateways are trusted to state their analysts' names
+    /// and roles (`analysts.trust_identities_from`). This party's own
+    /// analysts are always verified here.
+    pub trust_identities_from: Vec<String>,
     pub min_group_size: u64,
     pub tables: BTreeMap<String, TablePolicy>,
     /// The party's differential-privacy settings (mechanism, ε and δ per
@@ -137,6 +148,11 @@ pub struct Budget {
     pub epsilon_micro: u64,
     pub delta: f64,
     pub period_days: u32,
+    /// What all analysts of one querying party may spend together in the
+    /// period (`per_party_epsilon`, `per_party_delta`). Unset: the analyst
+    /// budget for a party whose identities are not trusted, no cap for one
+    /// that is.
+    pub per_party: Option<(u64, f64)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -172,6 +188,32 @@ fn pattern_matches(pattern: &str, a: &Analyst) -> bool {
         Some(("role", r)) => a.roles.iter().any(|x| x == r),
         Some((p, "*")) => p == a.party,
         Some((p, n)) => p == a.party && n == a.name,
+        None => false,
+    }
+}
+
+/// Whether a pattern that *grants* something names `a`: a role stated by a
+/// gateway this party does not trust for identities grants nothing (a
+/// dishonest gateway could claim any role).
+fn grant_matches(pattern: &str, a: &Analyst, trusted: bool) -> bool {
+    if pattern.starts_with("role:") && !trusted {
+        return false;
+    }
+    pattern_matches(pattern, a)
+}
+
+/// Whether a pattern that *restricts* (requires DP) may name `a`: where the
+/// identity cannot be verified, the restriction is assumed to apply (a
+/// dishonest gateway could drop a role or name another of its analysts to
+/// escape it).
+fn restriction_may_match(pattern: &str, a: &Analyst, trusted: bool) -> bool {
+    if trusted {
+        return pattern_matches(pattern, a);
+    }
+    match pattern.split_once(':') {
+        _ if pattern == "*" => true,
+        Some(("role", _)) => true,
+        Some((p, _)) => p == a.party,
         None => false,
     }
 }
@@ -238,6 +280,15 @@ impl Policy {
                 message,
             })
         };
+        for t in &raw.analysts.trust_identities_from {
+            let v = t.get_ref();
+            if v.is_empty() || v.contains(':') || v == "*" {
+                problem(
+                    t.span().start,
+                    format!("analysts.trust_identities_from entry `{v}` must be a party id"),
+                );
+            }
+        }
         for a in &raw.analysts.allow {
             let v = a.get_ref();
             if !valid_pattern(v) {
@@ -342,10 +393,27 @@ impl Policy {
                         if mechanism == Some(Mechanism::Gaussian) && !(bd > 0.0 && bd < 1.0) {
                             problem(pos, "privacy.budget.delta (between 0 and 1) is needed for the gaussian mechanism".into());
                         }
+                        let per_party = match b.per_party_epsilon {
+                            None => None,
+                            Some(e) if e.is_finite() && e > 0.0 && e <= 1e6 => Some((
+                                (e * MICRO as f64).floor() as u64,
+                                b.per_party_delta.unwrap_or(bd),
+                            )),
+                            Some(e) => {
+                                problem(
+                                    pos,
+                                    format!(
+                                        "privacy.budget.per_party_epsilon = {e} must be positive"
+                                    ),
+                                );
+                                None
+                            }
+                        };
                         Some(Budget {
                             epsilon_micro: (b.epsilon * MICRO as f64).floor() as u64,
                             delta: bd,
                             period_days: b.period_days,
+                            per_party,
                         })
                     }
                 };
@@ -508,6 +576,12 @@ impl Policy {
                 .into_iter()
                 .map(|a| a.into_inner())
                 .collect(),
+            trust_identities_from: raw
+                .analysts
+                .trust_identities_from
+                .into_iter()
+                .map(|a| a.into_inner())
+                .collect(),
             min_group_size: raw
                 .results
                 .min_group_size
@@ -524,11 +598,12 @@ impl Policy {
         let pp = self.privacy.as_ref()?;
         let tp = self.tables.get(&plan.table)?;
         let tprivacy = tp.privacy.as_ref()?;
+        let trusted = self.trusts_identity_of(analyst);
         if !tprivacy.analysts.is_empty()
             && !tprivacy
                 .analysts
                 .iter()
-                .any(|p| pattern_matches(p, analyst))
+                .any(|p| restriction_may_match(p, analyst, trusted))
         {
             return None;
         }
@@ -553,10 +628,48 @@ impl Policy {
 
     /// Whether `analysts.allow` admits `analyst` at all.
     pub fn admits(&self, analyst: &Analyst) -> bool {
+        let trusted = self.trusts_identity_of(analyst);
         self.allow
             .iter()
             .filter(|a| a.as_str() != "*")
-            .any(|a| pattern_matches(a, analyst))
+            .any(|a| grant_matches(a, analyst, trusted))
+    }
+
+    /// Whether this party can rely on the name and roles the querying
+    /// gateway states for `analyst`: its own analysts (authenticated here),
+    /// or a party listed in `analysts.trust_identities_from`. A peer only
+    /// verifies which *party* asks (its certificate).
+    pub fn trusts_identity_of(&self, analyst: &Analyst) -> bool {
+        self.party.as_deref() == Some(analyst.party.as_str())
+            || self
+                .trust_identities_from
+                .iter()
+                .any(|p| *p == analyst.party)
+    }
+
+    /// The budget cap shared by all analysts of `party`, if any: the policy's
+    /// `per_party_epsilon`, or, for a party whose identities this party does
+    /// not trust (it could invent analyst names to get fresh budgets), the
+    /// analyst budget itself.
+    pub fn party_budget(&self, party: &str) -> Option<Budget> {
+        let pp = self.privacy.as_ref()?;
+        let b = pp.budget;
+        let probe = Analyst {
+            party: party.to_string(),
+            name: String::new(),
+            roles: Vec::new(),
+        };
+        let (e, d) = match b.per_party {
+            Some(cap) => cap,
+            None if self.trusts_identity_of(&probe) => return None,
+            None => (b.epsilon_micro, b.delta),
+        };
+        Some(Budget {
+            epsilon_micro: e,
+            delta: d,
+            period_days: b.period_days,
+            per_party: None,
+        })
     }
 
     /// The columns of `table` that `analyst` may use in some way, or None
@@ -588,11 +701,28 @@ impl Policy {
         let Some(tp) = self.tables.get(t) else {
             return deny(format!("tables.{t}"), format!("table {t} is not exposed"));
         };
-        if plan.uses.count_star && !tp.count_star {
-            return deny(
-                format!("tables.{t}.count_star"),
-                "COUNT(*) over this table is not allowed".into(),
-            );
+        // Without differential privacy the querying gateway learns every
+        // group's row count (that is how empty groups are dropped, as SQL
+        // does), whatever the SELECT list says. Under this party's own DP
+        // requirement, row counts are revealed (noised) only for COUNT(*)
+        // or a minimum group size. Another party's DP cannot be counted on
+        // here: this check comes before the parameters are merged.
+        let own_dp = self.requirement(plan, analyst).is_some();
+        if !tp.count_star {
+            if plan.uses.count_star {
+                return deny(
+                    format!("tables.{t}.count_star"),
+                    "COUNT(*) over this table is not allowed".into(),
+                );
+            }
+            if !own_dp {
+                return deny(
+                    format!("tables.{t}.count_star"),
+                    "row counts over this table are not allowed, and without differential privacy every query \
+                     reveals each group's row count to the querying gateway"
+                        .into(),
+                );
+            }
         }
         let col = |c: &str| tp.columns.get(c);
         for c in &plan.uses.group_by {
@@ -605,10 +735,16 @@ impl Policy {
         }
         for c in &plan.uses.filter {
             if !col(c).is_some_and(|p| p.filter) {
-                return deny(
-                    format!("tables.{t}.columns.{c}"),
-                    format!("column {c} may not be used in WHERE"),
-                );
+                let place = plan.uses.place_of(c, "filter").unwrap_or("in WHERE");
+                let reason = if place == "in WHERE" {
+                    format!("column {c} may not be used in WHERE")
+                } else {
+                    format!(
+                        "column {c} may not be used as a filter, and it is used {place}: a condition or \
+                         expression there selects rows by {c} as WHERE would"
+                    )
+                };
+                return deny(format!("tables.{t}.columns.{c}"), reason);
             }
         }
         for (c, funcs) in &plan.uses.aggregate {
@@ -748,10 +884,73 @@ aggregate = ["sum", "avg"]
             name: "m".into(),
             roles: vec!["auditor".into()],
         };
-        assert_eq!(
+        // A role stated by a gateway this party does not trust for
+        // identities grants nothing: c's gateway could claim any role.
+        assert!(matches!(
             decide("SELECT COUNT(*) FROM patients", &auditor).await,
-            Decision::Allow
+            Decision::Deny { ref rule, .. } if rule == "analysts.allow"
+        ));
+        let cat = Catalog::from_toml(CATALOG, "c").unwrap();
+        let trusting = Policy::parse(
+            &POLICY.replace(
+                "[analysts]\n",
+                "[analysts]\ntrust_identities_from = [\"c\"]\n",
+            ),
+            Some(&cat),
+        )
+        .unwrap();
+        assert_eq!(trusting.trust_identities_from, vec!["c".to_string()]);
+        let plan = planner::plan_query(
+            "SELECT COUNT(*) FROM patients",
+            &cat,
+            &["a".to_string(), "c".to_string()],
+            &QueryOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(trusting.check(&plan, &auditor), Decision::Allow);
+    }
+
+    #[tokio::test]
+    async fn a_dp_requirement_by_role_or_name_holds_where_identities_cannot_be_checked() {
+        let cat = Catalog::from_toml(CATALOG, "c").unwrap();
+        let policy = Policy::parse(
+            &format!(
+                "{POLICY}\n[privacy]\nmechanism = \"laplace\"\nepsilon_per_query = 1\n\
+                 budget = {{ epsilon = 10, period_days = 30 }}\n[tables.patients.privacy]\n\
+                 analysts = [\"role:external\", \"c:bob\"]\n"
+            ),
+            Some(&cat),
+        )
+        .unwrap();
+        let plan = planner::plan_query(
+            "SELECT COUNT(*) FROM patients",
+            &cat,
+            &["a".to_string(), "c".to_string()],
+            &QueryOptions::default(),
+        )
+        .await
+        .unwrap();
+        // A leader that drops the role or names another of its analysts
+        // still gets DP: the peer cannot check either.
+        let plain = Analyst {
+            party: "c".into(),
+            name: "alice".into(),
+            roles: vec![],
+        };
+        assert!(policy.requirement(&plan, &plain).is_some());
+        let d_party = Analyst {
+            party: "d".into(),
+            name: "x".into(),
+            roles: vec![],
+        };
+        assert!(
+            policy.requirement(&plan, &d_party).is_some(),
+            "role:external may hide at d"
         );
+        // And untrusted parties share one budget.
+        let pb = policy.party_budget("c").unwrap();
+        assert_eq!(pb.epsilon_micro, 10_000_000);
     }
 
     #[test]

@@ -339,7 +339,7 @@ async fn psql_queries_lists_tables_and_is_refused_clearly() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("answers only over TLS"),
+        !out.status.success() && err.contains("over TLS only"),
         "{err}"
     );
 
