@@ -23,7 +23,7 @@ use planner::{plan_query, Catalog, FederatedPlan, PartialKind, QueryOptions};
 use policies::{Analyst, AuditEntry, AuditLog, Decision, Ledger, Policy};
 use sha2::{Digest, Sha256};
 
-use crate::config::{verify_password, AnalystCredential, Fault, GatewayConfig};
+use crate::config::{AnalystCredential, Fault, GatewayConfig};
 use crate::peer::{PeerClients, Propose, QueryRef, QueryTransport, Start, Verdict};
 
 /// Sessions not started within this time are dropped.
@@ -221,8 +221,7 @@ pub struct Gateway {
     analysts: Vec<AnalystCredential>,
     auth_cache: Mutex<HashMap<String, [u8; 32]>>,
     /// Bounds the password checks running at once.
-    login_slots: tokio::sync::Semaphore,
-    login_waiting: std::sync::atomic::AtomicUsize,
+    password_checks: crate::config::PasswordChecks,
     /// An argon2id hash of a random password, checked for unknown users.
     standin_hash: String,
     pub(crate) clients: Arc<PeerClients>,
@@ -267,8 +266,7 @@ impl Gateway {
             ledger,
             analysts: cfg.analysts.clone(),
             auth_cache: Mutex::new(HashMap::new()),
-            login_slots: tokio::sync::Semaphore::new(LOGIN_SLOTS),
-            login_waiting: std::sync::atomic::AtomicUsize::new(0),
+            password_checks: crate::config::PasswordChecks::new(LOGIN_SLOTS, LOGIN_QUEUE),
             standin_hash: crate::config::standin_password_hash(),
             clients: Arc::new(clients),
             sessions: Mutex::new(HashMap::new()),
@@ -385,10 +383,11 @@ impl Gateway {
 
     /// Checks an analyst's password; returns the analyst as policies see them.
     ///
-    /// A password check (argon2id, 19 MiB) runs on the blocking pool, at
-    /// most [`LOGIN_SLOTS`] at once: a flood of bad logins waits for a slot
-    /// (and is turned away after [`LOGIN_WAIT`]) instead of taking the
-    /// gateway's memory and cores from the analysts already logged in. An
+    /// A password check (argon2id, 19 MiB) runs on one of [`LOGIN_SLOTS`]
+    /// threads of its own (`config::PasswordChecks`): a flood of bad logins
+    /// queues there (at most [`LOGIN_QUEUE`], each turned away after
+    /// [`LOGIN_WAIT`]) instead of taking the gateway's memory and cores from
+    /// the analysts already logged in. An
     /// unknown user name costs the same check against a stand-in hash, so
     /// the time of a refusal does not tell which names exist.
     pub async fn authenticate(
@@ -433,20 +432,11 @@ impl Gateway {
                     ),
                 )
             };
-            let waiting = self.login_waiting.fetch_add(1, Ordering::SeqCst);
-            let _queued = Decrement(&self.login_waiting);
-            if waiting >= LOGIN_QUEUE {
-                return Err(busy());
-            }
-            let slot = tokio::time::timeout(LOGIN_WAIT, self.login_slots.acquire())
+            let ok = self
+                .password_checks
+                .check(password, &hash, LOGIN_WAIT)
                 .await
-                .map_err(|_| busy())?
-                .map_err(|_| QueryFailure::new(FailureKind::Internal, "login slots closed"))?;
-            let password = password.to_string();
-            let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-                .await
-                .map_err(|e| QueryFailure::new(FailureKind::Internal, e.to_string()))?;
-            drop(slot);
+                .ok_or_else(busy)?;
             if !ok || cred.is_none() {
                 return Err(denied());
             }
@@ -1607,15 +1597,6 @@ impl Drop for CancelGuard {
             gw.abort_everywhere(&s, &reason).await;
             gw.finish(&s, "cancelled by the analyst".into());
         });
-    }
-}
-
-/// Decrements a counter when dropped.
-struct Decrement<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl Drop for Decrement<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

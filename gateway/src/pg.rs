@@ -434,9 +434,30 @@ async fn read_only(sql: &str) -> PgWireResult<()> {
     let verdict = planner::limits::on_planning_thread(move || {
         use datafusion::sql::sqlparser::ast::{SetExpr, Statement};
         use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
-        let stmts =
-            datafusion::sql::sqlparser::parser::Parser::parse_sql(&PostgreSqlDialect {}, &text)
-                .map_err(|e| planner::PlanError::Syntax(e.to_string()))?;
+        let stmts = match datafusion::sql::sqlparser::parser::Parser::parse_sql(
+            &PostgreSqlDialect {},
+            &text,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                // Unparsable: nothing runs either way, but a statement that
+                // writes is told why it would be refused.
+                const WRITES: &[&str] = &[
+                    "CREATE", "DROP", "ALTER", "INSERT", "UPDATE", "DELETE", "COPY", "TRUNCATE",
+                    "GRANT", "REVOKE", "MERGE", "VACUUM", "CALL", "DO", "LOAD", "ATTACH",
+                    "INSTALL", "UPSERT", "REPLACE", "COMMENT", "SECURITY", "REINDEX", "CLUSTER",
+                ];
+                let first = text
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_uppercase();
+                if WRITES.contains(&first.as_str()) {
+                    return Ok(Some(format!("{first} statement")));
+                }
+                return Err(planner::PlanError::Syntax(e.to_string()));
+            }
+        };
         if let [Statement::Query(q)] = stmts.as_slice() {
             planner::limits::check_statement(&stmts[0])?;
             let into = matches!(q.body.as_ref(), SetExpr::Select(s) if s.into.is_some());

@@ -12,6 +12,8 @@ use gateway::output::{render, Format};
 const COUNCIL: &str = env!("CARGO_BIN_EXE_council");
 const PARTIES: [&str; 3] = ["hospital_a", "hospital_b", "hospital_c"];
 
+/// Bad logins in the flood test.
+const N_FLOOD: usize = 80;
 fn free_port() -> u16 {
     gateway::bench::free_port().unwrap()
 }
@@ -157,6 +159,56 @@ async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("hospital_b refused: column patient_id may not be used in WHERE (policy: tables.patients.columns.patient_id)"), "{err}");
+
+    // A flood of bad logins (wrong passwords, unknown names) at hospital_b:
+    // every one is refused, the gateway's peak memory grows by at most a few
+    // password checks (two threads, each reusing one 19 MiB argon2 memory;
+    // unbounded, 80 at once would take 1.5 GiB), and its analysts are still
+    // answered.
+    let pid = gws.0[1].id();
+    let peak_kib = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    let before = peak_kib();
+    let ca = std::fs::read_to_string(dir.join("certs/ca.pem")).unwrap();
+    let addr = format!("127.0.0.1:{}", analyst_ports[1]);
+    let flood: Vec<_> = (0..N_FLOOD)
+        .map(|i| {
+            let (addr, ca) = (addr.clone(), ca.clone());
+            tokio::spawn(async move {
+                let user = if i % 2 == 0 {
+                    "alice".to_string()
+                } else {
+                    format!("nobody{i}")
+                };
+                match gateway::client::AnalystClient::connect(&addr, &ca, &user, "wrong").await {
+                    Err(_) => true,
+                    Ok(c) => c.query("SELECT COUNT(*) FROM patients").await.is_err(),
+                }
+            })
+        })
+        .collect();
+    for f in flood {
+        assert!(f.await.unwrap(), "a wrong password was accepted");
+    }
+    let grown = peak_kib().saturating_sub(before);
+    assert!(before > 0, "no VmHWM for the gateway process");
+    assert!(
+        grown < 160 * 1024,
+        "a login flood grew the gateway's peak memory by {grown} KiB"
+    );
+    assert!(
+        query(dir, analyst_ports[1], "SELECT COUNT(*) FROM patients")
+            .status
+            .success()
+    );
 
     // Kill hospital_c outright; hospital_a's queries fail, naming it.
     let mut c = gws.0.pop().unwrap();

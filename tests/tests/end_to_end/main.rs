@@ -2,6 +2,7 @@
 //! links all of DataFusion, so one binary instead of four saves three links
 //! and about 3 GiB of disk in a debug build (CI ran out of disk with four).
 
+mod adversary;
 mod failures;
 mod federated_answers;
 mod flight_sql;

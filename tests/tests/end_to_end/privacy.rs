@@ -25,7 +25,7 @@ fn random_spec(
 }
 
 /// `[privacy]` and the table's privacy section added to the open policy.
-fn dp_policy(party: &str, ids: &[String], privacy: &str, budget: &str) -> String {
+pub(crate) fn dp_policy(party: &str, ids: &[String], privacy: &str, budget: &str) -> String {
     let mut p = open_policy(party, ids);
     p = p.replace(
         "[tables.t.columns.x]\n",

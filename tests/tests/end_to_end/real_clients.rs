@@ -133,7 +133,7 @@ async fn adbc_flight_sql_driver_from_python() {
 }
 
 /// psql, or a panic that says how to get it (never a silent skip).
-fn psql() -> String {
+pub(crate) fn psql() -> String {
     let ok = Command::new("psql")
         .arg("--version")
         .output()
@@ -147,7 +147,7 @@ fn psql() -> String {
 }
 
 /// Runs psql against a gateway; returns (success, stdout, stderr).
-async fn run_psql(
+pub(crate) async fn run_psql(
     port: u16,
     ca: &std::path::Path,
     password: &str,
