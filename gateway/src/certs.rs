@@ -45,11 +45,37 @@ pub fn check_party_id(p: &str) -> Result<()> {
 }
 
 /// Makes a CA named `ca_name` and certificates for `parties`.
+///
+/// A party's certificate names that party (its peers verify it by that
+/// name), the loopback names (reachable from its own host only), and the
+/// host names given for it in `extra_hosts` as `PARTY=NAME`. Two parties'
+/// certificates never share a name that is not loopback, so one party
+/// cannot pose as another party's analyst door under its host name. An
+/// entry without `PARTY=` is refused: it would go into every certificate.
 pub fn make_federation(
     ca_name: &str,
     parties: &[String],
     extra_hosts: &[String],
 ) -> Result<Federation> {
+    let mut own_hosts: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for h in extra_hosts {
+        let Some((party, name)) = h.split_once('=') else {
+            bail!(
+                "--host {h}: say whose host name it is, as PARTY=NAME (e.g. --host hospital_a=gw.hospital-a.example); \
+                 a name in every party's certificate would let any party pose as another's gateway"
+            );
+        };
+        if !parties.iter().any(|p| p == party) {
+            bail!("--host {h}: {party} is not one of the parties");
+        }
+        let taken = own_hosts
+            .iter()
+            .any(|(p, names)| *p != party && names.iter().any(|n| n == name));
+        if taken || parties.iter().any(|p| p == name) {
+            bail!("--host {h}: {name} already names another party");
+        }
+        own_hosts.entry(party).or_default().push(name.to_string());
+    }
     let ca_key = KeyPair::generate().context("generating the CA key")?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -81,7 +107,7 @@ pub fn make_federation(
             "127.0.0.1".to_string(),
             "::1".to_string(),
         ];
-        sans.extend(extra_hosts.iter().cloned());
+        sans.extend(own_hosts.get(p.as_str()).cloned().unwrap_or_default());
         let mut params =
             CertificateParams::new(sans).with_context(|| format!("certificate names for {p}"))?;
         params
@@ -130,4 +156,46 @@ fn write_file(path: &Path, text: &str, secret: bool) -> Result<()> {
     }
     let _ = secret;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dns_names(pem: &str) -> Vec<String> {
+        let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = p.parse_x509().unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        san.value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_host_name_goes_into_its_own_partys_certificate_only() {
+        let parties = ["a".to_string(), "b".to_string()];
+        let f = make_federation("t", &parties, &["a=gw-a.example".into()]).unwrap();
+        let a = dns_names(&f.parties[0].1);
+        let b = dns_names(&f.parties[1].1);
+        assert!(
+            a.contains(&"a".to_string()) && a.contains(&"gw-a.example".to_string()),
+            "{a:?}"
+        );
+        assert!(
+            !b.contains(&"gw-a.example".to_string()) && !b.contains(&"a".to_string()),
+            "{b:?}"
+        );
+        // A name for every party, another party's id, or an unknown party.
+        for bad in ["gw.example", "a=b", "c=gw-c.example"] {
+            assert!(
+                make_federation("t", &parties, &[bad.to_string()]).is_err(),
+                "{bad}"
+            );
+        }
+    }
 }

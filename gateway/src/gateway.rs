@@ -26,6 +26,12 @@ use sha2::{Digest, Sha256};
 use crate::config::{AnalystCredential, Fault, GatewayConfig};
 use crate::peer::{PeerClients, Propose, QueryRef, QueryTransport, Start, Verdict};
 
+/// How a party's abort that may depend on its rows begins. It does not
+/// name the party: which party's data made a query fail is itself
+/// something the analyst must not learn (the secure sum hides which party
+/// holds what). The party's own log names itself and the cause.
+const DATA_ABORT: &str = "a party aborted:";
+
 /// Sessions not started within this time are dropped.
 const SESSION_TTL: Duration = Duration::from_secs(600);
 /// Open queries (sessions) one leader may have at this party, and in all.
@@ -279,6 +285,11 @@ impl Gateway {
 
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// Queries this party holds a session for (agreed and not yet ended).
+    pub fn open_sessions(&self) -> usize {
+        self.sessions().len()
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Session>>> {
@@ -793,6 +804,34 @@ impl Gateway {
         }
     }
 
+    /// The shape of `from`'s share for a query this party holds: (rows,
+    /// most columns). An input share is one 32-byte seed; a result share
+    /// has one row per group and at most two columns per shared partial plus
+    /// the keys.
+    pub fn expected_share(
+        &self,
+        from: &str,
+        leader: &str,
+        query_id: &str,
+        round: executor::Round,
+    ) -> Result<(usize, usize), String> {
+        if !self.parties.iter().any(|p| p == from) {
+            return Err(format!("{from} is not a party of this federation"));
+        }
+        if round == executor::Round::Result && leader != self.party {
+            return Err(format!(
+                "result shares go to the querying gateway {leader}, not to {}",
+                self.party
+            ));
+        }
+        let s = self
+            .sessions()
+            .get(&(leader.to_string(), query_id.to_string()))
+            .cloned()
+            .ok_or_else(|| self.no_session(leader, query_id))?;
+        Ok(share_shape(&s.plan(), round))
+    }
+
     /// A share batch from `from`.
     pub fn on_put(
         &self,
@@ -816,17 +855,9 @@ impl Gateway {
             .get(&(leader.to_string(), query_id.to_string()))
             .cloned()
             .ok_or_else(|| self.no_session(leader, query_id))?;
-        // The shape is checked on delivery, before anything is kept: an
-        // input share is one 32-byte seed; a result share has one row per
-        // group and at most two columns per shared partial plus the keys.
-        let plan = s.plan();
-        let (rows, max_cols) = match round {
-            executor::Round::Input => (1, 1),
-            executor::Round::Result => (
-                if plan.grouped { plan.groups.len() } else { 1 },
-                2 * plan.shared_partials().len() + plan.groups.columns.len(),
-            ),
-        };
+        // The shape is checked on delivery, before anything is kept (and
+        // before decoding, in `service::decode_share_stream`).
+        let (rows, max_cols) = share_shape(&s.plan(), round);
         if batch.num_rows() != rows || batch.num_columns() > max_cols {
             let reason = format!(
                 "{from} sent a {round:?} share of {} rows and {} columns where {rows} rows and at most {max_cols} \
@@ -945,7 +976,7 @@ impl Gateway {
         let plan = &s.plan();
         let mine = |m: String| PartyFailure {
             peer_down: false,
-            shared: format!("{} aborted: {m}", self.party),
+            shared: format!("{DATA_ABORT} {m}"),
             local: m,
         };
         // From here on, how the query ends may depend on this party's rows
@@ -962,10 +993,7 @@ impl Gateway {
             .map_err(|e| PartyFailure {
                 peer_down: false,
                 local: e.to_string(),
-                shared: format!(
-                    "{} aborted: its local part failed (details in its gateway log)",
-                    self.party
-                ),
+                shared: format!("{DATA_ABORT} its local part failed (details in its gateway log)"),
             })?;
         s.phases.span("local part", t);
         let t = Instant::now();
@@ -978,12 +1006,9 @@ impl Gateway {
         let dense = dense_partials(&batches, &index, plan.local.partials.len()).map_err(|e| PartyFailure {
             peer_down: false,
             local: e.to_string(),
-            shared: format!(
-                "{} aborted: its local data does not fit the declared catalog (details in its gateway log)",
-                self.party
-            ),
+            shared: format!("{DATA_ABORT} its local data does not fit the declared catalog (details in its gateway log)"),
         })?;
-        check_no_wrap(&self.party, plan, &dense, index.len())?;
+        check_no_wrap(plan, &dense, index.len())?;
         let shared_idx = plan.shared_partials();
         let mut shared: Vec<Vec<i128>> = shared_idx.iter().map(|&i| dense[i].clone()).collect();
         let rows = index.len();
@@ -1050,9 +1075,8 @@ impl Gateway {
                     self.parties.len()
                 ),
                 shared: format!(
-                    "{} aborted: one of its partial sums is too large to combine exactly in Z_2^64; \
-                     lower the declared scale of the aggregated column or narrow the query",
-                    self.party
+                    "{DATA_ABORT} one of its partial sums is too large to combine exactly in Z_2^64; \
+                     lower the declared scale of the aggregated column or narrow the query"
                 ),
             }
         })?;
@@ -1565,10 +1589,28 @@ impl Gateway {
             .strip_prefix("query aborted: ")
             .unwrap_or(&reason)
             .to_string();
+        // However the reason reached this party ("p1 already ended query …:
+        // aborted by p2: a party aborted: …"), the analyst learns only that
+        // a party aborted, and why in general terms.
+        let reason = match reason.find(DATA_ABORT) {
+            Some(i) => reason[i..].to_string(),
+            None => reason,
+        };
         QueryFailure::new(
             kind,
             format!("{reason}; the query was aborted at every party and nothing was revealed"),
         )
+    }
+}
+
+/// (rows, most columns) of a share in `round` of `plan`.
+fn share_shape(plan: &FederatedPlan, round: executor::Round) -> (usize, usize) {
+    match round {
+        executor::Round::Input => (1, 1),
+        executor::Round::Result => (
+            if plan.grouped { plan.groups.len() } else { 1 },
+            2 * plan.shared_partials().len() + plan.groups.columns.len(),
+        ),
     }
 }
 
@@ -1613,7 +1655,6 @@ struct PartyFailure {
 /// sums of squares) stays below 2^127 in every group.
 #[allow(clippy::needless_range_loop)]
 fn check_no_wrap(
-    party: &str,
     plan: &FederatedPlan,
     raw: &[Vec<i128>],
     groups: usize,
@@ -1637,7 +1678,7 @@ fn check_no_wrap(
                 return Err(PartyFailure {
                     peer_down: false,
                     local: format!("a local sum in group {g} might exceed 128 bits (count {}, max |x| {max_abs})", raw[c][g]),
-                    shared: format!("{party} aborted: one of its local sums is too large to compute exactly; narrow the query"),
+                    shared: format!("{DATA_ABORT} one of its local sums is too large to compute exactly; narrow the query"),
                 });
             }
         }

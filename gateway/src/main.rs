@@ -100,7 +100,8 @@ enum Command {
         parties: Vec<String>,
         #[arg(long)]
         out: PathBuf,
-        /// Extra host names or IPs to put in every party certificate.
+        /// A host name or IP of one party's gateway, as PARTY=NAME
+        /// (repeat for more); it goes into that party's certificate only.
         #[arg(long = "host")]
         hosts: Vec<String>,
     },

@@ -15,7 +15,7 @@ use arrow_flight::{
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use base64::Engine as _;
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::gateway::{FailureKind, Gateway, QueryFailure};
@@ -27,8 +27,12 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 /// Most bytes one peer message may take. The planner refuses a query whose
 /// result share would come near it (`planner::plan::MAX_SHARE_BYTES`).
 pub const MAX_MESSAGE: usize = 64 << 20;
-/// Share streams a gateway reads at once (each may hold one message).
-pub const MAX_PUTS: usize = 64;
+/// Share streams a gateway reads at once from one peer (each may hold one
+/// message): a peer that opens streams and never finishes them blocks only
+/// its own.
+pub const MAX_PUTS_PER_PEER: usize = 32;
+/// The longest a share stream may take to arrive whole.
+pub const PUT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn caller_party<T>(req: &Request<T>) -> Result<String, Status> {
     req.extensions()
@@ -39,16 +43,23 @@ fn caller_party<T>(req: &Request<T>) -> Result<String, Status> {
 
 pub struct PeerService {
     pub gw: Arc<Gateway>,
-    /// Bounds the share streams read at once.
-    pub puts: Arc<tokio::sync::Semaphore>,
+    /// Bounds the share streams read at once, per peer.
+    puts: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 impl PeerService {
     pub fn new(gw: Arc<Gateway>) -> Self {
         PeerService {
             gw,
-            puts: Arc::new(tokio::sync::Semaphore::new(MAX_PUTS)),
+            puts: Default::default(),
         }
+    }
+
+    fn put_slots(&self, peer: &str) -> Arc<tokio::sync::Semaphore> {
+        let mut m = self.puts.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(peer.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_PUTS_PER_PEER)))
+            .clone()
     }
 }
 
@@ -107,52 +118,22 @@ impl FlightService for PeerService {
         request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
         let from = caller_party(&request)?;
+        if !self.gw.parties.iter().any(|p| *p == from) {
+            return Err(Status::permission_denied(format!(
+                "{from} is not a party of this federation"
+            )));
+        }
         let _slot = tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            self.puts.clone().acquire_owned(),
+            self.put_slots(&from).acquire_owned(),
         )
         .await
-        .map_err(|_| Status::resource_exhausted("too many share streams at once"))?
+        .map_err(|_| Status::resource_exhausted("too many share streams at once from this peer"))?
         .map_err(|_| Status::internal("share slots closed"))?;
-        let mut stream = request.into_inner();
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("empty share stream"))?;
-        let header: PutHeader = first
-            .flight_descriptor
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("share stream without a descriptor"))
-            .and_then(|d| {
-                serde_json::from_slice(&d.cmd)
-                    .map_err(|e| Status::invalid_argument(format!("malformed share header: {e}")))
-            })?;
-        let all = futures::stream::once(async { Ok(first) })
-            .chain(stream)
-            .map_err(|s| FlightError::Tonic(Box::new(s)));
-        let mut batches = FlightRecordBatchStream::new_from_flight_data(all);
-        let batch = match batches.next().await {
-            Some(Ok(b)) => b,
-            Some(Err(e)) => {
-                return Err(Status::invalid_argument(format!(
-                    "unreadable share batch: {e}"
-                )))
-            }
-            None => return Err(Status::invalid_argument("share stream without a batch")),
-        };
-        if batches.next().await.is_some() {
-            return Err(Status::invalid_argument(
-                "a share stream carries exactly one batch",
-            ));
-        }
-        self.gw
-            .on_put(&from, &header.leader, &header.query_id, header.round, batch)
-            .map_err(Status::failed_precondition)?;
-        Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(
-            PutResult::default(),
-        )]))))
+        tokio::time::timeout(PUT_DEADLINE, self.read_put(&from, request))
+            .await
+            .map_err(|_| Status::deadline_exceeded("the share stream did not arrive in time"))?
     }
-
     async fn handshake(
         &self,
         _r: Request<Streaming<HandshakeRequest>>,
@@ -199,6 +180,43 @@ impl FlightService for PeerService {
         _r: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
         Err(Status::unimplemented("list_actions"))
+    }
+}
+
+impl PeerService {
+    async fn read_put(
+        &self,
+        from: &str,
+        request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<BoxStream<PutResult>>, Status> {
+        let from = from.to_string();
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty share stream"))?;
+        let header: PutHeader = first
+            .flight_descriptor
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("share stream without a descriptor"))
+            .and_then(|d| {
+                serde_json::from_slice(&d.cmd)
+                    .map_err(|e| Status::invalid_argument(format!("malformed share header: {e}")))
+            })?;
+        // The shape this party expects from `from` for that query, known
+        // before a byte of the batch is decoded.
+        let (rows, max_cols) = self
+            .gw
+            .expected_share(&from, &header.leader, &header.query_id, header.round)
+            .map_err(Status::failed_precondition)?;
+        let all = futures::stream::iter([Ok(first)]).chain(stream);
+        let batch = decode_share_stream(all, rows, max_cols).await?;
+        self.gw
+            .on_put(&from, &header.leader, &header.query_id, header.round, batch)
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(
+            PutResult::default(),
+        )]))))
     }
 }
 
@@ -271,5 +289,166 @@ mod tests {
             .unwrap_err()
             .message()
             .contains("missing credentials"));
+    }
+}
+
+/// Decodes one share stream (a schema message, then one record batch) of
+/// at most `rows` rows and `max_cols` columns. Every IPC header is checked
+/// before Arrow reads it: Arrow trusts the lengths a header declares and
+/// allocates by them, so a crafted header from a peer could ask for a
+/// terabyte and abort the gateway.
+pub async fn decode_share_stream<S>(
+    stream: S,
+    rows: usize,
+    max_cols: usize,
+) -> Result<arrow::array::RecordBatch, Status>
+where
+    S: Stream<Item = Result<FlightData, Status>> + Send + Unpin,
+{
+    let bad = |m: String| Status::invalid_argument(format!("unreadable share batch: {m}"));
+    let mut stream = stream;
+    let mut messages = Vec::new();
+    while let Some(m) = stream.next().await {
+        let m = m?;
+        if messages.len() == 2 {
+            return Err(Status::invalid_argument(
+                "a share stream carries exactly one batch",
+            ));
+        }
+        check_ipc_header(&m, rows, max_cols).map_err(bad)?;
+        messages.push(m);
+    }
+    let all = futures::stream::iter(messages.into_iter().map(Ok::<_, FlightError>));
+    let mut batches = FlightRecordBatchStream::new_from_flight_data(all);
+    let batch = match batches.next().await {
+        Some(Ok(b)) => b,
+        Some(Err(e)) => return Err(bad(e.to_string())),
+        None => return Err(Status::invalid_argument("share stream without a batch")),
+    };
+    if batches.next().await.is_some() {
+        return Err(Status::invalid_argument(
+            "a share stream carries exactly one batch",
+        ));
+    }
+    Ok(batch)
+}
+
+/// What a share message's IPC header may declare: a schema of at most
+/// `max_cols` flat fields, or a record batch of exactly `rows` rows whose
+/// nodes and buffers lie inside the message's body; no compression, no
+/// dictionaries.
+fn check_ipc_header(m: &FlightData, rows: usize, max_cols: usize) -> Result<(), String> {
+    use arrow::ipc::MessageHeader;
+    let msg = arrow::ipc::root_as_message(&m.data_header[..])
+        .map_err(|e| format!("the IPC header is not a valid message: {e}"))?;
+    let body = m.data_body.len() as i64;
+    if msg.bodyLength() < 0 || msg.bodyLength() > body {
+        return Err(format!(
+            "the header declares a body of {} bytes, the message has {body}",
+            msg.bodyLength()
+        ));
+    }
+    match msg.header_type() {
+        MessageHeader::Schema => {
+            let schema = msg
+                .header_as_schema()
+                .ok_or("a schema header without a schema")?;
+            let fields = schema.fields().map(|f| f.len()).unwrap_or(0);
+            if fields > max_cols {
+                return Err(format!("{fields} columns where at most {max_cols} belong"));
+            }
+            let fs = schema.fields().ok_or("a schema without fields")?;
+            for f in fs.iter() {
+                if f.children().is_some_and(|c| !c.is_empty()) || f.dictionary().is_some() {
+                    return Err("share columns are flat, without dictionaries".into());
+                }
+                check_field_type(&f)?;
+            }
+            Ok(())
+        }
+        MessageHeader::RecordBatch => {
+            let rb = msg
+                .header_as_record_batch()
+                .ok_or("a record batch header without a batch")?;
+            if rb.length() != rows as i64 {
+                return Err(format!("{} rows where {rows} belong", rb.length()));
+            }
+            if rb.compression().is_some() {
+                return Err("compressed share batches are not accepted".into());
+            }
+            if rb.variadicBufferCounts().is_some_and(|v| !v.is_empty()) {
+                return Err("share batches have no variadic buffers".into());
+            }
+            let nodes = rb.nodes().map(|n| n.len()).unwrap_or(0);
+            if nodes > max_cols {
+                return Err(format!("{nodes} columns where at most {max_cols} belong"));
+            }
+            for n in rb.nodes().iter().flat_map(|v| v.iter()) {
+                if n.length() < 0
+                    || n.length() > rows as i64
+                    || n.null_count() < 0
+                    || n.null_count() > n.length()
+                {
+                    return Err("a column whose length does not match the batch".into());
+                }
+            }
+            let buffers = rb.buffers().map(|b| b.len()).unwrap_or(0);
+            if buffers > 3 * max_cols {
+                return Err(format!("{buffers} buffers for at most {max_cols} columns"));
+            }
+            for b in rb.buffers().iter().flat_map(|v| v.iter()) {
+                let end = b.offset().checked_add(b.length());
+                if b.offset() < 0 || b.length() < 0 || end.is_none_or(|e| e > body) {
+                    return Err("a buffer outside the message body".into());
+                }
+            }
+            Ok(())
+        }
+        other => Err(format!("a {other:?} message where a share belongs")),
+    }
+}
+
+/// The column types a share may have (UInt64 limbs, a 32-byte seed, and
+/// the group key types), checked the way Arrow's schema conversion would
+/// otherwise unwrap or panic on them.
+fn check_field_type(f: &arrow::ipc::Field<'_>) -> Result<(), String> {
+    use arrow::ipc::{DateUnit, Precision, TimeUnit, Type};
+    let ok = match f.type_type() {
+        Type::Bool | Type::Utf8 | Type::LargeUtf8 => true,
+        Type::Int => f
+            .type_as_int()
+            .is_some_and(|i| matches!(i.bitWidth(), 8 | 16 | 32 | 64)),
+        Type::FixedSizeBinary => f
+            .type_as_fixed_size_binary()
+            .is_some_and(|b| (1..=64).contains(&b.byteWidth())),
+        Type::FloatingPoint => f
+            .type_as_floating_point()
+            .is_some_and(|p| matches!(p.precision(), Precision::SINGLE | Precision::DOUBLE)),
+        Type::Date => f
+            .type_as_date()
+            .is_some_and(|d| matches!(d.unit(), DateUnit::DAY | DateUnit::MILLISECOND)),
+        Type::Timestamp => f.type_as_timestamp().is_some_and(|t| {
+            matches!(
+                t.unit(),
+                TimeUnit::SECOND
+                    | TimeUnit::MILLISECOND
+                    | TimeUnit::MICROSECOND
+                    | TimeUnit::NANOSECOND
+            )
+        }),
+        Type::Decimal => f.type_as_decimal().is_some_and(|d| {
+            d.bitWidth() == 128
+                && (1..=38).contains(&d.precision())
+                && (0..=d.precision()).contains(&d.scale())
+        }),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "a column of type {:?}, which no share has",
+            f.type_type()
+        ))
     }
 }

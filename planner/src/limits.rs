@@ -29,6 +29,8 @@ pub const MAX_SQL_BYTES: usize = 256 * 1024;
 pub const MAX_EXPR_DEPTH: usize = 500;
 /// The most values in one `IN (…)` list.
 pub const MAX_IN_LIST: usize = 10_000;
+/// Queries planned at once (each on its own thread).
+pub const MAX_PLANNING: usize = 256;
 /// The stack of the planning thread. Only the pages a plan touches are
 /// committed; the rest is address space.
 pub const PLAN_STACK_BYTES: usize = 256 * 1024 * 1024;
@@ -103,11 +105,28 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T, PlanError> + Send + 'static,
 {
+    // Planning threads at once, in this process: each may touch a deep
+    // stack, and a peer or analyst may send many texts at a time.
+    static PLANNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            PLANNING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    if PLANNING.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_PLANNING {
+        PLANNING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        return Err(PlanError::Invalid(format!(
+            "this gateway is planning {MAX_PLANNING} queries at once; try again in a moment"
+        )));
+    }
+    let leave = Leave;
     let (tx, rx) = futures::channel::oneshot::channel();
     std::thread::Builder::new()
         .name("council-plan".into())
         .stack_size(PLAN_STACK_BYTES)
         .spawn(move || {
+            let _leave = leave;
             let _ = tx.send(work());
         })
         .map_err(|e| PlanError::Internal(format!("cannot start a planning thread: {e}")))?;

@@ -1370,6 +1370,12 @@ columns = [
             "SELECT SUM(los / 0) FROM patients",
             "SELECT SUM(los / -1) FROM patients",
             "SELECT COUNT(*) FROM patients WHERE substr(diagnosis, 1, los) = 'E'",
+            // Review findings: checked decimal arithmetic, positions that
+            // overflow inside, strings grown without bound, dates formatted.
+            "SELECT COUNT(CASE WHEN diagnosis = 'E11' THEN CAST(los AS DECIMAL(20,0)) * CAST('99999999999999999999999999999999999999' AS DECIMAL(38,0)) END) FROM patients",
+            "SELECT COUNT(*) FROM patients WHERE cost / CAST('0.5' AS DECIMAL(38,30)) > 1",
+            "SELECT COUNT(*) FROM patients WHERE substr(diagnosis, -9223372036854775808) = 'x'",
+            "SELECT COUNT(*) FROM patients WHERE length(concat(diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis, diagnosis)) > 0",
         ] {
             let e = plan(sql).await.expect_err(sql).to_string();
             assert!(

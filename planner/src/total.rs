@@ -26,7 +26,8 @@
 //!   uses);
 //! - the scalar functions of [`TOTAL_FUNCTIONS`], [`FLOAT_FUNCTIONS`] (on
 //!   floating-point arguments) and a few with literal arguments checked here
-//!   (`left`, `right`, `substr`, `date_part`, `date_trunc`).
+//!   (`left`, `right`, `substr`). Dates are compared, not formatted or
+//!   truncated: outside chrono's range those functions fail.
 //!
 //! Everything else is refused naming the construct, with the way to write
 //! it. The list errs on the side of refusing: extending it is a matter of
@@ -79,29 +80,32 @@ pub const FLOAT_FUNCTIONS: &[&str] = &[
     "log2", "sin", "cos", "tan", "degrees", "radians", "isnan", "iszero",
 ];
 
-const DATE_PART_UNITS: &[&str] = &[
-    "year",
-    "quarter",
-    "month",
-    "week",
-    "day",
-    "dow",
-    "doy",
-    "hour",
-    "minute",
-    "second",
-    "millisecond",
-    "microsecond",
-    "epoch",
-];
-const DATE_TRUNC_UNITS: &[&str] = &[
-    "year", "quarter", "month", "week", "day", "hour", "minute", "second",
-];
-
 /// Checks that `e` (type-coerced, over `schema`) returns a value for every
 /// row. `place` says where it was written ("WHERE", "the argument of SUM").
 pub fn check(e: &Expr, schema: &DFSchema, place: &str) -> Result<(), PlanError> {
     let mut found: Option<PlanError> = None;
+    // Strings may only grow by a bounded factor: every `||` and every
+    // argument of CONCAT/CONCAT_WS counts, at most MAX_STRING_PIECES in one
+    // expression (otherwise 80,000 copies of a column concatenated take a
+    // gateway's memory on one batch).
+    let mut pieces = 0usize;
+    let _ = e.apply(|node| {
+        match node {
+            Expr::BinaryExpr(b) if b.op == Operator::StringConcat => pieces += 1,
+            Expr::ScalarFunction(f) if matches!(f.func.name(), "concat" | "concat_ws") => {
+                pieces += f.args.len()
+            }
+            _ => {}
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    if pieces > MAX_STRING_PIECES {
+        return Err(refuse(
+            format!("an expression that concatenates {pieces} strings"),
+            place,
+            format!("at most {MAX_STRING_PIECES} pieces may be concatenated in one expression"),
+        ));
+    }
     let _ = e.apply(|node| match check_node(node, schema, place) {
         Ok(()) => Ok(TreeNodeRecursion::Continue),
         Err(err) => {
@@ -118,6 +122,12 @@ pub fn check(e: &Expr, schema: &DFSchema, place: &str) -> Result<(), PlanError> 
 fn refuse(what: impl Into<String>, place: &str, hint: impl Into<String>) -> PlanError {
     PlanError::not_permitted(what, place, hint)
 }
+
+/// The most strings one expression may concatenate.
+pub const MAX_STRING_PIECES: usize = 32;
+/// The longest LIKE or regular-expression pattern (each is compiled into
+/// an automaton, per batch, by DataFusion).
+pub const MAX_PATTERN_CHARS: usize = 1_000;
 
 const WHY: &str = "the local part may only contain expressions that return a value for every row \
                    (a failure on some rows would tell whether such rows exist)";
@@ -152,8 +162,38 @@ fn check_node(e: &Expr, schema: &DFSchema, place: &str) -> Result<(), PlanError>
                 Eq | NotEq | Lt | LtEq | Gt | GtEq | And | Or | IsDistinctFrom
                 | IsNotDistinctFrom | StringConcat => Ok(()),
                 Plus | Minus | Multiply => {
-                    if is_numeric(&ty(&b.left)) && is_numeric(&ty(&b.right)) {
-                        Ok(())
+                    let (l, r) = (ty(&b.left), ty(&b.right));
+                    if is_numeric(&l) && is_numeric(&r) {
+                        // Integers and floats wrap or saturate; arrow's
+                        // decimal arithmetic is checked (it fails where the
+                        // exact value leaves i128). A literal counts with
+                        // the digits of its value. Where a literal is what
+                        // takes the result past 38 digits (`cost *
+                        // 99999999999999999999`: an analyst's tool to make
+                        // one chosen row fail), the expression is refused.
+                        // Where the columns' declared types alone allow it
+                        // (TPC-H Q1's price * (1 - discount) * (1 + tax)),
+                        // only values near their types' limits could fail:
+                        // a data-quality abort, like a partial beyond the
+                        // ring (see ARCHITECTURE's known limits).
+                        let lv = literal_digits(&b.left, &l, false);
+                        let rv = literal_digits(&b.right, &r, false);
+                        let l1 = literal_digits(&b.left, &l, true);
+                        let r1 = literal_digits(&b.right, &r, true);
+                        match (
+                            decimal_result_digits(&b.op, &lv, &rv),
+                            decimal_result_digits(&b.op, &l1, &r1),
+                        ) {
+                            (Some(p), Some(p1)) if p > 38 && p1 <= 38 => Err(refuse(
+                                format!(
+                                    "`{}` by a literal that lets the exact result need {p} digits",
+                                    b.op
+                                ),
+                                place,
+                                format!("{WHY}; use a smaller literal, or cast to DOUBLE"),
+                            )),
+                            _ => Ok(()),
+                        }
                     } else {
                         Err(refuse(
                             format!("`{}` on {} and {}", b.op, ty(&b.left), ty(&b.right)),
@@ -173,6 +213,15 @@ fn check_node(e: &Expr, schema: &DFSchema, place: &str) -> Result<(), PlanError>
         Expr::Like(l) => {
             if l.pattern.column_refs().is_empty() {
                 if let Some(s) = literal_text(&l.pattern) {
+                    if s.chars().count() > MAX_PATTERN_CHARS
+                        || (l.case_insensitive && !s.is_ascii())
+                    {
+                        return Err(refuse(
+                            "a LIKE pattern longer than 1000 characters, or an ILIKE pattern with non-ASCII letters",
+                            place,
+                            "shorten the pattern (an automaton is built from it for every batch); for non-ASCII text compare lower() with LIKE",
+                        ));
+                    }
                     let esc = l.escape_char.unwrap_or('\\');
                     let trailing = s.chars().rev().take_while(|c| *c == esc).count();
                     if trailing % 2 == 1 {
@@ -237,7 +286,11 @@ fn check_node(e: &Expr, schema: &DFSchema, place: &str) -> Result<(), PlanError>
             }
             match name.as_str() {
                 "left" | "right" | "substr" | "substring" => {
-                    let literal_ints = args.iter().skip(1).all(|a| literal_int(a).is_some());
+                    // Bounded positions: substr(s, i64::MIN) overflows inside.
+                    let literal_ints = args
+                        .iter()
+                        .skip(1)
+                        .all(|a| literal_int(a).is_some_and(|n| n.unsigned_abs() < 1 << 62));
                     let len_ok = match name.as_str() {
                         "substr" | "substring" => {
                             args.get(2).is_none_or(|a| literal_int(a).is_some_and(|n| n >= 0))
@@ -254,32 +307,11 @@ fn check_node(e: &Expr, schema: &DFSchema, place: &str) -> Result<(), PlanError>
                         ))
                     }
                 }
-                "date_part" | "datepart" | "date_trunc" | "datetrunc" => {
-                    let units = if name.starts_with("date_p") || name == "datepart" {
-                        DATE_PART_UNITS
-                    } else {
-                        DATE_TRUNC_UNITS
-                    };
-                    let unit = args.first().and_then(literal_text);
-                    let column_ty = args.get(1).map(&ty).unwrap_or(DataType::Null);
-                    let temporal = matches!(
-                        column_ty,
-                        DataType::Date32 | DataType::Timestamp(..) | DataType::Null
-                    );
-                    match unit {
-                        Some(u) if units.contains(&u.to_ascii_lowercase().as_str()) && temporal => Ok(()),
-                        _ => Err(refuse(
-                            format!("{}() with this unit or argument", name.to_uppercase()),
-                            place,
-                            format!("write the unit as one of {} and apply it to a date or timestamp", units.join(", ")),
-                        )),
-                    }
-                }
                 _ => Err(refuse(
                     format!("the function {}()", name.to_uppercase()),
                     place,
                     format!(
-                        "{WHY}; the functions admitted are {}, {} (on floats), LEFT, RIGHT, SUBSTR, DATE_PART and DATE_TRUNC",
+                        "{WHY}; the functions admitted are {}, {} (on floats), LEFT, RIGHT and SUBSTR",
                         TOTAL_FUNCTIONS.join(", "),
                         FLOAT_FUNCTIONS.join(", ")
                     ),
@@ -361,14 +393,78 @@ fn check_divisor(
     if lt.is_integer() && literal_int(right) == Some(-1) {
         return Err(refused("the smallest integer divided by -1 overflows"));
     }
-    if let DataType::Decimal128(p, _) = lt {
-        if p > 18 {
-            return Err(refused(
-                "the quotient of a decimal of more than 18 digits can overflow",
-            ));
+    let rt = right.get_type(schema).unwrap_or(DataType::Null);
+    if let Some(p) = decimal_result_digits(op, &lt, &rt) {
+        if p > 38 {
+            return Err(refused(&format!(
+                "the exact quotient of {lt} by {rt} can need {p} digits, more than a decimal holds"
+            )));
         }
     }
     Ok(())
+}
+
+/// The type a literal operand is reasoned about with: the digits of its
+/// value (`as_one`: one integer digit, whatever the value), keeping its
+/// scale; any other operand keeps its type.
+fn literal_digits(e: &Expr, t: &DataType, as_one: bool) -> DataType {
+    let v = match strip_cast(e) {
+        Expr::Literal(v, _) => v,
+        _ => return t.clone(),
+    };
+    let (units, scale): (u128, i8) = match v {
+        ScalarValue::Decimal128(Some(x), _, s) => (x.unsigned_abs(), *s),
+        ScalarValue::Int8(Some(x)) => (x.unsigned_abs() as u128, 0),
+        ScalarValue::Int16(Some(x)) => (x.unsigned_abs() as u128, 0),
+        ScalarValue::Int32(Some(x)) => (x.unsigned_abs() as u128, 0),
+        ScalarValue::Int64(Some(x)) => (x.unsigned_abs() as u128, 0),
+        ScalarValue::UInt8(Some(x)) => (*x as u128, 0),
+        ScalarValue::UInt16(Some(x)) => (*x as u128, 0),
+        ScalarValue::UInt32(Some(x)) => (*x as u128, 0),
+        ScalarValue::UInt64(Some(x)) => (*x as u128, 0),
+        _ => return t.clone(),
+    };
+    // The scale the operand is computed at is its type's (a cast literal).
+    let type_scale = match t {
+        DataType::Decimal128(_, s) => *s,
+        _ => scale,
+    };
+    let digits = if as_one {
+        1 + type_scale.max(0) as u8
+    } else {
+        let shifted =
+            units.saturating_mul(10u128.saturating_pow((type_scale - scale).max(0) as u32));
+        (shifted.checked_ilog10().unwrap_or(0) + 1) as u8
+    };
+    DataType::Decimal128(digits.clamp(1, 38).max(type_scale.max(0) as u8), type_scale)
+}
+
+/// The digits DataFusion's exact decimal result of `l op r` needs before
+/// it caps them at 38 (arrow's decimal kernels are checked: a value beyond
+/// the capped precision is an error). `None` if neither side is a decimal.
+fn decimal_result_digits(op: &Operator, l: &DataType, r: &DataType) -> Option<i32> {
+    let ps = |t: &DataType| -> Option<(i32, i32)> {
+        match t {
+            DataType::Decimal128(p, s) => Some((*p as i32, *s as i32)),
+            DataType::Int8 | DataType::UInt8 => Some((3, 0)),
+            DataType::Int16 | DataType::UInt16 => Some((5, 0)),
+            DataType::Int32 | DataType::UInt32 => Some((10, 0)),
+            DataType::Int64 => Some((19, 0)),
+            DataType::UInt64 => Some((20, 0)),
+            _ => None,
+        }
+    };
+    if !matches!(l, DataType::Decimal128(..)) && !matches!(r, DataType::Decimal128(..)) {
+        return None;
+    }
+    let ((p1, s1), (p2, s2)) = (ps(l)?, ps(r)?);
+    Some(match op {
+        Operator::Multiply => p1 + p2 + 1,
+        Operator::Plus | Operator::Minus => s1.max(s2) + (p1 - s1).max(p2 - s2) + 1,
+        Operator::Divide => p1 - s1 + s2 + 6.max(s1 + p2 + 1),
+        Operator::Modulo => (p1 - s1).max(p2 - s2) + s1.max(s2),
+        _ => return None,
+    })
 }
 
 fn strip_cast(e: &Expr) -> &Expr {
@@ -388,6 +484,13 @@ fn check_regex(pattern: &Expr, insensitive: bool, place: &str) -> Result<(), Pla
             "write the pattern as a literal",
         ));
     };
+    if p.chars().count() > MAX_PATTERN_CHARS {
+        return Err(refuse(
+            "a regular expression longer than 1000 characters",
+            place,
+            "shorten the pattern",
+        ));
+    }
     let full = if insensitive {
         format!("(?i){p}")
     } else {
@@ -434,9 +537,9 @@ pub fn infallible_cast(from: &DataType, to: &DataType) -> bool {
         (Utf8 | LargeUtf8 | Utf8View, Utf8 | LargeUtf8 | Utf8View) => true,
         (Binary | LargeBinary | BinaryView | FixedSizeBinary(_), _) => false,
         (_, Utf8 | LargeUtf8 | Utf8View) => {
-            from.is_integer()
-                || from.is_floating()
-                || matches!(from, Boolean | Decimal128(..) | Date32 | Timestamp(..))
+            // Not dates or timestamps: outside chrono's range (±262,143
+            // years) formatting one fails.
+            from.is_integer() || from.is_floating() || matches!(from, Boolean | Decimal128(..))
         }
         (Boolean, t) if t.is_integer() || t.is_floating() => true,
         (f, t) if f.is_integer() && t.is_integer() => match (signed_bits(f), signed_bits(t)) {
@@ -464,9 +567,12 @@ pub fn infallible_cast(from: &DataType, to: &DataType) -> bool {
         (Decimal128(..), Float32 | Float64) => true,
         (Float32, Float64) | (Float64, Float32) => true,
         (Date32, Date64) => true,
-        (Date32, Timestamp(unit, _)) => {
-            !matches!(unit, datafusion::arrow::datatypes::TimeUnit::Nanosecond)
-        }
+        // 2^31 days fit i64 in seconds and milliseconds, not in µs or ns.
+        (Date32, Timestamp(unit, _)) => matches!(
+            unit,
+            datafusion::arrow::datatypes::TimeUnit::Second
+                | datafusion::arrow::datatypes::TimeUnit::Millisecond
+        ),
         (Timestamp(..), Date32) => true,
         _ => false,
     }

@@ -1,6 +1,7 @@
 //! Shared helpers for Council's end-to-end tests: seeded random federated
 //! data sets, permissive policies, and starting gateways on loopback.
 
+pub mod fuzz;
 pub mod pg;
 
 use std::fmt::Write as _;

@@ -530,3 +530,62 @@ async fn a_flood_of_bad_logins_leaves_other_analysts_unaffected() {
     assert!(fed.client("p0", USER, PASSWORD).await.is_ok());
     fed.stop().await;
 }
+
+/// How many queries the load test runs in all (50 analysts at once);
+/// `COUNCIL_LOAD_QUERIES` sets another number for a run by hand.
+fn load_queries() -> usize {
+    std::env::var("COUNCIL_LOAD_QUERIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_analysts_get_plaintext_answers() {
+    let (_d, fed) = start(3, 71, |_, _| {}).await;
+    let pooled = fed.pooled_context().await.unwrap();
+    let mut want = Vec::new();
+    for (sql, _) in council_tests::QUERIES {
+        want.push(gateway::federation::plaintext(&pooled, sql).await.unwrap());
+    }
+    let want = std::sync::Arc::new(want);
+    let total = load_queries();
+    let analysts = 50;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for a in 0..analysts {
+        let client = fed
+            .client(["p0", "p1", "p2"][a % 3], USER, PASSWORD)
+            .await
+            .unwrap();
+        let want = want.clone();
+        let mine = total / analysts + usize::from(a < total % analysts);
+        tasks.push(tokio::spawn(async move {
+            for k in 0..mine {
+                let i = (a * 7 + k) % council_tests::QUERIES.len();
+                let (sql, ordered) = council_tests::QUERIES[i];
+                let got = client
+                    .query(sql)
+                    .await
+                    .map_err(|e| format!("analyst {a}, {sql}: {e}"))?;
+                gateway::compare::compare(&got, &want[i], ordered)
+                    .map_err(|e| format!("analyst {a}, {sql}: {e}"))?;
+            }
+            Ok::<usize, String>(mine)
+        }));
+    }
+    let mut done = 0;
+    for t in tasks {
+        done += t.await.unwrap().unwrap();
+    }
+    assert_eq!(done, total);
+    eprintln!(
+        "load: {total} queries by {analysts} concurrent analysts over 3 gateways in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    // No session is left behind at any party.
+    for p in ["p0", "p1", "p2"] {
+        assert_eq!(fed.gateway(p).unwrap().gateway.open_sessions(), 0, "{p}");
+    }
+    fed.stop().await;
+}

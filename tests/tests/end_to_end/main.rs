@@ -6,6 +6,7 @@ mod adversary;
 mod failures;
 mod federated_answers;
 mod flight_sql;
+mod fuzz_slice;
 mod privacy;
 mod real_clients;
 mod sources;

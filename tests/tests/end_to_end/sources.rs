@@ -260,7 +260,7 @@ async fn postgres_sqlite_and_parquet_parties_agree_with_plaintext() {
     // query on p0's abort before the leader's `start` arrived may instead
     // answer that it has no such query (a known race in the wording only).
     assert!(
-        (e.contains("p0 aborted: its local part failed") || e.contains("has no agreed query"))
+        (e.contains("a party aborted: its local part failed") || e.contains("has no agreed query"))
             && e.contains("nothing was revealed"),
         "{e}"
     );
