@@ -421,6 +421,28 @@ fn pushdown(
                     arg.as_ref().map(|(_, t)| t),
                     Some(DataType::Int64 | DataType::Int32 | DataType::Int16)
                 );
+                let float_arg = matches!(
+                    arg.as_ref().map(|(_, t)| t),
+                    Some(DataType::Float64 | DataType::Float32)
+                );
+                // CAST(x AS NUMERIC(p,s)) fails in PostgreSQL where x has
+                // more than p−s integer digits (or is ±Infinity); DataFusion's
+                // partials use TRY_CAST, which gives NULL. The same NULL
+                // here, so that no row can make the query fail: below the
+                // bound the cast is exact, at or above it (NaN included) the
+                // value counts as NULL. Floats are bounded at half the limit,
+                // so that rounding to s digits cannot carry past it.
+                let fixed = |x: &str, prec: u32| -> String {
+                    let digits = prec.saturating_sub(s);
+                    let bound = if float_arg {
+                        format!("5e{}", digits.saturating_sub(1))
+                    } else {
+                        format!("1{}", "0".repeat(digits as usize))
+                    };
+                    format!(
+                        "(CASE WHEN ABS({x}) < {bound} THEN CAST({x} AS NUMERIC({prec},{s})) END)"
+                    )
+                };
                 let item = match p.kind {
                     PartialKind::RowCount => "COUNT(*)".to_string(),
                     PartialKind::Count => format!("COUNT({})", a()),
@@ -429,13 +451,19 @@ fn pushdown(
                     PartialKind::Sum if s == 0 && int_arg => {
                         format!("CAST(SUM({}) AS TEXT)", a())
                     }
+                    PartialKind::Sum if float_arg => {
+                        format!("CAST(SUM({}) AS TEXT)", fixed(a(), 38))
+                    }
                     PartialKind::Sum => {
                         format!("CAST(SUM(CAST({} AS NUMERIC(38,{s}))) AS TEXT)", a())
                     }
-                    PartialKind::SumSquares => format!(
-                        "CAST(SUM(CAST({0} AS NUMERIC(18,{s})) * CAST({0} AS NUMERIC(18,{s}))) AS TEXT)",
-                        a()
-                    ),
+                    PartialKind::SumSquares => {
+                        let f = fixed(a(), 18);
+                        format!("CAST(SUM({f} * {f}) AS TEXT)")
+                    }
+                    PartialKind::LocalMaxAbs if float_arg => {
+                        format!("CAST(MAX(ABS({})) AS TEXT)", fixed(a(), 38))
+                    }
                     PartialKind::LocalMaxAbs => {
                         format!("CAST(MAX(ABS(CAST({} AS NUMERIC(38,{s})))) AS TEXT)", a())
                     }

@@ -205,6 +205,16 @@ pub enum Fault {
     /// Take part until the shares are due, then fall silent (as a crashed
     /// process would): send no shares and no abort.
     SilentBeforeShares,
+    /// Never answer `propose` (a party paused before its verdict).
+    SilentBeforeVerdict,
+    /// Accept `start`, then do nothing (a party killed right after it).
+    SilentAfterStart,
+    /// Send the input round, then fall silent before the result share.
+    SilentAfterInput,
+    /// Send a result share of the wrong shape (garbage).
+    GarbageResult,
+    /// Delay every share message (a slow peer within the timeout).
+    Slow,
 }
 
 /// `budget.sqlite` in the audit log's folder.

@@ -472,6 +472,9 @@ impl Gateway {
 
     /// `propose` from `from`: plan it ourselves, decide with our own policy.
     pub async fn on_propose(self: &Arc<Self>, from: &str, p: Propose) -> Verdict {
+        if self.fault == Some(Fault::SilentBeforeVerdict) && !p.explain_only {
+            std::future::pending::<()>().await;
+        }
         let phases = Phases::new();
         let t = Instant::now();
         let mut entry = AuditEntry {
@@ -610,6 +613,10 @@ impl Gateway {
             self.note_end(&s, &e);
             self.finish(&s, format!("not run: {e}"));
             return Err(e);
+        }
+        if self.fault == Some(Fault::SilentAfterStart) {
+            // Played dead right after accepting `start`.
+            return Ok(());
         }
         let me = self.clone();
         tokio::spawn(async move {
@@ -830,6 +837,17 @@ impl Gateway {
             .cloned()
             .ok_or_else(|| self.no_session(leader, query_id))?;
         Ok(share_shape(&s.plan(), round))
+    }
+
+    /// Ends the query whose share from a peer was malformed.
+    pub fn reject_share(&self, leader: &str, query_id: &str, reason: &str) {
+        let s = self
+            .sessions()
+            .get(&(leader.to_string(), query_id.to_string()))
+            .cloned();
+        if let Some(s) = s {
+            s.mailbox.abort(reason);
+        }
     }
 
     /// A share batch from `from`.
@@ -1105,6 +1123,7 @@ impl Gateway {
             query_id: s.query_id.clone(),
             clients: self.clients.clone(),
             mailbox: s.mailbox.clone(),
+            fault: self.fault,
         };
         if self.fault == Some(Fault::SilentBeforeShares) {
             // Play dead: the others must time out, abort, and reveal nothing.

@@ -243,6 +243,8 @@ pub struct QueryTransport {
     pub query_id: String,
     pub clients: Arc<PeerClients>,
     pub mailbox: Arc<Mailbox>,
+    /// Tests only: a fault to play (`config::Fault`).
+    pub fault: Option<crate::config::Fault>,
 }
 
 #[async_trait::async_trait]
@@ -250,6 +252,25 @@ impl Transport for QueryTransport {
     async fn send(&self, to: &str, round: Round, batch: RecordBatch) -> Result<(), TransportError> {
         if let Some(r) = self.mailbox.aborted() {
             return Err(TransportError::Aborted(r));
+        }
+        use crate::config::Fault;
+        let mut batch = batch;
+        match (self.fault, round) {
+            (Some(Fault::SilentAfterInput), Round::Result) => std::future::pending::<()>().await,
+            (Some(Fault::Slow), _) => {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await
+            }
+            (Some(Fault::GarbageResult), Round::Result) if to != self.me => {
+                // One row more than the groups: refused on delivery.
+                let rows = batch.num_rows() + 1;
+                batch = executor::SharedTable::zeros(Vec::new(), &[executor::Width::Z64], rows)
+                    .to_batch()
+                    .map_err(|e| TransportError::Protocol {
+                        peer: self.me.clone(),
+                        reason: e.to_string(),
+                    })?;
+            }
+            _ => {}
         }
         if to == self.me {
             return self.mailbox.deliver(&self.me, round, batch);

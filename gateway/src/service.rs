@@ -210,7 +210,19 @@ impl PeerService {
             .expected_share(&from, &header.leader, &header.query_id, header.round)
             .map_err(Status::failed_precondition)?;
         let all = futures::stream::iter([Ok(first)]).chain(stream);
-        let batch = decode_share_stream(all, rows, max_cols).await?;
+        let batch = match decode_share_stream(all, rows, max_cols).await {
+            Ok(b) => b,
+            Err(e) => {
+                // A malformed share ends the query at once (every party
+                // then aborts with nothing revealed), not at the timeout.
+                self.gw.reject_share(
+                    &header.leader,
+                    &header.query_id,
+                    &format!("{from} sent a malformed share: {}", e.message()),
+                );
+                return Err(e);
+            }
+        };
         self.gw
             .on_put(&from, &header.leader, &header.query_id, header.round, batch)
             .map_err(Status::failed_precondition)?;
@@ -319,13 +331,25 @@ where
         messages.push(m);
     }
     let all = futures::stream::iter(messages.into_iter().map(Ok::<_, FlightError>));
-    let mut batches = FlightRecordBatchStream::new_from_flight_data(all);
-    let batch = match batches.next().await {
+    // Arrow's IPC reader asserts on some inconsistent buffers that the
+    // header checks above do not rule out (a validity bitmap shorter than
+    // its null count, a misaligned buffer: found by fuzzing). Those panics
+    // end this share stream as an error, never more.
+    let decode = async move {
+        let mut batches = FlightRecordBatchStream::new_from_flight_data(all);
+        let first = batches.next().await;
+        let more = batches.next().await.is_some();
+        (first, more)
+    };
+    let (first, more) = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(decode))
+        .await
+        .map_err(|_| bad("Arrow could not decode it".into()))?;
+    let batch = match first {
         Some(Ok(b)) => b,
         Some(Err(e)) => return Err(bad(e.to_string())),
         None => return Err(Status::invalid_argument("share stream without a batch")),
     };
-    if batches.next().await.is_some() {
+    if more {
         return Err(Status::invalid_argument(
             "a share stream carries exactly one batch",
         ));
@@ -400,6 +424,10 @@ fn check_ipc_header(m: &FlightData, rows: usize, max_cols: usize) -> Result<(), 
                 let end = b.offset().checked_add(b.length());
                 if b.offset() < 0 || b.length() < 0 || end.is_none_or(|e| e > body) {
                     return Err("a buffer outside the message body".into());
+                }
+                // Arrow's writer aligns every buffer to 8 bytes.
+                if b.offset() % 8 != 0 {
+                    return Err("a misaligned buffer".into());
                 }
             }
             Ok(())

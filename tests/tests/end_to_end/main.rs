@@ -4,6 +4,7 @@
 
 mod adversary;
 mod failures;
+mod faults;
 mod federated_answers;
 mod flight_sql;
 mod fuzz_slice;

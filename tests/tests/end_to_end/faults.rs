@@ -1,0 +1,114 @@
+//! Fault injection at each step of the protocol: a party paused before its
+//! verdict, killed right after `start`, silent after its input round,
+//! sending a garbage result share, or slow. Each failure ends every party's
+//! session with nothing revealed, and every budget is settled: charged
+//! exactly where a party's local part ran (from then on how a query ends may
+//! depend on its rows), refunded or never charged before that.
+
+use std::time::Duration;
+
+use council_tests::{party_ids, spec_for, write_random_data, Shape, PASSWORD, USER};
+use gateway::config::Fault;
+use gateway::federation::LocalFederation;
+
+const SQL: &str = "SELECT COUNT(*), SUM(x) FROM t";
+
+async fn run_with(fault: Fault) -> (tempfile::TempDir, LocalFederation, Result<(), String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = party_ids(3);
+    write_random_data(
+        &dir.path().join("data"),
+        &ids,
+        Shape {
+            seed: 80,
+            large: false,
+        },
+    )
+    .unwrap();
+    let mut spec = spec_for(dir.path(), &ids, Duration::from_secs(2));
+    for p in [0, 1] {
+        spec.parties[p].policy_toml = super::privacy::dp_policy(
+            &ids[p],
+            &ids,
+            "mechanism = \"laplace\"\nepsilon_per_query = 1",
+            "{ epsilon = 10, period_days = 30 }",
+        );
+    }
+    spec.parties[2].fault = Some(fault);
+    let fed = LocalFederation::start(&spec, &dir.path().join("run"))
+        .await
+        .unwrap();
+    let c = fed.client("p0", USER, PASSWORD).await.unwrap();
+    let r = c.query(SQL).await.map(|_| ()).map_err(|e| e.message);
+    (dir, fed, r)
+}
+
+/// Waits until p0 and p1 hold no session and no charge is left `charged`;
+/// returns their charges' states.
+async fn settled(fed: &LocalFederation) -> Vec<Vec<String>> {
+    let ledgers: Vec<policies::Ledger> = ["p0", "p1"]
+        .iter()
+        .map(|p| {
+            policies::Ledger::open(&fed.work_dir.join(format!("audit/{p}-budget.sqlite"))).unwrap()
+        })
+        .collect();
+    let mut states = Vec::new();
+    for _ in 0..100 {
+        states = ledgers
+            .iter()
+            .map(|l| {
+                l.charges(None)
+                    .unwrap()
+                    .into_iter()
+                    .map(|c| c.state)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let open: usize = ["p0", "p1"]
+            .iter()
+            .map(|p| fed.gateway(p).unwrap().gateway.open_sessions())
+            .sum();
+        if open == 0 && states.iter().flatten().all(|s| s != "charged") {
+            return states;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("not settled: {states:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fault_at_any_step_reveals_nothing_and_settles_every_budget() {
+    for (fault, expect) in [
+        // Before its verdict: nobody started, nothing charged.
+        (Fault::SilentBeforeVerdict, Vec::<&str>::new()),
+        // After `start`, after the input round, or a garbage result: the
+        // honest parties' local parts ran, so their charges are kept.
+        (Fault::SilentAfterStart, vec!["spent"]),
+        (Fault::SilentAfterInput, vec!["spent"]),
+        (Fault::GarbageResult, vec!["spent"]),
+    ] {
+        let (_d, fed, r) = run_with(fault).await;
+        let e = r.expect_err("a faulty party must stop the query");
+        assert!(
+            e.contains("nothing was revealed") || e.contains("p2"),
+            "{fault:?}: {e}"
+        );
+        let states = settled(&fed).await;
+        for s in &states {
+            assert_eq!(s, &expect, "{fault:?}: {states:?}");
+        }
+        // The audit logs record the end of the query, never a reveal.
+        let log = std::fs::read_to_string(fed.work_dir.join("audit/p0.log")).unwrap();
+        assert!(!log.contains("revealed to analyst"), "{fault:?}");
+        fed.stop().await;
+    }
+    // A slow peer (300 ms per message, within the 2 s timeout) is only slow.
+    let (_d, fed, r) = run_with(Fault::Slow).await;
+    assert!(r.is_ok(), "{r:?}");
+    let states = settled(&fed).await;
+    assert_eq!(
+        states,
+        vec![vec!["spent".to_string()], vec!["spent".to_string()]]
+    );
+    fed.stop().await;
+}
