@@ -1,7 +1,8 @@
 //! The rings Z_2^64 and Z_2^128 and the signed encoding of integers into them.
 //!
-//! Counts and sums live in Z_2^64. Sums of squares (for VAR and STDDEV) need
-//! twice the digits, so they live in Z_2^128, carried as two Z_2^64 limbs
+//! Counts live in Z_2^64. Sums and sums of squares (for VAR and STDDEV) live
+//! in Z_2^128 (so that no single value can push a party's sum past its
+//! bound, and squares get twice the digits), carried as two Z_2^64 limbs
 //! (low, high) that add with a carry: still UInt64 columns on the wire.
 //!
 //! Every party's partial is an integer (a count, or a sum at a fixed decimal

@@ -1093,7 +1093,7 @@ impl Gateway {
                     self.parties.len()
                 ),
                 shared: format!(
-                    "{DATA_ABORT} one of its partial sums is too large to combine exactly in Z_2^64; \
+                    "{DATA_ABORT} one of its partial sums is too large to combine exactly in the ring; \
                      lower the declared scale of the aggregated column or narrow the query"
                 ),
             }

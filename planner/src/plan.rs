@@ -93,9 +93,13 @@ pub enum PartialKind {
 }
 
 impl PartialKind {
-    /// Whether the partial needs the wide ring Z_2^128.
+    /// Whether the partial is shared in the wide ring Z_2^128. Sums are:
+    /// a party's sum then needs to exceed ±(2^127−1)/N (about 10^37 units
+    /// at three parties) to be refused, which one row cannot reach within
+    /// the planner's 38-digit arithmetic, so no single row can make a query
+    /// abort by its value (in Z_2^64 one row of `x * 10^17` could).
     pub fn is_wide(self) -> bool {
-        self == PartialKind::SumSquares
+        matches!(self, PartialKind::Sum | PartialKind::SumSquares)
     }
 
     pub fn is_shared(self) -> bool {
@@ -546,8 +550,8 @@ impl FederatedPlan {
         }
         self.noise = crate::privacy::calibrate(&params, &totals).map_err(PlanError::Invalid)?;
         // The noise is part of each party's input, which must stay within
-        // its share of the ring (±(2^63−1)/N, or ±(2^127−1)/N for sums of
-        // squares): refuse at plan time a noise that could come near it,
+        // its share of the ring (±(2^63−1)/N for counts, ±(2^127−1)/N for
+        // sums and sums of squares): refuse at plan time a noise that could come near it,
         // rather than abort at run time on a large draw.
         let n = self.parties.len().max(1) as u128;
         for pn in &self.noise {
@@ -619,7 +623,7 @@ impl FederatedPlan {
             self.fingerprint.chars().take(16).collect::<String>()
         );
         let _ = writeln!(s, "  parties: {}", self.parties.join(", "));
-        let _ = writeln!(s, "  engine: additive secret sharing over Z_2^64 (Z_2^128 for sums of squares) among all {} parties", self.parties.len());
+        let _ = writeln!(s, "  engine: additive secret sharing over Z_2^64 for counts and Z_2^128 for sums and sums of squares, among all {} parties", self.parties.len());
         let _ = writeln!(
             s,
             "1. Local part (each party, on its own rows only; raw rows never leave the party):"
