@@ -68,6 +68,13 @@ pub fn make_federation(
         if !parties.iter().any(|p| p == party) {
             bail!("--host {h}: {party} is not one of the parties");
         }
+        // Names compare without case and trailing dot; no wildcards (one
+        // would cover other parties' names).
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let name = name.as_str();
+        if name.is_empty() || name.contains('*') {
+            bail!("--host {h}: give one host name or IP, without wildcards");
+        }
         let taken = own_hosts
             .iter()
             .any(|(p, names)| *p != party && names.iter().any(|n| n == name));

@@ -230,6 +230,10 @@ pub struct Gateway {
     password_checks: crate::config::PasswordChecks,
     /// An argon2id hash of a random password, checked for unknown users.
     standin_hash: String,
+    /// A secret of this gateway (derived from its private key) for the
+    /// stand-in SCRAM verifiers of unknown users: stable across attempts and
+    /// restarts, and not computable by anyone else.
+    standin_secret: [u8; 32],
     pub(crate) clients: Arc<PeerClients>,
     sessions: Mutex<HashMap<(String, String), Arc<Session>>>,
     /// The last queries that ended here, with a reason this party may tell
@@ -274,6 +278,14 @@ impl Gateway {
             auth_cache: Mutex::new(HashMap::new()),
             password_checks: crate::config::PasswordChecks::new(LOGIN_SLOTS, LOGIN_QUEUE),
             standin_hash: crate::config::standin_password_hash(),
+            standin_secret: Sha256::digest(
+                [
+                    b"council-scram-standin\0".as_slice(),
+                    cfg.tls.key.secret_der(),
+                ]
+                .concat(),
+            )
+            .into(),
             clients: Arc::new(clients),
             sessions: Mutex::new(HashMap::new()),
             ended: Mutex::new(std::collections::VecDeque::new()),
@@ -331,6 +343,17 @@ impl Gateway {
             name: cred.name.clone(),
             roles: cred.roles.clone(),
         }
+    }
+
+    /// A stand-in SCRAM (salt, salted password) for a user this gateway
+    /// does not know: keyed by its secret, so that nobody can tell it from a
+    /// real verifier.
+    pub fn standin_scram(&self, user: &str) -> (Vec<u8>, Vec<u8>) {
+        let d =
+            Sha256::digest([self.standin_secret.as_slice(), b"salt\0", user.as_bytes()].concat());
+        let k =
+            Sha256::digest([self.standin_secret.as_slice(), b"key\0", user.as_bytes()].concat());
+        (d[..16].to_vec(), k.to_vec())
     }
 
     /// The SCRAM-SHA-256 (salt, salted password) of an analyst, if set.

@@ -76,16 +76,14 @@ impl AuthSource for Verifiers {
     async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
         let user = login.user().unwrap_or_default();
         // An unknown user gets a stand-in verifier (a salt and key derived
-        // from the name, stable across attempts): the SCRAM exchange then
+        // from the name with this gateway's secret, stable across attempts):
+        // the SCRAM exchange then
         // fails at the proof, as a wrong password does, so neither the
         // answer nor its timing tells which names exist.
-        let (salt, salted) = self.gw.scram_verifier(user).unwrap_or_else(|| {
-            use sha2::{Digest, Sha256};
-            let d =
-                Sha256::digest(format!("council-standin\0{}\0{user}", self.gw.party).as_bytes());
-            let k = Sha256::digest(d);
-            (d[..16].to_vec(), k.to_vec())
-        });
+        let (salt, salted) = self
+            .gw
+            .scram_verifier(user)
+            .unwrap_or_else(|| self.gw.standin_scram(user));
         Ok(Password::new(Some(salt), salted))
     }
 }
@@ -508,6 +506,7 @@ async fn read_only(sql: &str) -> PgWireResult<()> {
 /// sets.
 fn bounded_catalog_plan(plan: &LogicalPlan, tables: &[String]) -> Result<(), String> {
     let mut problem = None;
+    let mut pieces = 0usize;
     let _ = plan.apply_with_subqueries(|n| {
         if let LogicalPlan::TableScan(s) = n {
             let t = s.table_name.table();
@@ -517,7 +516,6 @@ fn bounded_catalog_plan(plan: &LogicalPlan, tables: &[String]) -> Result<(), Str
             }
         }
         let _ = n.apply_expressions(|e| {
-            let mut pieces = 0usize;
             let _ = e.apply(|x| {
                 use datafusion::logical_expr::Expr;
                 match x {
@@ -551,6 +549,7 @@ fn bounded_catalog_plan(plan: &LogicalPlan, tables: &[String]) -> Result<(), Str
             }
             Ok(TreeNodeRecursion::Continue)
         });
+        // Counted over the whole plan: nested subqueries multiply growth.
         Ok(if problem.is_some() {
             TreeNodeRecursion::Stop
         } else {

@@ -366,6 +366,12 @@ fn check_ipc_header(m: &FlightData, rows: usize, max_cols: usize) -> Result<(), 
     let msg = arrow::ipc::root_as_message(&m.data_header[..])
         .map_err(|e| format!("the IPC header is not a valid message: {e}"))?;
     let body = m.data_body.len() as i64;
+    // No more body than a share of this shape can need (8-byte words and
+    // validity bitmaps, with room for text keys of the declared domains).
+    let most = (rows as i64 + 1) * (max_cols as i64 + 1) * 24 + (1 << 20);
+    if body > most {
+        return Err(format!("{body} bytes where at most {most} belong"));
+    }
     if msg.bodyLength() < 0 || msg.bodyLength() > body {
         return Err(format!(
             "the header declares a body of {} bytes, the message has {body}",

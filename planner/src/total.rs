@@ -176,15 +176,12 @@ fn check_node(e: &Expr, schema: &DFSchema, place: &str) -> Result<(), PlanError>
                         // only values near their types' limits could fail:
                         // a data-quality abort, like a partial beyond the
                         // ring (see ARCHITECTURE's known limits).
-                        let lv = literal_digits(&b.left, &l, false);
-                        let rv = literal_digits(&b.right, &r, false);
-                        let l1 = literal_digits(&b.left, &l, true);
-                        let r1 = literal_digits(&b.right, &r, true);
+                        let _ = (&l, &r);
                         match (
-                            decimal_result_digits(&b.op, &lv, &rv),
-                            decimal_result_digits(&b.op, &l1, &r1),
+                            effective_digits(node_expr(e), schema, false),
+                            effective_digits(node_expr(e), schema, true),
                         ) {
-                            (Some(p), Some(p1)) if p > 38 && p1 <= 38 => Err(refuse(
+                            (Some((p, _)), Some((p1, _))) if p > 38 && p1 <= 38 => Err(refuse(
                                 format!(
                                     "`{}` by a literal that lets the exact result need {p} digits",
                                     b.op
@@ -404,39 +401,89 @@ fn check_divisor(
     Ok(())
 }
 
-/// The type a literal operand is reasoned about with: the digits of its
-/// value (`as_one`: one integer digit, whatever the value), keeping its
-/// scale; any other operand keeps its type.
-fn literal_digits(e: &Expr, t: &DataType, as_one: bool) -> DataType {
-    let v = match strip_cast(e) {
-        Expr::Literal(v, _) => v,
-        _ => return t.clone(),
+fn node_expr(e: &Expr) -> &Expr {
+    e
+}
+
+/// The exact digits (precision, scale) a numeric expression's values can
+/// need, whatever DataFusion's capped type says: columns by their declared
+/// type, a cast of a column by the column's integer digits at the cast's
+/// scale, a literal by its value (`literals_as_one`: as the literal 1, so
+/// that what literals add can be told from what the columns' types allow),
+/// and `+ - *` by arrow's rules. `None` where it is not a decimal or
+/// integer computation.
+fn effective_digits(e: &Expr, schema: &DFSchema, literals_as_one: bool) -> Option<(i32, i32)> {
+    let type_digits = |t: &DataType| -> Option<(i32, i32)> {
+        Some(match t {
+            DataType::Decimal128(p, s) => (*p as i32, *s as i32),
+            DataType::Int8 | DataType::UInt8 => (3, 0),
+            DataType::Int16 | DataType::UInt16 => (5, 0),
+            DataType::Int32 | DataType::UInt32 => (10, 0),
+            DataType::Int64 => (19, 0),
+            DataType::UInt64 => (20, 0),
+            _ => return None,
+        })
     };
-    let (units, scale): (u128, i8) = match v {
-        ScalarValue::Decimal128(Some(x), _, s) => (x.unsigned_abs(), *s),
-        ScalarValue::Int8(Some(x)) => (x.unsigned_abs() as u128, 0),
-        ScalarValue::Int16(Some(x)) => (x.unsigned_abs() as u128, 0),
-        ScalarValue::Int32(Some(x)) => (x.unsigned_abs() as u128, 0),
-        ScalarValue::Int64(Some(x)) => (x.unsigned_abs() as u128, 0),
-        ScalarValue::UInt8(Some(x)) => (*x as u128, 0),
-        ScalarValue::UInt16(Some(x)) => (*x as u128, 0),
-        ScalarValue::UInt32(Some(x)) => (*x as u128, 0),
-        ScalarValue::UInt64(Some(x)) => (*x as u128, 0),
-        _ => return t.clone(),
+    let literal = |v: &ScalarValue| -> Option<(i32, i32)> {
+        let (units, scale): (u128, i32) = match v {
+            ScalarValue::Decimal128(Some(x), _, s) => (x.unsigned_abs(), *s as i32),
+            ScalarValue::Int8(Some(x)) => (x.unsigned_abs() as u128, 0),
+            ScalarValue::Int16(Some(x)) => (x.unsigned_abs() as u128, 0),
+            ScalarValue::Int32(Some(x)) => (x.unsigned_abs() as u128, 0),
+            ScalarValue::Int64(Some(x)) => (x.unsigned_abs() as u128, 0),
+            ScalarValue::UInt8(Some(x)) => (*x as u128, 0),
+            ScalarValue::UInt16(Some(x)) => (*x as u128, 0),
+            ScalarValue::UInt32(Some(x)) => (*x as u128, 0),
+            ScalarValue::UInt64(Some(x)) => (*x as u128, 0),
+            _ => return None,
+        };
+        if literals_as_one {
+            return Some((1, 0));
+        }
+        let digits = units.checked_ilog10().map(|d| d as i32 + 1).unwrap_or(1);
+        Some((digits.max(scale), scale))
     };
-    // The scale the operand is computed at is its type's (a cast literal).
-    let type_scale = match t {
-        DataType::Decimal128(_, s) => *s,
-        _ => scale,
-    };
-    let digits = if as_one {
-        1 + type_scale.max(0) as u8
-    } else {
-        let shifted =
-            units.saturating_mul(10u128.saturating_pow((type_scale - scale).max(0) as u32));
-        (shifted.checked_ilog10().unwrap_or(0) + 1) as u8
-    };
-    DataType::Decimal128(digits.clamp(1, 38).max(type_scale.max(0) as u8), type_scale)
+    match e {
+        Expr::Alias(a) => effective_digits(&a.expr, schema, literals_as_one),
+        Expr::Literal(v, _) => literal(v),
+        Expr::Cast(c) => {
+            let to = type_digits(c.field.data_type())?;
+            if let Expr::Literal(v, _) = c.expr.as_ref() {
+                // A literal cast to a decimal: its value at the cast's scale.
+                let (p, s) = literal(v).or_else(|| {
+                    v.cast_to(c.field.data_type())
+                        .ok()
+                        .and_then(|x| literal(&x))
+                })?;
+                if literals_as_one {
+                    return Some((1, 0));
+                }
+                let int = (p - s).max(1);
+                return Some((int + to.1, to.1));
+            }
+            match effective_digits(&c.expr, schema, literals_as_one) {
+                // Rescaled to the cast's scale: the source's integer digits.
+                Some((p, s)) => Some(((p - s).max(1) + to.1, to.1)),
+                None => Some(to),
+            }
+        }
+        Expr::BinaryExpr(b)
+            if matches!(b.op, Operator::Plus | Operator::Minus | Operator::Multiply) =>
+        {
+            let l = effective_digits(&b.left, schema, literals_as_one)?;
+            let r = effective_digits(&b.right, schema, literals_as_one)?;
+            let ((p1, s1), (p2, s2)) = (l, r);
+            Some(match b.op {
+                Operator::Multiply => (p1 + p2 + 1, s1 + s2),
+                _ => {
+                    let s = s1.max(s2);
+                    (s + (p1 - s1).max(p2 - s2) + 1, s)
+                }
+            })
+        }
+        Expr::Negative(x) => effective_digits(x, schema, literals_as_one),
+        other => type_digits(&other.get_type(schema).ok()?),
+    }
 }
 
 /// The digits DataFusion's exact decimal result of `l op r` needs before

@@ -90,7 +90,7 @@ async fn a_fault_at_any_step_reveals_nothing_and_settles_every_budget() {
         let (_d, fed, r) = run_with(fault).await;
         let e = r.expect_err("a faulty party must stop the query");
         assert!(
-            e.contains("nothing was revealed") || e.contains("p2"),
+            e.contains("nothing was revealed") || e.contains("peer p2"),
             "{fault:?}: {e}"
         );
         let states = settled(&fed).await;
@@ -105,6 +105,9 @@ async fn a_fault_at_any_step_reveals_nothing_and_settles_every_budget() {
     // A slow peer (300 ms per message, within the 2 s timeout) is only slow.
     let (_d, fed, r) = run_with(Fault::Slow).await;
     assert!(r.is_ok(), "{r:?}");
+    // The positive control of the audit check above.
+    let log = std::fs::read_to_string(fed.work_dir.join("audit/p0.log")).unwrap();
+    assert!(log.contains("revealed to analyst"));
     let states = settled(&fed).await;
     assert_eq!(
         states,
