@@ -434,14 +434,17 @@ fn pushdown(
                 // so that rounding to s digits cannot carry past it.
                 let fixed = |x: &str, prec: u32| -> String {
                     let digits = prec.saturating_sub(s);
-                    let bound = if float_arg {
-                        format!("5e{}", digits.saturating_sub(1))
+                    if float_arg {
+                        let bound = format!("5e{}", digits.saturating_sub(1));
+                        format!("(CASE WHEN ABS({x}) < {bound} THEN CAST({x} AS NUMERIC({prec},{s})) END)")
                     } else {
-                        format!("1{}", "0".repeat(digits as usize))
-                    };
-                    format!(
-                        "(CASE WHEN ABS({x}) < {bound} THEN CAST({x} AS NUMERIC({prec},{s})) END)"
-                    )
+                        // No ABS on integers: ABS of the smallest integer
+                        // is itself an error in PostgreSQL.
+                        let bound = format!("1{}", "0".repeat(digits as usize));
+                        format!(
+                            "(CASE WHEN {x} > -{bound} AND {x} < {bound} THEN CAST({x} AS NUMERIC({prec},{s})) END)"
+                        )
+                    }
                 };
                 let item = match p.kind {
                     PartialKind::RowCount => "COUNT(*)".to_string(),

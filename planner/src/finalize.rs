@@ -452,7 +452,8 @@ fn rescale(v: i128, from: u32, to: i8) -> Option<i128> {
 }
 
 fn fits_precision(v: i128, p: u8) -> bool {
-    p >= 38 || v.unsigned_abs() < 10u128.pow(p as u32)
+    // 10^38 still fits u128: a total of 38 digits or more is refused too.
+    v.unsigned_abs() < 10u128.pow(p.min(38) as u32)
 }
 
 #[cfg(test)]

@@ -554,6 +554,24 @@ impl FederatedPlan {
         // sums and sums of squares): refuse at plan time a noise that could come near it,
         // rather than abort at run time on a large draw.
         let n = self.parties.len().max(1) as u128;
+        // A noised total must also fit the answer's type: SUM of an integer
+        // column is a BIGINT, and a total pushed past it by noise would
+        // fail after the budget is spent.
+        for a in &self.aggregates {
+            let (Some(i), DataType::Int64) = (a.sum, a.field.data_type()) else {
+                continue;
+            };
+            if let Some(pn) = self.noise_of(i) {
+                if pn.noise.draw_bound().saturating_mul(n) > (i64::MAX as u128) / 2 {
+                    return Err(PlanError::Invalid(format!(
+                        "the noise for {} ({}) could take the answer beyond BIGINT; narrow the clamp range \
+                         or raise epsilon_per_query",
+                        a.field.name(),
+                        pn.noise.describe()
+                    )));
+                }
+            }
+        }
         for pn in &self.noise {
             let wide = self.local.partials[pn.partial].kind.is_wide();
             let ring = if wide {
