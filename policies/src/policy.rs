@@ -755,6 +755,28 @@ impl Policy {
                         format!("column {c} may not be aggregated with {}", f.to_uppercase()),
                     );
                 }
+                // What the querying gateway sees is the totals an aggregate
+                // is computed from: AVG reveals the exact SUM; VAR and
+                // STDDEV reveal SUM and the sum of squares (so each other).
+                let reveals: &[&str] = match *f {
+                    "avg" => &["sum"],
+                    "var" => &["sum", "stddev"],
+                    "stddev" => &["sum", "var"],
+                    _ => &[],
+                };
+                for r in reveals {
+                    if !col(c).is_some_and(|p| p.aggregate.iter().any(|a| a == r)) {
+                        return deny(
+                            format!("tables.{t}.columns.{c}"),
+                            format!(
+                                "column {c} may not be aggregated with {}, and {} reveals it to the querying \
+                                 gateway (an aggregate is computed from exact totals there); allow {r} too",
+                                r.to_uppercase(),
+                                f.to_uppercase()
+                            ),
+                        );
+                    }
+                }
             }
         }
         if self.requirement(plan, analyst).is_some() {
@@ -909,6 +931,29 @@ aggregate = ["sum", "avg"]
         .await
         .unwrap();
         assert_eq!(trusting.check(&plan, &auditor), Decision::Allow);
+    }
+
+    #[tokio::test]
+    async fn an_aggregate_needs_a_grant_for_every_total_it_reveals() {
+        let cat = Catalog::from_toml(CATALOG, "c").unwrap();
+        let only_avg = Policy::parse(
+            &POLICY.replace("aggregate = [\"sum\", \"avg\"]", "aggregate = [\"avg\"]"),
+            Some(&cat),
+        )
+        .unwrap();
+        let plan = planner::plan_query(
+            "SELECT AVG(cost) FROM patients",
+            &cat,
+            &["a".to_string(), "b".to_string()],
+            &QueryOptions::default(),
+        )
+        .await
+        .unwrap();
+        let d = only_avg.check(&plan, &alice());
+        assert!(
+            matches!(&d, Decision::Deny { reason, .. } if reason.contains("may not be aggregated with SUM, and AVG reveals it")),
+            "{d:?}"
+        );
     }
 
     #[tokio::test]
