@@ -44,7 +44,19 @@ impl AnalystClient {
     /// `gateway` is host:port; `ca_pem` the federation CA the gateway's
     /// certificate must chain to.
     pub async fn connect(gateway: &str, ca_pem: &str, user: &str, password: &str) -> Result<Self> {
-        let channel = tls_channel(gateway, ca_pem).await?;
+        Self::connect_named(gateway, None, ca_pem, user, password).await
+    }
+
+    /// `connect`, verifying that the gateway's certificate names `party`
+    /// (instead of its host name) where one is given.
+    pub async fn connect_named(
+        gateway: &str,
+        party: Option<&str>,
+        ca_pem: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<Self> {
+        let channel = tls_channel_named(gateway, party, ca_pem).await?;
         let basic = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
@@ -173,10 +185,24 @@ impl AnalystClient {
 /// A TLS channel to a gateway's analyst port (`host:port`), verifying its
 /// certificate against the federation CA: for Flight SQL clients too.
 pub async fn tls_channel(gateway: &str, ca_pem: &str) -> Result<Channel> {
+    tls_channel_named(gateway, None, ca_pem).await
+}
+
+/// `tls_channel`, verifying the certificate against `party` where given.
+pub async fn tls_channel_named(
+    gateway: &str,
+    party: Option<&str>,
+    ca_pem: &str,
+) -> Result<Channel> {
     crate::tls::install_provider();
+    let server_name = match party {
+        Some(p) => rustls_pki_types::ServerName::try_from(p.to_string())
+            .map_err(|e| anyhow!("`{p}` is not a valid party id: {e}"))?,
+        None => server_name_for(gateway)?,
+    };
     let dialer = TlsDialer {
         addr: gateway.to_string(),
-        server_name: server_name_for(gateway)?,
+        server_name,
         config: crate::tls::analyst_client_config(ca_pem)?,
     };
     Endpoint::from_shared("http://gateway.council".to_string())?

@@ -33,6 +33,11 @@ struct Conn {
     /// The federation CA certificate (PEM) the gateway's certificate chains to.
     #[arg(long, env = "COUNCIL_CA")]
     ca: PathBuf,
+    /// Your party's id: the gateway's certificate must name it (safer than
+    /// the host name alone, which several parties' certificates may share,
+    /// e.g. 127.0.0.1).
+    #[arg(long, env = "COUNCIL_PARTY")]
+    party: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -235,7 +240,14 @@ fn password(conn: &Conn) -> Result<String> {
 
 async fn client(conn: &Conn) -> Result<gateway::client::AnalystClient> {
     let ca = gateway::client::read_ca(&conn.ca)?;
-    gateway::client::AnalystClient::connect(&conn.gateway, &ca, &conn.user, &password(conn)?).await
+    gateway::client::AnalystClient::connect_named(
+        &conn.gateway,
+        conn.party.as_deref(),
+        &ca,
+        &conn.user,
+        &password(conn)?,
+    )
+    .await
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {

@@ -210,6 +210,33 @@ async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
             .success()
     );
 
+    // With --party the CLI checks the gateway's certificate names that party
+    // (127.0.0.1 is in every party's certificate).
+    let gw = format!("127.0.0.1:{}", analyst_ports[0]);
+    let as_party = |party: &str| {
+        council(
+            dir,
+            &[
+                "query",
+                "--gateway",
+                &gw,
+                "--party",
+                party,
+                "--user",
+                "alice",
+                "--ca",
+                "certs/ca.pem",
+                "SELECT COUNT(*) FROM patients",
+            ],
+        )
+    };
+    assert!(as_party("hospital_a").status.success());
+    let out = as_party("hospital_b");
+    assert!(
+        !out.status.success(),
+        "hospital_a's gateway passed for hospital_b"
+    );
+
     // Kill hospital_c outright; hospital_a's queries fail, naming it.
     let mut c = gws.0.pop().unwrap();
     c.kill().unwrap();
