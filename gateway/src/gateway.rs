@@ -845,6 +845,18 @@ impl Gateway {
         query_id: &str,
         round: executor::Round,
     ) -> Result<(usize, usize), String> {
+        let s = self.share_session(from, leader, query_id, round)?;
+        Ok(share_shape(&s.plan(), round))
+    }
+
+    /// The session a share from `from` belongs to, if `from` may send it.
+    fn share_session(
+        &self,
+        from: &str,
+        leader: &str,
+        query_id: &str,
+        round: executor::Round,
+    ) -> Result<Arc<Session>, String> {
         if !self.parties.iter().any(|p| p == from) {
             return Err(format!("{from} is not a party of this federation"));
         }
@@ -854,12 +866,10 @@ impl Gateway {
                 self.party
             ));
         }
-        let s = self
-            .sessions()
+        self.sessions()
             .get(&(leader.to_string(), query_id.to_string()))
             .cloned()
-            .ok_or_else(|| self.no_session(leader, query_id))?;
-        Ok(share_shape(&s.plan(), round))
+            .ok_or_else(|| self.no_session(leader, query_id))
     }
 
     /// Ends the query whose share from a peer was malformed.
@@ -882,20 +892,7 @@ impl Gateway {
         round: executor::Round,
         batch: RecordBatch,
     ) -> Result<(), String> {
-        if !self.parties.iter().any(|p| p == from) {
-            return Err(format!("{from} is not a party of this federation"));
-        }
-        if round == executor::Round::Result && leader != self.party {
-            return Err(format!(
-                "result shares go to the querying gateway {leader}, not to {}",
-                self.party
-            ));
-        }
-        let s = self
-            .sessions()
-            .get(&(leader.to_string(), query_id.to_string()))
-            .cloned()
-            .ok_or_else(|| self.no_session(leader, query_id))?;
+        let s = self.share_session(from, leader, query_id, round)?;
         // The shape is checked on delivery, before anything is kept (and
         // before decoding, in `service::decode_share_stream`).
         let (rows, max_cols) = share_shape(&s.plan(), round);

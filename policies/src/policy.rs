@@ -841,6 +841,13 @@ filter = true
 aggregate = ["sum", "avg"]
 "#;
 
+    async fn plan_on(cat: &Catalog, sql: &str, parties: &[&str]) -> FederatedPlan {
+        let parties: Vec<String> = parties.iter().map(|p| p.to_string()).collect();
+        planner::plan_query(sql, cat, &parties, &QueryOptions::default())
+            .await
+            .unwrap()
+    }
+
     async fn decide(sql: &str, analyst: &Analyst) -> Decision {
         let cat = Catalog::from_toml(CATALOG, "c").unwrap();
         let plan = planner::plan_query(
@@ -922,14 +929,7 @@ aggregate = ["sum", "avg"]
         )
         .unwrap();
         assert_eq!(trusting.trust_identities_from, vec!["c".to_string()]);
-        let plan = planner::plan_query(
-            "SELECT COUNT(*) FROM patients",
-            &cat,
-            &["a".to_string(), "c".to_string()],
-            &QueryOptions::default(),
-        )
-        .await
-        .unwrap();
+        let plan = plan_on(&cat, "SELECT COUNT(*) FROM patients", &["a", "c"]).await;
         assert_eq!(trusting.check(&plan, &auditor), Decision::Allow);
     }
 
@@ -941,14 +941,7 @@ aggregate = ["sum", "avg"]
             Some(&cat),
         )
         .unwrap();
-        let plan = planner::plan_query(
-            "SELECT AVG(cost) FROM patients",
-            &cat,
-            &["a".to_string(), "b".to_string()],
-            &QueryOptions::default(),
-        )
-        .await
-        .unwrap();
+        let plan = plan_on(&cat, "SELECT AVG(cost) FROM patients", &["a", "b"]).await;
         let d = only_avg.check(&plan, &alice());
         assert!(
             matches!(&d, Decision::Deny { reason, .. } if reason.contains("may not be aggregated with SUM, and AVG reveals it")),
@@ -968,14 +961,7 @@ aggregate = ["sum", "avg"]
             Some(&cat),
         )
         .unwrap();
-        let plan = planner::plan_query(
-            "SELECT COUNT(*) FROM patients",
-            &cat,
-            &["a".to_string(), "c".to_string()],
-            &QueryOptions::default(),
-        )
-        .await
-        .unwrap();
+        let plan = plan_on(&cat, "SELECT COUNT(*) FROM patients", &["a", "c"]).await;
         // A leader that drops the role or names another of its analysts
         // still gets DP: the peer cannot check either.
         let plain = Analyst {
