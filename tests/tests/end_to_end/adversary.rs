@@ -289,7 +289,7 @@ async fn no_sql_takes_a_gateway_down() {
     // Within the limits, long filter lists are answered, and equal plaintext.
     let pooled = fed.pooled_context().await.unwrap();
     for sql in [
-        conjuncts(400),
+        conjuncts(495),
         format!(
             "SELECT COUNT(*) FROM t WHERE x NOT IN ({})",
             (0..5_000)
