@@ -14,7 +14,7 @@ use gateway::federation::{FederationSpec, LocalFederation};
 use gateway::peer::PeerClients;
 use gateway::tls::TlsMaterial;
 
-async fn start(
+pub(crate) async fn start(
     n: usize,
     seed: u64,
     tweak: impl FnOnce(&mut FederationSpec, &[String]),

@@ -7,37 +7,26 @@
 
 use std::time::Duration;
 
-use council_tests::{party_ids, spec_for, write_random_data, Shape, PASSWORD, USER};
+use council_tests::{PASSWORD, USER};
 use gateway::config::Fault;
 use gateway::federation::LocalFederation;
 
 const SQL: &str = "SELECT COUNT(*), SUM(x) FROM t";
 
 async fn run_with(fault: Fault) -> (tempfile::TempDir, LocalFederation, Result<(), String>) {
-    let dir = tempfile::tempdir().unwrap();
-    let ids = party_ids(3);
-    write_random_data(
-        &dir.path().join("data"),
-        &ids,
-        Shape {
-            seed: 80,
-            large: false,
-        },
-    )
-    .unwrap();
-    let mut spec = spec_for(dir.path(), &ids, Duration::from_secs(2));
-    for p in [0, 1] {
-        spec.parties[p].policy_toml = super::privacy::dp_policy(
-            &ids[p],
-            &ids,
-            "mechanism = \"laplace\"\nepsilon_per_query = 1",
-            "{ epsilon = 10, period_days = 30 }",
-        );
-    }
-    spec.parties[2].fault = Some(fault);
-    let fed = LocalFederation::start(&spec, &dir.path().join("run"))
-        .await
-        .unwrap();
+    let (dir, fed) = super::adversary::start(3, 80, |spec, ids| {
+        spec.peer_timeout = Duration::from_secs(2);
+        for p in [0, 1] {
+            spec.parties[p].policy_toml = super::privacy::dp_policy(
+                &ids[p],
+                ids,
+                "mechanism = \"laplace\"\nepsilon_per_query = 1",
+                "{ epsilon = 10, period_days = 30 }",
+            );
+        }
+        spec.parties[2].fault = Some(fault);
+    })
+    .await;
     let c = fed.client("p0", USER, PASSWORD).await.unwrap();
     let r = c.query(SQL).await.map(|_| ()).map_err(|e| e.message);
     (dir, fed, r)
