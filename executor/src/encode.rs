@@ -12,15 +12,27 @@ use crate::ring;
 use crate::shares::{ShareColumn, Width};
 use crate::ExecError;
 
-/// Spreads the local result over the domain: `out[partial][group]`.
-/// `batches` hold the group key columns first, then one column per partial.
+/// A party's local result spread over the public domain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dense {
+    /// `values[partial][group]`.
+    pub values: Vec<Vec<i128>>,
+    /// Local groups whose key is outside the declared domain, left out (see
+    /// `GroupIndex::lookup`). For the party's own log only: it depends on
+    /// the party's rows and is never sent.
+    pub outside: usize,
+}
+
+/// Spreads the local result over the domain. `batches` hold the group key
+/// columns first, then one column per partial.
 pub fn dense_partials(
     batches: &[RecordBatch],
     index: &GroupIndex,
     npartials: usize,
-) -> Result<Vec<Vec<i128>>, ExecError> {
+) -> Result<Dense, ExecError> {
     let nkeys = index.keys().len();
     let mut out = vec![vec![0i128; index.len()]; npartials];
+    let mut outside = 0;
     for b in batches {
         if b.num_columns() != nkeys + npartials {
             return Err(ExecError::Encode(format!(
@@ -31,6 +43,7 @@ pub fn dense_partials(
         }
         let keys: Vec<ArrayRef> = b.columns()[..nkeys].to_vec();
         let pos = index.lookup(&keys, b.num_rows())?;
+        outside += pos.iter().filter(|p| p.is_none()).count();
         for (k, dst) in out.iter_mut().enumerate() {
             let col = b.column(nkeys + k);
             let add = |dst: &mut Vec<i128>, g: usize, v: i128| -> Result<(), ExecError> {
@@ -40,14 +53,14 @@ pub fn dense_partials(
                 Ok(())
             };
             if let Some(a) = col.as_any().downcast_ref::<Int64Array>() {
-                for (row, &g) in pos.iter().enumerate() {
-                    if a.is_valid(row) {
+                for (row, g) in pos.iter().enumerate() {
+                    if let (Some(g), true) = (*g, a.is_valid(row)) {
                         add(dst, g, a.value(row) as i128)?;
                     }
                 }
             } else if let Some(a) = col.as_any().downcast_ref::<Decimal128Array>() {
-                for (row, &g) in pos.iter().enumerate() {
-                    if a.is_valid(row) {
+                for (row, g) in pos.iter().enumerate() {
+                    if let (Some(g), true) = (*g, a.is_valid(row)) {
                         add(dst, g, a.value(row))?;
                     }
                 }
@@ -59,7 +72,10 @@ pub fn dense_partials(
             }
         }
     }
-    Ok(out)
+    Ok(Dense {
+        values: out,
+        outside,
+    })
 }
 
 /// True if a 128-bit sum of `count` terms each at most `max_abs` in magnitude
@@ -151,10 +167,10 @@ mod tests {
         let b = RecordBatch::try_new(
             schema,
             vec![
-                Arc::new(StringArray::from(vec![Some("M")])),
-                Arc::new(Int64Array::from(vec![3])),
+                Arc::new(StringArray::from(vec![Some("M"), Some("X")])),
+                Arc::new(Int64Array::from(vec![3, 4])),
                 Arc::new(
-                    Decimal128Array::from(vec![-1250i128])
+                    Decimal128Array::from(vec![-1250i128, 7])
                         .with_precision_and_scale(38, 2)
                         .unwrap(),
                 ),
@@ -162,7 +178,8 @@ mod tests {
         )
         .unwrap();
         let d = dense_partials(&[b], &idx, 2).unwrap();
-        assert_eq!(d, vec![vec![0, 3, 0], vec![0, -1250, 0]]);
+        assert_eq!(d.values, vec![vec![0, 3, 0], vec![0, -1250, 0]]);
+        assert_eq!(d.outside, 1, "the undeclared key X is left out and counted");
         assert!(!sum_cannot_wrap(1 << 20, 1 << 60, true));
         assert!(sum_cannot_wrap(1 << 20, 1 << 50, true));
         assert!(sum_cannot_wrap(1 << 20, 1 << 40, false));

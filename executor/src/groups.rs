@@ -69,12 +69,25 @@ impl GroupIndex {
         &self.keys
     }
 
-    /// Domain index of every row of `columns` (local group keys). A key
-    /// outside the declared domain is an error naming the value: silently
-    /// dropping it would give a wrong answer, revealing it would leak.
-    pub fn lookup(&self, columns: &[ArrayRef], rows: usize) -> Result<Vec<usize>, ExecError> {
+    /// Domain index of every row of `columns` (local group keys); `None` for
+    /// a row whose key is outside the declared domain.
+    ///
+    /// Such a row is left out of the query rather than failing it: an abort
+    /// would tell the analyst (and every party) whether one row with an
+    /// undeclared key matched the query, which a filter on anything can make
+    /// into a bit about one person. The catalog's domain is the contract of
+    /// what may be grouped by; the answer is over the rows that keep it, the
+    /// same as plaintext SQL with `WHERE key IN (domain)`. The party's own
+    /// operator log says how many rows were left out (see `Dense::outside`).
+    /// A key that does not convert to the domain's type (an integer too
+    /// large for it) is outside too, never taken for NULL.
+    pub fn lookup(
+        &self,
+        columns: &[ArrayRef],
+        rows: usize,
+    ) -> Result<Vec<Option<usize>>, ExecError> {
         let Some(converter) = &self.converter else {
-            return Ok(vec![0; rows]);
+            return Ok(vec![Some(0); rows]);
         };
         if columns.len() != self.keys.len() {
             return Err(ExecError::Encode(format!(
@@ -100,23 +113,15 @@ impl GroupIndex {
             .map_err(|e| ExecError::Encode(e.to_string()))?;
         let mut out = Vec::with_capacity(rows);
         for (row, r) in local.iter().enumerate() {
-            match self.index.get(r.as_ref()) {
-                Some(&i) => out.push(i),
-                None => {
-                    let shown: Vec<String> = cast_cols
-                        .iter()
-                        .map(|c| {
-                            arrow::util::display::array_value_to_string(c, row)
-                                .unwrap_or_else(|_| "?".into())
-                        })
-                        .collect();
-                    return Err(ExecError::Encode(format!(
-                        "local data has group key ({}) outside the declared public domain; add it to the \
-                         catalog's domain or fix the data",
-                        shown.join(", ")
-                    )));
-                }
-            }
+            let converted = columns
+                .iter()
+                .zip(&cast_cols)
+                .all(|(c, k)| c.is_null(row) || k.is_valid(row));
+            out.push(if converted {
+                self.index.get(r.as_ref()).copied()
+            } else {
+                None
+            });
         }
         Ok(out)
     }
@@ -125,20 +130,30 @@ impl GroupIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::StringArray;
+    use arrow::array::{Int32Array, Int64Array, StringArray};
     use std::sync::Arc;
 
     #[test]
-    fn maps_keys_and_refuses_undeclared_ones() {
+    fn maps_keys_and_leaves_out_undeclared_ones() {
         let dom: ArrayRef = Arc::new(StringArray::from(vec![Some("F"), Some("M"), None]));
         let idx = GroupIndex::new(vec![dom]).unwrap();
-        let local: ArrayRef = Arc::new(StringArray::from(vec![None, Some("M")]));
-        assert_eq!(idx.lookup(&[local], 2).unwrap(), vec![2, 1]);
-        let bad: ArrayRef = Arc::new(StringArray::from(vec![Some("X")]));
-        let e = idx.lookup(&[bad], 1).unwrap_err().to_string();
-        assert!(
-            e.contains("group key (X) outside the declared public domain"),
-            "{e}"
+        let local: ArrayRef = Arc::new(StringArray::from(vec![None, Some("M"), Some("X")]));
+        assert_eq!(
+            idx.lookup(&[local], 3).unwrap(),
+            vec![Some(2), Some(1), None]
+        );
+    }
+
+    #[test]
+    fn a_key_that_does_not_convert_is_outside_not_null() {
+        // Domain of Int32 with NULL; a local Int64 too large for Int32 would
+        // cast to NULL and land in the NULL group if not caught.
+        let dom: ArrayRef = Arc::new(Int32Array::from(vec![Some(1), None]));
+        let idx = GroupIndex::new(vec![dom]).unwrap();
+        let local: ArrayRef = Arc::new(Int64Array::from(vec![Some(1), Some(1 << 40), None]));
+        assert_eq!(
+            idx.lookup(&[local], 3).unwrap(),
+            vec![Some(0), None, Some(1)]
         );
     }
 }

@@ -1046,6 +1046,18 @@ impl Gateway {
             local: e.to_string(),
             shared: format!("{DATA_ABORT} its local data does not fit the declared catalog (details in its gateway log)"),
         })?;
+        if dense.outside > 0 {
+            // For this party's operator only: how many of its rows keep the
+            // catalog is a fact about its data, never sent anywhere.
+            eprintln!(
+                "[{}] query {}: {} local group(s) have a key outside the catalog's declared domain and were left out; \
+                 add the value to the domain or fix the data",
+                self.party,
+                s.query_id,
+                dense.outside
+            );
+        }
+        let dense = dense.values;
         check_no_wrap(plan, &dense, index.len())?;
         let shared_idx = plan.shared_partials();
         let mut shared: Vec<Vec<i128>> = shared_idx.iter().map(|&i| dense[i].clone()).collect();

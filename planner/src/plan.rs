@@ -660,6 +660,10 @@ impl FederatedPlan {
                 dims.join(" x "),
                 self.groups.len()
             );
+            let _ = writeln!(
+                s,
+                "   rows whose group key is outside the declared domain are left out (never an abort), as by WHERE key IN (domain)"
+            );
         }
         let _ = writeln!(
             s,

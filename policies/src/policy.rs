@@ -758,13 +758,19 @@ impl Policy {
                 // What the querying gateway sees is the totals an aggregate
                 // is computed from: AVG reveals the exact SUM; VAR and
                 // STDDEV reveal SUM and the sum of squares (so each other).
+                // Every one of them also reveals how many rows had a
+                // non-NULL value (the count that decides NULL against a
+                // total, and divides for AVG): exact without this party's
+                // own DP, so COUNT of the column must be allowed too; under
+                // its DP a SUM reveals no count and every total is noised.
                 let reveals: &[&str] = match *f {
-                    "avg" => &["sum"],
-                    "var" => &["sum", "stddev"],
-                    "stddev" => &["sum", "var"],
+                    "sum" => &["count"],
+                    "avg" => &["sum", "count"],
+                    "var" => &["sum", "stddev", "count"],
+                    "stddev" => &["sum", "var", "count"],
                     _ => &[],
                 };
-                for r in reveals {
+                for r in reveals.iter().filter(|r| **r != "count" || !own_dp) {
                     if !col(c).is_some_and(|p| p.aggregate.iter().any(|a| a == r)) {
                         return deny(
                             format!("tables.{t}.columns.{c}"),
@@ -838,7 +844,7 @@ group_by = true
 filter = true
 
 [tables.patients.columns.cost]
-aggregate = ["sum", "avg"]
+aggregate = ["count", "sum", "avg"]
 "#;
 
     async fn plan_on(cat: &Catalog, sql: &str, parties: &[&str]) -> FederatedPlan {
@@ -937,7 +943,10 @@ aggregate = ["sum", "avg"]
     async fn an_aggregate_needs_a_grant_for_every_total_it_reveals() {
         let cat = Catalog::from_toml(CATALOG, "c").unwrap();
         let only_avg = Policy::parse(
-            &POLICY.replace("aggregate = [\"sum\", \"avg\"]", "aggregate = [\"avg\"]"),
+            &POLICY.replace(
+                "aggregate = [\"count\", \"sum\", \"avg\"]",
+                "aggregate = [\"count\", \"avg\"]",
+            ),
             Some(&cat),
         )
         .unwrap();
@@ -947,6 +956,37 @@ aggregate = ["sum", "avg"]
             matches!(&d, Decision::Deny { reason, .. } if reason.contains("may not be aggregated with SUM, and AVG reveals it")),
             "{d:?}"
         );
+        // A sum reveals how many rows had a value: without this party's DP
+        // that count is exact, so COUNT(cost) must be allowed as well.
+        let no_count = POLICY.replace(
+            "aggregate = [\"count\", \"sum\", \"avg\"]",
+            "aggregate = [\"sum\", \"avg\"]",
+        );
+        let p = Policy::parse(&no_count, Some(&cat)).unwrap();
+        for sql in [
+            "SELECT SUM(cost) FROM patients",
+            "SELECT age_band, AVG(cost) FROM patients GROUP BY age_band",
+        ] {
+            let plan = plan_on(&cat, sql, &["a", "b"]).await;
+            let d = p.check(&plan, &alice());
+            assert!(
+                matches!(&d, Decision::Deny { rule, reason } if rule == "tables.patients.columns.cost"
+                    && reason.contains("may not be aggregated with COUNT") && reason.contains("allow count too")),
+                "{sql}: {d:?}"
+            );
+        }
+        // Under the party's own DP a SUM reveals no count at all.
+        let dp = Policy::parse(
+            &format!(
+                "{}\n[privacy]\nmechanism = \"laplace\"\n\
+                 epsilon_per_query = 1\nbudget = {{ epsilon = 10, period_days = 30 }}\n[tables.patients.privacy]\nanalysts = [\"a:*\"]\n",
+                no_count.replace("\"avg\"]", "\"avg\"]\nclamp = [0, 1000]")
+            ),
+            Some(&cat),
+        )
+        .unwrap();
+        let plan = plan_on(&cat, "SELECT SUM(cost) FROM patients", &["a", "b"]).await;
+        assert_eq!(dp.check(&plan, &alice()), Decision::Allow);
     }
 
     #[tokio::test]
@@ -1090,10 +1130,10 @@ max_rows_per_individual = 4
 [tables.t.columns.g]
 group_by = true
 [tables.t.columns.cost]
-aggregate = ["sum", "avg"]
+aggregate = ["count", "sum", "avg"]
 clamp = [0, "2500.50"]
 [tables.t.columns.los]
-aggregate = ["sum"]
+aggregate = ["count", "sum"]
 "#;
 
     fn who(party: &str) -> Analyst {
