@@ -32,7 +32,7 @@ use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{BinaryExpr, Expr, ExprSchemable, Operator};
 use datafusion::sql::unparser::dialect::{DefaultDialect, PostgreSqlDialect, SqliteDialect};
 use datafusion::sql::unparser::Unparser;
-use planner::plan::PartialKind;
+use planner::plan::{PartialKind, SQUARE_DIGITS};
 use planner::{LocalPart, TableDef};
 
 use crate::SourceError;
@@ -446,29 +446,33 @@ fn pushdown(
                         )
                     }
                 };
-                let item = match p.kind {
-                    PartialKind::RowCount => "COUNT(*)".to_string(),
-                    PartialKind::Count => format!("COUNT({})", a()),
+                // The same per-value bound as DataFusion's partials
+                // (`planner::plan::Partial::digits`), in every partial; where
+                // the type bounds the values, casts as they always were.
+                let item = match (p.kind, p.digits) {
+                    (PartialKind::RowCount, _) => "COUNT(*)".to_string(),
+                    (PartialKind::Count, Some(d)) => format!("COUNT({})", fixed(a(), d as u32)),
+                    (PartialKind::Count, None) => format!("COUNT({})", a()),
+                    (PartialKind::Sum, Some(d)) => {
+                        format!("CAST(SUM({}) AS TEXT)", fixed(a(), d as u32))
+                    }
                     // PostgreSQL sums integers exactly (into numeric, with
                     // 128-bit accumulators): no per-row cast needed.
-                    PartialKind::Sum if s == 0 && int_arg => {
+                    (PartialKind::Sum, None) if s == 0 && int_arg => {
                         format!("CAST(SUM({}) AS TEXT)", a())
                     }
-                    PartialKind::Sum if float_arg => {
-                        format!("CAST(SUM({}) AS TEXT)", fixed(a(), 38))
-                    }
-                    PartialKind::Sum => {
+                    (PartialKind::Sum, None) => {
                         format!("CAST(SUM(CAST({} AS NUMERIC(38,{s}))) AS TEXT)", a())
                     }
-                    PartialKind::SumSquares => {
-                        let f = fixed(a(), 18);
+                    (PartialKind::SumSquares, _) => {
+                        let f = fixed(a(), SQUARE_DIGITS as u32);
                         format!("CAST(SUM({f} * {f}) AS TEXT)")
                     }
-                    PartialKind::LocalMaxAbs if float_arg => {
-                        format!("CAST(MAX(ABS({})) AS TEXT)", fixed(a(), 38))
-                    }
-                    PartialKind::LocalMaxAbs => {
-                        format!("CAST(MAX(ABS(CAST({} AS NUMERIC(38,{s})))) AS TEXT)", a())
+                    (PartialKind::LocalMaxAbs, _) => {
+                        format!(
+                            "CAST(MAX(ABS({})) AS TEXT)",
+                            fixed(a(), SQUARE_DIGITS as u32)
+                        )
                     }
                 };
                 (item, false)
@@ -491,8 +495,24 @@ fn pushdown(
                         other => Err(format!("SQLite cannot sum {other} exactly")),
                     }
                 };
+                // The same per-value bound as DataFusion's partials; SQLite
+                // integers are below 10^19, so only a bound under that needs
+                // a guard.
+                let bounded = || -> Result<String, String> {
+                    let u = units()?;
+                    Ok(match p.digits {
+                        Some(d) if d < 19 => {
+                            let b = 10i64.pow(d as u32);
+                            format!("(CASE WHEN {u} > -{b} AND {u} < {b} THEN {u} END)")
+                        }
+                        _ => u,
+                    })
+                };
                 match p.kind {
                     PartialKind::RowCount => ("COUNT(*)".to_string(), false),
+                    PartialKind::Count if p.digits.is_some() => {
+                        (format!("COUNT({})", bounded()?), false)
+                    }
                     PartialKind::Count => (
                         format!(
                             "COUNT({})",
@@ -500,12 +520,12 @@ fn pushdown(
                         ),
                         false,
                     ),
-                    PartialKind::Sum => (format!("SUM({})", units()?), true),
+                    PartialKind::Sum => (format!("SUM({})", bounded()?), true),
                     PartialKind::SumSquares => {
-                        let v = units()?;
+                        let v = bounded()?;
                         (format!("SUM({v} * {v})"), true)
                     }
-                    PartialKind::LocalMaxAbs => (format!("MAX(ABS({}))", units()?), true),
+                    PartialKind::LocalMaxAbs => (format!("MAX(ABS({}))", bounded()?), true),
                 }
             }
         };

@@ -226,6 +226,10 @@ pub struct Gateway {
     ledger: Option<Arc<Ledger>>,
     analysts: Vec<AnalystCredential>,
     auth_cache: Mutex<HashMap<String, [u8; 32]>>,
+    /// One lock per (user, password) being checked: logins with the same
+    /// credentials (a BI tool opening a pool of connections) wait for one
+    /// check instead of each queueing their own.
+    auth_inflight: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
     /// Bounds the password checks running at once.
     password_checks: crate::config::PasswordChecks,
     /// An argon2id hash of a random password, checked for unknown users.
@@ -276,6 +280,7 @@ impl Gateway {
             ledger,
             analysts: cfg.analysts.clone(),
             auth_cache: Mutex::new(HashMap::new()),
+            auth_inflight: Mutex::new(HashMap::new()),
             password_checks: crate::config::PasswordChecks::new(LOGIN_SLOTS, LOGIN_QUEUE),
             standin_hash: crate::config::standin_password_hash(),
             standin_secret: Sha256::digest(
@@ -449,23 +454,40 @@ impl Gateway {
         };
         let digest: [u8; 32] =
             Sha256::digest(format!("{user}\0{password}\0{hash}").as_bytes()).into();
-        let cached = cred.is_some()
-            && self
-                .auth_cache
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(user)
-                == Some(&digest);
-        if !cached {
-            let busy = || {
-                QueryFailure::new(
-                    FailureKind::Unauthenticated,
-                    format!(
-                        "gateway {} is checking too many passwords at once; try again in a moment",
-                        self.party
-                    ),
-                )
-            };
+        let cached = || {
+            cred.is_some()
+                && self
+                    .auth_cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(user)
+                    == Some(&digest)
+        };
+        let busy = || {
+            QueryFailure::new(
+                FailureKind::Unauthenticated,
+                format!(
+                    "gateway {} is checking too many passwords at once; try again in a moment",
+                    self.party
+                ),
+            )
+        };
+        let flight = (!cached()).then(|| {
+            let mut m = self.auth_inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if m.len() > LOGIN_QUEUE {
+                m.retain(|_, l| Arc::strong_count(l) > 1);
+            }
+            m.entry(digest).or_default().clone()
+        });
+        let _turn = match &flight {
+            Some(l) => Some(
+                tokio::time::timeout(LOGIN_WAIT, l.clone().lock_owned())
+                    .await
+                    .map_err(|_| busy())?,
+            ),
+            None => None,
+        };
+        if flight.is_some() && !cached() {
             let ok = self
                 .password_checks
                 .check(password, &hash, LOGIN_WAIT)
@@ -1720,11 +1742,23 @@ fn check_no_wrap(
                 .iter()
                 .position(|q| q.kind == k && q.arg == p.arg && q.scale == p.scale)
         };
-        let (Some(c), Some(m)) = (p.count_of_arg, find(PartialKind::LocalMaxAbs)) else {
+        let Some(c) = p.count_of_arg else {
             continue;
         };
+        // Summands are below their cap by their TRY_CAST, so a sum needs
+        // only its count (no row's value decides); squares need the local
+        // maximum unless their type bounds them (then none is computed).
+        let max_of = |g: usize| -> Option<u128> {
+            if p.kind == PartialKind::Sum {
+                Some(p.summand_cap())
+            } else {
+                find(PartialKind::LocalMaxAbs).map(|m| raw[m][g].unsigned_abs())
+            }
+        };
         for g in 0..groups {
-            let max_abs = raw[m][g].unsigned_abs();
+            let Some(max_abs) = max_of(g) else {
+                continue;
+            };
             if !sum_cannot_wrap(raw[c][g], max_abs, p.kind == PartialKind::SumSquares) {
                 return Err(PartyFailure {
                     peer_down: false,

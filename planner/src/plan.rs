@@ -77,6 +77,21 @@ impl AggKind {
 }
 
 /// A linear partial each party computes over its own rows, per group.
+/// Digits (in units of 10^-scale) of one summand of a `Sum` partial: a
+/// value of 10^26 units or more has no fixed-point encoding and counts as
+/// NULL, like NaN. Decided so that no single row can make a query abort by
+/// its value: a party's sum must stay within ±(2^127−1)/N of the ring, and
+/// with summands below 10^26 only some 10^12/N rows of extreme values can
+/// reach that, never one row (with 38 digits one row of an analyst's
+/// `CASE WHEN … THEN 9e33 END` could, and its abort was a bit about that
+/// row). Every declared `decimal(p,s)` with p ≤ 26 is unaffected; money at
+/// scale 2 keeps 24 integer digits, a float at the default scale 4 keeps 22.
+pub const SUM_DIGITS: u8 = 26;
+
+/// Digits of one factor of a `SumSquares` partial: squares stay below
+/// 10^36, so one row cannot reach a party's bound with up to 170 parties.
+pub const SQUARE_DIGITS: u8 = 18;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PartialKind {
     /// Rows in the group (after WHERE).
@@ -87,16 +102,16 @@ pub enum PartialKind {
     Sum,
     /// Σ x², exact at twice the scale, shared in Z_2^128.
     SumSquares,
-    /// Local only, never shared: max |x| proves that the local 128-bit sums
-    /// cannot have wrapped.
+    /// Local only, never shared: max |x| over the squared values proves that
+    /// the local 128-bit sum of squares cannot have wrapped.
     LocalMaxAbs,
 }
 
 impl PartialKind {
     /// Whether the partial is shared in the wide ring Z_2^128. Sums are:
     /// a party's sum then needs to exceed ±(2^127−1)/N (about 10^37 units
-    /// at three parties) to be refused, which one row cannot reach within
-    /// the planner's 38-digit arithmetic, so no single row can make a query
+    /// at three parties) to be refused, which one row cannot reach with
+    /// summands below 10^SUM_DIGITS, so no single row can make a query
     /// abort by its value (in Z_2^64 one row of `x * 10^17` could).
     pub fn is_wide(self) -> bool {
         matches!(self, PartialKind::Sum | PartialKind::SumSquares)
@@ -116,9 +131,67 @@ pub struct Partial {
     pub scale: u32,
     /// Index of the partial (of the same argument) that counts non-NULL values.
     pub count_of_arg: Option<usize>,
+    /// `Some(d)`: a value of 10^d units or more (or NaN, ±∞) counts as
+    /// NULL, in every partial of the aggregate alike (its count, sum and
+    /// squares then describe the same rows, so AVG, VAR and STDDEV stay
+    /// consistent), through `CASE WHEN -B < x AND x < B THEN x END` (B =
+    /// 10^(d−scale)) and a TRY_CAST. `None`: the argument's type keeps every
+    /// value below the bound, and the argument is taken as it is (COUNT(x)
+    /// always is). The guard is a CASE rather than a bare TRY_CAST because
+    /// casts do not change DataFusion's column names: a source that plans
+    /// the local part from SQL text would see `sum(x)` twice.
+    pub digits: Option<u8>,
 }
 
 impl Partial {
+    /// The largest |summand| of this partial, in units (for a sum of
+    /// squares, the largest |factor|): proven by the guard, or by the type
+    /// (which always keeps a value below 10^SUM_DIGITS units).
+    pub fn summand_cap(&self) -> u128 {
+        let d = self.digits.unwrap_or(match self.kind {
+            PartialKind::SumSquares | PartialKind::LocalMaxAbs => SQUARE_DIGITS,
+            _ => SUM_DIGITS,
+        });
+        10u128.pow(d as u32) - 1
+    }
+
+    /// The argument in fixed point: `TRY_CAST(x AS DECIMAL(p, scale))`,
+    /// guarded to `digits` where the type does not bound it.
+    pub fn fixed_arg(&self, precision: u8) -> Expr {
+        let x = self
+            .arg
+            .clone()
+            .unwrap_or_else(|| datafusion::logical_expr::lit(1i64));
+        let ty = DataType::Decimal128(precision, self.scale as i8);
+        match self.digits {
+            None => try_cast(x, ty),
+            Some(d) => {
+                let d = d.max(self.scale as u8);
+                // Compared in DECIMAL(38, scale), exact for integers and
+                // decimals, with bounds of that type spelled as text casts
+                // (exact in DataFusion and in SQL text sent to a source).
+                let wide = DataType::Decimal128(38, self.scale as i8);
+                let c = try_cast(x, wide.clone());
+                let bound = 10i128.pow((d as u32).saturating_sub(self.scale));
+                let b = |v: i128| {
+                    datafusion::logical_expr::cast(
+                        datafusion::logical_expr::lit(v.to_string()),
+                        wide.clone(),
+                    )
+                };
+                let guarded = datafusion::logical_expr::when(
+                    c.clone().gt(b(-bound)).and(c.clone().lt(b(bound))),
+                    c,
+                )
+                .end()
+                .unwrap_or_else(|_| {
+                    datafusion::logical_expr::lit(datafusion::scalar::ScalarValue::Null)
+                });
+                try_cast(guarded, DataType::Decimal128(d, self.scale as i8))
+            }
+        }
+    }
+
     fn describe(&self) -> String {
         let arg = self
             .arg
@@ -127,7 +200,13 @@ impl Partial {
             .unwrap_or_else(|| "*".into());
         match self.kind {
             PartialKind::RowCount => "COUNT(*)".into(),
-            PartialKind::Count => format!("COUNT({arg})"),
+            PartialKind::Count => match self.digits {
+                Some(d) => format!(
+                    "COUNT({arg}) of values below 10^{d} units at scale {}",
+                    self.scale
+                ),
+                None => format!("COUNT({arg})"),
+            },
             PartialKind::Sum => format!("SUM({arg}) at scale {}", self.scale),
             PartialKind::SumSquares => {
                 format!("SUM(({arg})^2) at scale {}, in Z_2^128", 2 * self.scale)
@@ -256,28 +335,23 @@ impl LocalPart {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let fixed = |precision: u8| {
-                    let arg = p
-                        .arg
-                        .clone()
-                        .unwrap_or_else(|| datafusion::logical_expr::lit(1i64));
-                    // TRY_CAST: a value without an exact fixed-point
-                    // encoding (NaN, ±∞, a float beyond 10^(38−s), a square
-                    // factor beyond 10^(18−s)) counts as NULL rather than
-                    // failing the query on that row (see `total`).
-                    try_cast(arg, DataType::Decimal128(precision, p.scale as i8))
-                };
+                let arg = p
+                    .arg
+                    .clone()
+                    .unwrap_or_else(|| datafusion::logical_expr::lit(1i64));
+                // A value without an exact fixed-point encoding (NaN, ±∞,
+                // 10^digits units or more) counts as NULL rather than
+                // failing the query on that row (see `total`, `SUM_DIGITS`
+                // and `Partial::digits`), in every partial of the aggregate.
                 let e = match p.kind {
                     PartialKind::RowCount => count_all(),
-                    PartialKind::Count => count(
-                        p.arg
-                            .clone()
-                            .unwrap_or_else(|| datafusion::logical_expr::lit(1i64)),
-                    ),
-                    PartialKind::Sum => sum(fixed(38)),
-                    // 18 digits per factor keep every product below 10^36.
-                    PartialKind::SumSquares => sum(fixed(18) * fixed(18)),
-                    PartialKind::LocalMaxAbs => max(abs(fixed(38))),
+                    PartialKind::Count if p.digits.is_some() => count(p.fixed_arg(38)),
+                    PartialKind::Count => count(arg.clone()),
+                    PartialKind::Sum => sum(p.fixed_arg(38)),
+                    PartialKind::SumSquares => {
+                        sum(p.fixed_arg(SQUARE_DIGITS) * p.fixed_arg(SQUARE_DIGITS))
+                    }
+                    PartialKind::LocalMaxAbs => max(abs(p.fixed_arg(SQUARE_DIGITS))),
                 };
                 e.alias(format!("p{i}"))
             })
@@ -904,6 +978,7 @@ async fn plan_query_here(
         arg: None,
         scale: 0,
         count_of_arg: None,
+        digits: None,
     }];
     let input_schema = agg.input.schema();
     let mut aggregates = Vec::new();
@@ -1012,17 +1087,32 @@ async fn plan_query_here(
         } else {
             encoding_scale(&arg_type, &refs, table, &name)?
         };
+        let squares = matches!(
+            kind,
+            AggKind::VarSamp | AggKind::VarPop | AggKind::StddevSamp | AggKind::StddevPop
+        );
+        // Every partial of one aggregate keeps the same values (see
+        // `Partial::digits`); a count needs the cast only where the type
+        // can reach the bound.
+        let digits = match kind {
+            AggKind::Count => None,
+            _ if squares => Some(SQUARE_DIGITS),
+            _ => Some(SUM_DIGITS),
+        };
         let mut intern = |kind: PartialKind, count_of_arg: Option<usize>| -> usize {
+            // Where the type keeps every value below the bound no guard is
+            // needed, and SUM and VAR of one column share their partials.
+            let digits = digits.filter(|d| !always_encodes(&arg_type, *d));
             let p = Partial {
                 kind,
                 arg: Some(arg.clone()),
                 scale,
                 count_of_arg,
+                digits,
             };
-            if let Some(i) = partials
-                .iter()
-                .position(|q| q.kind == p.kind && q.arg == p.arg && q.scale == p.scale)
-            {
+            if let Some(i) = partials.iter().position(|q| {
+                q.kind == p.kind && q.arg == p.arg && q.scale == p.scale && q.digits == p.digits
+            }) {
                 i
             } else {
                 partials.push(p);
@@ -1038,15 +1128,12 @@ async fn plan_query_here(
             sum_squares: None,
             scale,
         };
-        let squares = matches!(
-            kind,
-            AggKind::VarSamp | AggKind::VarPop | AggKind::StddevSamp | AggKind::StddevPop
-        );
         if kind != AggKind::Count {
             out.sum = Some(intern(PartialKind::Sum, Some(count_idx)));
             // The local max |x| is only needed where the argument's type
-            // does not already prove that a 128-bit local sum cannot wrap.
-            if !sum_statically_safe(&arg_type, squares) {
+            // does not already prove that a 128-bit local sum of squares
+            // cannot wrap (sums are bounded by `SUM_CAP` and the count).
+            if squares && !sum_statically_safe(&arg_type, true) {
                 intern(PartialKind::LocalMaxAbs, Some(count_idx));
             }
         }
@@ -1163,6 +1250,21 @@ fn magnitude_bits(ty: &DataType) -> Option<u32> {
         DataType::Decimal128(p, _) => Some((*p as u32 * 3322).div_ceil(1000)),
         _ => None,
     }
+}
+
+/// Whether every value of `ty` has an encoding below 10^digits units (at
+/// the type's own scale, which is the encoding scale for decimals).
+pub fn always_encodes(ty: &DataType, digits: u8) -> bool {
+    let integer_digits: u8 = match ty {
+        DataType::Int8 | DataType::UInt8 => 3,
+        DataType::Int16 | DataType::UInt16 => 5,
+        DataType::Int32 | DataType::UInt32 => 10,
+        DataType::Int64 => 19,
+        DataType::UInt64 => 20,
+        DataType::Decimal128(p, _) => *p,
+        _ => return false,
+    };
+    integer_digits <= digits
 }
 
 /// With at most 2^63 rows, a 128-bit sum of values (or their squares) of

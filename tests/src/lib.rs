@@ -196,4 +196,7 @@ pub const QUERIES: &[(&str, bool)] = &[
     ("SELECT SUM(d * 2) AS dd, AVG(x + 1) AS x1, COUNT(f) FROM t WHERE label IN ('lime', 'plum')", true),
     ("SELECT g, flag, h, COUNT(*) FROM t GROUP BY g, flag, h", false),
     ("SELECT h, COUNT(ts), SUM(x) FROM t WHERE ts >= TIMESTAMP '2024-06-15 12:00:00' GROUP BY h ORDER BY h", true),
+    // One column under COUNT, SUM, AVG and VAR at once: the guarded and the
+    // plain partials of one argument must not collide at a SQL source.
+    ("SELECT g, COUNT(f), SUM(f), AVG(f), VAR_SAMP(f), COUNT(x), SUM(x), VAR_POP(x) FROM t GROUP BY g ORDER BY g", true),
 ];
