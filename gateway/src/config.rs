@@ -14,6 +14,10 @@ use serde::Deserialize;
 
 use crate::tls::TlsMaterial;
 
+/// SCRAM iteration count of every verifier `council hash-password` makes
+/// (here, not in `pg`, so that the configuration depends on no front door).
+pub const SCRAM_ITERATIONS: usize = 4096;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -383,7 +387,7 @@ impl GatewayConfig {
                         "config {}: analyst `{}`: scram is not a verifier `{}:SALT:SALTED` (base64); make one with `council hash-password`",
                         path.display(),
                         a.name,
-                        crate::pg::SCRAM_ITERATIONS
+                        SCRAM_ITERATIONS
                     );
                 }
             }
@@ -496,15 +500,12 @@ fn database_config(cfg: &str, base: &Path, name: &str, src: RawSource) -> Result
 pub fn scram_verifier(password: &str) -> String {
     use base64::Engine as _;
     let salt: [u8; 16] = rand::random();
-    let salted = pgwire::api::auth::sasl::scram::gen_salted_password(
-        password,
-        &salt,
-        crate::pg::SCRAM_ITERATIONS,
-    );
+    let salted =
+        pgwire::api::auth::sasl::scram::gen_salted_password(password, &salt, SCRAM_ITERATIONS);
     let b64 = base64::engine::general_purpose::STANDARD;
     format!(
         "{}:{}:{}",
-        crate::pg::SCRAM_ITERATIONS,
+        SCRAM_ITERATIONS,
         b64.encode(salt),
         b64.encode(salted)
     )
@@ -518,7 +519,7 @@ pub fn parse_scram(line: &str) -> Option<(Vec<u8>, Vec<u8>)> {
     let iterations: usize = parts.next()?.parse().ok()?;
     let salt = b64.decode(parts.next()?).ok()?;
     let salted = b64.decode(parts.next()?).ok()?;
-    (iterations == crate::pg::SCRAM_ITERATIONS && parts.next().is_none() && salted.len() == 32)
+    (iterations == SCRAM_ITERATIONS && parts.next().is_none() && salted.len() == 32)
         .then_some((salt, salted))
 }
 

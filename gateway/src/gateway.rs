@@ -24,7 +24,7 @@ use policies::{Analyst, AuditEntry, AuditLog, Decision, Ledger, Policy};
 use sha2::{Digest, Sha256};
 
 use crate::config::{AnalystCredential, Fault, GatewayConfig};
-use crate::peer::{PeerClients, Propose, QueryRef, QueryTransport, Start, Verdict};
+use crate::peer::{PeerAction, PeerClients, Propose, QueryRef, QueryTransport, Start, Verdict};
 
 /// How a party's abort that may depend on its rows begins. It does not
 /// name the party: which party's data made a query fail is itself
@@ -991,12 +991,15 @@ impl Gateway {
     /// Tells every peer to drop the query (best effort: a peer that cannot
     /// be reached times out on its own).
     async fn abort_peers(&self, leader: &str, query_id: &str, reason: &str) {
-        let body = serde_json::json!({ "query_id": query_id, "reason": reason, "leader": leader })
-            .to_string();
+        let abort = PeerAction::Abort(QueryRef {
+            query_id: query_id.to_string(),
+            reason: reason.to_string(),
+            leader: leader.to_string(),
+        });
         let sends = self.peers.keys().map(|p| {
-            let body = body.clone().into_bytes();
+            let abort = &abort;
             async move {
-                let _ = self.clients.action(p, "abort", body).await;
+                let _ = self.clients.send(p, abort).await;
             }
         });
         futures::future::join_all(sends).await;
@@ -1322,12 +1325,11 @@ impl Gateway {
             analyst: analyst.clone(),
             explain_only,
         };
-        let body = serde_json::to_vec(&proposal)
-            .map_err(|e| QueryFailure::new(FailureKind::Internal, e.to_string()))?;
+        let proposal = PeerAction::Propose(proposal);
         let asks = self.peers.keys().map(|p| {
-            let body = body.clone();
+            let proposal = &proposal;
             async move {
-                let r = self.clients.action(p, "propose", body).await;
+                let r = self.clients.send(p, proposal).await;
                 let v = match r {
                     Ok(bytes) => serde_json::from_slice::<Verdict>(&bytes).unwrap_or_else(|e| {
                         Verdict::Error {
@@ -1577,25 +1579,10 @@ impl Gateway {
         // round carries only random seeds, and the peers' sessions exist
         // since they allowed. A failed start stops our part at once.
         let t = Instant::now();
-        let body = match serde_json::to_vec(&start) {
-            Ok(b) => b,
-            Err(e) => {
-                let f = PartyFailure {
-                    peer_down: false,
-                    local: format!("encoding start: {e}"),
-                    shared: "internal error".into(),
-                };
-                return Err(self.fail(&session, f).await);
-            }
-        };
+        let start = PeerAction::Start(start);
         let starts = self.peers.keys().map(|p| {
-            let body = body.clone();
-            async move {
-                self.clients
-                    .action(p, "start", body)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
+            let start = &start;
+            async move { self.clients.send(p, start).await.map_err(|e| e.to_string()) }
         });
         let starts = async {
             let failed = futures::future::join_all(starts)

@@ -333,7 +333,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve { config } => {
             let cfg = gateway::config::GatewayConfig::load(&config)?;
             let listeners = gateway::server::bind(&cfg).await?;
-            let running = gateway::server::start(&cfg, listeners).await?;
+            let mut running = gateway::server::start(&cfg, listeners).await?;
             println!(
                 "council gateway {} serving: peers on {} (mutual TLS), analysts on {} (Flight SQL, TLS){}; {} peer(s): {}",
                 cfg.party,
@@ -346,14 +346,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 cfg.peers.len(),
                 cfg.peers.keys().cloned().collect::<Vec<_>>().join(", ")
             );
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {
+            let ended = tokio::select! {
+                _ = tokio::signal::ctrl_c() => None,
+                _ = terminate() => None,
+                l = running.listener_ended() => Some(l),
+            };
+            match ended {
+                None => {
                     println!("shutting down");
                     running.stop().await;
                 }
-                _ = terminate() => {
-                    println!("shutting down");
+                Some(what) => {
+                    // A gateway with a door gone must not look healthy.
+                    eprintln!(
+                        "council gateway {}: {what}; stopping the whole gateway (restart it, e.g. from its supervisor)",
+                        cfg.party
+                    );
                     running.stop().await;
+                    std::process::exit(1);
                 }
             }
         }

@@ -9,6 +9,10 @@
 //! - `do_put` with a [`PutHeader`]: one batch of shares for one round.
 //!
 //! The sender of every message is the party named by its TLS certificate.
+//! Every request carries [`VERSION_HEADER`]; a gateway refuses another
+//! [`PROTOCOL_VERSION`] before it reads anything else. Actions are decoded
+//! in one place, [`PeerAction::decode`], and encoded in one,
+//! [`PeerAction::encode`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,6 +32,107 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::net::TlsDialer;
+
+/// The peer protocol's version. Two gateways speak only if they agree on
+/// it; raise it with any change to a message's meaning or encoding.
+pub const PROTOCOL_VERSION: &str = "1";
+
+/// The gRPC metadata key that carries [`PROTOCOL_VERSION`].
+pub const VERSION_HEADER: &str = "council-protocol";
+
+/// Action names, shared by client and server.
+pub mod action {
+    pub const PROPOSE: &str = "propose";
+    pub const START: &str = "start";
+    pub const ABORT: &str = "abort";
+}
+
+/// One peer action, as sent and as received.
+#[derive(Debug, Clone)]
+pub enum PeerAction {
+    Propose(Propose),
+    Start(Start),
+    Abort(QueryRef),
+}
+
+impl PeerAction {
+    /// Decodes an action of type `kind`: the one place a peer's action
+    /// body is parsed. The error names the action and what is wrong.
+    pub fn decode(kind: &str, body: &[u8]) -> Result<Self, DecodeError> {
+        let bad =
+            |e: serde_json::Error| DecodeError::Malformed(format!("malformed {kind} message: {e}"));
+        match kind {
+            action::PROPOSE => serde_json::from_slice(body)
+                .map(PeerAction::Propose)
+                .map_err(bad),
+            action::START => serde_json::from_slice(body)
+                .map(PeerAction::Start)
+                .map_err(bad),
+            action::ABORT => serde_json::from_slice(body)
+                .map(PeerAction::Abort)
+                .map_err(bad),
+            other => Err(DecodeError::Unknown(format!(
+                "unknown peer action `{}`",
+                other.chars().take(64).collect::<String>()
+            ))),
+        }
+    }
+
+    /// The action's type and body.
+    pub fn encode(&self) -> (&'static str, Vec<u8>) {
+        let (kind, body) = match self {
+            PeerAction::Propose(p) => (action::PROPOSE, serde_json::to_vec(p)),
+            PeerAction::Start(s) => (action::START, serde_json::to_vec(s)),
+            PeerAction::Abort(a) => (action::ABORT, serde_json::to_vec(a)),
+        };
+        // Serialising these plain structs cannot fail.
+        (kind, body.unwrap_or_default())
+    }
+}
+
+/// Why an action could not be decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DecodeError {
+    /// No such action in this protocol version.
+    Unknown(String),
+    /// A known action whose body does not parse.
+    Malformed(String),
+}
+
+impl DecodeError {
+    pub fn to_status(&self) -> tonic::Status {
+        match self {
+            DecodeError::Unknown(m) => tonic::Status::unimplemented(m.clone()),
+            DecodeError::Malformed(m) => tonic::Status::invalid_argument(m.clone()),
+        }
+    }
+}
+
+/// A request with the protocol version attached.
+fn versioned<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut().insert(
+        VERSION_HEADER,
+        tonic::metadata::MetadataValue::from_static(PROTOCOL_VERSION),
+    );
+    r
+}
+
+/// The server's check, before anything else: `Err` names both versions.
+pub fn check_version(metadata: &tonic::metadata::MetadataMap) -> Result<(), String> {
+    match metadata.get(VERSION_HEADER).map(|v| v.to_str()) {
+        Some(Ok(v)) if v == PROTOCOL_VERSION => Ok(()),
+        Some(Ok(v)) => Err(format!(
+            "this gateway speaks peer protocol version {PROTOCOL_VERSION} and the caller speaks {}; \
+             run the same Council release at every party",
+            v.chars().take(16).collect::<String>()
+        )),
+        _ => Err(format!(
+            "the caller did not say which peer protocol it speaks (this gateway speaks version \
+             {PROTOCOL_VERSION}); run the same Council release at every party"
+        )),
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Propose {
@@ -148,7 +253,14 @@ impl PeerClients {
             })
     }
 
-    /// Sends an action and returns the body of its single reply.
+    /// Sends a typed action and returns the body of its single reply.
+    pub async fn send(&self, peer: &str, a: &PeerAction) -> Result<Vec<u8>, TransportError> {
+        let (kind, body) = a.encode();
+        self.action(peer, kind, body).await
+    }
+
+    /// Sends an action of any type and body (tests send malformed ones) and
+    /// returns the body of its single reply.
     pub async fn action(
         &self,
         peer: &str,
@@ -158,10 +270,10 @@ impl PeerClients {
         let (addr, mut c) = self.client(peer)?;
         let call = async {
             let mut stream = c
-                .do_action(Action {
+                .do_action(versioned(Action {
                     r#type: kind.to_string(),
                     body: body.into(),
-                })
+                }))
                 .await
                 .map_err(|s| status_error(peer, addr, s))?
                 .into_inner();
@@ -199,7 +311,7 @@ impl PeerClients {
             .filter_map(|r| async move { r.ok() });
         let call = async {
             let mut resp = c
-                .do_put(flight)
+                .do_put(versioned(flight))
                 .await
                 .map_err(|s| status_error(peer, addr, s))?
                 .into_inner();
@@ -285,5 +397,62 @@ impl Transport for QueryTransport {
 
     async fn recv(&self, from: &str, round: Round) -> Result<RecordBatch, TransportError> {
         self.mailbox.take(from, round).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_action_decodes_what_it_encodes_and_nothing_else() {
+        let start = PeerAction::Start(Start {
+            query_id: "q".into(),
+            privacy: None,
+            fingerprint: Some("f".into()),
+        });
+        let (kind, body) = start.encode();
+        assert_eq!(kind, action::START);
+        assert!(matches!(
+            PeerAction::decode(kind, &body),
+            Ok(PeerAction::Start(s)) if s.query_id == "q" && s.fingerprint.as_deref() == Some("f")
+        ));
+        let abort = PeerAction::Abort(QueryRef {
+            query_id: "q".into(),
+            reason: "r".into(),
+            leader: "l".into(),
+        });
+        let (kind, body) = abort.encode();
+        assert!(
+            matches!(PeerAction::decode(kind, &body), Ok(PeerAction::Abort(a)) if a.leader == "l")
+        );
+        // A start's body is not a proposal; an unknown name is not malformed.
+        assert!(matches!(
+            PeerAction::decode(action::PROPOSE, b"{\"query_id\":\"q\"}"),
+            Err(DecodeError::Malformed(m)) if m.starts_with("malformed propose message")
+        ));
+        assert!(matches!(
+            PeerAction::decode("drop_table", b"{}"),
+            Err(DecodeError::Unknown(_))
+        ));
+        assert_eq!(
+            PeerAction::decode("x", b"").unwrap_err().to_status().code(),
+            tonic::Code::Unimplemented
+        );
+    }
+
+    #[test]
+    fn another_protocol_version_is_refused_naming_both() {
+        let ok = versioned(());
+        assert!(check_version(ok.metadata()).is_ok());
+        let mut other = tonic::Request::new(());
+        other.metadata_mut().insert(
+            VERSION_HEADER,
+            tonic::metadata::MetadataValue::from_static("0"),
+        );
+        let e = check_version(other.metadata()).unwrap_err();
+        assert!(e.contains("version 1") && e.contains("speaks 0"), "{e}");
+        let e = check_version(tonic::Request::new(()).metadata()).unwrap_err();
+        assert!(e.contains("did not say"), "{e}");
     }
 }

@@ -43,8 +43,7 @@ use policies::Analyst;
 
 use crate::gateway::{explain_schema, FailureKind, Gateway, QueryFailure};
 
-/// SCRAM iteration count of every verifier `council hash-password` makes.
-pub const SCRAM_ITERATIONS: usize = 4096;
+pub use crate::config::SCRAM_ITERATIONS;
 
 pub struct PgFrontDoor {
     gw: Arc<Gateway>,

@@ -24,7 +24,8 @@ pub struct RunningGateway {
     pub pg_addr: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
     shutdown: Vec<oneshot::Sender<()>>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Every listener's task, with what it serves.
+    tasks: Vec<(String, JoinHandle<()>)>,
 }
 
 impl RunningGateway {
@@ -33,16 +34,32 @@ impl RunningGateway {
         for s in self.shutdown.drain(..) {
             let _ = s.send(());
         }
-        for t in self.tasks.drain(..) {
+        for (_, t) in self.tasks.drain(..) {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
         }
     }
 
-    /// Waits until a listener fails.
-    pub async fn wait(mut self) {
-        if let Some(t) = self.tasks.pop() {
-            let _ = t.await;
-        }
+    /// Resolves when any listener stops before `stop` (it failed, or its
+    /// task panicked), naming it: a gateway whose door is gone must not go
+    /// on looking healthy. `council serve` then stops the whole gateway and
+    /// exits non-zero, for its supervisor to restart it.
+    pub async fn listener_ended(&mut self) -> String {
+        first_ended(&mut self.tasks).await
+    }
+}
+
+/// The label of the first task of `tasks` to end (removed from the list);
+/// never resolves for an empty list.
+async fn first_ended(tasks: &mut Vec<(String, JoinHandle<()>)>) -> String {
+    if tasks.is_empty() {
+        return std::future::pending().await;
+    }
+    let (result, i, _) = futures::future::select_all(tasks.iter_mut().map(|(_, t)| t)).await;
+    let (label, _) = tasks.remove(i);
+    match result {
+        Ok(()) => format!("the {label} stopped"),
+        Err(e) if e.is_panic() => format!("the {label} panicked"),
+        Err(_) => format!("the {label} was cancelled"),
     }
 }
 
@@ -139,13 +156,19 @@ pub async fn start(cfg: &GatewayConfig, listeners: Listeners) -> Result<RunningG
         format!("{} analyst service", cfg.party),
     );
     let mut shutdown = vec![peer_tx, an_tx];
-    let mut tasks = vec![t1, t2];
+    let mut tasks = vec![
+        ("peer service".to_string(), t1),
+        ("analyst service (Flight SQL)".to_string(), t2),
+    ];
     if let Some(pg) = pg {
         let (tx, rx) = oneshot::channel::<()>();
         let door = Arc::new(crate::pg::PgFrontDoor::new(gateway.clone()));
         tasks.insert(
             0,
-            crate::pg::spawn_pg(pg, cfg.tls.pg_server_config()?, door, rx),
+            (
+                "PostgreSQL door".to_string(),
+                crate::pg::spawn_pg(pg, cfg.tls.pg_server_config()?, door, rx),
+            ),
         );
         shutdown.push(tx);
     }
@@ -181,4 +204,32 @@ fn spawn_flight<T: FlightService>(
             eprintln!("[{label}] stopped: {e}");
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_first_listener_to_end_is_named_and_removed() {
+        let mut tasks = vec![
+            (
+                "peer service".to_string(),
+                tokio::spawn(std::future::pending::<()>()),
+            ),
+            (
+                "PostgreSQL door".to_string(),
+                tokio::spawn(async { panic!("a door's bug") }),
+            ),
+        ];
+        let ended = first_ended(&mut tasks).await;
+        assert_eq!(ended, "the PostgreSQL door panicked");
+        assert_eq!(tasks.len(), 1);
+        let quiet = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            first_ended(&mut tasks),
+        )
+        .await;
+        assert!(quiet.is_err(), "a listener that still runs is not reported");
+    }
 }

@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::gateway::{FailureKind, Gateway, QueryFailure};
 use crate::net::ConnInfo;
-use crate::peer::{Propose, PutHeader, QueryRef, Start};
+use crate::peer::{check_version, PeerAction, PutHeader};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -83,33 +83,27 @@ impl FlightService for PeerService {
         &self,
         request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
+        check_version(request.metadata()).map_err(Status::failed_precondition)?;
         let from = caller_party(&request)?;
         let action = request.into_inner();
-        let bad = |e: serde_json::Error| {
-            Status::invalid_argument(format!("malformed {} message: {e}", action.r#type))
-        };
-        match action.r#type.as_str() {
-            "propose" => {
-                let p: Propose = serde_json::from_slice(&action.body).map_err(bad)?;
+        let message =
+            PeerAction::decode(&action.r#type, &action.body).map_err(|e| e.to_status())?;
+        match message {
+            PeerAction::Propose(p) => {
                 let v = self.gw.on_propose(&from, p).await;
                 let body = serde_json::to_vec(&v).map_err(|e| Status::internal(e.to_string()))?;
                 Ok(Response::new(one_result(body)))
             }
-            "start" => {
-                let r: Start = serde_json::from_slice(&action.body).map_err(bad)?;
+            PeerAction::Start(r) => {
                 self.gw
                     .on_start(&from, r)
                     .map_err(Status::failed_precondition)?;
                 Ok(Response::new(one_result(b"{}".to_vec())))
             }
-            "abort" => {
-                let r: QueryRef = serde_json::from_slice(&action.body).map_err(bad)?;
+            PeerAction::Abort(r) => {
                 self.gw.on_abort(&from, &r);
                 Ok(Response::new(one_result(b"{}".to_vec())))
             }
-            other => Err(Status::unimplemented(format!(
-                "unknown peer action `{other}`"
-            ))),
         }
     }
 
@@ -117,6 +111,7 @@ impl FlightService for PeerService {
         &self,
         request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
+        check_version(request.metadata()).map_err(Status::failed_precondition)?;
         let from = caller_party(&request)?;
         if !self.gw.parties.iter().any(|p| *p == from) {
             return Err(Status::permission_denied(format!(
