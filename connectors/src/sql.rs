@@ -435,8 +435,15 @@ fn pushdown(
                 let fixed = |x: &str, prec: u32| -> String {
                     let digits = prec.saturating_sub(s);
                     if float_arg {
-                        let bound = format!("5e{}", digits.saturating_sub(1));
-                        format!("(CASE WHEN ABS({x}) < {bound} THEN CAST({x} AS NUMERIC({prec},{s})) END)")
+                        // As DataFusion's guard (`Partial::fixed_arg`): the
+                        // value rounded to s digits (NUMERIC(38,s), reached
+                        // only below 10^(37−s)), then bounded by 10^digits.
+                        let c = format!(
+                            "(CASE WHEN ABS({x}) < 1e{} THEN CAST({x} AS NUMERIC(38,{s})) END)",
+                            37u32.saturating_sub(s)
+                        );
+                        let bound = format!("1{}", "0".repeat(digits as usize));
+                        format!("(CASE WHEN {c} > -{bound} AND {c} < {bound} THEN CAST({c} AS NUMERIC({prec},{s})) END)")
                     } else {
                         // No ABS on integers: ABS of the smallest integer
                         // is itself an error in PostgreSQL.
@@ -478,54 +485,41 @@ fn pushdown(
                 (item, false)
             }
             Dialect::Sqlite => {
-                // Every sum is a sum of scaled integers.
-                let units = || -> Result<String, String> {
-                    let Some((a, ty)) = &arg else {
-                        return Ok("1".into());
-                    };
-                    match ty {
-                        DataType::Int64 | DataType::Int32 | DataType::Decimal128(_, 0) => {
-                            if s == 0 {
-                                Ok(a.clone())
-                            } else {
-                                Ok(format!("({a} * {})", 10i64.pow(s)))
-                            }
-                        }
-                        DataType::Float64 => Ok(format!("CAST(ROUND({a} * 1e{s}) AS INTEGER)")),
-                        other => Err(format!("SQLite cannot sum {other} exactly")),
-                    }
-                };
-                // The same per-value bound as DataFusion's partials; SQLite
-                // integers are below 10^19, so only a bound under that needs
-                // a guard.
-                let bounded = || -> Result<String, String> {
-                    let u = units()?;
-                    Ok(match p.digits {
-                        Some(d) if d < 19 => {
-                            let b = 10i64.pow(d as u32);
-                            format!("(CASE WHEN {u} > -{b} AND {u} < {b} THEN {u} END)")
-                        }
-                        _ => u,
-                    })
-                };
+                // SQLite's SUM raises "integer overflow" past 64 bits, turns
+                // a product that overflows into REAL, and clamps a float's
+                // cast to INTEGER; any of these on an analyst's expression
+                // (`CASE WHEN id = 7 THEN 9223372036854775807 ELSE x END`)
+                // would make one row decide the outcome. So SQLite sums
+                // only plain integer columns (stored values alone can reach
+                // 2^63, and only with many rows), counts anything, and the
+                // gateway computes the rest from the filtered rows.
+                let plain_int_column = matches!(&p.arg, Some(Expr::Column(_)))
+                    && matches!(
+                        arg.as_ref().map(|(_, t)| t),
+                        Some(
+                            DataType::Int64
+                                | DataType::Int32
+                                | DataType::Int16
+                                | DataType::Decimal128(_, 0)
+                        )
+                    );
+                let a = arg.as_ref().map(|(s, _)| s.as_str()).unwrap_or("1");
                 match p.kind {
                     PartialKind::RowCount => ("COUNT(*)".to_string(), false),
-                    PartialKind::Count if p.digits.is_some() => {
-                        (format!("COUNT({})", bounded()?), false)
+                    PartialKind::Count if p.digits.is_none() => (format!("COUNT({a})"), false),
+                    PartialKind::Sum if p.digits.is_none() && s == 0 && plain_int_column => {
+                        (format!("SUM({a})"), true)
                     }
-                    PartialKind::Count => (
-                        format!(
-                            "COUNT({})",
-                            arg.as_ref().map(|(s, _)| s.as_str()).unwrap_or("1")
-                        ),
-                        false,
-                    ),
-                    PartialKind::Sum => (format!("SUM({})", bounded()?), true),
-                    PartialKind::SumSquares => {
-                        let v = bounded()?;
-                        (format!("SUM({v} * {v})"), true)
+                    PartialKind::Count | PartialKind::Sum => {
+                        return Err(format!(
+                            "aggregate argument {a}: SQLite cannot bound or sum it exactly as DataFusion does"
+                        ))
                     }
-                    PartialKind::LocalMaxAbs => (format!("MAX(ABS({}))", bounded()?), true),
+                    PartialKind::SumSquares | PartialKind::LocalMaxAbs => {
+                        return Err(format!(
+                            "aggregate argument {a}: SQLite's squares overflow 64-bit integers"
+                        ))
+                    }
                 }
             }
         };

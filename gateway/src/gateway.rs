@@ -499,6 +499,15 @@ impl Gateway {
             let mut cache = self.auth_cache.lock().unwrap_or_else(|p| p.into_inner());
             cache.insert(user.to_string(), digest);
         }
+        // The last login of these credentials drops their lock: no digest
+        // of an attempted password outlives its check.
+        drop(_turn);
+        if let Some(l) = flight {
+            let mut m = self.auth_inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if Arc::strong_count(&l) <= 2 {
+                m.remove(&digest);
+            }
+        }
         match cred {
             Some(c) => Ok(self.as_analyst(&c)),
             None => Err(denied()),
@@ -1711,8 +1720,8 @@ struct PartyFailure {
     peer_down: bool,
 }
 
-/// Proves that no local 128-bit sum wrapped: count · max|x| (squared for
-/// sums of squares) stays below 2^127 in every group.
+/// Proves that no local 128-bit sum wrapped: count · cap for sums (some
+/// 10^12 rows in one group to fail), count · max|x|² for squares.
 #[allow(clippy::needless_range_loop)]
 fn check_no_wrap(
     plan: &FederatedPlan,

@@ -363,7 +363,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         cfg.party
                     );
                     running.stop().await;
-                    std::process::exit(1);
+                    return Err(anyhow!("{what}"));
                 }
             }
         }

@@ -83,8 +83,8 @@ impl FlightService for PeerService {
         &self,
         request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
-        check_version(request.metadata()).map_err(Status::failed_precondition)?;
         let from = caller_party(&request)?;
+        check_version(request.metadata()).map_err(Status::failed_precondition)?;
         let action = request.into_inner();
         let message =
             PeerAction::decode(&action.r#type, &action.body).map_err(|e| e.to_status())?;
@@ -111,8 +111,8 @@ impl FlightService for PeerService {
         &self,
         request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
-        check_version(request.metadata()).map_err(Status::failed_precondition)?;
         let from = caller_party(&request)?;
+        check_version(request.metadata()).map_err(Status::failed_precondition)?;
         if !self.gw.parties.iter().any(|p| *p == from) {
             return Err(Status::permission_denied(format!(
                 "{from} is not a party of this federation"
