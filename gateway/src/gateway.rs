@@ -477,11 +477,15 @@ impl Gateway {
             if m.len() > LOGIN_QUEUE {
                 m.retain(|_, l| Arc::strong_count(l) > 1);
             }
-            m.entry(digest).or_default().clone()
+            InflightLogin {
+                map: &self.auth_inflight,
+                digest,
+                lock: m.entry(digest).or_default().clone(),
+            }
         });
         let _turn = match &flight {
             Some(l) => Some(
-                tokio::time::timeout(LOGIN_WAIT, l.clone().lock_owned())
+                tokio::time::timeout(LOGIN_WAIT, l.lock.clone().lock_owned())
                     .await
                     .map_err(|_| busy())?,
             ),
@@ -498,15 +502,6 @@ impl Gateway {
             }
             let mut cache = self.auth_cache.lock().unwrap_or_else(|p| p.into_inner());
             cache.insert(user.to_string(), digest);
-        }
-        // The last login of these credentials drops their lock: no digest
-        // of an attempted password outlives its check.
-        drop(_turn);
-        if let Some(l) = flight {
-            let mut m = self.auth_inflight.lock().unwrap_or_else(|p| p.into_inner());
-            if Arc::strong_count(&l) <= 2 {
-                m.remove(&digest);
-            }
         }
         match cred {
             Some(c) => Ok(self.as_analyst(&c)),
@@ -1680,6 +1675,26 @@ fn share_shape(plan: &FederatedPlan, round: executor::Round) -> (usize, usize) {
             if plan.grouped { plan.groups.len() } else { 1 },
             2 * plan.shared_partials().len() + plan.groups.columns.len(),
         ),
+    }
+}
+
+/// A login's place in the per-credential locks of `authenticate`. The last
+/// login of these credentials removes their entry on every path (a wrong
+/// password included), so no digest of an attempted password outlives its
+/// check. Declared before the lock's guard, so dropped after it.
+struct InflightLogin<'a> {
+    map: &'a Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
+    digest: [u8; 32],
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for InflightLogin<'_> {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Ours and the map's: nobody else waits on these credentials.
+        if Arc::strong_count(&self.lock) <= 2 {
+            m.remove(&self.digest);
+        }
     }
 }
 
