@@ -32,7 +32,7 @@ use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{BinaryExpr, Expr, ExprSchemable, Operator};
 use datafusion::sql::unparser::dialect::{DefaultDialect, PostgreSqlDialect, SqliteDialect};
 use datafusion::sql::unparser::Unparser;
-use planner::plan::{PartialKind, SQUARE_DIGITS};
+use planner::plan::{Limb, PartialKind, LIMB_BASE, SQUARE_DIGITS};
 use planner::{LocalPart, TableDef};
 
 use crate::SourceError;
@@ -475,11 +475,22 @@ fn pushdown(
                         let f = fixed(a(), SQUARE_DIGITS as u32);
                         format!("CAST(SUM({f} * {f}) AS TEXT)")
                     }
-                    (PartialKind::LocalMaxAbs, _) => {
-                        format!(
-                            "CAST(MAX(ABS({})) AS TEXT)",
-                            fixed(a(), SQUARE_DIGITS as u32)
-                        )
+                    (PartialKind::SquareLimb(l), _) => {
+                        // As `LocalPart::aggregate_exprs`: the units as a
+                        // BIGINT (below 10^18), split at LIMB_BASE; bigint
+                        // division truncates towards zero and % keeps the
+                        // dividend's sign, as in DataFusion. SUM(bigint)
+                        // is an exact numeric.
+                        let f = fixed(a(), SQUARE_DIGITS as u32);
+                        let u = format!("CAST({f} * {} AS BIGINT)", 10i64.pow(s));
+                        let hi = format!("({u} / {LIMB_BASE})");
+                        let lo = format!("({u} % {LIMB_BASE})");
+                        let product = match l {
+                            Limb::High => format!("{hi} * {hi}"),
+                            Limb::Cross => format!("{hi} * {lo}"),
+                            Limb::Low => format!("{lo} * {lo}"),
+                        };
+                        format!("CAST(SUM({product}) AS TEXT)")
                     }
                 };
                 (item, false)
@@ -515,7 +526,7 @@ fn pushdown(
                             "aggregate argument {a}: SQLite cannot bound or sum it exactly as DataFusion does"
                         ))
                     }
-                    PartialKind::SumSquares | PartialKind::LocalMaxAbs => {
+                    PartialKind::SumSquares | PartialKind::SquareLimb(_) => {
                         return Err(format!(
                             "aggregate argument {a}: SQLite's squares overflow 64-bit integers"
                         ))

@@ -19,7 +19,7 @@ use executor::transport::Mailbox;
 use executor::{AdditiveEngine, GroupIndex, SecureSum, SharedTable, Width};
 use planner::finalize::{post_plan, revealed_batch, Revealed};
 use planner::privacy::{DpParams, Noise, Requirement};
-use planner::{plan_query, Catalog, FederatedPlan, PartialKind, QueryOptions};
+use planner::{plan_query, Catalog, FederatedPlan, QueryOptions};
 use policies::{Analyst, AuditEntry, AuditLog, Decision, Ledger, Policy};
 use sha2::{Digest, Sha256};
 
@@ -1735,8 +1735,10 @@ struct PartyFailure {
     peer_down: bool,
 }
 
-/// Proves that no local 128-bit sum wrapped: count · cap for sums (some
-/// 10^12 rows in one group to fail), count · max|x|² for squares.
+/// Proves that no local 128-bit sum wrapped: every summand of every sum
+/// partial is below its cap (10^26 at most: by the guard, the type, whole
+/// squares only of narrow factors, limbs otherwise), so the count alone
+/// decides, and only some 10^12 rows in one group could fail it.
 #[allow(clippy::needless_range_loop)]
 fn check_no_wrap(
     plan: &FederatedPlan,
@@ -1744,36 +1746,18 @@ fn check_no_wrap(
     groups: usize,
 ) -> Result<(), PartyFailure> {
     for p in &plan.local.partials {
-        if !matches!(p.kind, PartialKind::Sum | PartialKind::SumSquares) {
+        if !p.kind.is_sum() {
             continue;
         }
-        let find = |k: PartialKind| {
-            plan.local
-                .partials
-                .iter()
-                .position(|q| q.kind == k && q.arg == p.arg && q.scale == p.scale)
-        };
         let Some(c) = p.count_of_arg else {
             continue;
         };
-        // Summands are below their cap by their TRY_CAST, so a sum needs
-        // only its count (no row's value decides); squares need the local
-        // maximum unless their type bounds them (then none is computed).
-        let max_of = |g: usize| -> Option<u128> {
-            if p.kind == PartialKind::Sum {
-                Some(p.summand_cap())
-            } else {
-                find(PartialKind::LocalMaxAbs).map(|m| raw[m][g].unsigned_abs())
-            }
-        };
+        let cap = p.summand_cap();
         for g in 0..groups {
-            let Some(max_abs) = max_of(g) else {
-                continue;
-            };
-            if !sum_cannot_wrap(raw[c][g], max_abs, p.kind == PartialKind::SumSquares) {
+            if !sum_cannot_wrap(raw[c][g], cap) {
                 return Err(PartyFailure {
                     peer_down: false,
-                    local: format!("a local sum in group {g} might exceed 128 bits (count {}, max |x| {max_abs})", raw[c][g]),
+                    local: format!("a local sum in group {g} might exceed 128 bits (count {}, |summand| ≤ {cap})", raw[c][g]),
                     shared: format!("{DATA_ABORT} one of its local sums is too large to compute exactly; narrow the query"),
                 });
             }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use datafusion::arrow::array::{
     ArrayRef, Decimal128Builder, Float64Builder, Int64Builder, RecordBatch, UInt64Builder,
 };
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::datatypes::{i256, DataType, Field, Schema};
 use datafusion::catalog::MemTable;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::Column;
@@ -403,7 +403,7 @@ fn final_values(
             let mut b = Float64Builder::with_capacity(groups.len());
             for &g in groups {
                 let n = count(g);
-                let v = variance(n, sum(g), total(sq, g).unwrap_or(0), a.scale, sample);
+                let v = variance(n, sum(g), sq.total(|i| total(i, g)), a.scale, sample);
                 match v {
                     Some(v) => b.append_value(if root { v.sqrt() } else { v }),
                     None => b.append_null(),
@@ -414,9 +414,9 @@ fn final_values(
     }
 }
 
-/// Variance from n, S1 = Σx·10^s and S2 = Σx²·10^(2s), exact in integers
-/// up to the final division: (n·S2 − S1²) / (n·(n−1) or n²) / 10^(2s).
-pub fn variance(n: i128, s1: i128, s2: i128, scale: u32, sample: bool) -> Option<f64> {
+/// Variance from n, S1 = Σx·10^s and S2 = Σx²·10^(2s), exact in 256-bit
+/// integers up to the final division: (n·S2 − S1²) / (n·(n−1) or n²) / 10^(2s).
+pub fn variance(n: i128, s1: i128, s2: i256, scale: u32, sample: bool) -> Option<f64> {
     if n <= 0 || (sample && n <= 1) {
         return None;
     }
@@ -424,22 +424,29 @@ pub fn variance(n: i128, s1: i128, s2: i128, scale: u32, sample: bool) -> Option
         return Some(0.0);
     }
     let denom = if sample { n * (n - 1) } else { n * n };
-    let exact = n
+    let (n256, s1_256) = (i256::from_i128(n), i256::from_i128(s1));
+    let exact = n256
         .checked_mul(s2)
-        .and_then(|v| s1.checked_mul(s1).and_then(|q| v.checked_sub(q)));
+        .and_then(|v| s1_256.checked_mul(s1_256).and_then(|q| v.checked_sub(q)));
     let scale2 = pow10(2 * scale) as f64;
     let v = match exact {
-        Some(num) => num as f64 / denom as f64 / scale2,
+        Some(num) => i256_to_f64(num) / denom as f64 / scale2,
         None => {
             let (n, s1, s2) = (
                 n as f64,
                 s1 as f64 / pow10(scale) as f64,
-                s2 as f64 / scale2,
+                i256_to_f64(s2) / scale2,
             );
             (n * s2 - s1 * s1) / denom as f64
         }
     };
     Some(v.max(0.0))
+}
+
+/// The nearest f64 (within an ulp or two) of a 256-bit integer.
+fn i256_to_f64(v: i256) -> f64 {
+    let (low, high) = v.to_parts();
+    high as f64 * 2f64.powi(128) + low as f64
 }
 
 fn rescale(v: i128, from: u32, to: i8) -> Option<i128> {
@@ -463,13 +470,20 @@ mod tests {
     #[test]
     fn variance_matches_the_textbook_formula() {
         // x = 1, 2, 3, 4 at scale 0: mean 2.5, var_pop 1.25, var_samp 5/3.
-        assert_eq!(variance(4, 10, 30, 0, false), Some(1.25));
-        let v = variance(4, 10, 30, 0, true).unwrap();
+        let w = i256::from_i128;
+        assert_eq!(variance(4, 10, w(30), 0, false), Some(1.25));
+        let v = variance(4, 10, w(30), 0, true).unwrap();
         assert!((v - 5.0 / 3.0).abs() < 1e-15);
         // The same at scale 2: S1 = 1000, S2 = Σ(100x)² = 300000.
-        assert_eq!(variance(4, 1000, 300_000, 2, false), Some(1.25));
-        assert_eq!(variance(1, 5, 25, 0, true), None);
-        assert_eq!(variance(1, 5, 25, 0, false), Some(0.0));
-        assert_eq!(variance(0, 0, 0, 0, false), None);
+        assert_eq!(variance(4, 1000, w(300_000), 2, false), Some(1.25));
+        assert_eq!(variance(1, 5, w(25), 0, true), None);
+        assert_eq!(variance(1, 5, w(25), 0, false), Some(0.0));
+        assert_eq!(variance(0, 0, w(0), 0, false), None);
+        // Squares beyond 128 bits (limbs combined): x = ±10^18 − 1, twice
+        // each, at scale 0: mean 0, var_pop = (10^18 − 1)².
+        let x = 10i128.pow(18) - 1;
+        let s2 = w(x).checked_mul(w(x)).unwrap().checked_mul(w(4)).unwrap();
+        let v = variance(4, 0, s2, 0, false).unwrap();
+        assert!((v / (x as f64 * x as f64) - 1.0).abs() < 1e-12, "{v}");
     }
 }

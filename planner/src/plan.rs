@@ -13,13 +13,12 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, BooleanArray, Int64Array, StringArray};
-use datafusion::arrow::datatypes::{DataType, FieldRef};
+use datafusion::arrow::datatypes::{i256, DataType, FieldRef};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::Column;
 use datafusion::datasource::empty::EmptyTable;
-use datafusion::functions::math::expr_fn::abs;
 use datafusion::functions_aggregate::count::count_all;
-use datafusion::functions_aggregate::expr_fn::{count, max, sum};
+use datafusion::functions_aggregate::expr_fn::{count, sum};
 use datafusion::logical_expr::{try_cast, Aggregate, Expr, ExprSchemable, LogicalPlan};
 use datafusion::prelude::SessionContext;
 use serde::{Deserialize, Serialize};
@@ -88,9 +87,33 @@ impl AggKind {
 /// scale 2 keeps 24 integer digits, a float at the default scale 4 keeps 22.
 pub const SUM_DIGITS: u8 = 26;
 
-/// Digits of one factor of a `SumSquares` partial: squares stay below
-/// 10^36, so one row cannot reach a party's bound with up to 170 parties.
+/// Digits of one factor of a sum of squares: a value of 10^18 units or more
+/// counts as NULL in VAR and STDDEV (and in their count and sum).
 pub const SQUARE_DIGITS: u8 = 18;
+
+/// Squares are summed whole only where every factor is below 10^13 units
+/// (by its type, or under DP by its clamp): each square is then below
+/// 10^26, the bound every summand of every shared sum keeps. Wider factors
+/// are split into limbs (see [`Limb`]).
+pub const WHOLE_SQUARE_DIGITS: u8 = 13;
+
+/// The base of the limbs of a square's factor: x = hi·10^9 + lo in units,
+/// |hi|, |lo| < 10^9, so hi², hi·lo and lo² are each below 10^18 and no
+/// sum of them can wrap (or pass a party's share of the ring) whatever the
+/// values: only a count of some 10^12/N rows could, as for plain sums.
+pub const LIMB_BASE: i64 = 1_000_000_000;
+
+/// One of the three partials of a sum of squares in limbs:
+/// Σx² = Σhi²·10^18 + 2·Σhi·lo·10^9 + Σlo², combined after the reveal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Limb {
+    /// Σ hi·hi
+    High,
+    /// Σ hi·lo
+    Cross,
+    /// Σ lo·lo
+    Low,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PartialKind {
@@ -100,11 +123,11 @@ pub enum PartialKind {
     Count,
     /// Σ x, as an integer at the partial's scale.
     Sum,
-    /// Σ x², exact at twice the scale, shared in Z_2^128.
+    /// Σ x², exact at twice the scale, shared in Z_2^128; only where every
+    /// factor is below 10^WHOLE_SQUARE_DIGITS units.
     SumSquares,
-    /// Local only, never shared: max |x| over the squared values proves that
-    /// the local 128-bit sum of squares cannot have wrapped.
-    LocalMaxAbs,
+    /// A limb of Σ x² (at twice the scale, once combined), in Z_2^128.
+    SquareLimb(Limb),
 }
 
 impl PartialKind {
@@ -114,11 +137,52 @@ impl PartialKind {
     /// summands below 10^SUM_DIGITS, so no single row can make a query
     /// abort by its value (in Z_2^64 one row of `x * 10^17` could).
     pub fn is_wide(self) -> bool {
-        matches!(self, PartialKind::Sum | PartialKind::SumSquares)
+        self.is_sum()
     }
 
-    pub fn is_shared(self) -> bool {
-        self != PartialKind::LocalMaxAbs
+    /// A sum of summands (not a count).
+    pub fn is_sum(self) -> bool {
+        matches!(
+            self,
+            PartialKind::Sum | PartialKind::SumSquares | PartialKind::SquareLimb(_)
+        )
+    }
+}
+
+/// Where an aggregate's sum of squares is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Squares {
+    Whole(usize),
+    Limbs {
+        high: usize,
+        cross: usize,
+        low: usize,
+    },
+}
+
+impl Squares {
+    pub fn partials(self) -> Vec<usize> {
+        match self {
+            Squares::Whole(i) => vec![i],
+            Squares::Limbs { high, cross, low } => vec![high, cross, low],
+        }
+    }
+
+    /// Σx² from the revealed totals, exactly (limbs combined in 256 bits).
+    pub fn total(self, total: impl Fn(usize) -> Option<i128>) -> i256 {
+        let t = |i: usize| i256::from_i128(total(i).unwrap_or(0));
+        match self {
+            Squares::Whole(i) => t(i),
+            Squares::Limbs { high, cross, low } => {
+                let base = i256::from_i128(LIMB_BASE as i128);
+                // |Σhi²| < 2^127, times 10^18 < 2^60: far inside 2^255.
+                t(high)
+                    .wrapping_mul(base)
+                    .wrapping_mul(base)
+                    .wrapping_add(t(cross).wrapping_mul(base).wrapping_mul(i256::from_i128(2)))
+                    .wrapping_add(t(low))
+            }
+        }
     }
 }
 
@@ -144,15 +208,30 @@ pub struct Partial {
 }
 
 impl Partial {
-    /// The largest |summand| of this partial, in units (for a sum of
-    /// squares, the largest |factor|): proven by the guard, or by the type
-    /// (which always keeps a value below 10^SUM_DIGITS units).
+    /// The largest |summand| of this partial, in units: proven by the
+    /// guard or the type for sums, by the planner's choice of whole squares
+    /// (factors below 10^WHOLE_SQUARE_DIGITS) or by the limbs' base.
+    /// Every shared sum's summands stay below 10^SUM_DIGITS, so its count
+    /// alone proves that it cannot wrap (no row's value decides).
     pub fn summand_cap(&self) -> u128 {
-        let d = self.digits.unwrap_or(match self.kind {
-            PartialKind::SumSquares | PartialKind::LocalMaxAbs => SQUARE_DIGITS,
-            _ => SUM_DIGITS,
-        });
-        10u128.pow(d as u32) - 1
+        match self.kind {
+            PartialKind::RowCount | PartialKind::Count => 1,
+            PartialKind::Sum => 10u128.pow(self.digits.unwrap_or(SUM_DIGITS) as u32) - 1,
+            PartialKind::SumSquares => (10u128.pow(WHOLE_SQUARE_DIGITS as u32) - 1).pow(2),
+            PartialKind::SquareLimb(_) => ((LIMB_BASE - 1) as u128).pow(2),
+        }
+    }
+
+    /// The argument's value in units (x·10^scale) as a BIGINT, through the
+    /// guard of SQUARE_DIGITS digits (so |units| < 10^18 fits, exactly).
+    fn units_arg(&self) -> Expr {
+        let f = self.fixed_arg(SQUARE_DIGITS);
+        let shifted = if self.scale == 0 {
+            f
+        } else {
+            f * datafusion::logical_expr::lit(10i64.pow(self.scale))
+        };
+        try_cast(shifted, DataType::Int64)
     }
 
     /// The argument in fixed point: `TRY_CAST(x AS DECIMAL(p, scale))`,
@@ -211,8 +290,17 @@ impl Partial {
             PartialKind::SumSquares => {
                 format!("SUM(({arg})^2) at scale {}, in Z_2^128", 2 * self.scale)
             }
-            PartialKind::LocalMaxAbs => {
-                format!("MAX(ABS({arg})) (local overflow guard, never shared)")
+            PartialKind::SquareLimb(l) => {
+                let (name, terms) = match l {
+                    Limb::High => ("high", "hi·hi"),
+                    Limb::Cross => ("cross", "hi·lo"),
+                    Limb::Low => ("low", "lo·lo"),
+                };
+                format!(
+                    "SUM({terms}) ({name} limb of SUM(({arg})^2) at scale {}), where ({arg})·10^{} = hi·10^9 + lo, in Z_2^128",
+                    2 * self.scale,
+                    self.scale
+                )
             }
         }
     }
@@ -351,7 +439,25 @@ impl LocalPart {
                     PartialKind::SumSquares => {
                         sum(p.fixed_arg(SQUARE_DIGITS) * p.fixed_arg(SQUARE_DIGITS))
                     }
-                    PartialKind::LocalMaxAbs => max(abs(p.fixed_arg(SQUARE_DIGITS))),
+                    PartialKind::SquareLimb(l) => {
+                        // Integer division truncates towards zero and the
+                        // remainder keeps the dividend's sign, in DataFusion
+                        // and in PostgreSQL alike: u = hi·10^9 + lo exactly.
+                        let u = p.units_arg();
+                        let base = || datafusion::logical_expr::lit(LIMB_BASE);
+                        let hi = || u.clone() / base();
+                        let lo = || u.clone() % base();
+                        let product = match l {
+                            Limb::High => hi() * hi(),
+                            Limb::Cross => hi() * lo(),
+                            Limb::Low => lo() * lo(),
+                        };
+                        // Each product is below 10^18; summed in 128 bits.
+                        sum(datafusion::logical_expr::cast(
+                            product,
+                            DataType::Decimal128(38, 0),
+                        ))
+                    }
                 };
                 e.alias(format!("p{i}"))
             })
@@ -389,7 +495,7 @@ pub struct AggregateOutput {
     pub field: FieldRef,
     pub count: Option<usize>,
     pub sum: Option<usize>,
-    pub sum_squares: Option<usize>,
+    pub sum_squares: Option<Squares>,
     pub scale: u32,
 }
 
@@ -514,9 +620,55 @@ impl FederatedPlan {
         if self.privacy.is_some() {
             return self.shared_partials_under_dp();
         }
-        (0..self.local.partials.len())
-            .filter(|&i| self.local.partials[i].kind.is_shared())
-            .collect()
+        (0..self.local.partials.len()).collect()
+    }
+
+    /// Under DP every factor of a square is clamped, so squares are summed
+    /// whole (one noised total rather than three, each with its share of
+    /// ε); the clamp must then keep them below 10^WHOLE_SQUARE_DIGITS units
+    /// (checked with the clamps). The limbs no aggregate needs any more are
+    /// dropped.
+    fn squares_whole(&mut self) {
+        for a in &mut self.aggregates {
+            if let Some(Squares::Limbs { high, .. }) = a.sum_squares {
+                self.local.partials[high].kind = PartialKind::SumSquares;
+                a.sum_squares = Some(Squares::Whole(high));
+            }
+        }
+        let mut used = BTreeSet::from([self.row_count]);
+        for a in &self.aggregates {
+            used.extend(a.count);
+            used.extend(a.sum);
+            used.extend(a.sum_squares.iter().flat_map(|q| q.partials()));
+        }
+        for &i in used.clone().iter() {
+            used.extend(self.local.partials[i].count_of_arg);
+        }
+        let new_index: BTreeMap<usize, usize> = used
+            .iter()
+            .enumerate()
+            .map(|(new, &old)| (old, new))
+            .collect();
+        let map = |i: usize| new_index[&i];
+        let partials = std::mem::take(&mut self.local.partials);
+        self.local.partials = partials
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| used.contains(i))
+            .map(|(_, mut p)| {
+                p.count_of_arg = p.count_of_arg.map(map);
+                p
+            })
+            .collect();
+        self.row_count = map(self.row_count);
+        for a in &mut self.aggregates {
+            a.count = a.count.map(map);
+            a.sum = a.sum.map(map);
+            a.sum_squares = match a.sum_squares {
+                Some(Squares::Whole(i)) => Some(Squares::Whole(map(i))),
+                other => other,
+            };
+        }
     }
 
     /// The plan under the agreed differential-privacy parameters: aggregated
@@ -531,11 +683,9 @@ impl FederatedPlan {
             |what: String, hint: String| PlanError::not_permitted(what, "the SELECT list", hint);
         let mut sensitivities = Vec::new();
         let k = params.max_rows as u128;
+        self.squares_whole();
         for p in self.local.partials.iter_mut() {
-            if !matches!(
-                p.kind,
-                PartialKind::Sum | PartialKind::SumSquares | PartialKind::LocalMaxAbs
-            ) {
+            if !p.kind.is_sum() {
                 continue;
             }
             let Some(Expr::Column(c)) = &p.arg else {
@@ -574,8 +724,25 @@ impl FederatedPlan {
                 lo,
                 hi,
                 &name,
-                ty,
+                ty.clone(),
             )?);
+            if p.kind == PartialKind::SumSquares
+                && c_max >= 10u128.pow(WHOLE_SQUARE_DIGITS as u32)
+                && !ty
+                    .as_ref()
+                    .and_then(integer_digits)
+                    .is_some_and(|d| d <= WHOLE_SQUARE_DIGITS)
+            {
+                return Err(refuse(
+                    format!("VAR/STDDEV of {name} under differential privacy with its clamp range"),
+                    format!(
+                        "a square's factor must stay below 10^{WHOLE_SQUARE_DIGITS} units (|bound| < 1e{} at scale {}) so that no \
+                         total can wrap; narrow `clamp` of {table}.{name}",
+                        WHOLE_SQUARE_DIGITS as i64 - p.scale as i64,
+                        p.scale
+                    ),
+                ));
+            }
             let sens = match p.kind {
                 PartialKind::Sum => k.checked_mul(c_max),
                 PartialKind::SumSquares => c_max.checked_mul(c_max).and_then(|v| v.checked_mul(k)),
@@ -590,7 +757,7 @@ impl FederatedPlan {
             let p = &self.local.partials[i];
             let sens = match p.kind {
                 PartialKind::RowCount | PartialKind::Count => Some(k),
-                PartialKind::Sum | PartialKind::SumSquares => {
+                PartialKind::Sum | PartialKind::SumSquares | PartialKind::SquareLimb(_) => {
                     let name = match &p.arg {
                         Some(e) => e.column_refs().iter().next().map(|c| c.name.clone()),
                         None => None,
@@ -600,7 +767,6 @@ impl FederatedPlan {
                         .find(|(kind, n, _)| *kind == p.kind && Some(n) == name.as_ref())
                         .and_then(|(_, _, s)| *s)
                 }
-                PartialKind::LocalMaxAbs => continue,
             };
             let sens = sens.ok_or_else(|| {
                 PlanError::Invalid(
@@ -680,7 +846,7 @@ impl FederatedPlan {
                 used.extend(a.count);
             }
             used.extend(a.sum);
-            used.extend(a.sum_squares);
+            used.extend(a.sum_squares.iter().flat_map(|q| q.partials()));
         }
         used.into_iter().collect()
     }
@@ -1130,15 +1296,23 @@ async fn plan_query_here(
         };
         if kind != AggKind::Count {
             out.sum = Some(intern(PartialKind::Sum, Some(count_idx)));
-            // The local max |x| is only needed where the argument's type
-            // does not already prove that a 128-bit local sum of squares
-            // cannot wrap (sums are bounded by `SUM_CAP` and the count).
-            if squares && !sum_statically_safe(&arg_type, true) {
-                intern(PartialKind::LocalMaxAbs, Some(count_idx));
-            }
         }
         if squares {
-            out.sum_squares = Some(intern(PartialKind::SumSquares, Some(count_idx)));
+            // Whole squares where the type keeps every factor below
+            // 10^WHOLE_SQUARE_DIGITS, limbs elsewhere: either way no
+            // summand reaches 10^SUM_DIGITS, so no value can make a local
+            // sum wrap or a party's input leave its share of the ring.
+            let whole = integer_digits(&arg_type).is_some_and(|d| d <= WHOLE_SQUARE_DIGITS);
+            out.sum_squares = Some(if whole {
+                Squares::Whole(intern(PartialKind::SumSquares, Some(count_idx)))
+            } else {
+                let mut limb = |l| intern(PartialKind::SquareLimb(l), Some(count_idx));
+                Squares::Limbs {
+                    high: limb(Limb::High),
+                    cross: limb(Limb::Cross),
+                    low: limb(Limb::Low),
+                }
+            });
         }
         aggregates.push(out);
     }
@@ -1237,17 +1411,17 @@ fn clamp_expr(
         .map_err(|e| PlanError::Internal(e.to_string()))
 }
 
-/// Bits of the largest magnitude a value of `ty` can have at its encoding
-/// scale, where the type bounds it; `None` for floats.
-fn magnitude_bits(ty: &DataType) -> Option<u32> {
+/// Decimal digits of the largest magnitude a value of `ty` can have at its
+/// encoding scale (integers at scale 0, decimals at their own), where the
+/// type bounds it; `None` for floats.
+fn integer_digits(ty: &DataType) -> Option<u8> {
     match ty {
-        DataType::Int8 | DataType::UInt8 => Some(8),
-        DataType::Int16 | DataType::UInt16 => Some(16),
-        DataType::Int32 | DataType::UInt32 => Some(32),
-        DataType::Int64 => Some(63),
-        DataType::UInt64 => Some(64),
-        // |x| < 10^p, and 10^p < 2^(3.33 p).
-        DataType::Decimal128(p, _) => Some((*p as u32 * 3322).div_ceil(1000)),
+        DataType::Int8 | DataType::UInt8 => Some(3),
+        DataType::Int16 | DataType::UInt16 => Some(5),
+        DataType::Int32 | DataType::UInt32 => Some(10),
+        DataType::Int64 => Some(19),
+        DataType::UInt64 => Some(20),
+        DataType::Decimal128(p, _) => Some(*p),
         _ => None,
     }
 }
@@ -1255,26 +1429,7 @@ fn magnitude_bits(ty: &DataType) -> Option<u32> {
 /// Whether every value of `ty` has an encoding below 10^digits units (at
 /// the type's own scale, which is the encoding scale for decimals).
 pub fn always_encodes(ty: &DataType, digits: u8) -> bool {
-    let integer_digits: u8 = match ty {
-        DataType::Int8 | DataType::UInt8 => 3,
-        DataType::Int16 | DataType::UInt16 => 5,
-        DataType::Int32 | DataType::UInt32 => 10,
-        DataType::Int64 => 19,
-        DataType::UInt64 => 20,
-        DataType::Decimal128(p, _) => *p,
-        _ => return false,
-    };
-    integer_digits <= digits
-}
-
-/// With at most 2^63 rows, a 128-bit sum of values (or their squares) of
-/// type `ty` cannot wrap if 63 + bits (or 63 + 2 bits) < 127.
-fn sum_statically_safe(ty: &DataType, squares: bool) -> bool {
-    match magnitude_bits(ty) {
-        Some(b) if squares => 63 + 2 * b < 127,
-        Some(b) => 63 + b < 127,
-        None => false,
-    }
+    integer_digits(ty).is_some_and(|d| d <= digits)
 }
 
 fn encoding_scale(
@@ -1528,17 +1683,109 @@ columns = [
     }
 
     #[tokio::test]
+    async fn squares_in_limbs_are_exact_for_any_value_below_the_bound() {
+        use datafusion::arrow::array::{Array, Decimal128Array, Int64Array, RecordBatch};
+        let big = 10i64.pow(18);
+        let los: Vec<Option<i64>> = vec![
+            Some(big - 1),
+            Some(-(big - 1)),
+            Some(999_999_999),
+            Some(-1_000_000_000),
+            Some(123_456_789_012_345_678),
+            Some(-7),
+            Some(0),
+            None,
+            Some(big),
+            Some(i64::MIN),
+            Some(999_999_999_999_999),
+            Some(-123_456_789_012_345),
+        ];
+        for (sql, units_per_los, limit) in [
+            ("SELECT VAR_POP(los) FROM patients", 1i128, big as i128),
+            (
+                "SELECT VAR_POP(TRY_CAST(los AS DECIMAL(20,3))) FROM patients",
+                1000,
+                10i128.pow(15),
+            ),
+        ] {
+            let p = plan(sql).await.unwrap();
+            let schema = p.input_schema.clone();
+            let columns = schema
+                .fields()
+                .iter()
+                .map(|f| match f.name().as_str() {
+                    "los" => Arc::new(Int64Array::from(los.clone())) as ArrayRef,
+                    _ => datafusion::arrow::array::new_null_array(f.data_type(), los.len()),
+                })
+                .collect();
+            let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+            let ctx = SessionContext::new();
+            let table =
+                datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]]).unwrap();
+            ctx.register_table("patients", Arc::new(table)).unwrap();
+            let out = ctx
+                .table("patients")
+                .await
+                .unwrap()
+                .aggregate(vec![], p.local.aggregate_exprs())
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            let raw = |i: usize| -> Option<i128> {
+                let c = out[0].column(i);
+                if c.is_null(0) {
+                    None
+                } else if let Some(a) = c.as_any().downcast_ref::<Int64Array>() {
+                    Some(a.value(0) as i128)
+                } else {
+                    Some(
+                        c.as_any()
+                            .downcast_ref::<Decimal128Array>()
+                            .unwrap()
+                            .value(0),
+                    )
+                }
+            };
+            let agg = &p.aggregates[0];
+            assert!(matches!(agg.sum_squares, Some(Squares::Limbs { .. })));
+            let kept: Vec<i128> = los
+                .iter()
+                .flatten()
+                .map(|&v| v as i128)
+                .filter(|v| v.abs() < limit)
+                .map(|v| v * units_per_los)
+                .collect();
+            let w = i256::from_i128;
+            let exact = kept
+                .iter()
+                .fold(w(0), |acc, &x| acc.wrapping_add(w(x).wrapping_mul(w(x))));
+            assert_eq!(agg.sum_squares.unwrap().total(raw), exact, "{sql}");
+            assert_eq!(raw(agg.count.unwrap()), Some(kept.len() as i128));
+            assert_eq!(raw(agg.sum.unwrap()), Some(kept.iter().sum::<i128>()));
+        }
+    }
+
+    #[tokio::test]
     async fn splits_aggregates_into_linear_partials() {
         let p = plan("SELECT age_band, COUNT(*), AVG(cost), VAR_SAMP(los) FROM patients WHERE diagnosis = 'E11' GROUP BY age_band")
             .await
             .unwrap();
         let kinds: Vec<PartialKind> = p.local.partials.iter().map(|p| p.kind).collect();
         use PartialKind::*;
-        // cost is decimal(12,2): its sums provably fit; los is an int64
-        // whose squares do not, so only los gets local extremes.
+        // los is an int64, whose squares are summed in limbs.
         assert_eq!(
             kinds,
-            vec![RowCount, Count, Sum, Count, Sum, LocalMaxAbs, SumSquares]
+            vec![
+                RowCount,
+                Count,
+                Sum,
+                Count,
+                Sum,
+                SquareLimb(Limb::High),
+                SquareLimb(Limb::Cross),
+                SquareLimb(Limb::Low)
+            ]
         );
         assert_eq!(p.groups.len(), 5);
         assert_eq!(p.uses.filter, BTreeSet::from(["diagnosis".to_string()]));
@@ -1655,5 +1902,55 @@ columns = [
             .unwrap_err()
             .to_string();
         assert!(e.contains("aggregate a plain column"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn under_dp_squares_are_whole_and_need_a_narrow_clamp() {
+        let base =
+            plan("SELECT sex, VAR_SAMP(los), COUNT(*), STDDEV_POP(los) FROM patients GROUP BY sex")
+                .await
+                .unwrap();
+        assert!(matches!(
+            base.aggregates[0].sum_squares,
+            Some(Squares::Limbs { .. })
+        ));
+        let clamp = |hi: &str| {
+            let mut d = dp(1_000_000);
+            d.clamps.insert(
+                "los".into(),
+                crate::privacy::Clamp {
+                    lo: "0".into(),
+                    hi: hi.into(),
+                },
+            );
+            d
+        };
+        let p = base.clone().with_privacy(clamp("365")).unwrap();
+        use PartialKind::*;
+        let kinds: Vec<PartialKind> = p.local.partials.iter().map(|p| p.kind).collect();
+        // The limbs no aggregate needs are gone; every index still points
+        // at a partial of the right kind.
+        assert_eq!(kinds, vec![RowCount, Count, Sum, SumSquares]);
+        for a in [&p.aggregates[0], &p.aggregates[2]] {
+            assert_eq!(kinds[a.count.unwrap()], Count);
+            assert_eq!(kinds[a.sum.unwrap()], Sum);
+            let Some(Squares::Whole(q)) = a.sum_squares else {
+                panic!("{:?}", a.sum_squares)
+            };
+            assert_eq!(kinds[q], SumSquares);
+            assert_eq!(p.local.partials[q].count_of_arg, a.count);
+        }
+        assert_eq!(kinds[p.row_count], RowCount);
+        assert_eq!(kinds[p.aggregates[1].count.unwrap()], RowCount);
+        // The square's sensitivity is k · hi².
+        let q = p.local.partials.len() - 1;
+        let n = p.noise.iter().find(|n| n.partial == q).unwrap();
+        assert_eq!(n.sensitivity, 2 * 365 * 365);
+        // A clamp that lets one square reach 10^26 units is refused, naming it.
+        let e = base
+            .with_privacy(clamp("10000000000000"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("narrow `clamp` of patients.los"), "{e}");
     }
 }

@@ -376,6 +376,24 @@ async fn values_too_large_to_encode_and_undeclared_keys_do_not_abort() {
     for i in 0..18 {
         rows.push_str(&format!("{},b,2,false,0,1.0,1e33,lime,\n", 10 + i));
     }
+    // And 200 rows of group c whose squares are near 10^36 units: x of
+    // 18 nines (a BIGINT below 10^18), f of 9.9e13 (9.9e17 units at scale
+    // 4). A 128-bit sum of their whole squares would wrap; before squares
+    // were summed in limbs, a local check (count · max|x|²) aborted VAR
+    // here, and whether it did depended on one row's value.
+    for i in 0..200 {
+        let x = if i % 2 == 0 {
+            "999999999999999999"
+        } else {
+            "-999999999999999998"
+        };
+        let f = if i % 3 == 0 {
+            "9.9e13".to_string()
+        } else {
+            format!("-{i}.5")
+        };
+        rows.push_str(&format!("{},c,3,true,{x},1.0,{f},lime,\n", 100 + i));
+    }
     std::fs::write(dir.path().join("data/p0/t.csv"), rows).unwrap();
     // p1 holds a group key outside the declared domain.
     let odd = "id,g,h,flag,x,d,f,label,ts\n7,secret-key,1,true,1,1.0,1,lime,\n";
@@ -409,6 +427,14 @@ async fn values_too_large_to_encode_and_undeclared_keys_do_not_abort() {
         (
             "SELECT g, VAR_SAMP(f) AS v FROM t GROUP BY g",
             "SELECT g, VAR_SAMP(CASE WHEN abs(f) < 1e14 THEN f END) AS v FROM t \
+             WHERE g IN ('a', 'b', 'c', 'd') OR g IS NULL GROUP BY g",
+        ),
+        (
+            // (No AVG(x) here: DataFusion averages BIGINTs in f64, which
+            // gives 0 for group c's exact 0.5.)
+            "SELECT g, VAR_POP(x) AS v, STDDEV_SAMP(x) AS s FROM t GROUP BY g",
+            "SELECT g, VAR_POP(CASE WHEN abs(x) < 1000000000000000000 THEN x END) AS v, \
+             STDDEV_SAMP(CASE WHEN abs(x) < 1000000000000000000 THEN x END) AS s FROM t \
              WHERE g IN ('a', 'b', 'c', 'd') OR g IS NULL GROUP BY g",
         ),
     ] {

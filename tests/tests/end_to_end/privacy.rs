@@ -189,6 +189,18 @@ async fn noised_answers_lie_within_their_stated_intervals_at_the_stated_rate() {
         !dir.path().join("run/audit/p2-budget.sqlite").exists(),
         "p2 keeps no ledger"
     );
+    // Under DP a BIGINT's squares are summed whole (its clamp bounds them),
+    // one noised total, not three limbs each with a share of ε.
+    let var = "SELECT g, VAR_SAMP(x) AS v, STDDEV_POP(x) AS s FROM t GROUP BY g";
+    let explain = client.explain(var).await.unwrap();
+    assert!(
+        explain.contains("SUM((CLAMP(x, -1000, 1000))^2) at scale 0") && !explain.contains("limb"),
+        "{explain}"
+    );
+    client
+        .query(var)
+        .await
+        .unwrap_or_else(|e| panic!("{var}: {e}"));
     fed.stop().await;
 }
 
