@@ -87,7 +87,7 @@ impl SecureSum for AdditiveEngine {
         &self,
         transport: &dyn Transport,
         input: &SharedTable,
-    ) -> Result<Option<Vec<Vec<i128>>>, ExecError> {
+    ) -> Result<Option<Vec<Vec<arrow::datatypes::i256>>>, ExecError> {
         let widths = input.widths();
         let widths = &widths;
         let rows = input.rows;
@@ -214,9 +214,24 @@ mod tests {
             let mut tasks = Vec::new();
             for (i, t) in net.into_iter().enumerate() {
                 let ps = ps.clone();
+                let wide: Vec<arrow::datatypes::i256> = inputs[i]
+                    .iter()
+                    .map(|&v| arrow::datatypes::i256::from_i128(v))
+                    .collect();
+                // The same values in Z_2^64, Z_2^128, and in Z_2^256 times
+                // 2^140 (past 128 bits).
+                let shifted: Vec<arrow::datatypes::i256> = wide
+                    .iter()
+                    .map(|v| {
+                        v.wrapping_mul(
+                            arrow::datatypes::i256::from_i128(1 << 70)
+                                .wrapping_mul(arrow::datatypes::i256::from_i128(1 << 70)),
+                        )
+                    })
+                    .collect();
                 let enc = crate::encode::to_ring(
-                    &[inputs[i].clone(), inputs[i].clone()],
-                    &[Width::Z64, Width::Z128],
+                    &[wide.clone(), wide, shifted],
+                    &[Width::Z64, Width::Z128, Width::Z256],
                     n,
                 )
                 .unwrap();
@@ -237,11 +252,17 @@ mod tests {
             for (i, o) in outs.iter().enumerate() {
                 assert_eq!(o.is_some(), i == 1, "only the leader learns the result");
             }
-            let expect: Vec<i128> = (0..3)
-                .map(|g| inputs.iter().map(|v| v[g]).sum::<i128>())
+            let w = arrow::datatypes::i256::from_i128;
+            let expect: Vec<arrow::datatypes::i256> = (0..3)
+                .map(|g| w(inputs.iter().map(|v| v[g]).sum::<i128>()))
                 .collect();
             assert_eq!(outs[1].as_ref().unwrap()[0], expect);
             assert_eq!(outs[1].as_ref().unwrap()[1], expect);
+            let shifted: Vec<arrow::datatypes::i256> = expect
+                .iter()
+                .map(|v| v.wrapping_mul(w(1 << 70)).wrapping_mul(w(1 << 70)))
+                .collect();
+            assert_eq!(outs[1].as_ref().unwrap()[2], shifted);
         }
     }
 
@@ -251,7 +272,12 @@ mod tests {
         let mut net = InMemoryNetwork::connect(&ps, Duration::from_millis(200));
         let _silent = net.pop();
         let t1 = net.pop().unwrap();
-        let enc = crate::encode::to_ring(&[vec![5]], &[Width::Z64], 3).unwrap();
+        let enc = crate::encode::to_ring(
+            &[vec![arrow::datatypes::i256::from_i128(5)]],
+            &[Width::Z64],
+            3,
+        )
+        .unwrap();
         let e = AdditiveEngine::new(ps.clone(), ps[1].clone(), ps[1].clone());
         let err = e
             .sum_and_reveal(

@@ -6,6 +6,7 @@
 //! exact i128 values, then encoded into the ring within the party bound.
 
 use arrow::array::{Array, ArrayRef, Decimal128Array, Int64Array, RecordBatch};
+use arrow::datatypes::i256;
 
 use crate::groups::GroupIndex;
 use crate::ring;
@@ -92,52 +93,73 @@ pub fn sum_cannot_wrap(count: i128, cap: u128) -> bool {
 pub struct OutOfRange {
     pub partial: usize,
     pub group: usize,
-    pub value: i128,
-    pub bound: i128,
+    pub value: i256,
+    pub bound: i256,
 }
 
 /// Encodes dense partials into ring elements of the given widths, each
 /// within the party bound so that the sum over all parties cannot wrap.
 pub fn to_ring(
-    values: &[Vec<i128>],
+    values: &[Vec<i256>],
     widths: &[Width],
     parties: usize,
 ) -> Result<Vec<ShareColumn>, OutOfRange> {
+    let w = i256::from_i128;
     values
         .iter()
         .zip(widths)
         .enumerate()
-        .map(|(k, (col, w))| match w {
-            Width::Z64 => {
-                let bound = ring::party_bound(parties);
-                col.iter()
+        .map(|(k, (col, width))| {
+            let bound = match width {
+                Width::Z64 => w(ring::party_bound(parties)),
+                Width::Z128 => w(ring::party_bound_wide(parties)),
+                Width::Z256 => ring::party_bound_256(parties),
+            };
+            let out_of_range = |g: usize, v: i256| OutOfRange {
+                partial: k,
+                group: g,
+                value: v,
+                bound,
+            };
+            // Within the bound, the value fits the width's signed range.
+            let narrow = |g: usize, v: i256| -> Result<i128, OutOfRange> {
+                match v.to_i128() {
+                    Some(x) if v.checked_abs().is_some_and(|a| a <= bound) => Ok(x),
+                    _ => Err(out_of_range(g, v)),
+                }
+            };
+            match width {
+                Width::Z64 => col
+                    .iter()
                     .enumerate()
                     .map(|(g, &v)| {
-                        ring::encode(v, bound).ok_or(OutOfRange {
-                            partial: k,
-                            group: g,
-                            value: v,
-                            bound,
-                        })
+                        let x = narrow(g, v)?;
+                        ring::encode(x, ring::party_bound(parties)).ok_or(out_of_range(g, v))
                     })
                     .collect::<Result<Vec<u64>, _>>()
-                    .map(ShareColumn::Z64)
-            }
-            Width::Z128 => {
-                let bound = ring::party_bound_wide(parties);
-                let mut lo = Vec::with_capacity(col.len());
-                let mut hi = Vec::with_capacity(col.len());
-                for (g, &v) in col.iter().enumerate() {
-                    let (l, h) = ring::encode_wide(v, bound).ok_or(OutOfRange {
-                        partial: k,
-                        group: g,
-                        value: v,
-                        bound,
-                    })?;
-                    lo.push(l);
-                    hi.push(h);
+                    .map(ShareColumn::Z64),
+                Width::Z128 => {
+                    let mut lo = Vec::with_capacity(col.len());
+                    let mut hi = Vec::with_capacity(col.len());
+                    for (g, &v) in col.iter().enumerate() {
+                        let x = narrow(g, v)?;
+                        let (l, h) = ring::encode_wide(x, ring::party_bound_wide(parties))
+                            .ok_or(out_of_range(g, v))?;
+                        lo.push(l);
+                        hi.push(h);
+                    }
+                    Ok(ShareColumn::Z128 { lo, hi })
                 }
-                Ok(ShareColumn::Z128 { lo, hi })
+                Width::Z256 => {
+                    let mut limbs: [Vec<u64>; 4] = Default::default();
+                    for (g, &v) in col.iter().enumerate() {
+                        let l = ring::encode_256(v, bound).ok_or(out_of_range(g, v))?;
+                        for (k, x) in l.into_iter().enumerate() {
+                            limbs[k].push(x);
+                        }
+                    }
+                    Ok(ShareColumn::Z256(limbs))
+                }
             }
         })
         .collect()
@@ -178,7 +200,7 @@ mod tests {
         assert!(!sum_cannot_wrap(1 << 20, 1 << 120));
         assert!(sum_cannot_wrap(1 << 20, 1 << 100));
         assert!(!sum_cannot_wrap(1 << 63, 1 << 64));
-        let e = to_ring(&[vec![i128::from(i64::MAX)]], &[Width::Z64], 2).unwrap_err();
+        let e = to_ring(&[vec![i256::from_i128(i64::MAX as i128)]], &[Width::Z64], 2).unwrap_err();
         assert_eq!(e.partial, 0);
     }
 }

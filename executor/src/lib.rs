@@ -34,7 +34,7 @@ pub trait SecureSum: Send + Sync {
         &self,
         transport: &dyn Transport,
         input: &SharedTable,
-    ) -> Result<Option<Vec<Vec<i128>>>, ExecError>;
+    ) -> Result<Option<Vec<Vec<arrow::datatypes::i256>>>, ExecError>;
 }
 
 /// Why a secure computation could not finish. Nothing is revealed after any

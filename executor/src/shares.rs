@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, RecordBatch, UInt64Array};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::datatypes::{i256, DataType, Field, Schema};
 use rand::{CryptoRng, RngCore, SeedableRng};
 
 use crate::ring;
@@ -16,13 +16,31 @@ pub enum Width {
     Z64,
     /// Z_2^128: two UInt64 columns, low then high limb.
     Z128,
+    /// Z_2^256: four UInt64 columns, least significant limb first.
+    Z256,
+}
+
+impl Width {
+    /// UInt64 columns per share column on the wire.
+    pub fn limbs(self) -> usize {
+        match self {
+            Width::Z64 => 1,
+            Width::Z128 => 2,
+            Width::Z256 => 4,
+        }
+    }
 }
 
 /// One column of shares.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ShareColumn {
     Z64(Vec<u64>),
-    Z128 { lo: Vec<u64>, hi: Vec<u64> },
+    Z128 {
+        lo: Vec<u64>,
+        hi: Vec<u64>,
+    },
+    /// Limbs, least significant first.
+    Z256([Vec<u64>; 4]),
 }
 
 impl ShareColumn {
@@ -30,6 +48,7 @@ impl ShareColumn {
         match self {
             ShareColumn::Z64(_) => Width::Z64,
             ShareColumn::Z128 { .. } => Width::Z128,
+            ShareColumn::Z256(_) => Width::Z256,
         }
     }
 
@@ -40,6 +59,7 @@ impl ShareColumn {
                 lo: vec![0; rows],
                 hi: vec![0; rows],
             },
+            Width::Z256 => ShareColumn::Z256(std::array::from_fn(|_| vec![0; rows])),
         }
     }
 
@@ -58,6 +78,7 @@ impl ShareColumn {
                 let hi = fill();
                 ShareColumn::Z128 { lo, hi }
             }
+            Width::Z256 => ShareColumn::Z256(std::array::from_fn(|_| fill())),
         }
     }
 
@@ -67,6 +88,7 @@ impl ShareColumn {
             (ShareColumn::Z128 { lo, hi }, ShareColumn::Z128 { lo: bl, hi: bh }) => {
                 ring::add_assign_wide(lo, hi, bl, bh)
             }
+            (ShareColumn::Z256(a), ShareColumn::Z256(b)) => ring::add_assign_256(a, b),
             _ => {}
         }
     }
@@ -77,18 +99,25 @@ impl ShareColumn {
             (ShareColumn::Z128 { lo, hi }, ShareColumn::Z128 { lo: bl, hi: bh }) => {
                 ring::sub_assign_wide(lo, hi, bl, bh)
             }
+            (ShareColumn::Z256(a), ShareColumn::Z256(b)) => ring::sub_assign_256(a, b),
             _ => {}
         }
     }
 
     /// The column read as signed integers.
-    pub fn decode(&self) -> Vec<i128> {
+    pub fn decode(&self) -> Vec<i256> {
         match self {
-            ShareColumn::Z64(v) => v.iter().map(|&x| ring::decode(x) as i128).collect(),
+            ShareColumn::Z64(v) => v
+                .iter()
+                .map(|&x| i256::from_i128(ring::decode(x) as i128))
+                .collect(),
             ShareColumn::Z128 { lo, hi } => lo
                 .iter()
                 .zip(hi)
-                .map(|(&l, &h)| ring::decode_wide(l, h))
+                .map(|(&l, &h)| i256::from_i128(ring::decode_wide(l, h)))
+                .collect(),
+            ShareColumn::Z256(l) => (0..l[0].len())
+                .map(|i| ring::decode_256([l[0][i], l[1][i], l[2][i], l[3][i]]))
                 .collect(),
         }
     }
@@ -118,6 +147,16 @@ impl SharedTable {
                     let (nl, carry) = l.overflowing_add(u as u64);
                     *l = nl;
                     *h = h.wrapping_add((u >> 64) as u64).wrapping_add(carry as u64);
+                }
+            }
+            Some(ShareColumn::Z256(limbs)) => {
+                if limbs[0].len() > row {
+                    let add = ring::encode_256(i256::from_i128(v), i256::MAX).unwrap_or([0; 4]);
+                    let mut one: [Vec<u64>; 4] = std::array::from_fn(|k| vec![limbs[k][row]]);
+                    ring::add_assign_256(&mut one, &add.map(|l| vec![l]));
+                    for k in 0..4 {
+                        limbs[k][row] = one[k][0];
+                    }
                 }
             }
             None => {}
@@ -223,6 +262,12 @@ impl SharedTable {
                     fields.push(Field::new(format!("s{i}_hi"), DataType::UInt64, false));
                     arrays.push(Arc::new(UInt64Array::from(hi.clone())));
                 }
+                ShareColumn::Z256(limbs) => {
+                    for (k, l) in limbs.iter().enumerate() {
+                        fields.push(Field::new(format!("s{i}_{k}"), DataType::UInt64, false));
+                        arrays.push(Arc::new(UInt64Array::from(l.clone())));
+                    }
+                }
             }
         }
         let opts = arrow::array::RecordBatchOptions::new().with_row_count(Some(self.rows));
@@ -237,10 +282,7 @@ impl SharedTable {
         widths: &[Width],
         rows: usize,
     ) -> Result<Self, String> {
-        let ncols: usize = widths
-            .iter()
-            .map(|w| if *w == Width::Z64 { 1 } else { 2 })
-            .sum();
+        let ncols: usize = widths.iter().map(|w| w.limbs()).sum();
         if batch.num_columns() != expect_keys.len() + ncols {
             return Err(format!(
                 "{} columns, expected {} key and {} share columns",
@@ -292,6 +334,12 @@ impl SharedTable {
                     let hi = take(i, format!("s{i}_hi"))?;
                     ShareColumn::Z128 { lo, hi }
                 }
+                Width::Z256 => ShareColumn::Z256([
+                    take(i, format!("s{i}_0"))?,
+                    take(i, format!("s{i}_1"))?,
+                    take(i, format!("s{i}_2"))?,
+                    take(i, format!("s{i}_3"))?,
+                ]),
             });
         }
         Ok(SharedTable {
@@ -317,6 +365,12 @@ mod tests {
                     lo: vec![u64::MAX, 0, 42],
                     hi: vec![1, 2, u64::MAX],
                 },
+                ShareColumn::Z256([
+                    vec![u64::MAX, 0, 1],
+                    vec![u64::MAX, 5, 0],
+                    vec![u64::MAX, 0, 0],
+                    vec![7, u64::MAX, 0],
+                ]),
             ],
             rows: 3,
         };
@@ -332,13 +386,14 @@ mod tests {
         let e = SharedTable::from_batch(&shares[0].to_batch().unwrap(), &[], &[Width::Z64; 4], 3)
             .unwrap_err();
         assert!(e.contains("expected 0 key and 4 share columns"), "{e}");
-        let e = SharedTable::from_batch(
-            &shares[0].to_batch().unwrap(),
-            &[],
-            &[Width::Z64, Width::Z64, Width::Z64],
-            3,
-        )
-        .unwrap_err();
+        // A noise draw added to a Z_2^256 entry carries through every limb.
+        let mut t = SharedTable::zeros(vec![], &[Width::Z256], 1);
+        t.add_value(0, 0, -1);
+        assert_eq!(t.columns[0].decode(), vec![i256::MINUS_ONE]);
+        t.add_value(0, 0, 3);
+        assert_eq!(t.columns[0].decode(), vec![i256::from_i128(2)]);
+        let e = SharedTable::from_batch(&shares[0].to_batch().unwrap(), &[], &[Width::Z64; 7], 3)
+            .unwrap_err();
         assert!(e.contains("named"), "{e}");
     }
 }

@@ -58,6 +58,8 @@ AND l_discount BETWEEN 0.05 AND 0.07 AND l_quantity < 24";
 pub struct BenchOptions {
     pub scale_factors: Vec<f64>,
     pub parties: Vec<usize>,
+    /// Domain sizes of the group sweep (empty: no sweep).
+    pub groups: Vec<usize>,
     pub reps: usize,
     pub json: Option<PathBuf>,
     pub keep: Option<PathBuf>,
@@ -175,27 +177,50 @@ fn gateway_partitions(n: usize) -> usize {
     (cores() / n).max(1)
 }
 
-/// Writes certificates and configs for `n` gateways and starts them as
-/// `council serve` processes. Returns the processes and analyst addresses.
-fn start_gateways(dir: &Path, n: usize) -> Result<(Processes, Vec<String>)> {
+/// A table the bench's gateways serve: its name, columns and group
+/// columns; each party's rows are at `data/p{i}/{name}.parquet`.
+struct BenchTable {
+    name: String,
+    columns: Vec<&'static str>,
+    group_by: Vec<&'static str>,
+}
+
+fn lineitem_table() -> BenchTable {
+    BenchTable {
+        name: "lineitem".into(),
+        columns: COLUMNS.to_vec(),
+        group_by: vec!["l_returnflag", "l_linestatus"],
+    }
+}
+
+/// Writes certificates and configs for `n` gateways serving `tables` (as
+/// `catalog` declares them) and starts them as `council serve` processes.
+/// Returns the processes and analyst addresses.
+fn start_gateways(
+    dir: &Path,
+    n: usize,
+    catalog: &str,
+    tables: &[BenchTable],
+) -> Result<(Processes, Vec<String>)> {
     let ids: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
     let fed = crate::certs::make_federation("Council bench CA", &ids, &[])?;
     crate::certs::write_federation(&fed, &dir.join("certs"))?;
-    std::fs::write(dir.join("catalog.toml"), LINEITEM_CATALOG)?;
+    std::fs::write(dir.join("catalog.toml"), catalog)?;
     let hash = crate::config::hash_password(PASSWORD)?;
     let peer: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
     let analyst: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
     let allow: Vec<String> = ids.iter().map(|i| format!("\"{i}:*\"")).collect();
-    let mut policy = format!(
-        "[analysts]\nallow = [{}]\n[tables.lineitem]\ncount_star = true\n",
-        allow.join(", ")
-    );
-    for c in COLUMNS {
-        let group = c == "l_returnflag" || c == "l_linestatus";
-        let _ = writeln!(
-            policy,
-            "[tables.lineitem.columns.{c}]\nfilter = true\ngroup_by = {group}\naggregate = [\"count\", \"sum\", \"avg\", \"var\", \"stddev\"]"
-        );
+    let mut policy = format!("[analysts]\nallow = [{}]\n", allow.join(", "));
+    for t in tables {
+        let _ = writeln!(policy, "[tables.{}]\ncount_star = true", t.name);
+        for c in &t.columns {
+            let group = t.group_by.contains(c);
+            let _ = writeln!(
+                policy,
+                "[tables.{}.columns.{c}]\nfilter = true\ngroup_by = {group}\naggregate = [\"count\", \"sum\", \"avg\", \"var\", \"stddev\"]",
+                t.name
+            );
+        }
     }
     std::fs::write(dir.join("policy.toml"), policy)?;
     let exe = std::env::current_exe().context("locating the council binary")?;
@@ -205,12 +230,14 @@ fn start_gateways(dir: &Path, n: usize) -> Result<(Processes, Vec<String>)> {
             "party = \"{p}\"\npeer_listen = \"127.0.0.1:{}\"\nanalyst_listen = \"127.0.0.1:{}\"\ncatalog = \"catalog.toml\"\n\
              policy = \"policy.toml\"\naudit_log = \"audit/{p}.log\"\npeer_timeout_ms = 600000\nlocal_partitions = {}\n\
              [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{p}.pem\"\nkey = \"certs/{p}.key\"\n\
-             [tables.lineitem]\npath = \"data/{p}/lineitem.parquet\"\n\
              [[analysts]]\nname = \"bench\"\npassword_hash = \"{hash}\"\n",
             peer[i],
             analyst[i],
             gateway_partitions(n)
         );
+        for t in tables {
+            let _ = writeln!(cfg, "[tables.{0}]\npath = \"data/{p}/{0}.parquet\"", t.name);
+        }
         for (j, q) in ids.iter().enumerate() {
             if i != j {
                 let _ = writeln!(
@@ -279,37 +306,40 @@ pub async fn run(opts: BenchOptions) -> Result<()> {
             figures.extend(run_one(&dir, sf, n, rows, opts.reps).await?);
         }
     }
+    let mut group_figures = Vec::new();
+    if !opts.groups.is_empty() {
+        let n = opts.parties.first().copied().unwrap_or(3);
+        println!(
+            "Group sweep, {n} parties: SELECT k, COUNT(*), SUM(v) … GROUP BY k over G groups (G − 1 declared \
+             integers and NULL), G rows per party; every share carries all G groups."
+        );
+        let tmp = tempfile::tempdir()?;
+        let dir = match &opts.keep {
+            Some(k) => k.join("groups"),
+            None => tmp.path().to_path_buf(),
+        };
+        std::fs::create_dir_all(&dir)?;
+        group_figures = run_groups(&dir, n, &opts.groups, opts.reps).await?;
+    }
     if let Some(path) = &opts.json {
-        std::fs::write(path, serde_json::to_string_pretty(&figures)?)?;
+        let all = serde_json::json!({ "tpch": figures, "groups": group_figures });
+        std::fs::write(path, serde_json::to_string_pretty(&all)?)?;
         println!("figures written to {}", path.display());
     }
-    if figures.iter().any(|f| !f.equal) {
+    if figures.iter().any(|f| !f.equal) || group_figures.iter().any(|f| !f.equal) {
         bail!("a secure answer differed from the plaintext answer");
     }
     Ok(())
 }
 
 async fn run_one(dir: &Path, sf: f64, n: usize, rows: usize, reps: usize) -> Result<Vec<Figure>> {
-    let (procs, addrs) = start_gateways(dir, n)?;
-    let ca = std::fs::read_to_string(dir.join("certs/ca.pem"))?;
-
-    // Wait until the leader answers.
-    let start = Instant::now();
-    let client = loop {
-        match AnalystClient::connect(&addrs[0], &ca, "bench", PASSWORD).await {
-            Ok(c)
-                if c.query("SELECT COUNT(*) FROM lineitem WHERE l_orderkey < 0")
-                    .await
-                    .is_ok() =>
-            {
-                break c
-            }
-            _ if start.elapsed() > Duration::from_secs(120) => {
-                bail!("the gateways did not come up; see {}", dir.display())
-            }
-            _ => tokio::time::sleep(Duration::from_millis(300)).await,
-        }
-    };
+    let (procs, addrs) = start_gateways(dir, n, LINEITEM_CATALOG, &[lineitem_table()])?;
+    let client = connect_when_up(
+        dir,
+        &addrs[0],
+        "SELECT COUNT(*) FROM lineitem WHERE l_orderkey < 0",
+    )
+    .await?;
     let mut out = Vec::new();
     for (name, sql) in [("Q1", Q1), ("Q6", Q6)] {
         // The fastest plaintext configuration, best of two runs each.
@@ -319,7 +349,7 @@ async fn run_one(dir: &Path, sf: f64, n: usize, rows: usize, reps: usize) -> Res
         let mut best: Option<(f64, usize, datafusion::prelude::SessionContext)> = None;
         let mut tried = Vec::new();
         for k in candidates {
-            let ctx = pooled_parquet(dir, n, k).await?;
+            let ctx = pooled_parquet(dir, n, k, &["lineitem"]).await?;
             let mut fastest = f64::INFINITY;
             for _ in 0..2 {
                 let t = Instant::now();
@@ -338,34 +368,16 @@ async fn run_one(dir: &Path, sf: f64, n: usize, rows: usize, reps: usize) -> Res
             "  {name} warm-up, plaintext by target_partitions: {}",
             tried.join(", ")
         );
-        // Warm-up, and the exact-equality check.
-        let plain = plaintext(&pooled, sql).await?;
-        let secure = client
-            .query(sql)
-            .await
-            .map_err(|e| anyhow!("{name}: {e}"))?;
-        let equal = match compare(&secure, &plain, true) {
-            Ok(()) => true,
-            Err(d) => {
-                eprintln!("{name} at SF {sf} with {n} parties: SECURE ANSWER DIFFERS: {d}");
-                false
-            }
-        };
-        for c in &procs.0 {
-            reset_peak(c.id());
-        }
-        let (mut tp, mut ts) = (Vec::new(), Vec::new());
-        for _ in 0..reps {
-            let t = Instant::now();
-            plaintext(&pooled, sql).await?;
-            tp.push(t.elapsed().as_secs_f64() * 1e3);
-            let t = Instant::now();
-            client
-                .query(sql)
-                .await
-                .map_err(|e| anyhow!("{name}: {e}"))?;
-            ts.push(t.elapsed().as_secs_f64() * 1e3);
-        }
+        let m = measure(
+            &client,
+            &pooled,
+            sql,
+            &format!("{name} at SF {sf} with {n} parties"),
+            &procs,
+            reps,
+        )
+        .await?;
+        let (equal, mut tp, mut ts) = (m.equal, m.plaintext_ms, m.secure_ms);
         let plaintext_peak = plaintext_peak_in_child(dir, n, name, reps, partitions)?;
         let gateway_peak = procs.0.iter().map(|c| peak_mib(c.id())).fold(0.0, f64::max);
         let (p, s) = (median(&mut tp), median(&mut ts));
@@ -392,26 +404,81 @@ async fn run_one(dir: &Path, sf: f64, n: usize, rows: usize, reps: usize) -> Res
     Ok(out)
 }
 
-/// The plaintext baseline: one DataFusion table over every party's Parquet
-/// file (hard-linked into one folder), read as the gateways read theirs.
+/// One query measured: equal to plaintext (checked at the warm-up), and
+/// each side's times in ms, alternating, after the peaks were reset.
+struct Measured {
+    equal: bool,
+    plaintext_ms: Vec<f64>,
+    secure_ms: Vec<f64>,
+}
+
+async fn measure(
+    client: &AnalystClient,
+    pooled: &datafusion::prelude::SessionContext,
+    sql: &str,
+    what: &str,
+    procs: &Processes,
+    reps: usize,
+) -> Result<Measured> {
+    // Warm-up, and the exact-equality check.
+    let plain = plaintext(pooled, sql).await?;
+    let secure = client
+        .query(sql)
+        .await
+        .map_err(|e| anyhow!("{what}: {e}"))?;
+    let equal = match compare(&secure, &plain, true) {
+        Ok(()) => true,
+        Err(d) => {
+            eprintln!("{what}: SECURE ANSWER DIFFERS: {d}");
+            false
+        }
+    };
+    for c in &procs.0 {
+        reset_peak(c.id());
+    }
+    let (mut tp, mut ts) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let t = Instant::now();
+        plaintext(pooled, sql).await?;
+        tp.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        client
+            .query(sql)
+            .await
+            .map_err(|e| anyhow!("{what}: {e}"))?;
+        ts.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(Measured {
+        equal,
+        plaintext_ms: tp,
+        secure_ms: ts,
+    })
+}
+
+/// Waits until the gateway at `addr` answers `probe` (two minutes at most).
+async fn connect_when_up(dir: &Path, addr: &str, probe: &str) -> Result<AnalystClient> {
+    let ca = std::fs::read_to_string(dir.join("certs/ca.pem"))?;
+    let start = Instant::now();
+    loop {
+        match AnalystClient::connect(addr, &ca, "bench", PASSWORD).await {
+            Ok(c) if c.query(probe).await.is_ok() => return Ok(c),
+            _ if start.elapsed() > Duration::from_secs(120) => {
+                bail!("the gateways did not come up; see {}", dir.display())
+            }
+            _ => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+/// The plaintext baseline: one DataFusion table per name over every
+/// party's Parquet file (hard-linked into one folder), read as the gateways
+/// read theirs.
 async fn pooled_parquet(
     dir: &Path,
     n: usize,
     partitions: usize,
+    tables: &[&str],
 ) -> Result<datafusion::prelude::SessionContext> {
-    let pooled = dir.join("pooled");
-    std::fs::create_dir_all(&pooled)?;
-    for i in 0..n {
-        let link = pooled.join(format!("p{i}.parquet"));
-        if !link.exists() {
-            std::fs::hard_link(dir.join(format!("data/p{i}/lineitem.parquet")), &link).or_else(
-                |_| {
-                    std::fs::copy(dir.join(format!("data/p{i}/lineitem.parquet")), &link)
-                        .map(|_| ())
-                },
-            )?;
-        }
-    }
     // Strings as Utf8, as the catalog declares them (not Utf8View).
     let config = datafusion::prelude::SessionConfig::new()
         .set_bool(
@@ -420,16 +487,125 @@ async fn pooled_parquet(
         )
         .with_target_partitions(partitions);
     let ctx = datafusion::prelude::SessionContext::new_with_config(config);
-    let path = pooled
-        .to_str()
-        .ok_or_else(|| anyhow!("path is not UTF-8"))?;
-    ctx.register_parquet(
-        "lineitem",
-        path,
-        datafusion::prelude::ParquetReadOptions::default(),
-    )
-    .await?;
+    for table in tables {
+        let pooled = dir.join("pooled").join(table);
+        std::fs::create_dir_all(&pooled)?;
+        for i in 0..n {
+            let link = pooled.join(format!("p{i}.parquet"));
+            let file = dir.join(format!("data/p{i}/{table}.parquet"));
+            if !link.exists() {
+                std::fs::hard_link(&file, &link)
+                    .or_else(|_| std::fs::copy(&file, &link).map(|_| ()))?;
+            }
+        }
+        let path = pooled
+            .to_str()
+            .ok_or_else(|| anyhow!("path is not UTF-8"))?;
+        ctx.register_parquet(
+            *table,
+            path,
+            datafusion::prelude::ParquetReadOptions::default(),
+        )
+        .await?;
+    }
     Ok(ctx)
+}
+
+/// One point of the group sweep.
+#[derive(serde::Serialize)]
+pub struct GroupFigure {
+    pub groups: usize,
+    pub parties: usize,
+    pub rows: usize,
+    pub plaintext_ms: f64,
+    pub secure_ms: f64,
+    pub ratio: f64,
+    pub gateway_peak_mib: f64,
+    pub equal: bool,
+}
+
+/// The group sweep: `SELECT k, COUNT(*), SUM(v) … GROUP BY k` over G
+/// groups (G − 1 declared integers and NULL), each party holding G rows with keys
+/// spread over the domain. The secure part then carries G groups per share
+/// (many Arrow batches), whatever the data: the cost of a large public
+/// domain, against plaintext DataFusion over the pooled files.
+async fn run_groups(
+    dir: &Path,
+    n: usize,
+    sizes: &[usize],
+    reps: usize,
+) -> Result<Vec<GroupFigure>> {
+    let mut catalog = String::new();
+    let mut tables = Vec::new();
+    for &g in sizes {
+        let name = format!("groups{g}");
+        let _ = writeln!(
+            catalog,
+            "[tables.{name}]\ncolumns = [\n  {{ name = \"k\", type = \"int\", domain = {{ min = 0, max = {} }} }},\n  {{ name = \"v\", type = \"int\" }},\n]",
+            g.saturating_sub(2)
+        );
+        for i in 0..n {
+            let d = dir.join(format!("data/p{i}"));
+            std::fs::create_dir_all(&d)?;
+            let schema = Arc::new(Schema::new(vec![
+                Field::new("k", DataType::Int64, true),
+                Field::new("v", DataType::Int64, true),
+            ]));
+            // Keys spread over the G − 1 declared values (NULL is the G-th
+            // group) by a multiplicative hash.
+            let values_declared = g.saturating_sub(1).max(1) as u64;
+            let keys: Vec<i64> = (0..g as u64)
+                .map(|j| ((j * 2_654_435_761 + i as u64 * 40_503) % values_declared) as i64)
+                .collect();
+            let values: Vec<i64> = (0..g as i64).map(|j| (j * 7919) % 2001 - 1000).collect();
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(arrow::array::Int64Array::from(keys)),
+                    Arc::new(arrow::array::Int64Array::from(values)),
+                ],
+            )?;
+            let file = std::fs::File::create(d.join(format!("{name}.parquet")))?;
+            let mut w = ArrowWriter::try_new(file, schema, None)?;
+            w.write(&batch)?;
+            w.close()?;
+        }
+        tables.push(BenchTable {
+            name,
+            columns: vec!["k", "v"],
+            group_by: vec!["k"],
+        });
+    }
+    let (procs, addrs) = start_gateways(dir, n, &catalog, &tables)?;
+    let probe = format!("SELECT COUNT(*) FROM {} WHERE v < -5000", tables[0].name);
+    let client = connect_when_up(dir, &addrs[0], &probe).await?;
+    let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    let pooled = pooled_parquet(dir, n, cores(), &names).await?;
+    let mut out = Vec::new();
+    for (&g, name) in sizes.iter().zip(&names) {
+        let sql = format!("SELECT k, COUNT(*) AS n, SUM(v) AS s FROM {name} GROUP BY k ORDER BY k");
+        let m = measure(&client, &pooled, &sql, &format!("{g} groups"), &procs, reps).await?;
+        let (equal, mut tp, mut ts) = (m.equal, m.plaintext_ms, m.secure_ms);
+        let gateway_peak = procs.0.iter().map(|c| peak_mib(c.id())).fold(0.0, f64::max);
+        let (p, s) = (median(&mut tp), median(&mut ts));
+        println!(
+            "  {g:>8} groups: plaintext {p:8.1} ms   secure {s:8.1} ms   ratio {:6.2}   largest gateway {gateway_peak:.0} MiB   answers {}",
+            s / p,
+            if equal { "equal" } else { "DIFFER" }
+        );
+        out.push(GroupFigure {
+            groups: g,
+            parties: n,
+            rows: g * n,
+            plaintext_ms: p,
+            secure_ms: s,
+            ratio: s / p,
+            gateway_peak_mib: gateway_peak,
+            equal,
+        });
+    }
+    drop(procs);
+    Ok(out)
 }
 
 /// Peak memory of plaintext DataFusion alone: a child process opens the
@@ -483,7 +659,7 @@ pub async fn plaintext_child(
         "Q6" => Q6,
         other => bail!("unknown query {other}"),
     };
-    let pooled = pooled_parquet(dir, n, partitions).await?;
+    let pooled = pooled_parquet(dir, n, partitions, &["lineitem"]).await?;
     for _ in 0..=reps {
         plaintext(&pooled, sql).await?;
     }
@@ -496,8 +672,8 @@ pub async fn plaintext_child(
 pub fn micro(elements: usize) -> Result<()> {
     use executor::encode::to_ring;
     use executor::{SharedTable, Width};
-    let values: Vec<i128> = (0..elements as i128)
-        .map(|i| (i * 7919) % 1_000_003 - 500_000)
+    let values: Vec<arrow::datatypes::i256> = (0..elements as i128)
+        .map(|i| arrow::datatypes::i256::from_i128((i * 7919) % 1_000_003 - 500_000))
         .collect();
     let time = |f: &mut dyn FnMut()| {
         let mut best = f64::INFINITY;
@@ -508,14 +684,14 @@ pub fn micro(elements: usize) -> Result<()> {
         }
         best
     };
-    let plain: Vec<i64> = values.iter().map(|&v| v as i64).collect();
+    let plain: Vec<i64> = values.iter().map(|&v| v.as_i128() as i64).collect();
     let mut sink = 0i64;
     let base =
         time(&mut || sink = sink.wrapping_add(plain.iter().fold(0i64, |a, &b| a.wrapping_add(b))));
     let mut rows = Vec::new();
     let mut enc = Vec::new();
     rows.push((
-        "encode (i128 -> Z_2^64, bound check)",
+        "encode (i256 -> Z_2^64, bound check)",
         time(&mut || {
             enc = to_ring(std::slice::from_ref(&values), &[Width::Z64], 3).unwrap_or_default()
         }),

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::i256;
 use connectors::LocalSource;
 use executor::encode::{dense_partials, sum_cannot_wrap, to_ring};
 use executor::transport::Mailbox;
@@ -1089,7 +1090,10 @@ impl Gateway {
         let dense = dense.values;
         check_no_wrap(plan, &dense, index.len())?;
         let shared_idx = plan.shared_partials();
-        let mut shared: Vec<Vec<i128>> = shared_idx.iter().map(|&i| dense[i].clone()).collect();
+        let mut shared: Vec<Vec<i256>> = shared_idx
+            .iter()
+            .map(|&i| plan.shared_values(i, &dense))
+            .collect();
         let rows = index.len();
         // Differential privacy: this party's noise is drawn now (its
         // value-dependent time hides in the local part's) and added to its
@@ -1122,24 +1126,15 @@ impl Gateway {
             if let Some(draws) = draws {
                 for (v, d) in col.iter_mut().zip(draws) {
                     *v = v
-                        .checked_add(*d)
-                        .ok_or_else(|| mine("a noised partial does not fit 128 bits".into()))?;
+                        .checked_add(i256::from_i128(*d))
+                        .ok_or_else(|| mine("a noised partial does not fit its ring".into()))?;
                 }
             }
         }
         if plan.privacy.is_some() {
             s.phases.span("noise", t_noise);
         }
-        let widths: Vec<Width> = shared_idx
-            .iter()
-            .map(|&i| {
-                if plan.local.partials[i].kind.is_wide() {
-                    Width::Z128
-                } else {
-                    Width::Z64
-                }
-            })
-            .collect();
+        let widths = share_widths(plan);
         let ring = to_ring(&shared, &widths, self.parties.len()).map_err(|o| {
             let p = &plan.local.partials[shared_idx[o.partial]];
             PartyFailure {
@@ -1217,13 +1212,21 @@ impl Gateway {
                 }
             })?;
         s.phases.span("secure sum", t);
-        Ok(out.map(|cols| {
-            let mut totals = vec![Vec::new(); plan.local.partials.len()];
-            for (k, &i) in shared_idx.iter().enumerate() {
-                totals[i] = cols[k].clone();
+        let Some(cols) = out else {
+            return Ok(None);
+        };
+        let mut totals = vec![Vec::new(); plan.local.partials.len()];
+        let mut wide = std::collections::BTreeMap::new();
+        for (k, &i) in shared_idx.iter().enumerate() {
+            let col = cols.get(k).cloned().unwrap_or_default();
+            if plan.ring_bits(i) > 128 {
+                wide.insert(i, col);
+            } else {
+                // A total of a ring of at most 128 bits fits i128.
+                totals[i] = col.iter().map(|v| v.as_i128()).collect();
             }
-            Revealed { totals }
-        }))
+        }
+        Ok(Some(Revealed { totals, wide }))
     }
 
     // ----- as the leader ---------------------------------------------------
@@ -1667,13 +1670,25 @@ impl Gateway {
     }
 }
 
+/// The ring of each shared partial, in `shared_partials` order.
+fn share_widths(plan: &FederatedPlan) -> Vec<Width> {
+    plan.shared_partials()
+        .iter()
+        .map(|&i| match plan.ring_bits(i) {
+            64 => Width::Z64,
+            128 => Width::Z128,
+            _ => Width::Z256,
+        })
+        .collect()
+}
+
 /// (rows, most columns) of a share in `round` of `plan`.
 fn share_shape(plan: &FederatedPlan, round: executor::Round) -> (usize, usize) {
     match round {
         executor::Round::Input => (1, 1),
         executor::Round::Result => (
             if plan.grouped { plan.groups.len() } else { 1 },
-            2 * plan.shared_partials().len() + plan.groups.columns.len(),
+            share_widths(plan).iter().map(|w| w.limbs()).sum::<usize>() + plan.groups.columns.len(),
         ),
     }
 }

@@ -71,6 +71,10 @@ enum Command {
         /// Numbers of parties, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "3")]
         parties: Vec<usize>,
+        /// Domain sizes of the group sweep (GROUP BY over G declared
+        /// values), comma-separated; `--groups 0` skips it.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+        groups: Vec<usize>,
         /// Measured repetitions per query (after one warm-up).
         #[arg(long, default_value_t = 5)]
         reps: usize,
@@ -287,6 +291,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench {
             sf,
             parties,
+            groups,
             reps,
             json,
             keep,
@@ -298,6 +303,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             gateway::bench::run(gateway::bench::BenchOptions {
                 scale_factors: sf,
                 parties,
+                groups: groups.into_iter().filter(|&g| g > 0).collect(),
                 reps,
                 json,
                 keep,

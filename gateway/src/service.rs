@@ -299,71 +299,89 @@ mod tests {
     }
 }
 
-/// Decodes one share stream (a schema message, then one record batch) of
-/// at most `rows` rows and `max_cols` columns. Every IPC header is checked
-/// before Arrow reads it: Arrow trusts the lengths a header declares and
-/// allocates by them, so a crafted header from a peer could ask for a
-/// terabyte and abort the gateway.
+/// Decodes one share stream: a schema message, then record batches of at
+/// most `max_cols` columns whose rows add up to exactly `rows` (arrow-flight
+/// splits a batch above 2 MiB, so a share over a large domain spans many).
+/// Every IPC header is checked as it arrives, before Arrow reads it: Arrow
+/// trusts the lengths a header declares and allocates by them, so a crafted
+/// header from a peer could ask for a terabyte and abort the gateway. The
+/// batches are joined into one: a share is combined whole, and its size is
+/// bounded by the plan (`planner::plan::MAX_SHARE_BYTES`), never by what a
+/// peer declares.
 pub async fn decode_share_stream<S>(
     stream: S,
     rows: usize,
     max_cols: usize,
 ) -> Result<arrow::array::RecordBatch, Status>
 where
-    S: Stream<Item = Result<FlightData, Status>> + Send + Unpin,
+    S: Stream<Item = Result<FlightData, Status>> + Send + Unpin + 'static,
 {
     let bad = |m: String| Status::invalid_argument(format!("unreadable share batch: {m}"));
-    let mut stream = stream;
-    let mut messages = Vec::new();
-    while let Some(m) = stream.next().await {
-        let m = m?;
-        if messages.len() == 2 {
-            return Err(Status::invalid_argument(
-                "a share stream carries exactly one batch",
-            ));
-        }
-        check_ipc_header(&m, rows, max_cols).map_err(bad)?;
-        messages.push(m);
-    }
-    let all = futures::stream::iter(messages.into_iter().map(Ok::<_, FlightError>));
+    let mut left = rows;
+    let mut schema_seen = false;
+    let checked = stream.map(move |m| {
+        let m = m.map_err(FlightError::from)?;
+        let batch_rows = check_ipc_header(&m, schema_seen, left, max_cols)
+            .map_err(FlightError::ProtocolError)?;
+        schema_seen = true;
+        left -= batch_rows;
+        Ok(m)
+    });
     // Arrow's IPC reader asserts on some inconsistent buffers that the
-    // header checks above do not rule out (a validity bitmap shorter than
-    // its null count, a misaligned buffer: found by fuzzing). Those panics
-    // end this share stream as an error, never more.
+    // header checks do not rule out (a validity bitmap shorter than its
+    // null count, a misaligned buffer: found by fuzzing). Those panics end
+    // this share stream as an error, never more.
     let decode = async move {
-        let mut batches = FlightRecordBatchStream::new_from_flight_data(all);
-        let first = batches.next().await;
-        let more = batches.next().await.is_some();
-        (first, more)
+        let mut batches = FlightRecordBatchStream::new_from_flight_data(checked);
+        let mut out = Vec::new();
+        while let Some(b) = batches.next().await {
+            out.push(b?);
+        }
+        Ok::<_, FlightError>(out)
     };
-    let (first, more) = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(decode))
+    let batches = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(decode))
         .await
-        .map_err(|_| bad("Arrow could not decode it".into()))?;
-    let batch = match first {
-        Some(Ok(b)) => b,
-        Some(Err(e)) => return Err(bad(e.to_string())),
-        None => return Err(Status::invalid_argument("share stream without a batch")),
+        .map_err(|_| bad("Arrow could not decode it".into()))?
+        .map_err(|e| match e {
+            FlightError::Tonic(s) => *s,
+            FlightError::ProtocolError(m) => bad(m),
+            other => bad(other.to_string()),
+        })?;
+    let Some(first) = batches.first() else {
+        return Err(Status::invalid_argument("share stream without a batch"));
     };
-    if more {
-        return Err(Status::invalid_argument(
-            "a share stream carries exactly one batch",
-        ));
+    let got: usize = batches.iter().map(|b| b.num_rows()).sum();
+    if got != rows {
+        return Err(bad(format!("{got} rows where {rows} belong")));
     }
-    Ok(batch)
+    if batches.len() == 1 {
+        return Ok(first.clone());
+    }
+    arrow::compute::concat_batches(&first.schema(), &batches).map_err(|e| bad(e.to_string()))
 }
 
-/// What a share message's IPC header may declare: a schema of at most
-/// `max_cols` flat fields, or a record batch of exactly `rows` rows whose
-/// nodes and buffers lie inside the message's body; no compression, no
-/// dictionaries.
-fn check_ipc_header(m: &FlightData, rows: usize, max_cols: usize) -> Result<(), String> {
+/// What a share message's IPC header may declare: first a schema of at
+/// most `max_cols` flat fields, then record batches of 1 to `left` rows
+/// (the rows still to come) whose nodes and buffers lie inside the
+/// message's body; no compression, no dictionaries. Returns the rows the
+/// message carries.
+fn check_ipc_header(
+    m: &FlightData,
+    schema_seen: bool,
+    left: usize,
+    max_cols: usize,
+) -> Result<usize, String> {
     use arrow::ipc::MessageHeader;
     let msg = arrow::ipc::root_as_message(&m.data_header[..])
         .map_err(|e| format!("the IPC header is not a valid message: {e}"))?;
     let body = m.data_body.len() as i64;
-    // No more body than a share of this shape can need (8-byte words and
+    let declared_rows = msg
+        .header_as_record_batch()
+        .map(|rb| rb.length())
+        .unwrap_or(0);
+    // No more body than a batch of this shape can need (8-byte words and
     // validity bitmaps, with room for text keys of the declared domains).
-    let most = (rows as i64 + 1) * (max_cols as i64 + 1) * 24 + (1 << 20);
+    let most = (declared_rows.clamp(0, left as i64) + 1) * (max_cols as i64 + 1) * 24 + (1 << 20);
     if body > most {
         return Err(format!("{body} bytes where at most {most} belong"));
     }
@@ -374,6 +392,10 @@ fn check_ipc_header(m: &FlightData, rows: usize, max_cols: usize) -> Result<(), 
         ));
     }
     match msg.header_type() {
+        MessageHeader::Schema if schema_seen => Err("a second schema in one share stream".into()),
+        MessageHeader::RecordBatch if !schema_seen => {
+            Err("a record batch before the share's schema".into())
+        }
         MessageHeader::Schema => {
             let schema = msg
                 .header_as_schema()
@@ -389,14 +411,17 @@ fn check_ipc_header(m: &FlightData, rows: usize, max_cols: usize) -> Result<(), 
                 }
                 check_field_type(&f)?;
             }
-            Ok(())
+            Ok(0)
         }
         MessageHeader::RecordBatch => {
             let rb = msg
                 .header_as_record_batch()
                 .ok_or("a record batch header without a batch")?;
-            if rb.length() != rows as i64 {
-                return Err(format!("{} rows where {rows} belong", rb.length()));
+            if rb.length() < 1 || rb.length() > left as i64 {
+                return Err(format!(
+                    "a batch of {} rows where 1 to {left} rows belong",
+                    rb.length()
+                ));
             }
             if rb.compression().is_some() {
                 return Err("compressed share batches are not accepted".into());
@@ -410,7 +435,7 @@ fn check_ipc_header(m: &FlightData, rows: usize, max_cols: usize) -> Result<(), 
             }
             for n in rb.nodes().iter().flat_map(|v| v.iter()) {
                 if n.length() < 0
-                    || n.length() > rows as i64
+                    || n.length() > rb.length()
                     || n.null_count() < 0
                     || n.null_count() > n.length()
                 {
@@ -431,7 +456,7 @@ fn check_ipc_header(m: &FlightData, rows: usize, max_cols: usize) -> Result<(), 
                     return Err("a misaligned buffer".into());
                 }
             }
-            Ok(())
+            Ok(rb.length() as usize)
         }
         other => Err(format!("a {other:?} message where a share belongs")),
     }

@@ -24,6 +24,8 @@ use crate::PlanError;
 /// local-only partials are empty.
 pub struct Revealed {
     pub totals: Vec<Vec<i128>>,
+    /// Totals shared in Z_2^256 (a sum of squares in limbs), by partial.
+    pub wide: std::collections::BTreeMap<usize, Vec<i256>>,
 }
 
 /// The groups that exist: with GROUP BY, those with at least one row (as in
@@ -403,7 +405,7 @@ fn final_values(
             let mut b = Float64Builder::with_capacity(groups.len());
             for &g in groups {
                 let n = count(g);
-                let v = variance(n, sum(g), sq.total(|i| total(i, g)), a.scale, sample);
+                let v = variance(n, sum(g), sq.total(r, g), a.scale, sample);
                 match v {
                     Some(v) => b.append_value(if root { v.sqrt() } else { v }),
                     None => b.append_null(),
@@ -443,10 +445,17 @@ pub fn variance(n: i128, s1: i128, s2: i256, scale: u32, sample: bool) -> Option
     Some(v.max(0.0))
 }
 
-/// The nearest f64 (within an ulp or two) of a 256-bit integer.
+/// The nearest f64 (within an ulp or two) of a 256-bit integer: of its
+/// magnitude, then signed (two's complement parts would cancel).
 fn i256_to_f64(v: i256) -> f64 {
-    let (low, high) = v.to_parts();
-    high as f64 * 2f64.powi(128) + low as f64
+    let m = v.checked_abs().unwrap_or(i256::MAX);
+    let (low, high) = m.to_parts();
+    let f = high as f64 * 2f64.powi(128) + low as f64;
+    if v.is_negative() {
+        -f
+    } else {
+        f
+    }
 }
 
 fn rescale(v: i128, from: u32, to: i8) -> Option<i128> {

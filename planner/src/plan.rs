@@ -168,22 +168,46 @@ impl Squares {
         }
     }
 
-    /// Σx² from the revealed totals, exactly (limbs combined in 256 bits).
-    pub fn total(self, total: impl Fn(usize) -> Option<i128>) -> i256 {
-        let t = |i: usize| i256::from_i128(total(i).unwrap_or(0));
+    /// The partial whose total carries Σx²: the whole square, or the high
+    /// limb, which each party shares combined with its other two limbs
+    /// ([`combine_limbs`]) in Z_2^256, so that only Σx² is revealed, never
+    /// a limb (Σhi² alone would tell whether any value reaches 10^9 units).
+    pub fn shared(self) -> usize {
         match self {
-            Squares::Whole(i) => t(i),
-            Squares::Limbs { high, cross, low } => {
-                let base = i256::from_i128(LIMB_BASE as i128);
-                // |Σhi²| < 2^127, times 10^18 < 2^60: far inside 2^255.
-                t(high)
-                    .wrapping_mul(base)
-                    .wrapping_mul(base)
-                    .wrapping_add(t(cross).wrapping_mul(base).wrapping_mul(i256::from_i128(2)))
-                    .wrapping_add(t(low))
-            }
+            Squares::Whole(i) | Squares::Limbs { high: i, .. } => i,
         }
     }
+
+    /// Σx² of group `g` from the revealed totals.
+    pub fn total(self, r: &crate::finalize::Revealed, g: usize) -> i256 {
+        let i = self.shared();
+        match self {
+            Squares::Whole(_) => {
+                i256::from_i128(r.totals.get(i).and_then(|t| t.get(g)).copied().unwrap_or(0))
+            }
+            Squares::Limbs { .. } => r
+                .wide
+                .get(&i)
+                .and_then(|t| t.get(g))
+                .copied()
+                .unwrap_or(i256::ZERO),
+        }
+    }
+}
+
+/// One party's Σx² from its limbs: Σhi²·10^18 + 2·Σhi·lo·10^9 + Σlo²,
+/// exact (each below 2^127, so the result is below 2^188).
+pub fn combine_limbs(high: i128, cross: i128, low: i128) -> i256 {
+    let base = i256::from_i128(LIMB_BASE as i128);
+    i256::from_i128(high)
+        .wrapping_mul(base)
+        .wrapping_mul(base)
+        .wrapping_add(
+            i256::from_i128(cross)
+                .wrapping_mul(base)
+                .wrapping_mul(i256::from_i128(2)),
+        )
+        .wrapping_add(i256::from_i128(low))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -620,7 +644,42 @@ impl FederatedPlan {
         if self.privacy.is_some() {
             return self.shared_partials_under_dp();
         }
-        (0..self.local.partials.len()).collect()
+        // The cross and low limbs are shared inside the high one.
+        (0..self.local.partials.len())
+            .filter(|&i| {
+                !matches!(
+                    self.local.partials[i].kind,
+                    PartialKind::SquareLimb(Limb::Cross | Limb::Low)
+                )
+            })
+            .collect()
+    }
+
+    /// The ring partial `i` is shared in: counts in Z_2^64, sums in
+    /// Z_2^128, the high limb of squares (a party's whole Σx², up to
+    /// 2^188) in Z_2^256.
+    pub fn ring_bits(&self, i: usize) -> u16 {
+        match self.local.partials[i].kind {
+            PartialKind::RowCount | PartialKind::Count => 64,
+            PartialKind::SquareLimb(Limb::High) => 256,
+            _ => 128,
+        }
+    }
+
+    /// What this party shares for shared partial `i`, per group, from its
+    /// dense partials: the partial itself, or for the high limb of squares
+    /// its whole Σx² combined from the three limbs.
+    pub fn shared_values(&self, i: usize, dense: &[Vec<i128>]) -> Vec<i256> {
+        let limbs = self.aggregates.iter().find_map(|a| match a.sum_squares {
+            Some(Squares::Limbs { high, cross, low }) if high == i => Some((cross, low)),
+            _ => None,
+        });
+        match limbs {
+            Some((cross, low)) => (0..dense[i].len())
+                .map(|g| combine_limbs(dense[i][g], dense[cross][g], dense[low][g]))
+                .collect(),
+            None => dense[i].iter().map(|&v| i256::from_i128(v)).collect(),
+        }
     }
 
     /// Under DP every factor of a square is clamped, so squares are summed
@@ -726,12 +785,9 @@ impl FederatedPlan {
                 &name,
                 ty.clone(),
             )?);
-            if p.kind == PartialKind::SumSquares
-                && c_max >= 10u128.pow(WHOLE_SQUARE_DIGITS as u32)
-                && !ty
-                    .as_ref()
-                    .and_then(integer_digits)
-                    .is_some_and(|d| d <= WHOLE_SQUARE_DIGITS)
+            // Unconditionally: a clamp bound outside the column's type is
+            // itself a value every clamped row can take.
+            if p.kind == PartialKind::SumSquares && c_max >= 10u128.pow(WHOLE_SQUARE_DIGITS as u32)
             {
                 return Err(refuse(
                     format!("VAR/STDDEV of {name} under differential privacy with its clamp range"),
@@ -846,7 +902,7 @@ impl FederatedPlan {
                 used.extend(a.count);
             }
             used.extend(a.sum);
-            used.extend(a.sum_squares.iter().flat_map(|q| q.partials()));
+            used.extend(a.sum_squares.map(|q| q.shared()));
         }
         used.into_iter().collect()
     }
@@ -1760,7 +1816,24 @@ columns = [
             let exact = kept
                 .iter()
                 .fold(w(0), |acc, &x| acc.wrapping_add(w(x).wrapping_mul(w(x))));
-            assert_eq!(agg.sum_squares.unwrap().total(raw), exact, "{sql}");
+            let Some(Squares::Limbs { high, cross, low }) = agg.sum_squares else {
+                unreachable!()
+            };
+            let combined = combine_limbs(
+                raw(high).unwrap_or(0),
+                raw(cross).unwrap_or(0),
+                raw(low).unwrap_or(0),
+            );
+            assert_eq!(combined, exact, "{sql}");
+            // What the party shares: Σx², never a limb.
+            assert_eq!(
+                p.shared_partials()
+                    .iter()
+                    .filter(|&&i| i == cross || i == low)
+                    .count(),
+                0
+            );
+            assert_eq!(p.ring_bits(high), 256);
             assert_eq!(raw(agg.count.unwrap()), Some(kept.len() as i128));
             assert_eq!(raw(agg.sum.unwrap()), Some(kept.iter().sum::<i128>()));
         }
