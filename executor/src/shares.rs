@@ -242,7 +242,7 @@ impl SharedTable {
     }
 
     /// The Arrow form: key columns `k0..`, then UInt64 share columns `s0..`
-    /// (`sN_lo`, `sN_hi` for Z_2^128).
+    /// (`sN_lo`, `sN_hi` for Z_2^128, `sN_0` … `sN_3` for Z_2^256).
     pub fn to_batch(&self) -> Result<RecordBatch, arrow::error::ArrowError> {
         let mut fields = Vec::new();
         let mut arrays: Vec<ArrayRef> = Vec::new();

@@ -1215,10 +1215,21 @@ impl Gateway {
         let Some(cols) = out else {
             return Ok(None);
         };
+        if cols.len() != shared_idx.len() {
+            return Err(PartyFailure {
+                peer_down: false,
+                local: format!(
+                    "{} totals for {} shared partials",
+                    cols.len(),
+                    shared_idx.len()
+                ),
+                shared: "internal error".into(),
+            });
+        }
         let mut totals = vec![Vec::new(); plan.local.partials.len()];
         let mut wide = std::collections::BTreeMap::new();
         for (k, &i) in shared_idx.iter().enumerate() {
-            let col = cols.get(k).cloned().unwrap_or_default();
+            let col = cols[k].clone();
             if plan.ring_bits(i) > 128 {
                 wide.insert(i, col);
             } else {

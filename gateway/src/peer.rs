@@ -35,7 +35,7 @@ use crate::net::TlsDialer;
 
 /// The peer protocol's version. Two gateways speak only if they agree on
 /// it; raise it with any change to a message's meaning or encoding.
-pub const PROTOCOL_VERSION: &str = "1";
+pub const PROTOCOL_VERSION: &str = "2";
 
 /// The gRPC metadata key that carries [`PROTOCOL_VERSION`].
 pub const VERSION_HEADER: &str = "council-protocol";
@@ -451,7 +451,10 @@ mod tests {
             tonic::metadata::MetadataValue::from_static("0"),
         );
         let e = check_version(other.metadata()).unwrap_err();
-        assert!(e.contains("version 1") && e.contains("speaks 0"), "{e}");
+        assert!(
+            e.contains(&format!("version {PROTOCOL_VERSION}")) && e.contains("speaks 0"),
+            "{e}"
+        );
         let e = check_version(tonic::Request::new(()).metadata()).unwrap_err();
         assert!(e.contains("did not say"), "{e}");
     }

@@ -27,9 +27,9 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 /// Most bytes one peer message may take. The planner refuses a query whose
 /// result share would come near it (`planner::plan::MAX_SHARE_BYTES`).
 pub const MAX_MESSAGE: usize = 64 << 20;
-/// Share streams a gateway reads at once from one peer (each may hold one
-/// message): a peer that opens streams and never finishes them blocks only
-/// its own.
+/// Share streams a gateway reads at once from one peer (each bounded in
+/// bytes and messages by the share's shape, `decode_share_stream`): a peer
+/// that opens streams and never finishes them blocks only its own.
 pub const MAX_PUTS_PER_PEER: usize = 32;
 /// The longest a share stream may take to arrive whole.
 pub const PUT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
@@ -305,9 +305,10 @@ mod tests {
 /// Every IPC header is checked as it arrives, before Arrow reads it: Arrow
 /// trusts the lengths a header declares and allocates by them, so a crafted
 /// header from a peer could ask for a terabyte and abort the gateway. The
-/// batches are joined into one: a share is combined whole, and its size is
-/// bounded by the plan (`planner::plan::MAX_SHARE_BYTES`), never by what a
-/// peer declares.
+/// batches are joined into one: a share is combined whole. The whole
+/// stream has one budget of bytes and of messages from the share's shape
+/// (which the plan bounds, `planner::plan::MAX_SHARE_BYTES`), never from
+/// what a peer declares.
 pub async fn decode_share_stream<S>(
     stream: S,
     rows: usize,
@@ -319,8 +320,28 @@ where
     let bad = |m: String| Status::invalid_argument(format!("unreadable share batch: {m}"));
     let mut left = rows;
     let mut schema_seen = false;
+    // One budget for the whole stream, not per message: the bytes a share
+    // of this shape can need (8-byte words and validity bitmaps, with room
+    // for text keys of the declared domains), and a number of messages an
+    // honest sender (arrow-flight splits at 2 MiB) never comes near, so
+    // that many small batches cannot hold more than one whole share would.
+    let mut bytes_left = share_budget(rows, max_cols);
+    let mut messages_left = 2 + bytes_left / (256 << 10);
     let checked = stream.map(move |m| {
         let m = m.map_err(FlightError::from)?;
+        if messages_left == 0 {
+            return Err(FlightError::ProtocolError(format!(
+                "more messages than a share of {rows} rows needs"
+            )));
+        }
+        messages_left -= 1;
+        let body = m.data_body.len() as u64;
+        if body > bytes_left {
+            return Err(FlightError::ProtocolError(format!(
+                "more bytes than a share of {rows} rows and {max_cols} columns needs"
+            )));
+        }
+        bytes_left -= body;
         let batch_rows = check_ipc_header(&m, schema_seen, left, max_cols)
             .map_err(FlightError::ProtocolError)?;
         schema_seen = true;
@@ -360,6 +381,12 @@ where
     arrow::compute::concat_batches(&first.schema(), &batches).map_err(|e| bad(e.to_string()))
 }
 
+/// The most body bytes one share stream of `rows` rows and at most
+/// `max_cols` columns may carry in all.
+fn share_budget(rows: usize, max_cols: usize) -> u64 {
+    (rows as u64 + 1) * (max_cols as u64 + 1) * 24 + (1 << 20)
+}
+
 /// What a share message's IPC header may declare: first a schema of at
 /// most `max_cols` flat fields, then record batches of 1 to `left` rows
 /// (the rows still to come) whose nodes and buffers lie inside the
@@ -379,9 +406,8 @@ fn check_ipc_header(
         .header_as_record_batch()
         .map(|rb| rb.length())
         .unwrap_or(0);
-    // No more body than a batch of this shape can need (8-byte words and
-    // validity bitmaps, with room for text keys of the declared domains).
-    let most = (declared_rows.clamp(0, left as i64) + 1) * (max_cols as i64 + 1) * 24 + (1 << 20);
+    // No more body than a batch of this shape can need.
+    let most = share_budget(declared_rows.clamp(0, left as i64) as usize, max_cols) as i64;
     if body > most {
         return Err(format!("{body} bytes where at most {most} belong"));
     }

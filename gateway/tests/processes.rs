@@ -412,6 +412,8 @@ fn bench_checks_tpch_q1_and_q6_answers_exactly() {
             "2",
             "--reps",
             "1",
+            "--groups",
+            "5000",
             "--json",
         ])
         .arg(&json)
@@ -424,11 +426,14 @@ fn bench_checks_tpch_q1_and_q6_answers_exactly() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(stdout.matches("answers equal").count(), 2, "{stdout}");
+    // Q1, Q6 and the group sweep's one size.
+    assert_eq!(stdout.matches("answers equal").count(), 3, "{stdout}");
     let figures: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
-    assert_eq!(figures.as_array().map(|a| a.len()), Some(2));
-    assert!(figures[0]["rows"].as_u64().unwrap() > 10_000);
+    assert_eq!(figures["tpch"].as_array().map(|a| a.len()), Some(2));
+    assert!(figures["tpch"][0]["rows"].as_u64().unwrap() > 10_000);
+    assert_eq!(figures["groups"][0]["groups"].as_u64(), Some(5000));
+    assert_eq!(figures["groups"][0]["equal"].as_bool(), Some(true));
 }
 
 /// `council demo --serve` prints how to connect; psql connects with exactly

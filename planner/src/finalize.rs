@@ -405,7 +405,10 @@ fn final_values(
             let mut b = Float64Builder::with_capacity(groups.len());
             for &g in groups {
                 let n = count(g);
-                let v = variance(n, sum(g), sq.total(r, g), a.scale, sample);
+                let s2 = sq.total(r, g).ok_or_else(|| {
+                    PlanError::Internal("the sum of squares was not revealed".into())
+                })?;
+                let v = variance(n, sum(g), s2, a.scale, sample);
                 match v {
                     Some(v) => b.append_value(if root { v.sqrt() } else { v }),
                     None => b.append_null(),

@@ -28,8 +28,9 @@ use crate::catalog::{Catalog, ColumnType, DomainValue, TableDef, DEFAULT_FLOAT_S
 use crate::privacy::{Dec, DpParams, PartialNoise};
 use crate::PlanError;
 
-/// The largest result share (bytes) a plan may need: below the peers'
-/// message limit (64 MiB) with room for Arrow's framing.
+/// The largest result share (bytes) a plan may need: a gateway holds a
+/// share stream whole (within this bound, `gateway::service`), and the
+/// leader one per peer.
 pub const MAX_SHARE_BYTES: usize = 48 << 20;
 
 /// Options the querying analyst may set; part of the fingerprint.
@@ -126,7 +127,9 @@ pub enum PartialKind {
     /// Σ x², exact at twice the scale, shared in Z_2^128; only where every
     /// factor is below 10^WHOLE_SQUARE_DIGITS units.
     SumSquares,
-    /// A limb of Σ x² (at twice the scale, once combined), in Z_2^128.
+    /// A limb of Σ x², summed locally in 128 bits; the high limb's partial
+    /// carries the party's whole Σx² (all three combined), shared in
+    /// Z_2^256, and the other two are never shared.
     SquareLimb(Limb),
 }
 
@@ -178,19 +181,16 @@ impl Squares {
         }
     }
 
-    /// Σx² of group `g` from the revealed totals.
-    pub fn total(self, r: &crate::finalize::Revealed, g: usize) -> i256 {
+    /// Σx² of group `g` from the revealed totals (`None`: not revealed).
+    pub fn total(self, r: &crate::finalize::Revealed, g: usize) -> Option<i256> {
         let i = self.shared();
         match self {
-            Squares::Whole(_) => {
-                i256::from_i128(r.totals.get(i).and_then(|t| t.get(g)).copied().unwrap_or(0))
-            }
-            Squares::Limbs { .. } => r
-                .wide
-                .get(&i)
+            Squares::Whole(_) => r
+                .totals
+                .get(i)
                 .and_then(|t| t.get(g))
-                .copied()
-                .unwrap_or(i256::ZERO),
+                .map(|&v| i256::from_i128(v)),
+            Squares::Limbs { .. } => r.wide.get(&i).and_then(|t| t.get(g)).copied(),
         }
     }
 }
@@ -314,18 +314,17 @@ impl Partial {
             PartialKind::SumSquares => {
                 format!("SUM(({arg})^2) at scale {}, in Z_2^128", 2 * self.scale)
             }
-            PartialKind::SquareLimb(l) => {
-                let (name, terms) = match l {
-                    Limb::High => ("high", "hi·hi"),
-                    Limb::Cross => ("cross", "hi·lo"),
-                    Limb::Low => ("low", "lo·lo"),
-                };
-                format!(
-                    "SUM({terms}) ({name} limb of SUM(({arg})^2) at scale {}), where ({arg})·10^{} = hi·10^9 + lo, in Z_2^128",
-                    2 * self.scale,
-                    self.scale
-                )
-            }
+            PartialKind::SquareLimb(Limb::High) => format!(
+                "SUM(({arg})^2) at scale {}, in Z_2^256: each party sums hi², hi·lo and lo² locally, where \
+                 ({arg})·10^{} = hi·10^9 + lo, and shares only hi²·10^18 + 2·hi·lo·10^9 + lo²",
+                2 * self.scale,
+                self.scale
+            ),
+            PartialKind::SquareLimb(l) => format!(
+                "SUM({}) over ({arg})·10^{} = hi·10^9 + lo (local only, inside the sum of squares)",
+                if l == Limb::Cross { "hi·lo" } else { "lo·lo" },
+                self.scale
+            ),
         }
     }
 }
@@ -937,7 +936,7 @@ impl FederatedPlan {
             self.fingerprint.chars().take(16).collect::<String>()
         );
         let _ = writeln!(s, "  parties: {}", self.parties.join(", "));
-        let _ = writeln!(s, "  engine: additive secret sharing over Z_2^64 for counts and Z_2^128 for sums and sums of squares, among all {} parties", self.parties.len());
+        let _ = writeln!(s, "  engine: additive secret sharing over Z_2^64 for counts, Z_2^128 for sums and sums of squares, Z_2^256 for sums of squares of wide values, among all {} parties", self.parties.len());
         let _ = writeln!(
             s,
             "1. Local part (each party, on its own rows only; raw rows never leave the party):"
@@ -1373,9 +1372,10 @@ async fn plan_query_here(
         aggregates.push(out);
     }
 
-    // A result share carries up to two 8-byte words per group and shared
-    // partial; peers refuse messages beyond a fixed size, so a plan whose
-    // shares would not fit is refused here, before anything runs.
+    // A result share carries up to two 8-byte words per group and partial
+    // (a Z_2^256 sum of squares four, for its three limb partials); peers
+    // refuse shares beyond a fixed size, so a plan whose shares would not
+    // fit is refused here, before anything runs.
     let share_bytes = (groups.len().max(1) as u128) * (partials.len() as u128) * 16;
     if share_bytes > MAX_SHARE_BYTES as u128 {
         return Err(PlanError::not_permitted(

@@ -57,8 +57,18 @@ impl std::fmt::Display for Report {
             self.panics,
             if self.contained > 0 {
                 format!(
-                    " ({} more inside pgwire's decoder, contained: the connection ends)",
-                    self.contained
+                    " ({} more inside {}, contained: {} ends with an error)",
+                    self.contained,
+                    if self.target == "ipc" {
+                        "Arrow's IPC reader"
+                    } else {
+                        "pgwire's decoder"
+                    },
+                    if self.target == "ipc" {
+                        "the share stream"
+                    } else {
+                        "the connection"
+                    }
                 )
             } else {
                 String::new()
@@ -140,15 +150,20 @@ impl Context {
         .await
         .expect("test plan");
         let keys = plan.groups.key_arrays();
-        let table = executor::SharedTable::zeros(
-            keys.clone(),
-            &[executor::Width::Z64, executor::Width::Z128],
-            plan.groups.len(),
-        );
+        let table = executor::SharedTable::zeros(keys.clone(), &SHARE_WIDTHS, plan.groups.len());
         let batch = table.to_batch().expect("share batch");
-        let share_flight =
-            arrow_flight::utils::batches_to_flight_data(&batch.schema(), vec![batch])
-                .expect("flight data");
+        // Split as arrow-flight splits a large share (here at 64 bytes, so
+        // that the stream has several batches): the mutations then hit the
+        // schema, every batch and the bookkeeping across them.
+        use futures::StreamExt;
+        let share_flight = futures::executor::block_on(
+            arrow_flight::encode::FlightDataEncoderBuilder::new()
+                .with_max_flight_data_size(64)
+                .build(futures::stream::iter([Ok(batch)]))
+                .map(|r| r.expect("flight data"))
+                .collect::<Vec<_>>(),
+        );
+        assert!(share_flight.len() > 2, "a share in several batches");
         Context {
             catalog,
             parties,
@@ -297,6 +312,13 @@ fn peer_case(ctx: &Context, bytes: &[u8]) -> bool {
     any
 }
 
+/// The rings of the fuzzed share's columns.
+const SHARE_WIDTHS: [executor::Width; 3] = [
+    executor::Width::Z64,
+    executor::Width::Z128,
+    executor::Width::Z256,
+];
+
 /// Decodes a share stream whose message `bytes[0]` had its header
 /// (`bytes[1] == 1`) or body replaced by the rest, as `do_put` does
 /// (`gateway::service::decode_share_stream`), then validates the batch.
@@ -305,13 +327,26 @@ fn ipc_case(ctx: &Context, bytes: &[u8]) -> bool {
         return false;
     };
     let mut msgs = ctx.share_flight.clone();
-    let Some(fd) = msgs.get_mut(m as usize) else {
+    let m = m as usize;
+    if m >= msgs.len() {
         return false;
-    };
-    if header == 1 {
-        fd.data_header = bytes[2..].to_vec().into();
-    } else {
-        fd.data_body = bytes[2..].to_vec().into();
+    }
+    match header % 5 {
+        // A batch's header or body replaced.
+        1 => msgs[m].data_header = bytes[2..].to_vec().into(),
+        0 => msgs[m].data_body = bytes[2..].to_vec().into(),
+        // A message dropped, repeated, or out of order.
+        2 => {
+            msgs.remove(m);
+        }
+        3 => {
+            let again = msgs[m].clone();
+            msgs.insert(m, again);
+        }
+        _ => {
+            let other = (m + 1) % msgs.len();
+            msgs.swap(m, other);
+        }
     }
     let rows = ctx.plan.groups.len();
     let decoded = futures::executor::block_on(gateway::service::decode_share_stream(
@@ -321,8 +356,7 @@ fn ipc_case(ctx: &Context, bytes: &[u8]) -> bool {
     ));
     match decoded {
         Ok(b) => {
-            let widths = [executor::Width::Z64, executor::Width::Z128];
-            executor::SharedTable::from_batch(&b, &ctx.share_keys, &widths, rows).is_ok()
+            executor::SharedTable::from_batch(&b, &ctx.share_keys, &SHARE_WIDTHS, rows).is_ok()
         }
         Err(_) => false,
     }
