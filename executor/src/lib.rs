@@ -21,7 +21,7 @@ pub mod transport;
 pub use additive::AdditiveEngine;
 pub use groups::GroupIndex;
 pub use shares::{ShareColumn, SharedTable, Width};
-pub use transport::{InMemoryNetwork, Round, Transport, TransportError};
+pub use transport::{AbortKind, AbortReason, InMemoryNetwork, Round, Transport, TransportError};
 
 /// An engine's first operator: every party contributes a table of
 /// per-group values; the designated party learns the per-group sums and no

@@ -20,6 +20,69 @@ pub enum Round {
     Result,
 }
 
+/// Why a query ended before its reveal, as one party tells the others: the
+/// kind decides what every party and the analyst do and see; the detail is
+/// for people, and never holds a value from a party's rows. Parties send it
+/// in `abort` and in the answer to a `start` for a query that already
+/// ended; nothing is decided by reading its text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbortReason {
+    pub kind: AbortKind,
+    /// The party that ended the query.
+    pub party: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AbortKind {
+    /// The party's own part failed on its data (its log has the details).
+    /// The analyst is told that a party aborted and why in general terms,
+    /// not which party.
+    Data,
+    /// A party could not reach a peer, or a peer did not answer in time.
+    Unavailable,
+    /// A peer sent something the protocol does not allow.
+    Protocol,
+    /// The analyst disconnected or cancelled.
+    Cancelled,
+    /// Anything else: a disagreement on the plan or its privacy, a spent
+    /// budget, an internal error.
+    Other,
+}
+
+impl AbortReason {
+    pub fn new(kind: AbortKind, party: &str, detail: impl Into<String>) -> Self {
+        AbortReason {
+            kind,
+            party: party.to_string(),
+            detail: detail.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for AbortReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A reason can come from a peer: shown at most 300 characters long.
+        let cut = |t: &str| -> String {
+            if t.chars().count() > 300 {
+                format!("{}…", t.chars().take(300).collect::<String>())
+            } else {
+                t.to_string()
+            }
+        };
+        let (party, detail) = (cut(&self.party), cut(&self.detail));
+        match self.kind {
+            // Which party's data failed is not the analyst's to know.
+            AbortKind::Data => write!(f, "a party aborted: {detail}"),
+            AbortKind::Cancelled => write!(f, "{party} cancelled: {detail}"),
+            AbortKind::Other => write!(f, "{party} aborted: {detail}"),
+            // These details name the peers already.
+            AbortKind::Unavailable | AbortKind::Protocol => f.write_str(&detail),
+        }
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum TransportError {
     #[error("peer {peer} is unreachable: {reason}")]
@@ -31,7 +94,7 @@ pub enum TransportError {
         secs: f64,
     },
     #[error("query aborted: {0}")]
-    Aborted(String),
+    Aborted(AbortReason),
     #[error("peer {peer} broke the protocol: {reason}")]
     Protocol { peer: String, reason: String },
 }
@@ -47,7 +110,7 @@ pub trait Transport: Send + Sync {
 struct MailboxState {
     arrived: HashMap<(String, Round), RecordBatch>,
     taken: std::collections::HashSet<(String, Round)>,
-    aborted: Option<String>,
+    aborted: Option<AbortReason>,
 }
 
 /// Incoming batches of one query at one party, waiting to be taken.
@@ -97,18 +160,19 @@ impl Mailbox {
         Ok(())
     }
 
-    /// Ends the query: every waiter and every later delivery fails.
-    pub fn abort(&self, reason: &str) {
+    /// Ends the query: every waiter and every later delivery fails. The
+    /// first reason stays.
+    pub fn abort(&self, reason: &AbortReason) {
         let mut st = self.lock();
         if st.aborted.is_none() {
-            st.aborted = Some(reason.to_string());
+            st.aborted = Some(reason.clone());
         }
         st.arrived.clear();
         drop(st);
         self.notify.notify_waiters();
     }
 
-    pub fn aborted(&self) -> Option<String> {
+    pub fn aborted(&self) -> Option<AbortReason> {
         self.lock().aborted.clone()
     }
 

@@ -17,7 +17,10 @@ use arrow::datatypes::i256;
 use connectors::LocalSource;
 use executor::encode::{dense_partials, sum_cannot_wrap, to_ring};
 use executor::transport::Mailbox;
-use executor::{AdditiveEngine, GroupIndex, SecureSum, SharedTable, Width};
+use executor::{
+    AbortKind, AbortReason, AdditiveEngine, GroupIndex, SecureSum, SharedTable, TransportError,
+    Width,
+};
 use planner::finalize::{post_plan, revealed_batch, Revealed};
 use planner::privacy::{DpParams, Noise, Requirement};
 use planner::{plan_query, Catalog, FederatedPlan, QueryOptions};
@@ -31,7 +34,6 @@ use crate::peer::{PeerAction, PeerClients, Propose, QueryRef, QueryTransport, St
 /// name the party: which party's data made a query fail is itself
 /// something the analyst must not learn (the secure sum hides which party
 /// holds what). The party's own log names itself and the cause.
-const DATA_ABORT: &str = "a party aborted:";
 
 /// Sessions not started within this time are dropped.
 const SESSION_TTL: Duration = Duration::from_secs(600);
@@ -244,7 +246,7 @@ pub struct Gateway {
     /// The last queries that ended here, with a reason this party may tell
     /// the others: a late `start` or share then learns why, instead of
     /// "no agreed query".
-    ended: Mutex<std::collections::VecDeque<((String, String), String)>>,
+    ended: Mutex<std::collections::VecDeque<((String, String), AbortReason)>>,
     timeout: Duration,
     fault: Option<Fault>,
     log_queries: bool,
@@ -649,7 +651,7 @@ impl Gateway {
     /// against its own, derives the DP plan itself (the fingerprint must
     /// match the leader's) and charges its budget before anything of the
     /// query can leave it.
-    pub fn on_start(self: &Arc<Self>, from: &str, start: Start) -> Result<(), String> {
+    pub fn on_start(self: &Arc<Self>, from: &str, start: Start) -> Result<(), PeerRefusal> {
         let query_id = &start.query_id;
         let s = self
             .sessions()
@@ -657,12 +659,15 @@ impl Gateway {
             .cloned()
             .ok_or_else(|| self.no_session(from, query_id))?;
         if s.started.swap(true, Ordering::SeqCst) {
-            return Err(format!("query {query_id} was already started"));
+            return Err(PeerRefusal::Other(format!(
+                "query {query_id} was already started"
+            )));
         }
         if let Err(e) = self.adopt_privacy(&s, start.privacy, start.fingerprint.as_deref()) {
-            self.note_end(&s, &e);
+            let reason = AbortReason::new(AbortKind::Other, &self.party, e.clone());
+            self.note_end(&s, &reason);
             self.finish(&s, format!("not run: {e}"));
-            return Err(e);
+            return Err(PeerRefusal::Ended(reason));
         }
         if self.fault == Some(Fault::SilentAfterStart) {
             // Played dead right after accepting `start`.
@@ -672,7 +677,14 @@ impl Gateway {
         tokio::spawn(async move {
             let outcome = match me.compute(&s).await {
                 Ok(_) => {
-                    me.note_end(&s, "it sent its result share");
+                    me.note_end(
+                        &s,
+                        &AbortReason::new(
+                            AbortKind::Other,
+                            &me.party,
+                            "it had already sent its result share",
+                        ),
+                    );
                     "shares sent".to_string()
                 }
                 Err(f) => {
@@ -688,31 +700,28 @@ impl Gateway {
     }
 
     /// Remembers why a query ended here (a reason other parties may see).
-    fn note_end(&self, s: &Session, reason: &str) {
+    fn note_end(&self, s: &Session, reason: &AbortReason) {
         let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
         if ended.len() >= 512 {
             ended.pop_front();
         }
-        ended.push_back(((s.leader.clone(), s.query_id.clone()), reason.to_string()));
+        ended.push_back(((s.leader.clone(), s.query_id.clone()), reason.clone()));
     }
 
     /// The answer to a `start` or share for a query this party does not
     /// hold: why it ended, if it did.
-    fn no_session(&self, leader: &str, query_id: &str) -> String {
+    fn no_session(&self, leader: &str, query_id: &str) -> PeerRefusal {
         let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
         match ended
             .iter()
             .rev()
             .find(|((l, q), _)| l == leader && q == query_id)
         {
-            Some((_, reason)) => format!(
-                "{} already ended query {query_id} from {leader}: {reason}",
-                self.party
-            ),
-            None => format!(
+            Some((_, reason)) => PeerRefusal::Ended(reason.clone()),
+            None => PeerRefusal::Other(format!(
                 "{} has no agreed query {query_id} from {leader}",
                 self.party
-            ),
+            )),
         }
     }
 
@@ -855,7 +864,7 @@ impl Gateway {
             s.mailbox.abort(&r.reason);
             // A started session ends in its own task, which sees the abort.
             if !s.started.load(Ordering::SeqCst) {
-                self.note_end(&s, &format!("aborted by {from}: {}", r.reason));
+                self.note_end(&s, &r.reason);
                 self.finish(&s, format!("aborted by {from}: {}", r.reason));
             }
         }
@@ -871,7 +880,7 @@ impl Gateway {
         leader: &str,
         query_id: &str,
         round: executor::Round,
-    ) -> Result<(usize, usize), String> {
+    ) -> Result<(usize, usize), PeerRefusal> {
         let s = self.share_session(from, leader, query_id, round)?;
         Ok(share_shape(&s.plan(), round))
     }
@@ -883,15 +892,17 @@ impl Gateway {
         leader: &str,
         query_id: &str,
         round: executor::Round,
-    ) -> Result<Arc<Session>, String> {
+    ) -> Result<Arc<Session>, PeerRefusal> {
         if !self.parties.iter().any(|p| p == from) {
-            return Err(format!("{from} is not a party of this federation"));
+            return Err(PeerRefusal::Other(format!(
+                "{from} is not a party of this federation"
+            )));
         }
         if round == executor::Round::Result && leader != self.party {
-            return Err(format!(
+            return Err(PeerRefusal::Other(format!(
                 "result shares go to the querying gateway {leader}, not to {}",
                 self.party
-            ));
+            )));
         }
         self.sessions()
             .get(&(leader.to_string(), query_id.to_string()))
@@ -906,7 +917,8 @@ impl Gateway {
             .get(&(leader.to_string(), query_id.to_string()))
             .cloned();
         if let Some(s) = s {
-            s.mailbox.abort(reason);
+            s.mailbox
+                .abort(&AbortReason::new(AbortKind::Protocol, &self.party, reason));
         }
     }
 
@@ -918,7 +930,7 @@ impl Gateway {
         query_id: &str,
         round: executor::Round,
         batch: RecordBatch,
-    ) -> Result<(), String> {
+    ) -> Result<(), PeerRefusal> {
         let s = self.share_session(from, leader, query_id, round)?;
         // The shape is checked on delivery, before anything is kept (and
         // before decoding, in `service::decode_share_stream`).
@@ -930,12 +942,17 @@ impl Gateway {
                 batch.num_rows(),
                 batch.num_columns()
             );
-            s.mailbox.abort(&reason);
-            return Err(reason);
+            s.mailbox.abort(&AbortReason::new(
+                AbortKind::Protocol,
+                &self.party,
+                reason.clone(),
+            ));
+            return Err(PeerRefusal::Other(reason));
         }
-        s.mailbox
-            .deliver(from, round, batch)
-            .map_err(|e| e.to_string())
+        s.mailbox.deliver(from, round, batch).map_err(|e| match e {
+            TransportError::Aborted(r) => PeerRefusal::Ended(r),
+            other => PeerRefusal::Other(other.to_string()),
+        })
     }
 
     fn finish(&self, s: &Session, mut outcome: String) {
@@ -988,17 +1005,17 @@ impl Gateway {
         });
     }
 
-    async fn abort_everywhere(&self, s: &Session, reason: &str) {
+    async fn abort_everywhere(&self, s: &Session, reason: &AbortReason) {
         s.mailbox.abort(reason);
         self.abort_peers(&s.leader, &s.query_id, reason).await;
     }
 
     /// Tells every peer to drop the query (best effort: a peer that cannot
     /// be reached times out on its own).
-    async fn abort_peers(&self, leader: &str, query_id: &str, reason: &str) {
+    async fn abort_peers(&self, leader: &str, query_id: &str, reason: &AbortReason) {
         let abort = PeerAction::Abort(QueryRef {
             query_id: query_id.to_string(),
-            reason: reason.to_string(),
+            reason: reason.clone(),
             leader: leader.to_string(),
         });
         let sends = self.peers.keys().map(|p| {
@@ -1026,11 +1043,11 @@ impl Gateway {
         let task = s.prepared.lock().unwrap_or_else(|p| p.into_inner()).take();
         let input = match task {
             Some(task) => task.await.map_err(|e| PartyFailure {
-                peer_down: false,
                 local: format!("the local part's task ended abnormally: {e}"),
-                shared: format!(
-                    "{} aborted: internal error (details in its gateway log)",
-                    self.party
+                shared: AbortReason::new(
+                    AbortKind::Other,
+                    &self.party,
+                    "internal error (details in its gateway log)",
                 ),
             })??,
             None => self.local_input(s).await?,
@@ -1043,8 +1060,7 @@ impl Gateway {
         let t = Instant::now();
         let plan = &s.plan();
         let mine = |m: String| PartyFailure {
-            peer_down: false,
-            shared: format!("{DATA_ABORT} {m}"),
+            shared: AbortReason::new(AbortKind::Data, &self.party, m.clone()),
             local: m,
         };
         // From here on, how the query ends may depend on this party's rows
@@ -1059,9 +1075,12 @@ impl Gateway {
             .run(&plan.local)
             .await
             .map_err(|e| PartyFailure {
-                peer_down: false,
                 local: e.to_string(),
-                shared: format!("{DATA_ABORT} its local part failed (details in its gateway log)"),
+                shared: AbortReason::new(
+                    AbortKind::Data,
+                    &self.party,
+                    "its local part failed (details in its gateway log)",
+                ),
             })?;
         s.phases.span("local part", t);
         let t = Instant::now();
@@ -1071,10 +1090,15 @@ impl Gateway {
             Vec::new()
         };
         let index = GroupIndex::new(keys.clone()).map_err(|e| mine(e.to_string()))?;
-        let dense = dense_partials(&batches, &index, plan.local.partials.len()).map_err(|e| PartyFailure {
-            peer_down: false,
-            local: e.to_string(),
-            shared: format!("{DATA_ABORT} its local data does not fit the declared catalog (details in its gateway log)"),
+        let dense = dense_partials(&batches, &index, plan.local.partials.len()).map_err(|e| {
+            PartyFailure {
+                local: e.to_string(),
+                shared: AbortReason::new(
+                    AbortKind::Data,
+                    &self.party,
+                    "its local data does not fit the declared catalog (details in its gateway log)",
+                ),
+            }
         })?;
         if dense.outside > 0 {
             // For this party's operator only: how many of its rows keep the
@@ -1088,7 +1112,7 @@ impl Gateway {
             );
         }
         let dense = dense.values;
-        check_no_wrap(plan, &dense, index.len())?;
+        check_no_wrap(&self.party, plan, &dense, index.len())?;
         let shared_idx = plan.shared_partials();
         let mut shared: Vec<Vec<i256>> = shared_idx
             .iter()
@@ -1138,7 +1162,6 @@ impl Gateway {
         let ring = to_ring(&shared, &widths, self.parties.len()).map_err(|o| {
             let p = &plan.local.partials[shared_idx[o.partial]];
             PartyFailure {
-                peer_down: false,
                 local: format!(
                     "partial {:?} of {:?} in group {} is {} and exceeds the per-party bound ±{} of the ring with {} parties",
                     p.kind,
@@ -1148,9 +1171,11 @@ impl Gateway {
                     o.bound,
                     self.parties.len()
                 ),
-                shared: format!(
-                    "{DATA_ABORT} one of its partial sums is too large to combine exactly in the ring; \
-                     lower the declared scale of the aggregated column or narrow the query"
+                shared: AbortReason::new(
+                    AbortKind::Data,
+                    &self.party,
+                    "one of its partial sums is too large to combine exactly in the ring; \
+                     lower the declared scale of the aggregated column or narrow the query",
                 ),
             }
         })?;
@@ -1196,20 +1221,9 @@ impl Gateway {
         let out = engine
             .sum_and_reveal(&transport, input)
             .await
-            .map_err(|e| {
-                let m = e.to_string();
-                let peer_down = matches!(
-                    e,
-                    executor::ExecError::Transport(
-                        executor::TransportError::Unreachable { .. }
-                            | executor::TransportError::Timeout { .. }
-                    )
-                );
-                PartyFailure {
-                    shared: m.clone(),
-                    local: m,
-                    peer_down,
-                }
+            .map_err(|e| PartyFailure {
+                local: e.to_string(),
+                shared: self.reason_of(&e),
             })?;
         s.phases.span("secure sum", t);
         let Some(cols) = out else {
@@ -1217,13 +1231,12 @@ impl Gateway {
         };
         if cols.len() != shared_idx.len() {
             return Err(PartyFailure {
-                peer_down: false,
                 local: format!(
                     "{} totals for {} shared partials",
                     cols.len(),
                     shared_idx.len()
                 ),
-                shared: "internal error".into(),
+                shared: AbortReason::new(AbortKind::Other, &self.party, "internal error"),
             });
         }
         let mut totals = vec![Vec::new(); plan.local.partials.len()];
@@ -1354,6 +1367,11 @@ impl Gateway {
                             message: format!("unreadable verdict: {e}"),
                         }
                     }),
+                    Err(
+                        e @ (TransportError::Unreachable { .. } | TransportError::Timeout { .. }),
+                    ) => Verdict::Unreachable {
+                        message: e.to_string(),
+                    },
                     Err(e) => Verdict::Error {
                         message: e.to_string(),
                     },
@@ -1382,7 +1400,7 @@ impl Gateway {
                 Verdict::Deny { rule, reason } => {
                     QueryFailure::new(FailureKind::Refused, format!("{p} refused: {reason} (policy: {rule})"))
                 }
-                Verdict::Error { message } if message.starts_with("peer ") => {
+                Verdict::Unreachable { message } => {
                     QueryFailure::new(FailureKind::Unavailable, message.clone())
                 }
                 Verdict::Error { message } => QueryFailure::new(FailureKind::Invalid, format!("{p} could not plan the query: {message}")),
@@ -1390,7 +1408,12 @@ impl Gateway {
             failure.get_or_insert(f);
         }
         if let Some(f) = failure {
-            self.abort_peers(&self.party, query_id, &f.message).await;
+            self.abort_peers(
+                &self.party,
+                query_id,
+                &AbortReason::new(AbortKind::Other, &self.party, f.message.clone()),
+            )
+            .await;
             return Err(f);
         }
         Ok(verdicts)
@@ -1515,6 +1538,7 @@ impl Gateway {
                 }
                 Verdict::Deny { rule, reason } => format!("deny: {reason} (policy: {rule})"),
                 Verdict::Error { message } => format!("error: {message}"),
+                Verdict::Unreachable { message } => format!("unreachable: {message}"),
             };
             s.push_str(&format!("  {p}: {line}\n"));
         }
@@ -1587,7 +1611,12 @@ impl Gateway {
             }
             Ok(None) => {}
             Err(f) => {
-                self.abort_peers(&self.party, &query_id, &f.message).await;
+                self.abort_peers(
+                    &self.party,
+                    &query_id,
+                    &AbortReason::new(AbortKind::Other, &self.party, f.message.clone()),
+                )
+                .await;
                 self.finish(&session, format!("not run: {}", f.message));
                 return Err(f);
             }
@@ -1600,7 +1629,12 @@ impl Gateway {
         let start = PeerAction::Start(start);
         let starts = self.peers.keys().map(|p| {
             let start = &start;
-            async move { self.clients.send(p, start).await.map_err(|e| e.to_string()) }
+            async move {
+                self.clients
+                    .send(p, start)
+                    .await
+                    .map_err(|e| self.reason_of_transport(&e))
+            }
         });
         let starts = async {
             let failed = futures::future::join_all(starts)
@@ -1618,11 +1652,10 @@ impl Gateway {
             // Another party aborted first (its abort reached our mailbox
             // before our `start` reached a peer that had already ended the
             // query): its reason is the true one.
-            (Some(e), Err(f)) if !f.shared.contains(&e) && !f.local.contains(&e) => Err(f),
+            (Some(e), Err(f)) if f.shared != e => Err(f),
             (Some(e), _) => Err(PartyFailure {
-                local: e.clone(),
+                local: e.to_string(),
                 shared: e,
-                peer_down: true,
             }),
             (None, result) => result,
         };
@@ -1630,9 +1663,8 @@ impl Gateway {
             Ok(Some(r)) => r,
             Ok(None) => {
                 let f = PartyFailure {
-                    peer_down: false,
                     local: "the leader got no result".into(),
-                    shared: "internal error".into(),
+                    shared: AbortReason::new(AbortKind::Other, &self.party, "internal error"),
                 };
                 return Err(self.fail(&session, f).await);
             }
@@ -1654,30 +1686,46 @@ impl Gateway {
     }
 
     async fn fail(&self, s: &Session, f: PartyFailure) -> QueryFailure {
-        let reason = f.shared.clone();
-        self.note_end(s, &reason);
-        self.abort_everywhere(s, &reason).await;
+        self.note_end(s, &f.shared);
+        self.abort_everywhere(s, &f.shared).await;
         self.finish(s, format!("aborted: {}", f.local));
-        let kind = if f.peer_down {
+        let kind = if f.shared.kind == AbortKind::Unavailable {
             FailureKind::Unavailable
         } else {
             FailureKind::Aborted
         };
-        let reason = reason
-            .strip_prefix("query aborted: ")
-            .unwrap_or(&reason)
-            .to_string();
-        // However the reason reached this party ("p1 already ended query …:
-        // aborted by p2: a party aborted: …"), the analyst learns only that
-        // a party aborted, and why in general terms.
-        let reason = match reason.find(DATA_ABORT) {
-            Some(i) => reason[i..].to_string(),
-            None => reason,
-        };
+        // The reason's own wording: a data abort does not name the party.
         QueryFailure::new(
             kind,
-            format!("{reason}; the query was aborted at every party and nothing was revealed"),
+            format!(
+                "{}; the query was aborted at every party and nothing was revealed",
+                f.shared
+            ),
         )
+    }
+
+    /// Why a secure computation failed, as this party tells the others.
+    fn reason_of(&self, e: &executor::ExecError) -> AbortReason {
+        match e {
+            executor::ExecError::Transport(t) => self.reason_of_transport(t),
+            executor::ExecError::Malformed { .. } => {
+                AbortReason::new(AbortKind::Protocol, &self.party, e.to_string())
+            }
+            other => AbortReason::new(AbortKind::Other, &self.party, other.to_string()),
+        }
+    }
+
+    fn reason_of_transport(&self, e: &TransportError) -> AbortReason {
+        match e {
+            // Another party's reason, as it gave it.
+            TransportError::Aborted(r) => r.clone(),
+            TransportError::Unreachable { .. } | TransportError::Timeout { .. } => {
+                AbortReason::new(AbortKind::Unavailable, &self.party, e.to_string())
+            }
+            TransportError::Protocol { .. } => {
+                AbortReason::new(AbortKind::Protocol, &self.party, e.to_string())
+            }
+        }
     }
 }
 
@@ -1744,7 +1792,8 @@ impl Drop for CancelGuard {
         let gw = self.gw.clone();
         let s = self.session.clone();
         rt.spawn(async move {
-            let reason = format!("{} cancelled: the analyst disconnected", gw.party);
+            let reason =
+                AbortReason::new(AbortKind::Cancelled, &gw.party, "the analyst disconnected");
             gw.note_end(&s, &reason);
             gw.abort_everywhere(&s, &reason).await;
             gw.finish(&s, "cancelled by the analyst".into());
@@ -1756,9 +1805,38 @@ impl Drop for CancelGuard {
 /// the others (no private values).
 struct PartyFailure {
     local: String,
-    shared: String,
-    /// A peer was unreachable or silent (as opposed to a party aborting).
-    peer_down: bool,
+    shared: AbortReason,
+}
+
+/// Why this party turns down a peer's `start` or share: the query ended
+/// here (with the reason, which the peer adopts), or the message does not
+/// belong to any query it may send to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PeerRefusal {
+    Ended(AbortReason),
+    Other(String),
+}
+
+impl PeerRefusal {
+    /// As a gRPC status: an ended query is `aborted` with the reason as
+    /// JSON, which `peer::status_error` decodes (never matched as text).
+    pub fn to_status(&self) -> tonic::Status {
+        match self {
+            PeerRefusal::Ended(r) => {
+                tonic::Status::aborted(serde_json::to_string(r).unwrap_or_default())
+            }
+            PeerRefusal::Other(m) => tonic::Status::failed_precondition(m.clone()),
+        }
+    }
+}
+
+impl std::fmt::Display for PeerRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerRefusal::Ended(r) => write!(f, "the query already ended: {r}"),
+            PeerRefusal::Other(m) => f.write_str(m),
+        }
+    }
 }
 
 /// Proves that no local 128-bit sum wrapped: every summand of every sum
@@ -1767,6 +1845,7 @@ struct PartyFailure {
 /// decides, and only some 10^12 rows in one group could fail it.
 #[allow(clippy::needless_range_loop)]
 fn check_no_wrap(
+    party: &str,
     plan: &FederatedPlan,
     raw: &[Vec<i128>],
     groups: usize,
@@ -1782,9 +1861,12 @@ fn check_no_wrap(
         for g in 0..groups {
             if !sum_cannot_wrap(raw[c][g], cap) {
                 return Err(PartyFailure {
-                    peer_down: false,
                     local: format!("a local sum in group {g} might exceed 128 bits (count {}, |summand| ≤ {cap})", raw[c][g]),
-                    shared: format!("{DATA_ABORT} one of its local sums is too large to compute exactly; narrow the query"),
+                    shared: AbortReason::new(
+                        AbortKind::Data,
+                        party,
+                        "one of its local sums is too large to compute exactly; narrow the query",
+                    ),
                 });
             }
         }

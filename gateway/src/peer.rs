@@ -5,7 +5,10 @@
 //!   gateway plans it itself, checks its own policy and answers with its
 //!   plan fingerprint or a refusal naming the rule.
 //! - `start` (action): all verdicts agreed; run the local part and share.
-//! - `abort` (action): stop the query; nothing further is revealed.
+//! - `abort` (action): stop the query, with a typed
+//!   [`executor::AbortReason`]; nothing further is revealed. A `start` or
+//!   share for a query that already ended is answered with its reason (a
+//!   gRPC `aborted` status carrying the reason as JSON).
 //! - `do_put` with a [`PutHeader`]: one batch of shares for one round.
 //!
 //! The sender of every message is the party named by its TLS certificate.
@@ -165,6 +168,11 @@ pub enum Verdict {
     Error {
         message: String,
     },
+    /// The leader's own record that a peer did not answer (never sent).
+    #[serde(skip)]
+    Unreachable {
+        message: String,
+    },
 }
 
 /// `start`: every party allowed; with DP, the merged parameters and the
@@ -181,8 +189,7 @@ pub struct Start {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QueryRef {
     pub query_id: String,
-    #[serde(default)]
-    pub reason: String,
+    pub reason: executor::AbortReason,
     /// The querying gateway (the session key at the receiver).
     #[serde(default)]
     pub leader: String,
@@ -303,7 +310,10 @@ impl PeerClients {
         batch: RecordBatch,
     ) -> Result<(), TransportError> {
         let (addr, mut c) = self.client(peer)?;
-        let cmd = serde_json::to_vec(header).map_err(|e| TransportError::Aborted(e.to_string()))?;
+        let cmd = serde_json::to_vec(header).map_err(|e| TransportError::Protocol {
+            peer: peer.to_string(),
+            reason: format!("the share header could not be written: {e}"),
+        })?;
         let input = futures::stream::iter(vec![Ok(batch)]);
         let flight = FlightDataEncoderBuilder::new()
             .with_flight_descriptor(Some(FlightDescriptor::new_cmd(cmd)))
@@ -339,7 +349,15 @@ fn status_error(peer: &str, addr: &str, s: tonic::Status) -> TransportError {
         | tonic::Code::Unknown
         | tonic::Code::Cancelled
         | tonic::Code::DeadlineExceeded => unreachable(peer, addr, &s),
-        tonic::Code::Aborted => TransportError::Aborted(s.message().to_string()),
+        // The peer ended the query: its reason, as the one place that reads
+        // it (`gateway::PeerRefusal::to_status` writes it).
+        tonic::Code::Aborted => match serde_json::from_str(s.message()) {
+            Ok(reason) => TransportError::Aborted(reason),
+            Err(_) => TransportError::Protocol {
+                peer: peer.to_string(),
+                reason: "it ended the query without a readable reason".into(),
+            },
+        },
         _ => TransportError::Protocol {
             peer: peer.to_string(),
             reason: s.message().to_string(),
@@ -417,15 +435,33 @@ mod tests {
             PeerAction::decode(kind, &body),
             Ok(PeerAction::Start(s)) if s.query_id == "q" && s.fingerprint.as_deref() == Some("f")
         ));
+        let reason = executor::AbortReason::new(executor::AbortKind::Cancelled, "l", "gone");
         let abort = PeerAction::Abort(QueryRef {
             query_id: "q".into(),
-            reason: "r".into(),
+            reason: reason.clone(),
             leader: "l".into(),
         });
         let (kind, body) = abort.encode();
-        assert!(
-            matches!(PeerAction::decode(kind, &body), Ok(PeerAction::Abort(a)) if a.leader == "l")
+        assert!(matches!(
+            PeerAction::decode(kind, &body),
+            Ok(PeerAction::Abort(a)) if a.leader == "l" && a.reason == reason
+        ));
+        // An abort without a typed reason is malformed (protocol 2).
+        assert!(matches!(
+            PeerAction::decode(kind, br#"{"query_id":"q","reason":"text","leader":"l"}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+        // The reason an ended query is answered with is decoded, not read.
+        let status = crate::gateway::PeerRefusal::Ended(reason.clone()).to_status();
+        assert_eq!(
+            status_error("p", "a", status),
+            TransportError::Aborted(reason)
         );
+        let garbled = tonic::Status::aborted("not json");
+        assert!(matches!(
+            status_error("p", "a", garbled),
+            TransportError::Protocol { .. }
+        ));
         // A start's body is not a proposal; an unknown name is not malformed.
         assert!(matches!(
             PeerAction::decode(action::PROPOSE, b"{\"query_id\":\"q\"}"),

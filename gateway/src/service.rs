@@ -95,9 +95,7 @@ impl FlightService for PeerService {
                 Ok(Response::new(one_result(body)))
             }
             PeerAction::Start(r) => {
-                self.gw
-                    .on_start(&from, r)
-                    .map_err(Status::failed_precondition)?;
+                self.gw.on_start(&from, r).map_err(|r| r.to_status())?;
                 Ok(Response::new(one_result(b"{}".to_vec())))
             }
             PeerAction::Abort(r) => {
@@ -203,7 +201,7 @@ impl PeerService {
         let (rows, max_cols) = self
             .gw
             .expected_share(&from, &header.leader, &header.query_id, header.round)
-            .map_err(Status::failed_precondition)?;
+            .map_err(|r| r.to_status())?;
         let all = futures::stream::iter([Ok(first)]).chain(stream);
         let batch = match decode_share_stream(all, rows, max_cols).await {
             Ok(b) => b,
@@ -220,7 +218,7 @@ impl PeerService {
         };
         self.gw
             .on_put(&from, &header.leader, &header.query_id, header.round, batch)
-            .map_err(Status::failed_precondition)?;
+            .map_err(|r| r.to_status())?;
         Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(
             PutResult::default(),
         )]))))

@@ -424,6 +424,7 @@ async fn a_party_refuses_a_leader_that_drops_or_loosens_its_privacy() {
             },
         )
         .unwrap_err();
+    let e = e.to_string();
     assert!(e.contains("requires differential privacy"), "{e}");
     // Looser than p1's requirement.
     let (id, req) = propose(p1.clone()).await;
@@ -441,6 +442,7 @@ async fn a_party_refuses_a_leader_that_drops_or_loosens_its_privacy() {
             },
         )
         .unwrap_err();
+    let e = e.to_string();
     assert!(e.contains("fall short") && e.contains("ε = 5"), "{e}");
     // Nonsense (ε = 0 would divide by zero) and a wrong fingerprint.
     let (id, _) = propose(p1.clone()).await;
@@ -469,6 +471,7 @@ async fn a_party_refuses_a_leader_that_drops_or_loosens_its_privacy() {
             },
         )
         .unwrap_err();
+    let e = e.to_string();
     assert!(e.contains("differs"), "{e}");
     // Nothing was charged for any of them.
     let ledger = policies::Ledger::open(&run.join("audit/p1-budget.sqlite")).unwrap();
