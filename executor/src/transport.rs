@@ -51,6 +51,10 @@ pub enum AbortKind {
     Other,
 }
 
+/// The longest party name and detail a reason keeps (from a peer, longer
+/// ones are cut on receipt, before they are stored or forwarded).
+pub const MAX_REASON_CHARS: usize = 300;
+
 impl AbortReason {
     pub fn new(kind: AbortKind, party: &str, detail: impl Into<String>) -> Self {
         AbortReason {
@@ -58,20 +62,29 @@ impl AbortReason {
             party: party.to_string(),
             detail: detail.into(),
         }
+        .bounded()
+    }
+
+    /// The reason with its texts cut to [`MAX_REASON_CHARS`]: a peer's
+    /// reason is stored, forwarded and shown, so its size must not be the
+    /// peer's choice.
+    pub fn bounded(mut self) -> Self {
+        let cut = |t: &mut String| {
+            if let Some((i, _)) = t.char_indices().nth(MAX_REASON_CHARS) {
+                t.truncate(i);
+                t.push('…');
+            }
+        };
+        cut(&mut self.party);
+        cut(&mut self.detail);
+        self
     }
 }
 
 impl std::fmt::Display for AbortReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // A reason can come from a peer: shown at most 300 characters long.
-        let cut = |t: &str| -> String {
-            if t.chars().count() > 300 {
-                format!("{}…", t.chars().take(300).collect::<String>())
-            } else {
-                t.to_string()
-            }
-        };
-        let (party, detail) = (cut(&self.party), cut(&self.detail));
+        // Cut again, for a reason built without `new` or `bounded`.
+        let AbortReason { party, detail, .. } = self.clone().bounded();
         match self.kind {
             // Which party's data failed is not the analyst's to know.
             AbortKind::Data => write!(f, "a party aborted: {detail}"),

@@ -880,9 +880,19 @@ impl Gateway {
         leader: &str,
         query_id: &str,
         round: executor::Round,
-    ) -> Result<(usize, usize), PeerRefusal> {
+    ) -> Result<ShareShape, PeerRefusal> {
         let s = self.share_session(from, leader, query_id, round)?;
-        Ok(share_shape(&s.plan(), round))
+        let plan = s.plan();
+        let (rows, max_cols) = share_shape(&plan, round);
+        let key_bytes = match round {
+            executor::Round::Result if plan.grouped => plan.groups.key_text_bytes(),
+            _ => 0,
+        };
+        Ok(ShareShape {
+            rows,
+            max_cols,
+            key_bytes,
+        })
     }
 
     /// The session a share from `from` belongs to, if `from` may send it.
@@ -1042,12 +1052,14 @@ impl Gateway {
     async fn compute(&self, s: &Session) -> Result<Option<Revealed>, PartyFailure> {
         let task = s.prepared.lock().unwrap_or_else(|p| p.into_inner()).take();
         let input = match task {
+            // The local part ran over this party's rows, so how it ended
+            // may depend on them: a data abort, which does not name it.
             Some(task) => task.await.map_err(|e| PartyFailure {
                 local: format!("the local part's task ended abnormally: {e}"),
                 shared: AbortReason::new(
-                    AbortKind::Other,
+                    AbortKind::Data,
                     &self.party,
-                    "internal error (details in its gateway log)",
+                    "its local part failed (details in its gateway log)",
                 ),
             })??,
             None => self.local_input(s).await?,
@@ -1806,6 +1818,16 @@ impl Drop for CancelGuard {
 struct PartyFailure {
     local: String,
     shared: AbortReason,
+}
+
+/// What a share stream from a peer may hold, known before a byte of it is
+/// decoded: its rows, its most columns, and the bytes of text its group
+/// keys take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShareShape {
+    pub rows: usize,
+    pub max_cols: usize,
+    pub key_bytes: u64,
 }
 
 /// Why this party turns down a peer's `start` or share: the query ended

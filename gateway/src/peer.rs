@@ -71,8 +71,11 @@ impl PeerAction {
             action::START => serde_json::from_slice(body)
                 .map(PeerAction::Start)
                 .map_err(bad),
-            action::ABORT => serde_json::from_slice(body)
-                .map(PeerAction::Abort)
+            action::ABORT => serde_json::from_slice::<QueryRef>(body)
+                .map(|mut a| {
+                    a.reason = a.reason.bounded();
+                    PeerAction::Abort(a)
+                })
                 .map_err(bad),
             other => Err(DecodeError::Unknown(format!(
                 "unknown peer action `{}`",
@@ -351,8 +354,8 @@ fn status_error(peer: &str, addr: &str, s: tonic::Status) -> TransportError {
         | tonic::Code::DeadlineExceeded => unreachable(peer, addr, &s),
         // The peer ended the query: its reason, as the one place that reads
         // it (`gateway::PeerRefusal::to_status` writes it).
-        tonic::Code::Aborted => match serde_json::from_str(s.message()) {
-            Ok(reason) => TransportError::Aborted(reason),
+        tonic::Code::Aborted => match serde_json::from_str::<executor::AbortReason>(s.message()) {
+            Ok(reason) => TransportError::Aborted(reason.bounded()),
             Err(_) => TransportError::Protocol {
                 peer: peer.to_string(),
                 reason: "it ended the query without a readable reason".into(),
@@ -446,6 +449,23 @@ mod tests {
             PeerAction::decode(kind, &body),
             Ok(PeerAction::Abort(a)) if a.leader == "l" && a.reason == reason
         ));
+        // A peer's reason is cut on receipt, before it is kept or forwarded.
+        let long = executor::AbortReason {
+            kind: executor::AbortKind::Data,
+            party: "p".repeat(10_000),
+            detail: "d".repeat(100_000),
+        };
+        let (kind, body) = PeerAction::Abort(QueryRef {
+            query_id: "q".into(),
+            reason: long,
+            leader: "l".into(),
+        })
+        .encode();
+        let Ok(PeerAction::Abort(a)) = PeerAction::decode(kind, &body) else {
+            panic!("an abort with a long reason decodes");
+        };
+        assert!(a.reason.detail.chars().count() <= executor::transport::MAX_REASON_CHARS + 1);
+        assert!(a.reason.party.chars().count() <= executor::transport::MAX_REASON_CHARS + 1);
         // An abort without a typed reason is malformed (protocol 2).
         assert!(matches!(
             PeerAction::decode(kind, br#"{"query_id":"q","reason":"text","leader":"l"}"#),

@@ -18,7 +18,7 @@ use base64::Engine as _;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::gateway::{FailureKind, Gateway, QueryFailure};
+use crate::gateway::{FailureKind, Gateway, QueryFailure, ShareShape};
 use crate::net::ConnInfo;
 use crate::peer::{check_version, PeerAction, PutHeader};
 
@@ -198,12 +198,12 @@ impl PeerService {
             })?;
         // The shape this party expects from `from` for that query, known
         // before a byte of the batch is decoded.
-        let (rows, max_cols) = self
+        let shape = self
             .gw
             .expected_share(&from, &header.leader, &header.query_id, header.round)
             .map_err(|r| r.to_status())?;
         let all = futures::stream::iter([Ok(first)]).chain(stream);
-        let batch = match decode_share_stream(all, rows, max_cols).await {
+        let batch = match decode_share_stream(all, shape).await {
             Ok(b) => b,
             Err(e) => {
                 // A malformed share ends the query at once (every party
@@ -309,13 +309,13 @@ mod tests {
 /// what a peer declares.
 pub async fn decode_share_stream<S>(
     stream: S,
-    rows: usize,
-    max_cols: usize,
+    shape: ShareShape,
 ) -> Result<arrow::array::RecordBatch, Status>
 where
     S: Stream<Item = Result<FlightData, Status>> + Send + Unpin + 'static,
 {
     let bad = |m: String| Status::invalid_argument(format!("unreadable share batch: {m}"));
+    let rows = shape.rows;
     let mut left = rows;
     let mut schema_seen = false;
     // One budget for the whole stream, not per message: the bytes a share
@@ -323,7 +323,12 @@ where
     // for text keys of the declared domains), and a number of messages an
     // honest sender (arrow-flight splits at 2 MiB) never comes near, so
     // that many small batches cannot hold more than one whole share would.
-    let mut bytes_left = share_budget(rows, max_cols);
+    let ShareShape {
+        max_cols,
+        key_bytes,
+        ..
+    } = shape;
+    let mut bytes_left = share_budget(rows, max_cols, key_bytes);
     let mut messages_left = 2 + bytes_left / (256 << 10);
     let checked = stream.map(move |m| {
         let m = m.map_err(FlightError::from)?;
@@ -340,7 +345,7 @@ where
             )));
         }
         bytes_left -= body;
-        let batch_rows = check_ipc_header(&m, schema_seen, left, max_cols)
+        let batch_rows = check_ipc_header(&m, schema_seen, left, max_cols, key_bytes)
             .map_err(FlightError::ProtocolError)?;
         schema_seen = true;
         left -= batch_rows;
@@ -379,10 +384,10 @@ where
     arrow::compute::concat_batches(&first.schema(), &batches).map_err(|e| bad(e.to_string()))
 }
 
-/// The most body bytes one share stream of `rows` rows and at most
-/// `max_cols` columns may carry in all.
-fn share_budget(rows: usize, max_cols: usize) -> u64 {
-    (rows as u64 + 1) * (max_cols as u64 + 1) * 24 + (1 << 20)
+/// The most body bytes one share stream of `rows` rows, at most `max_cols`
+/// columns and `key_bytes` of key text may carry in all.
+fn share_budget(rows: usize, max_cols: usize, key_bytes: u64) -> u64 {
+    (rows as u64 + 1) * (max_cols as u64 + 1) * 24 + key_bytes + (1 << 20)
 }
 
 /// What a share message's IPC header may declare: first a schema of at
@@ -395,6 +400,7 @@ fn check_ipc_header(
     schema_seen: bool,
     left: usize,
     max_cols: usize,
+    key_bytes: u64,
 ) -> Result<usize, String> {
     use arrow::ipc::MessageHeader;
     let msg = arrow::ipc::root_as_message(&m.data_header[..])
@@ -405,7 +411,11 @@ fn check_ipc_header(
         .map(|rb| rb.length())
         .unwrap_or(0);
     // No more body than a batch of this shape can need.
-    let most = share_budget(declared_rows.clamp(0, left as i64) as usize, max_cols) as i64;
+    let most = share_budget(
+        declared_rows.clamp(0, left as i64) as usize,
+        max_cols,
+        key_bytes,
+    ) as i64;
     if body > most {
         return Err(format!("{body} bytes where at most {most} belong"));
     }

@@ -378,6 +378,26 @@ impl GroupSpace {
         self.len() == 0
     }
 
+    /// Bytes of text in the key arrays of a share over every group: each
+    /// text value once per combination of the other columns' values.
+    pub fn key_text_bytes(&self) -> u64 {
+        let total = self.len() as u64;
+        self.columns
+            .iter()
+            .map(|c| {
+                let text: u64 = c
+                    .values
+                    .iter()
+                    .map(|v| match v {
+                        Some(DomainValue::Text(t)) => t.len() as u64,
+                        _ => 0,
+                    })
+                    .sum();
+                (total / c.values.len().max(1) as u64) * text
+            })
+            .sum()
+    }
+
     /// The key of group `index`, one value per column (row-major order).
     pub fn key(&self, mut index: usize) -> Vec<Option<DomainValue>> {
         let mut key = vec![None; self.columns.len()];
@@ -1861,6 +1881,8 @@ columns = [
             ]
         );
         assert_eq!(p.groups.len(), 5);
+        // "0-17", "18-39", "40-64", "65+" and NULL: 17 bytes of key text.
+        assert_eq!(p.groups.key_text_bytes(), 17);
         assert_eq!(p.uses.filter, BTreeSet::from(["diagnosis".to_string()]));
         assert_eq!(p.uses.group_by, BTreeSet::from(["age_band".to_string()]));
         let sql = p.local.to_sql();

@@ -351,8 +351,11 @@ fn ipc_case(ctx: &Context, bytes: &[u8]) -> bool {
     let rows = ctx.plan.groups.len();
     let decoded = futures::executor::block_on(gateway::service::decode_share_stream(
         futures::stream::iter(msgs.into_iter().map(Ok)),
-        rows,
-        16,
+        gateway::gateway::ShareShape {
+            rows,
+            max_cols: 16,
+            key_bytes: ctx.plan.groups.key_text_bytes(),
+        },
     ));
     match decoded {
         Ok(b) => {
