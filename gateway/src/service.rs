@@ -315,7 +315,11 @@ where
     S: Stream<Item = Result<FlightData, Status>> + Send + Unpin + 'static,
 {
     let bad = |m: String| Status::invalid_argument(format!("unreadable share batch: {m}"));
-    let rows = shape.rows;
+    let ShareShape {
+        rows,
+        max_cols,
+        key_bytes,
+    } = shape;
     let mut left = rows;
     let mut schema_seen = false;
     // One budget for the whole stream, not per message: the bytes a share
@@ -323,11 +327,6 @@ where
     // for text keys of the declared domains), and a number of messages an
     // honest sender (arrow-flight splits at 2 MiB) never comes near, so
     // that many small batches cannot hold more than one whole share would.
-    let ShareShape {
-        max_cols,
-        key_bytes,
-        ..
-    } = shape;
     let mut bytes_left = share_budget(rows, max_cols, key_bytes);
     let mut messages_left = 2 + bytes_left / (256 << 10);
     let checked = stream.map(move |m| {
