@@ -1,45 +1,39 @@
-//! One party's gateway: its catalog, policy, data, audit log and peers, and
-//! the life of a query, as the querying gateway (the leader) and as a peer.
+//! One party's gateway: its catalog, policy, data, audit log and peers.
 //!
-//! A query's path at the leader: plan → own policy → `propose` to every peer
-//! (each plans and decides for itself) → all fingerprints equal? → `start` →
-//! every party runs its local part and shares → the leader alone adds the
-//! result shares → post part on revealed values. Any failure before the
-//! reveal aborts every party and reveals nothing.
+//! The life of a query is in three child modules, each read top to bottom
+//! in the order of ARCHITECTURE.md's "a query's path":
+//!
+//! - [`as_leader`]: the querying gateway's path (plan → own policy →
+//!   `propose` → agree → `start` → secure sum → reveal → post part);
+//! - [`as_peer`]: the path of a party asked by a leader (`propose` →
+//!   `start` → shares → `abort`), the message handlers of the peer service;
+//! - [`compute`]: what both paths run once started (the local part, its
+//!   encoding and noise, the engine, the post part).
+//!
+//! The states a query goes through are the types of [`crate::session`].
+//! Any failure before the reveal aborts every party and reveals nothing.
+
+mod as_leader;
+mod as_peer;
+mod compute;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::i256;
 use connectors::LocalSource;
-use executor::encode::{dense_partials, sum_cannot_wrap, to_ring};
-use executor::transport::Mailbox;
-use executor::{
-    AbortKind, AbortReason, AdditiveEngine, GroupIndex, SecureSum, SharedTable, TransportError,
-    Width,
-};
-use planner::finalize::{post_plan, revealed_batch, Revealed};
-use planner::privacy::{DpParams, Noise, Requirement};
+use executor::{AbortKind, AbortReason, TransportError, Width};
+use planner::privacy::{DpParams, Requirement};
 use planner::{plan_query, Catalog, FederatedPlan, QueryOptions};
-use policies::{Analyst, AuditEntry, AuditLog, Decision, Ledger, Policy};
+use policies::{Analyst, AuditEntry, AuditLog, Ledger, Policy};
 use sha2::{Digest, Sha256};
 
 use crate::config::{AnalystCredential, Fault, GatewayConfig};
-use crate::peer::{PeerAction, PeerClients, Propose, QueryRef, QueryTransport, Start, Verdict};
+use crate::peer::{PeerAction, PeerClients, QueryRef};
+use crate::session::{Charge, Ended, Sessions, SESSION_TTL};
+pub use crate::session::{PeerRefusal, MAX_SESSIONS, MAX_SESSIONS_PER_LEADER};
 
-/// How a party's abort that may depend on its rows begins. It does not
-/// name the party: which party's data made a query fail is itself
-/// something the analyst must not learn (the secure sum hides which party
-/// holds what). The party's own log names itself and the cause.
-
-/// Sessions not started within this time are dropped.
-const SESSION_TTL: Duration = Duration::from_secs(600);
-/// Open queries (sessions) one leader may have at this party, and in all.
-pub const MAX_SESSIONS_PER_LEADER: usize = 64;
-pub const MAX_SESSIONS: usize = 512;
 /// Password checks that may run at once (argon2id takes 19 MiB and a core).
 pub const LOGIN_SLOTS: usize = 2;
 /// How long a login waits for a free slot before it is turned away.
@@ -94,128 +88,6 @@ pub struct QueryAnswer {
     /// Differential privacy: the one-line summary (mechanism, ε, δ).
     pub privacy: Option<String>,
 }
-
-/// One query at one party, between `propose` and its end.
-struct Session {
-    /// The agreed plan; replaced once, at `start`, by its DP version.
-    plan: Mutex<Arc<FederatedPlan>>,
-    /// What this party's own policy demands under DP, decided at `propose`.
-    requirement: Option<Requirement>,
-    /// This party charged its budget ledger for the query.
-    charged: AtomicBool,
-    /// Set by the engine once this party's part can lead to a reveal; a
-    /// charge is refunded only if it never was.
-    reveal_point: Arc<AtomicBool>,
-    /// This party's local part started under the DP plan: from then on an
-    /// abort can depend on its rows, so a charge is never refunded.
-    local_ran: AtomicBool,
-    leader: String,
-    analyst: Analyst,
-    query_id: String,
-    mailbox: Arc<Mailbox>,
-    started: AtomicBool,
-    created: Instant,
-    /// Where this party's time went, for the query log.
-    phases: Phases,
-    /// The local part and its encoding, started at the party's own `allow`
-    /// (nothing leaves the party before the secure sum).
-    prepared: Mutex<Option<Prepared>>,
-}
-
-impl Session {
-    fn plan(&self) -> Arc<FederatedPlan> {
-        self.plan.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn set_plan(&self, plan: FederatedPlan) {
-        *self.plan.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(plan);
-    }
-
-    fn new(
-        plan: FederatedPlan,
-        leader: &str,
-        analyst: &Analyst,
-        query_id: &str,
-        timeout: Duration,
-        phases: Phases,
-    ) -> Self {
-        Session {
-            plan: Mutex::new(Arc::new(plan)),
-            requirement: None,
-            charged: AtomicBool::new(false),
-            reveal_point: Arc::new(AtomicBool::new(false)),
-            local_ran: AtomicBool::new(false),
-            leader: leader.to_string(),
-            analyst: analyst.clone(),
-            query_id: query_id.to_string(),
-            mailbox: Arc::new(Mailbox::new(timeout)),
-            started: AtomicBool::new(false),
-            created: Instant::now(),
-            phases,
-            prepared: Mutex::new(None),
-        }
-    }
-}
-
-/// Wall-clock spans of one query at one party: the profile that
-/// `log_queries` prints (where the fixed cost of a query goes). Phases may
-/// overlap: the local part runs while the agreement is still under way.
-struct Phases {
-    t0: Instant,
-    spans: Mutex<Vec<(&'static str, Duration, Duration)>>,
-}
-
-impl Phases {
-    fn new() -> Self {
-        Phases {
-            t0: Instant::now(),
-            spans: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Records that phase `name` ran from `since` until now.
-    fn span(&self, name: &'static str, since: Instant) {
-        let now = Instant::now();
-        self.spans.lock().unwrap_or_else(|p| p.into_inner()).push((
-            name,
-            since.saturating_duration_since(self.t0),
-            now - since,
-        ));
-    }
-
-    /// `name start+duration` per phase, in ms from the query's start here.
-    fn summary(&self) -> String {
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());
-        let mut s: Vec<String> = spans
-            .iter()
-            .map(|(n, at, d)| format!("{n} {:.2}+{:.2}", ms(*at), ms(*d)))
-            .collect();
-        s.push(format!("total {:.2}", ms(self.t0.elapsed())));
-        s.join(", ")
-    }
-}
-
-/// A query as the leader asks for it.
-#[derive(Clone, Copy)]
-struct Ask<'a> {
-    query_id: &'a str,
-    sql: &'a str,
-    analyst: &'a Analyst,
-    options: &'a QueryOptions,
-    explain_only: bool,
-}
-
-/// This party's encoded input, computed as soon as it allowed the query.
-type Prepared = tokio::task::JoinHandle<Result<Input, PartyFailure>>;
-
-/// A party's encoded partials and, under DP, its noise draws (made while
-/// preparing, so that their value-dependent time hides in the local part's).
-struct Input {
-    /// Under DP, this party's noise is already in it.
-    table: SharedTable,
-}
-
 pub struct Gateway {
     pub party: String,
     /// Every party of the federation, sorted; the order shares are dealt in.
@@ -242,11 +114,9 @@ pub struct Gateway {
     /// restarts, and not computable by anyone else.
     standin_secret: [u8; 32],
     pub(crate) clients: Arc<PeerClients>,
-    sessions: Mutex<HashMap<(String, String), Arc<Session>>>,
-    /// The last queries that ended here, with a reason this party may tell
-    /// the others: a late `start` or share then learns why, instead of
-    /// "no agreed query".
-    ended: Mutex<std::collections::VecDeque<((String, String), AbortReason)>>,
+    /// The queries open here, by state, and why the last ones ended (a late
+    /// `start` or share then learns why, instead of "no agreed query").
+    sessions: Sessions,
     timeout: Duration,
     fault: Option<Fault>,
     log_queries: bool,
@@ -295,8 +165,7 @@ impl Gateway {
             )
             .into(),
             clients: Arc::new(clients),
-            sessions: Mutex::new(HashMap::new()),
-            ended: Mutex::new(std::collections::VecDeque::new()),
+            sessions: Sessions::new(&cfg.party, SESSION_TTL),
             timeout: cfg.peer_timeout,
             fault: cfg.fault,
             log_queries: cfg.log_queries,
@@ -309,11 +178,7 @@ impl Gateway {
 
     /// Queries this party holds a session for (agreed and not yet ended).
     pub fn open_sessions(&self) -> usize {
-        self.sessions().len()
-    }
-
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Session>>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+        self.sessions.len()
     }
 
     fn audit(&self, entry: AuditEntry) {
@@ -520,256 +385,51 @@ impl Gateway {
         plan_query(sql, &self.catalog, &self.parties, options).await
     }
 
-    // ----- as a peer -------------------------------------------------------
-
-    /// `propose` from `from`: plan it ourselves, decide with our own policy.
-    pub async fn on_propose(self: &Arc<Self>, from: &str, p: Propose) -> Verdict {
-        if self.fault == Some(Fault::SilentBeforeVerdict) && !p.explain_only {
-            std::future::pending::<()>().await;
+    /// Records a query that ended here: settles its DP charge (kept or
+    /// refunded) and writes its outcome to the audit log.
+    fn finish(&self, ended: Ended) {
+        let Ended {
+            query,
+            plan,
+            mut outcome,
+            settled,
+        } = ended;
+        if let (Some(s), Some(ledger)) = (settled, &self.ledger) {
+            let r = if s.kept {
+                ledger.mark_spent(&s.charge.ledger_key)
+            } else {
+                ledger.refund(&s.charge.ledger_key).map(|_| ())
+            };
+            if let Err(e) = r {
+                eprintln!("[{}] BUDGET LEDGER UPDATE FAILED: {e}", self.party);
+            }
+            // The audit log records what the query cost here.
+            let eps = planner::privacy::epsilon_text(s.charge.epsilon_micro);
+            outcome.push_str(&if s.kept {
+                format!("; privacy budget charged: ε = {eps}")
+            } else {
+                format!("; privacy budget refunded: ε = {eps}")
+            });
         }
-        let phases = Phases::new();
-        let t = Instant::now();
-        let mut entry = AuditEntry {
-            event: "decision".into(),
-            query_id: p.query_id.clone(),
-            leader: from.to_string(),
-            analyst: p.analyst.to_string(),
-            sql: p.sql.clone(),
+        if self.log_queries {
+            let id: String = query.id.chars().take(8).collect();
+            eprintln!(
+                "[{}] timing {id} (ms): {}",
+                self.party,
+                query.phases.summary()
+            );
+        }
+        self.audit(AuditEntry {
+            event: "outcome".into(),
+            query_id: query.id.clone(),
+            leader: query.leader.clone(),
+            analyst: query.analyst.to_string(),
+            sql: plan.sql.clone(),
+            decision: "-".into(),
+            fingerprint: Some(plan.fingerprint.clone()),
+            outcome: Some(outcome),
             ..Default::default()
-        };
-        if p.analyst.party != from {
-            let v = Verdict::Deny {
-                rule: "analysts".into(),
-                reason: format!(
-                    "gateway {from} may only submit queries of its own analysts, not of {}",
-                    p.analyst
-                ),
-            };
-            entry.decision = "deny".into();
-            entry.rule = Some("analysts".into());
-            self.audit(entry);
-            return v;
-        }
-        let plan = match self.plan(&p.sql, &p.options).await {
-            Ok(plan) => plan,
-            Err(e) => {
-                entry.decision = "error".into();
-                entry.outcome = Some(e.to_string());
-                self.audit(entry);
-                return Verdict::Error {
-                    message: e.to_string(),
-                };
-            }
-        };
-        entry.fingerprint = Some(plan.fingerprint.clone());
-        phases.span("plan", t);
-        let decision = match self.policy.check(&plan, &p.analyst) {
-            Decision::Allow => self.own_requirement(&plan, &p.analyst),
-            Decision::Deny { rule, reason } => Err((rule, reason)),
-        };
-        match decision {
-            Err((rule, reason)) => {
-                entry.decision = "deny".into();
-                entry.rule = Some(rule.clone());
-                entry.outcome = Some(reason.clone());
-                self.audit(entry);
-                Verdict::Deny { rule, reason }
-            }
-            Ok(requirement) => {
-                entry.decision = "allow".into();
-                if p.explain_only {
-                    entry.event = "explain".into();
-                } else {
-                    let mut sessions = self.sessions();
-                    sessions.retain(|_, s| {
-                        s.started.load(Ordering::SeqCst) || s.created.elapsed() < SESSION_TTL
-                    });
-                    // Each session may run a local part: bound them per
-                    // leader and in total, so that one peer cannot make this
-                    // party scan its data without end.
-                    let from_leader = sessions.keys().filter(|(l, _)| l == from).count();
-                    if from_leader >= MAX_SESSIONS_PER_LEADER || sessions.len() >= MAX_SESSIONS {
-                        drop(sessions);
-                        entry.decision = "error".into();
-                        entry.outcome = Some("too many open queries".into());
-                        self.audit(entry);
-                        return Verdict::Error {
-                            message: format!(
-                                "peer {} has too many open queries ({from_leader} from {from}); try again when some have ended",
-                                self.party
-                            ),
-                        };
-                    }
-                    if p.query_id.len() > 64 {
-                        return Verdict::Error {
-                            message: "a query id has at most 64 characters".into(),
-                        };
-                    }
-                    let key = (from.to_string(), p.query_id.clone());
-                    if sessions.contains_key(&key) {
-                        return Verdict::Error {
-                            message: format!("query id {} is already in use", p.query_id),
-                        };
-                    }
-                    let mut session = Session::new(
-                        plan.clone(),
-                        from,
-                        &p.analyst,
-                        &p.query_id,
-                        self.timeout,
-                        phases,
-                    );
-                    session.requirement = requirement.clone();
-                    let session = Arc::new(session);
-                    sessions.insert(key, session.clone());
-                    drop(sessions);
-                    // Under this party's own DP requirement the local part
-                    // will be clamped and bounded: it waits for `start`.
-                    if requirement.is_none() {
-                        self.prepare(&session);
-                    }
-                }
-                self.audit(entry);
-                let source = if p.explain_only {
-                    self.source.explain(&plan.local).await
-                } else {
-                    Vec::new()
-                };
-                Verdict::Allow {
-                    fingerprint: plan.fingerprint,
-                    source,
-                    privacy: requirement,
-                }
-            }
-        }
-    }
-
-    /// `start` from the leader: run our part in the background.
-    ///
-    /// With differential privacy, `start` carries the parameters the leader
-    /// merged from every party's requirement: this party checks them
-    /// against its own, derives the DP plan itself (the fingerprint must
-    /// match the leader's) and charges its budget before anything of the
-    /// query can leave it.
-    pub fn on_start(self: &Arc<Self>, from: &str, start: Start) -> Result<(), PeerRefusal> {
-        let query_id = &start.query_id;
-        let s = self
-            .sessions()
-            .get(&(from.to_string(), query_id.to_string()))
-            .cloned()
-            .ok_or_else(|| self.no_session(from, query_id))?;
-        if s.started.swap(true, Ordering::SeqCst) {
-            return Err(PeerRefusal::Other(format!(
-                "query {query_id} was already started"
-            )));
-        }
-        if let Err(e) = self.adopt_privacy(&s, start.privacy, start.fingerprint.as_deref()) {
-            let reason = AbortReason::new(AbortKind::Other, &self.party, e.clone());
-            self.note_end(&s, &reason);
-            self.finish(&s, format!("not run: {e}"));
-            return Err(PeerRefusal::Ended(reason));
-        }
-        if self.fault == Some(Fault::SilentAfterStart) {
-            // Played dead right after accepting `start`.
-            return Ok(());
-        }
-        let me = self.clone();
-        tokio::spawn(async move {
-            let outcome = match me.compute(&s).await {
-                Ok(_) => {
-                    me.note_end(
-                        &s,
-                        &AbortReason::new(
-                            AbortKind::Other,
-                            &me.party,
-                            "it had already sent its result share",
-                        ),
-                    );
-                    "shares sent".to_string()
-                }
-                Err(f) => {
-                    eprintln!("[{}] query {} failed: {}", me.party, s.query_id, f.local);
-                    me.note_end(&s, &f.shared);
-                    me.abort_everywhere(&s, &f.shared).await;
-                    format!("aborted: {}", f.local)
-                }
-            };
-            me.finish(&s, outcome);
         });
-        Ok(())
-    }
-
-    /// Remembers why a query ended here (a reason other parties may see).
-    fn note_end(&self, s: &Session, reason: &AbortReason) {
-        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        if ended.len() >= 512 {
-            ended.pop_front();
-        }
-        ended.push_back(((s.leader.clone(), s.query_id.clone()), reason.clone()));
-    }
-
-    /// The answer to a `start` or share for a query this party does not
-    /// hold: why it ended, if it did.
-    fn no_session(&self, leader: &str, query_id: &str) -> PeerRefusal {
-        let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        match ended
-            .iter()
-            .rev()
-            .find(|((l, q), _)| l == leader && q == query_id)
-        {
-            Some((_, reason)) => PeerRefusal::Ended(reason.clone()),
-            None => PeerRefusal::Other(format!(
-                "{} has no agreed query {query_id} from {leader}",
-                self.party
-            )),
-        }
-    }
-
-    /// Checks the leader's DP parameters against this party's requirement,
-    /// switches the session to the DP plan and charges the ledger.
-    fn adopt_privacy(
-        self: &Arc<Self>,
-        s: &Arc<Session>,
-        params: Option<DpParams>,
-        fingerprint: Option<&str>,
-    ) -> Result<(), String> {
-        let refuse = |m: String| format!("{} refused: {m}", self.party);
-        let params = match (params, &s.requirement) {
-            (None, None) => return Ok(()),
-            (None, Some(_)) => {
-                return Err(refuse(
-                    "its policy requires differential privacy for this query, and the leader started it without \
-                     (policy: privacy)"
-                        .into(),
-                ))
-            }
-            (Some(p), req) => {
-                if let Some(r) = req {
-                    p.satisfies(r, self.parties.len())
-                        .map_err(|e| refuse(format!("the query's privacy parameters fall short: {e} (policy: privacy)")))?;
-                }
-                p
-            }
-        };
-        let plan = (*s.plan())
-            .clone()
-            .with_privacy(params.clone())
-            .map_err(|e| refuse(e.to_string()))?;
-        if fingerprint != Some(plan.fingerprint.as_str()) {
-            return Err(refuse(format!(
-                "the leader's DP plan differs from the one computed here ({} vs {})",
-                short(fingerprint.unwrap_or("none")),
-                short(&plan.fingerprint)
-            )));
-        }
-        s.set_plan(plan);
-        self.charge(s, &params)?;
-        // The local part prepared at `propose` had no clamps or bounds.
-        if let Some(task) = s.prepared.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            task.abort();
-        }
-        self.prepare(s);
-        Ok(())
     }
 
     /// This party's requirement for `plan`, after checking that the
@@ -825,199 +485,35 @@ impl Gateway {
     }
 
     /// Records the charge for a DP query durably, before anything of it can
-    /// be revealed; refuses if the budget does not cover it.
-    fn charge(&self, s: &Session, params: &DpParams) -> Result<(), String> {
-        let (Some(_), Some(ledger), Some(pp)) =
-            (&s.requirement, &self.ledger, &self.policy.privacy)
-        else {
-            return Ok(());
+    /// be revealed; refuses if the budget does not cover it. Only a party
+    /// whose own policy required DP charges its ledger.
+    fn charge(
+        &self,
+        required: bool,
+        query: &crate::session::Query,
+        plan: &FederatedPlan,
+        params: &DpParams,
+    ) -> Result<Option<Charge>, String> {
+        let (true, Some(ledger), Some(pp)) = (required, &self.ledger, &self.policy.privacy) else {
+            return Ok(None);
         };
+        let key = query.ledger_key();
         ledger
             .charge(
-                &ledger_key(s),
-                &s.analyst.to_string(),
+                &key,
+                &query.analyst.to_string(),
                 params.epsilon_micro,
                 params.delta,
                 &pp.budget,
-                self.policy.party_budget(&s.analyst.party).as_ref(),
+                self.policy.party_budget(&query.analyst.party).as_ref(),
                 policies::ledger::now_unix(),
-                &s.plan().sql,
+                &plan.sql,
             )
             .map_err(|e| format!("{} refused: {e} (policy: privacy.budget)", self.party))?;
-        s.charged.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-
-    /// `abort` from any party of the query.
-    pub fn on_abort(&self, from: &str, r: &QueryRef) {
-        let leader = if r.leader.is_empty() {
-            from
-        } else {
-            r.leader.as_str()
-        };
-        if !self.parties.iter().any(|p| p == from) {
-            return;
-        }
-        let key = (leader.to_string(), r.query_id.clone());
-        let s = self.sessions().get(&key).cloned();
-        if let Some(s) = s {
-            s.mailbox.abort(&r.reason);
-            // A started session ends in its own task, which sees the abort.
-            if !s.started.load(Ordering::SeqCst) {
-                self.note_end(&s, &r.reason);
-                self.finish(&s, format!("aborted by {from}: {}", r.reason));
-            }
-        }
-    }
-
-    /// The shape of `from`'s share for a query this party holds: (rows,
-    /// most columns). An input share is one 32-byte seed; a result share
-    /// has one row per group and at most two columns per shared partial plus
-    /// the keys.
-    pub fn expected_share(
-        &self,
-        from: &str,
-        leader: &str,
-        query_id: &str,
-        round: executor::Round,
-    ) -> Result<ShareShape, PeerRefusal> {
-        let s = self.share_session(from, leader, query_id, round)?;
-        let plan = s.plan();
-        let (rows, max_cols) = share_shape(&plan, round);
-        let key_bytes = match round {
-            executor::Round::Result if plan.grouped => plan.groups.key_text_bytes(),
-            _ => 0,
-        };
-        Ok(ShareShape {
-            rows,
-            max_cols,
-            key_bytes,
-        })
-    }
-
-    /// The session a share from `from` belongs to, if `from` may send it.
-    fn share_session(
-        &self,
-        from: &str,
-        leader: &str,
-        query_id: &str,
-        round: executor::Round,
-    ) -> Result<Arc<Session>, PeerRefusal> {
-        if !self.parties.iter().any(|p| p == from) {
-            return Err(PeerRefusal::Other(format!(
-                "{from} is not a party of this federation"
-            )));
-        }
-        if round == executor::Round::Result && leader != self.party {
-            return Err(PeerRefusal::Other(format!(
-                "result shares go to the querying gateway {leader}, not to {}",
-                self.party
-            )));
-        }
-        self.sessions()
-            .get(&(leader.to_string(), query_id.to_string()))
-            .cloned()
-            .ok_or_else(|| self.no_session(leader, query_id))
-    }
-
-    /// Ends the query whose share from a peer was malformed.
-    pub fn reject_share(&self, leader: &str, query_id: &str, reason: &str) {
-        let s = self
-            .sessions()
-            .get(&(leader.to_string(), query_id.to_string()))
-            .cloned();
-        if let Some(s) = s {
-            s.mailbox
-                .abort(&AbortReason::new(AbortKind::Protocol, &self.party, reason));
-        }
-    }
-
-    /// A share batch from `from`.
-    pub fn on_put(
-        &self,
-        from: &str,
-        leader: &str,
-        query_id: &str,
-        round: executor::Round,
-        batch: RecordBatch,
-    ) -> Result<(), PeerRefusal> {
-        let s = self.share_session(from, leader, query_id, round)?;
-        // The shape is checked on delivery, before anything is kept (and
-        // before decoding, in `service::decode_share_stream`).
-        let (rows, max_cols) = share_shape(&s.plan(), round);
-        if batch.num_rows() != rows || batch.num_columns() > max_cols {
-            let reason = format!(
-                "{from} sent a {round:?} share of {} rows and {} columns where {rows} rows and at most {max_cols} \
-                 columns belong",
-                batch.num_rows(),
-                batch.num_columns()
-            );
-            s.mailbox.abort(&AbortReason::new(
-                AbortKind::Protocol,
-                &self.party,
-                reason.clone(),
-            ));
-            return Err(PeerRefusal::Other(reason));
-        }
-        s.mailbox.deliver(from, round, batch).map_err(|e| match e {
-            TransportError::Aborted(r) => PeerRefusal::Ended(r),
-            other => PeerRefusal::Other(other.to_string()),
-        })
-    }
-
-    fn finish(&self, s: &Session, mut outcome: String) {
-        self.sessions()
-            .remove(&(s.leader.clone(), s.query_id.clone()));
-        if s.charged.swap(false, Ordering::SeqCst) {
-            if let Some(ledger) = &self.ledger {
-                let key = ledger_key(s);
-                let spent =
-                    s.reveal_point.load(Ordering::SeqCst) || s.local_ran.load(Ordering::SeqCst);
-                let r = if spent {
-                    ledger.mark_spent(&key)
-                } else {
-                    ledger.refund(&key).map(|_| ())
-                };
-                if let Err(e) = r {
-                    eprintln!("[{}] BUDGET LEDGER UPDATE FAILED: {e}", self.party);
-                }
-                // The audit log records what the query cost here.
-                let eps = s
-                    .plan()
-                    .privacy
-                    .as_ref()
-                    .map(|p| planner::privacy::epsilon_text(p.epsilon_micro))
-                    .unwrap_or_default();
-                outcome.push_str(&if spent {
-                    format!("; privacy budget charged: ε = {eps}")
-                } else {
-                    format!("; privacy budget refunded: ε = {eps}")
-                });
-            }
-        }
-        if let Some(task) = s.prepared.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            task.abort();
-        }
-        if self.log_queries {
-            let id: String = s.query_id.chars().take(8).collect();
-            eprintln!("[{}] timing {id} (ms): {}", self.party, s.phases.summary());
-        }
-        self.audit(AuditEntry {
-            event: "outcome".into(),
-            query_id: s.query_id.clone(),
-            leader: s.leader.clone(),
-            analyst: s.analyst.to_string(),
-            sql: s.plan().sql.clone(),
-            decision: "-".into(),
-            fingerprint: Some(s.plan().fingerprint.clone()),
-            outcome: Some(outcome),
-            ..Default::default()
-        });
-    }
-
-    async fn abort_everywhere(&self, s: &Session, reason: &AbortReason) {
-        s.mailbox.abort(reason);
-        self.abort_peers(&s.leader, &s.query_id, reason).await;
+        Ok(Some(Charge {
+            ledger_key: key,
+            epsilon_micro: params.epsilon_micro,
+        }))
     }
 
     /// Tells every peer to drop the query (best effort: a peer that cannot
@@ -1035,685 +531,6 @@ impl Gateway {
             }
         });
         futures::future::join_all(sends).await;
-    }
-
-    /// Starts this party's local part and encoding in the background. Only
-    /// called once this party allowed the query; nothing leaves the party
-    /// until the secure sum, which waits for the leader's `start`.
-    fn prepare(self: &Arc<Self>, s: &Arc<Session>) {
-        let me = self.clone();
-        let s2 = s.clone();
-        let task = tokio::spawn(async move { me.local_input(&s2).await });
-        *s.prepared.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
-    }
-
-    /// This party's share of the work: its prepared input, then the secure
-    /// sum. Returns the revealed totals at the leader.
-    async fn compute(&self, s: &Session) -> Result<Option<Revealed>, PartyFailure> {
-        let task = s.prepared.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let input = match task {
-            // The local part ran over this party's rows, so how it ended
-            // may depend on them: a data abort, which does not name it.
-            Some(task) => task.await.map_err(|e| PartyFailure {
-                local: format!("the local part's task ended abnormally: {e}"),
-                shared: AbortReason::new(
-                    AbortKind::Data,
-                    &self.party,
-                    "its local part failed (details in its gateway log)",
-                ),
-            })??,
-            None => self.local_input(s).await?,
-        };
-        self.secure_sum(s, &input.table).await
-    }
-
-    /// The local part over this party's data, as ring elements per group.
-    async fn local_input(&self, s: &Session) -> Result<Input, PartyFailure> {
-        let t = Instant::now();
-        let plan = &s.plan();
-        let mine = |m: String| PartyFailure {
-            shared: AbortReason::new(AbortKind::Data, &self.party, m.clone()),
-            local: m,
-        };
-        // From here on, how the query ends may depend on this party's rows
-        // (a source that fails, a value out of the declared domain, a sum
-        // too large for the ring): under DP its charge is kept, whatever
-        // happens next.
-        if plan.privacy.is_some() {
-            s.local_ran.store(true, Ordering::SeqCst);
-        }
-        let batches = self
-            .source
-            .run(&plan.local)
-            .await
-            .map_err(|e| PartyFailure {
-                local: e.to_string(),
-                shared: AbortReason::new(
-                    AbortKind::Data,
-                    &self.party,
-                    "its local part failed (details in its gateway log)",
-                ),
-            })?;
-        s.phases.span("local part", t);
-        let t = Instant::now();
-        let keys = if plan.grouped {
-            plan.groups.key_arrays()
-        } else {
-            Vec::new()
-        };
-        let index = GroupIndex::new(keys.clone()).map_err(|e| mine(e.to_string()))?;
-        let dense = dense_partials(&batches, &index, plan.local.partials.len()).map_err(|e| {
-            PartyFailure {
-                local: e.to_string(),
-                shared: AbortReason::new(
-                    AbortKind::Data,
-                    &self.party,
-                    "its local data does not fit the declared catalog (details in its gateway log)",
-                ),
-            }
-        })?;
-        if dense.outside > 0 {
-            // For this party's operator only: how many of its rows keep the
-            // catalog is a fact about its data, never sent anywhere.
-            eprintln!(
-                "[{}] query {}: {} local group(s) have a key outside the catalog's declared domain and were left out; \
-                 add the value to the domain or fix the data",
-                self.party,
-                s.query_id,
-                dense.outside
-            );
-        }
-        let dense = dense.values;
-        check_no_wrap(&self.party, plan, &dense, index.len())?;
-        let shared_idx = plan.shared_partials();
-        let mut shared: Vec<Vec<i256>> = shared_idx
-            .iter()
-            .map(|&i| plan.shared_values(i, &dense))
-            .collect();
-        let rows = index.len();
-        // Differential privacy: this party's noise is drawn now (its
-        // value-dependent time hides in the local part's) and added to its
-        // own input before the ring bound is checked, so a noised total can
-        // never wrap. The input is only ever seen as additive shares, so
-        // adding the noise here is the same as adding it to a share.
-        let t_noise = Instant::now();
-        let specs: Vec<Option<executor::noise::NoiseSpec>> = shared_idx
-            .iter()
-            .map(|&i| {
-                plan.noise_of(i).map(|n| executor::noise::NoiseSpec {
-                    distribution: match n.noise {
-                        Noise::Laplace { num, den } => {
-                            executor::noise::Distribution::Laplace { num, den }
-                        }
-                        Noise::Gaussian { sigma2 } => {
-                            executor::noise::Distribution::Gaussian { sigma2 }
-                        }
-                    },
-                    bound: n.noise.draw_bound(),
-                })
-            })
-            .collect();
-        if plan.privacy.is_some() && specs.iter().any(|s| s.is_none()) {
-            // Never reveal a total without its noise under DP.
-            return Err(mine("a revealed total has no calibrated noise".into()));
-        }
-        let noise = executor::noise::draw_all(&specs, rows).map_err(mine)?;
-        for (col, draws) in shared.iter_mut().zip(&noise) {
-            if let Some(draws) = draws {
-                for (v, d) in col.iter_mut().zip(draws) {
-                    *v = v
-                        .checked_add(i256::from_i128(*d))
-                        .ok_or_else(|| mine("a noised partial does not fit its ring".into()))?;
-                }
-            }
-        }
-        if plan.privacy.is_some() {
-            s.phases.span("noise", t_noise);
-        }
-        let widths = share_widths(plan);
-        let ring = to_ring(&shared, &widths, self.parties.len()).map_err(|o| {
-            let p = &plan.local.partials[shared_idx[o.partial]];
-            PartyFailure {
-                local: format!(
-                    "partial {:?} of {:?} in group {} is {} and exceeds the per-party bound ±{} of the ring with {} parties",
-                    p.kind,
-                    p.arg.as_ref().map(|a| a.to_string()),
-                    o.group,
-                    o.value,
-                    o.bound,
-                    self.parties.len()
-                ),
-                shared: AbortReason::new(
-                    AbortKind::Data,
-                    &self.party,
-                    "one of its partial sums is too large to combine exactly in the ring; \
-                     lower the declared scale of the aggregated column or narrow the query",
-                ),
-            }
-        })?;
-        s.phases.span("encode", t);
-        Ok(Input {
-            table: SharedTable {
-                keys,
-                columns: ring,
-                rows,
-            },
-        })
-    }
-
-    /// The secure sum of every party's input; the totals at the leader.
-    async fn secure_sum(
-        &self,
-        s: &Session,
-        input: &SharedTable,
-    ) -> Result<Option<Revealed>, PartyFailure> {
-        let t = Instant::now();
-        let plan = &s.plan();
-        let shared_idx = plan.shared_partials();
-        let transport = QueryTransport {
-            me: self.party.clone(),
-            header_leader: s.leader.clone(),
-            query_id: s.query_id.clone(),
-            clients: self.clients.clone(),
-            mailbox: s.mailbox.clone(),
-            fault: self.fault,
-        };
-        if self.fault == Some(Fault::SilentBeforeShares) {
-            // Play dead: the others must time out, abort, and reveal nothing.
-            std::future::pending::<()>().await;
-        }
-        let engine: Box<dyn SecureSum> = match plan.options.engine {
-            planner::plan::Engine::Additive => {
-                let mut e =
-                    AdditiveEngine::new(self.parties.clone(), self.party.clone(), s.leader.clone());
-                e.reveal_point = Some(s.reveal_point.clone());
-                Box::new(e)
-            }
-        };
-        let out = engine
-            .sum_and_reveal(&transport, input)
-            .await
-            .map_err(|e| PartyFailure {
-                local: e.to_string(),
-                shared: self.reason_of(&e),
-            })?;
-        s.phases.span("secure sum", t);
-        let Some(cols) = out else {
-            return Ok(None);
-        };
-        if cols.len() != shared_idx.len() {
-            return Err(PartyFailure {
-                local: format!(
-                    "{} totals for {} shared partials",
-                    cols.len(),
-                    shared_idx.len()
-                ),
-                shared: AbortReason::new(AbortKind::Other, &self.party, "internal error"),
-            });
-        }
-        let mut totals = vec![Vec::new(); plan.local.partials.len()];
-        let mut wide = std::collections::BTreeMap::new();
-        for (k, &i) in shared_idx.iter().enumerate() {
-            let col = cols[k].clone();
-            if plan.ring_bits(i) > 128 {
-                wide.insert(i, col);
-            } else {
-                // A total of a ring of at most 128 bits fits i128.
-                totals[i] = col.iter().map(|v| v.as_i128()).collect();
-            }
-        }
-        Ok(Some(Revealed { totals, wide }))
-    }
-
-    // ----- as the leader ---------------------------------------------------
-
-    /// Plans the query and decides with this party's own policy. A query the
-    /// own policy refuses is never shown to the peers.
-    async fn decide_own(
-        &self,
-        q: &Ask<'_>,
-        phases: &Phases,
-    ) -> Result<(FederatedPlan, Verdict), QueryFailure> {
-        let Ask {
-            query_id,
-            sql,
-            analyst,
-            options,
-            explain_only,
-        } = *q;
-        let t = Instant::now();
-        let plan = self
-            .plan(sql, options)
-            .await
-            .map_err(|e| QueryFailure::new(FailureKind::Invalid, e.to_string()))?;
-        phases.span("plan", t);
-        let mut requirement = None;
-        let own = match self.policy.check(&plan, analyst) {
-            Decision::Allow => match self.own_requirement(&plan, analyst) {
-                Ok(r) => {
-                    requirement = r;
-                    Decision::Allow
-                }
-                Err((rule, reason)) => Decision::Deny { rule, reason },
-            },
-            deny => deny,
-        };
-        self.audit(AuditEntry {
-            event: if explain_only {
-                "explain".into()
-            } else {
-                "decision".into()
-            },
-            query_id: query_id.to_string(),
-            leader: self.party.clone(),
-            analyst: analyst.to_string(),
-            sql: sql.to_string(),
-            decision: if own == Decision::Allow {
-                "allow".into()
-            } else {
-                "deny".into()
-            },
-            rule: match &own {
-                Decision::Deny { rule, .. } => Some(rule.clone()),
-                Decision::Allow => None,
-            },
-            fingerprint: Some(plan.fingerprint.clone()),
-            ..Default::default()
-        });
-        if !explain_only {
-            if let Decision::Deny { rule, reason } = &own {
-                return Err(QueryFailure::new(
-                    FailureKind::Refused,
-                    format!("{} refused: {reason} (policy: {rule})", self.party),
-                ));
-            }
-        }
-        let verdict = match own {
-            Decision::Allow => Verdict::Allow {
-                fingerprint: plan.fingerprint.clone(),
-                source: if explain_only {
-                    self.source.explain(&plan.local).await
-                } else {
-                    Vec::new()
-                },
-                privacy: requirement,
-            },
-            Decision::Deny { rule, reason } => Verdict::Deny { rule, reason },
-        };
-        Ok((plan, verdict))
-    }
-
-    /// Asks every peer to plan and decide; returns every party's verdict,
-    /// this party's first, or the first refusal or mismatch.
-    async fn ask_peers(
-        &self,
-        q: &Ask<'_>,
-        plan: &FederatedPlan,
-        own: Verdict,
-        phases: &Phases,
-    ) -> Result<Vec<(String, Verdict)>, QueryFailure> {
-        let Ask {
-            query_id,
-            sql,
-            analyst,
-            options,
-            explain_only,
-        } = *q;
-        let t = Instant::now();
-        let mut verdicts = vec![(self.party.clone(), own)];
-        let proposal = Propose {
-            query_id: query_id.to_string(),
-            sql: sql.to_string(),
-            options: options.clone(),
-            analyst: analyst.clone(),
-            explain_only,
-        };
-        let proposal = PeerAction::Propose(proposal);
-        let asks = self.peers.keys().map(|p| {
-            let proposal = &proposal;
-            async move {
-                let r = self.clients.send(p, proposal).await;
-                let v = match r {
-                    Ok(bytes) => serde_json::from_slice::<Verdict>(&bytes).unwrap_or_else(|e| {
-                        Verdict::Error {
-                            message: format!("unreadable verdict: {e}"),
-                        }
-                    }),
-                    Err(
-                        e @ (TransportError::Unreachable { .. } | TransportError::Timeout { .. }),
-                    ) => Verdict::Unreachable {
-                        message: e.to_string(),
-                    },
-                    Err(e) => Verdict::Error {
-                        message: e.to_string(),
-                    },
-                };
-                (p.clone(), v)
-            }
-        });
-        verdicts.extend(futures::future::join_all(asks).await);
-        phases.span("propose", t);
-        if explain_only {
-            return Ok(verdicts);
-        }
-        let mut failure = None;
-        for (p, v) in &verdicts {
-            let f = match v {
-                Verdict::Allow { fingerprint, .. } if *fingerprint == plan.fingerprint => continue,
-                Verdict::Allow { fingerprint, .. } => QueryFailure::new(
-                    FailureKind::Refused,
-                    format!(
-                        "{p} computed a different plan (fingerprint {} vs {} here); check that every gateway \
-                         runs the same Council version with the same catalog",
-                        short(fingerprint),
-                        short(&plan.fingerprint)
-                    ),
-                ),
-                Verdict::Deny { rule, reason } => {
-                    QueryFailure::new(FailureKind::Refused, format!("{p} refused: {reason} (policy: {rule})"))
-                }
-                Verdict::Unreachable { message } => {
-                    QueryFailure::new(FailureKind::Unavailable, message.clone())
-                }
-                Verdict::Error { message } => QueryFailure::new(FailureKind::Invalid, format!("{p} could not plan the query: {message}")),
-            };
-            failure.get_or_insert(f);
-        }
-        if let Some(f) = failure {
-            self.abort_peers(
-                &self.party,
-                query_id,
-                &AbortReason::new(AbortKind::Other, &self.party, f.message.clone()),
-            )
-            .await;
-            return Err(f);
-        }
-        Ok(verdicts)
-    }
-
-    /// Every party's DP requirement (from its verdict), merged.
-    fn merged_privacy(&self, verdicts: &[(String, Verdict)]) -> Result<Option<DpParams>, String> {
-        let reqs: Vec<Requirement> = verdicts
-            .iter()
-            .filter_map(|(p, v)| match v {
-                Verdict::Allow {
-                    privacy: Some(r), ..
-                } => {
-                    let mut r = r.clone();
-                    r.party = p.clone();
-                    Some(r)
-                }
-                _ => None,
-            })
-            .collect();
-        DpParams::merge(&reqs, self.parties.len())
-    }
-
-    /// At the leader, once every party allowed: the merged DP parameters,
-    /// the DP plan, the charge to this party's ledger and the local part
-    /// under the agreed clamps and bounds.
-    fn agree_privacy(
-        self: &Arc<Self>,
-        session: &Arc<Session>,
-        verdicts: &[(String, Verdict)],
-    ) -> Result<Option<DpParams>, QueryFailure> {
-        let refused = |m: String| QueryFailure::new(FailureKind::Refused, m);
-        let Some(params) = self.merged_privacy(verdicts).map_err(|e| {
-            refused(format!(
-                "the parties' privacy requirements cannot be met together: {e}"
-            ))
-        })?
-        else {
-            return Ok(None);
-        };
-        let plan = (*session.plan())
-            .clone()
-            .with_privacy(params.clone())
-            .map_err(|e| QueryFailure::new(FailureKind::Invalid, e.to_string()))?;
-        session.set_plan(plan);
-        self.charge(session, &params).map_err(refused)?;
-        if let Some(task) = session
-            .prepared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            task.abort();
-        }
-        self.prepare(session);
-        Ok(Some(params))
-    }
-
-    /// EXPLAIN: the plan, the disclosure manifest and every party's verdict.
-    pub async fn explain(
-        &self,
-        analyst: &Analyst,
-        sql: &str,
-        options: &QueryOptions,
-    ) -> Result<String, QueryFailure> {
-        let query_id = new_query_id();
-        let phases = Phases::new();
-        let ask = Ask {
-            query_id: &query_id,
-            sql,
-            analyst,
-            options,
-            explain_only: true,
-        };
-        let (plan, own) = self.decide_own(&ask, &phases).await?;
-        let verdicts = self.ask_peers(&ask, &plan, own, &phases).await?;
-        let base_fingerprint = plan.fingerprint.clone();
-        let (plan, dp_problem) = match self.merged_privacy(&verdicts) {
-            Ok(Some(params)) => match plan.clone().with_privacy(params) {
-                Ok(p) => (p, None),
-                Err(e) => (plan, Some(e.to_string())),
-            },
-            Ok(None) => (plan, None),
-            Err(e) => (plan, Some(e)),
-        };
-        let mut s = plan.explain(&self.party);
-        if let Some(e) = dp_problem {
-            s.push_str(&format!(
-                "Differential privacy: required, but the query cannot run under it: {e}\n"
-            ));
-        }
-        s.push_str("Verdicts:\n");
-        let mut sources = String::new();
-        for (p, v) in verdicts {
-            let line = match v {
-                Verdict::Allow {
-                    fingerprint,
-                    source,
-                    privacy,
-                } => {
-                    for l in &source {
-                        sources.push_str(&format!("  {p}: {l}\n"));
-                    }
-                    let dp = match privacy {
-                        Some(r) => format!(
-                            "; requires DP: {}, ε ≤ {} per query{}",
-                            r.mechanism.name(),
-                            planner::privacy::epsilon_text(r.epsilon_micro),
-                            if r.delta > 0.0 {
-                                format!(", δ ≤ {:e}", r.delta)
-                            } else {
-                                String::new()
-                            }
-                        ),
-                        None => String::new(),
-                    };
-                    if fingerprint == base_fingerprint {
-                        format!("allow (same plan){dp}")
-                    } else {
-                        format!("allow, but a DIFFERENT plan {}{dp}", short(&fingerprint))
-                    }
-                }
-                Verdict::Deny { rule, reason } => format!("deny: {reason} (policy: {rule})"),
-                Verdict::Error { message } => format!("error: {message}"),
-                Verdict::Unreachable { message } => format!("unreachable: {message}"),
-            };
-            s.push_str(&format!("  {p}: {line}\n"));
-        }
-        if !sources.is_empty() {
-            s.push_str("Local parts at each party's source (as that party reports them):\n");
-            s.push_str(&sources);
-        }
-        Ok(s)
-    }
-
-    /// Runs a query for an authenticated analyst of this party.
-    pub async fn run_query(
-        self: &Arc<Self>,
-        analyst: &Analyst,
-        sql: &str,
-        options: &QueryOptions,
-    ) -> Result<QueryAnswer, QueryFailure> {
-        let query_id = new_query_id();
-        let phases = Phases::new();
-        let ask = Ask {
-            query_id: &query_id,
-            sql,
-            analyst,
-            options,
-            explain_only: false,
-        };
-        let (plan, own) = self.decide_own(&ask, &phases).await?;
-        let own_requirement = match &own {
-            Verdict::Allow { privacy, .. } => privacy.clone(),
-            _ => None,
-        };
-        // Our own policy allowed it: start our local part now, while the
-        // peers decide (nothing leaves this party before the secure sum).
-        // Under DP the local part waits for the agreed clamps and bounds.
-        let mut session = Session::new(plan, &self.party, analyst, &query_id, self.timeout, phases);
-        session.requirement = own_requirement;
-        let session = Arc::new(session);
-        session.started.store(true, Ordering::SeqCst);
-        self.sessions()
-            .insert((self.party.clone(), query_id.clone()), session.clone());
-        // An analyst who disconnects drops this future at whatever await it
-        // is in: the guard then ends the query at every party and settles
-        // this party's charge, as any other failure would.
-        let _cancel = CancelGuard {
-            gw: self.clone(),
-            session: session.clone(),
-        };
-        if session.requirement.is_none() {
-            self.prepare(&session);
-        }
-        let verdicts = match self
-            .ask_peers(&ask, &session.plan(), own, &session.phases)
-            .await
-        {
-            Ok(v) => v,
-            Err(f) => {
-                self.finish(&session, format!("not run: {}", f.message));
-                return Err(f);
-            }
-        };
-        let mut start = Start {
-            query_id: query_id.clone(),
-            privacy: None,
-            fingerprint: None,
-        };
-        match self.agree_privacy(&session, &verdicts) {
-            Ok(Some(params)) => {
-                start.fingerprint = Some(session.plan().fingerprint.clone());
-                start.privacy = Some(params);
-            }
-            Ok(None) => {}
-            Err(f) => {
-                self.abort_peers(
-                    &self.party,
-                    &query_id,
-                    &AbortReason::new(AbortKind::Other, &self.party, f.message.clone()),
-                )
-                .await;
-                self.finish(&session, format!("not run: {}", f.message));
-                return Err(f);
-            }
-        }
-
-        // `start` and our own part of the secure sum go together: our input
-        // round carries only random seeds, and the peers' sessions exist
-        // since they allowed. A failed start stops our part at once.
-        let t = Instant::now();
-        let start = PeerAction::Start(start);
-        let starts = self.peers.keys().map(|p| {
-            let start = &start;
-            async move {
-                self.clients
-                    .send(p, start)
-                    .await
-                    .map_err(|e| self.reason_of_transport(&e))
-            }
-        });
-        let starts = async {
-            let failed = futures::future::join_all(starts)
-                .await
-                .into_iter()
-                .find_map(|r| r.err());
-            if let Some(e) = &failed {
-                session.mailbox.abort(e);
-            }
-            session.phases.span("start", t);
-            failed
-        };
-        let (failed_start, result) = tokio::join!(starts, self.compute(&session));
-        let result = match (failed_start, result) {
-            // Another party aborted first (its abort reached our mailbox
-            // before our `start` reached a peer that had already ended the
-            // query): its reason is the true one.
-            (Some(e), Err(f)) if f.shared != e => Err(f),
-            (Some(e), _) => Err(PartyFailure {
-                local: e.to_string(),
-                shared: e,
-            }),
-            (None, result) => result,
-        };
-        let revealed = match result {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                let f = PartyFailure {
-                    local: "the leader got no result".into(),
-                    shared: AbortReason::new(AbortKind::Other, &self.party, "internal error"),
-                };
-                return Err(self.fail(&session, f).await);
-            }
-            Err(f) => return Err(self.fail(&session, f).await),
-        };
-        let t = Instant::now();
-        let plan = session.plan();
-        let batches = post_process(&plan, &revealed).await;
-        session.phases.span("post part", t);
-        self.finish(&session, "revealed to analyst".into());
-        let (schema, batches) = batches?;
-        Ok(QueryAnswer {
-            schema,
-            batches,
-            fingerprint: plan.fingerprint.clone(),
-            noise: planner::finalize::noise_report(&plan),
-            privacy: plan.privacy.as_ref().map(crate::dp::summary),
-        })
-    }
-
-    async fn fail(&self, s: &Session, f: PartyFailure) -> QueryFailure {
-        self.note_end(s, &f.shared);
-        self.abort_everywhere(s, &f.shared).await;
-        self.finish(s, format!("aborted: {}", f.local));
-        let kind = if f.shared.kind == AbortKind::Unavailable {
-            FailureKind::Unavailable
-        } else {
-            FailureKind::Aborted
-        };
-        // The reason's own wording: a data abort does not name the party.
-        QueryFailure::new(
-            kind,
-            format!(
-                "{}; the query was aborted at every party and nothing was revealed",
-                f.shared
-            ),
-        )
     }
 
     /// Why a secure computation failed, as this party tells the others.
@@ -1784,42 +601,6 @@ impl Drop for InflightLogin<'_> {
     }
 }
 
-/// Ends a leader's query that was dropped before it finished (the analyst
-/// cancelled or disconnected). A query that finished is no longer in the
-/// session table, and the guard does nothing.
-struct CancelGuard {
-    gw: Arc<Gateway>,
-    session: Arc<Session>,
-}
-
-impl Drop for CancelGuard {
-    fn drop(&mut self) {
-        let key = (self.session.leader.clone(), self.session.query_id.clone());
-        if !self.gw.sessions().contains_key(&key) {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let gw = self.gw.clone();
-        let s = self.session.clone();
-        rt.spawn(async move {
-            let reason =
-                AbortReason::new(AbortKind::Cancelled, &gw.party, "the analyst disconnected");
-            gw.note_end(&s, &reason);
-            gw.abort_everywhere(&s, &reason).await;
-            gw.finish(&s, "cancelled by the analyst".into());
-        });
-    }
-}
-
-/// A party's failure: the full story for its own log, and what it may tell
-/// the others (no private values).
-struct PartyFailure {
-    local: String,
-    shared: AbortReason,
-}
-
 /// What a share stream from a peer may hold, known before a byte of it is
 /// decoded: its rows, its most columns, and the bytes of text its group
 /// keys take.
@@ -1830,99 +611,6 @@ pub struct ShareShape {
     pub key_bytes: u64,
 }
 
-/// Why this party turns down a peer's `start` or share: the query ended
-/// here (with the reason, which the peer adopts), or the message does not
-/// belong to any query it may send to.
-#[derive(Debug, Clone, PartialEq)]
-pub enum PeerRefusal {
-    Ended(AbortReason),
-    Other(String),
-}
-
-impl PeerRefusal {
-    /// As a gRPC status: an ended query is `aborted` with the reason as
-    /// JSON, which `peer::status_error` decodes (never matched as text).
-    pub fn to_status(&self) -> tonic::Status {
-        match self {
-            PeerRefusal::Ended(r) => {
-                tonic::Status::aborted(serde_json::to_string(r).unwrap_or_default())
-            }
-            PeerRefusal::Other(m) => tonic::Status::failed_precondition(m.clone()),
-        }
-    }
-}
-
-impl std::fmt::Display for PeerRefusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PeerRefusal::Ended(r) => write!(f, "the query already ended: {r}"),
-            PeerRefusal::Other(m) => f.write_str(m),
-        }
-    }
-}
-
-/// Proves that no local 128-bit sum wrapped: every summand of every sum
-/// partial is below its cap (10^26 at most: by the guard, the type, whole
-/// squares only of narrow factors, limbs otherwise), so the count alone
-/// decides, and only some 10^12 rows in one group could fail it.
-#[allow(clippy::needless_range_loop)]
-fn check_no_wrap(
-    party: &str,
-    plan: &FederatedPlan,
-    raw: &[Vec<i128>],
-    groups: usize,
-) -> Result<(), PartyFailure> {
-    for p in &plan.local.partials {
-        if !p.kind.is_sum() {
-            continue;
-        }
-        let Some(c) = p.count_of_arg else {
-            continue;
-        };
-        let cap = p.summand_cap();
-        for g in 0..groups {
-            if !sum_cannot_wrap(raw[c][g], cap) {
-                return Err(PartyFailure {
-                    local: format!("a local sum in group {g} might exceed 128 bits (count {}, |summand| ≤ {cap})", raw[c][g]),
-                    shared: AbortReason::new(
-                        AbortKind::Data,
-                        party,
-                        "one of its local sums is too large to compute exactly; narrow the query",
-                    ),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The post part: final values, then HAVING / ORDER BY / LIMIT / arithmetic
-/// by DataFusion on revealed values only.
-async fn post_process(
-    plan: &FederatedPlan,
-    revealed: &Revealed,
-) -> Result<(arrow::datatypes::SchemaRef, Vec<RecordBatch>), QueryFailure> {
-    let invalid = |e: planner::PlanError| QueryFailure::new(FailureKind::Invalid, e.to_string());
-    let batch = revealed_batch(plan, revealed).map_err(invalid)?;
-    let logical = post_plan(plan, batch).map_err(invalid)?;
-    let ctx = datafusion::prelude::SessionContext::new();
-    let df = ctx.execute_logical_plan(logical).await.map_err(|e| {
-        QueryFailure::new(
-            FailureKind::Invalid,
-            planner::plan::clean_df_error(&e.to_string()),
-        )
-    })?;
-    let schema = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await.map_err(|e| {
-        QueryFailure::new(
-            FailureKind::Invalid,
-            planner::plan::clean_df_error(&e.to_string()),
-        )
-    })?;
-    Ok((schema, batches))
-}
-
-/// EXPLAIN's answer: one text column, one line per row.
 /// Every source of this party, checked against the catalog; every mismatch
 /// of every source is reported at once.
 async fn open_sources(cfg: &GatewayConfig) -> anyhow::Result<connectors::Sources> {
@@ -1984,6 +672,7 @@ async fn open_sources(cfg: &GatewayConfig) -> anyhow::Result<connectors::Sources
     Ok(sources)
 }
 
+/// EXPLAIN's answer: one text column, one line per row.
 pub fn explain_schema() -> arrow::datatypes::SchemaRef {
     Arc::new(arrow::datatypes::Schema::new(vec![
         arrow::datatypes::Field::new("plan", arrow::datatypes::DataType::Utf8, false),
@@ -1993,11 +682,6 @@ pub fn explain_schema() -> arrow::datatypes::SchemaRef {
 /// The first 16 characters of a fingerprint (which may come from a peer).
 fn short(fingerprint: &str) -> String {
     fingerprint.chars().take(16).collect()
-}
-
-/// A query's key in the budget ledger.
-fn ledger_key(s: &Session) -> String {
-    format!("{}/{}", s.leader, s.query_id)
 }
 
 fn new_query_id() -> String {

@@ -18,4 +18,5 @@ pub mod peer;
 pub mod pg;
 pub mod server;
 pub mod service;
+pub mod session;
 pub mod tls;

@@ -1,0 +1,369 @@
+//! A party's path when another gateway leads the query: the handlers of
+//! the peer service, in the order the messages arrive.
+//!
+//! `propose` (plan it here, decide with this party's own policy; an allowed
+//! query becomes [`Agreed`] and its local part starts) → `start` (check the
+//! leader's DP parameters, charge, [`Agreed::start`] → `Running` in its own
+//! task) → shares (routed to the query's mailbox by its state) → the task
+//! ends the query ([`Running::end`]). An `abort` ends an agreed query at
+//! once and stops a running one.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::RecordBatch;
+use executor::{AbortKind, AbortReason, Round, TransportError};
+use planner::privacy::DpParams;
+use policies::{AuditEntry, Decision};
+
+use super::{share_shape, short, Gateway, ShareShape};
+use crate::config::Fault;
+use crate::peer::{Propose, QueryRef, Start, Verdict};
+use crate::session::{Agreed, Agreement, Full, Key, PeerRefusal, Phases, Query, Running};
+
+/// The longest query id a leader may choose.
+const MAX_QUERY_ID: usize = 64;
+
+impl Gateway {
+    /// `propose` from `from`: plan it ourselves, decide with our own policy.
+    pub async fn on_propose(self: &Arc<Self>, from: &str, p: Propose) -> Verdict {
+        if self.fault == Some(Fault::SilentBeforeVerdict) && !p.explain_only {
+            std::future::pending::<()>().await;
+        }
+        let phases = Phases::new();
+        let t = Instant::now();
+        let mut entry = AuditEntry {
+            event: "decision".into(),
+            query_id: p.query_id.clone(),
+            leader: from.to_string(),
+            analyst: p.analyst.to_string(),
+            sql: p.sql.clone(),
+            ..Default::default()
+        };
+        if p.analyst.party != from {
+            let v = Verdict::Deny {
+                rule: "analysts".into(),
+                reason: format!(
+                    "gateway {from} may only submit queries of its own analysts, not of {}",
+                    p.analyst
+                ),
+            };
+            entry.decision = "deny".into();
+            entry.rule = Some("analysts".into());
+            self.audit(entry);
+            return v;
+        }
+        if p.query_id.len() > MAX_QUERY_ID {
+            return Verdict::Error {
+                message: format!("a query id has at most {MAX_QUERY_ID} characters"),
+            };
+        }
+        let plan = match self.plan(&p.sql, &p.options).await {
+            Ok(plan) => plan,
+            Err(e) => {
+                entry.decision = "error".into();
+                entry.outcome = Some(e.to_string());
+                self.audit(entry);
+                return Verdict::Error {
+                    message: e.to_string(),
+                };
+            }
+        };
+        entry.fingerprint = Some(plan.fingerprint.clone());
+        phases.span("plan", t);
+        let decision = match self.policy.check(&plan, &p.analyst) {
+            Decision::Allow => self.own_requirement(&plan, &p.analyst),
+            Decision::Deny { rule, reason } => Err((rule, reason)),
+        };
+        let requirement = match decision {
+            Err((rule, reason)) => {
+                entry.decision = "deny".into();
+                entry.rule = Some(rule.clone());
+                entry.outcome = Some(reason.clone());
+                self.audit(entry);
+                return Verdict::Deny { rule, reason };
+            }
+            Ok(requirement) => requirement,
+        };
+        entry.decision = "allow".into();
+        let fingerprint = plan.fingerprint.clone();
+        if p.explain_only {
+            entry.event = "explain".into();
+            self.audit(entry);
+            return Verdict::Allow {
+                fingerprint,
+                source: self.source.explain(&plan.local).await,
+                privacy: requirement,
+            };
+        }
+        let query = Query::new(from, &p.query_id, &p.analyst, self.timeout, phases);
+        let agreed = Agreed::new(query, plan, requirement.clone());
+        let (admitted, expired) = self.sessions.admit(agreed, |q, plan, spent| {
+            self.prepare(q.clone(), plan.clone(), spent.clone())
+        });
+        for ended in expired {
+            self.finish(ended);
+        }
+        if let Err((full, _)) = admitted {
+            let message = match full {
+                Full::TooMany { from_leader } => {
+                    entry.decision = "error".into();
+                    entry.outcome = Some("too many open queries".into());
+                    self.audit(entry);
+                    format!(
+                        "peer {} has too many open queries ({from_leader} from {from}); try again when some have ended",
+                        self.party
+                    )
+                }
+                Full::Duplicate => format!("query id {} is already in use", p.query_id),
+            };
+            return Verdict::Error { message };
+        }
+        self.audit(entry);
+        Verdict::Allow {
+            fingerprint,
+            source: Vec::new(),
+            privacy: requirement,
+        }
+    }
+
+    /// `start` from the leader: the agreed query runs in its own task.
+    ///
+    /// With differential privacy, `start` carries the parameters the leader
+    /// merged from every party's requirement: this party checks them
+    /// against its own, derives the DP plan itself (the fingerprint must
+    /// match the leader's) and charges its budget before anything of the
+    /// query can leave it.
+    pub fn on_start(self: &Arc<Self>, from: &str, start: Start) -> Result<(), PeerRefusal> {
+        let key: Key = (from.to_string(), start.query_id.clone());
+        let agreed = match self.sessions.take_for_start(&key) {
+            Ok(a) => a,
+            Err((refusal, ended)) => {
+                if let Some(ended) = ended {
+                    self.finish(ended);
+                }
+                return Err(refusal);
+            }
+        };
+        let agreement =
+            match self.adopt_privacy(&agreed, start.privacy, start.fingerprint.as_deref()) {
+                Ok(a) => a,
+                Err(e) => {
+                    let reason = AbortReason::new(AbortKind::Other, &self.party, e.clone());
+                    self.sessions.close(&key, &reason);
+                    self.finish(agreed.end(format!("not run: {e}")));
+                    return Err(PeerRefusal::Ended(reason));
+                }
+            };
+        let running = agreed.start(agreement, |q, plan, spent| {
+            self.prepare(q.clone(), plan.clone(), spent.clone())
+        });
+        self.sessions.run(&running);
+        if self.fault == Some(Fault::SilentAfterStart) {
+            // Plays dead right after accepting `start`: the query stays
+            // open here and the others time out.
+            tokio::spawn(async move {
+                let _running = running;
+                std::future::pending::<()>().await;
+            });
+            return Ok(());
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.follow(running).await });
+        Ok(())
+    }
+
+    /// A started query at a peer, to its end: its part of the secure sum
+    /// (the leader alone receives the result shares).
+    async fn follow(self: Arc<Self>, mut running: Running) {
+        let key = running.query.key();
+        let outcome = match self.compute(&mut running).await {
+            Ok(_) => {
+                self.sessions.close(
+                    &key,
+                    &AbortReason::new(
+                        AbortKind::Other,
+                        &self.party,
+                        "it had already sent its result share",
+                    ),
+                );
+                "shares sent".to_string()
+            }
+            Err(f) => {
+                eprintln!("[{}] query {} failed: {}", self.party, key.1, f.local);
+                self.sessions.close(&key, &f.shared);
+                running.query.mailbox.abort(&f.shared);
+                self.abort_peers(&key.0, &key.1, &f.shared).await;
+                format!("aborted: {}", f.local)
+            }
+        };
+        self.finish(running.end(outcome));
+    }
+
+    /// Checks the leader's DP parameters against this party's requirement
+    /// and derives the DP plan; charges the ledger if this party's own
+    /// policy required DP.
+    fn adopt_privacy(
+        &self,
+        agreed: &Agreed,
+        params: Option<DpParams>,
+        fingerprint: Option<&str>,
+    ) -> Result<Agreement, String> {
+        let refuse = |m: String| format!("{} refused: {m}", self.party);
+        let params = match (params, &agreed.requirement) {
+            (None, None) => return Ok(Agreement::AsPlanned),
+            (None, Some(_)) => {
+                return Err(refuse(
+                    "its policy requires differential privacy for this query, and the leader started it without \
+                     (policy: privacy)"
+                        .into(),
+                ))
+            }
+            (Some(p), req) => {
+                if let Some(r) = req {
+                    p.satisfies(r, self.parties.len()).map_err(|e| {
+                        refuse(format!(
+                            "the query's privacy parameters fall short: {e} (policy: privacy)"
+                        ))
+                    })?;
+                }
+                p
+            }
+        };
+        let plan = (*agreed.plan)
+            .clone()
+            .with_privacy(params.clone())
+            .map_err(|e| refuse(e.to_string()))?;
+        if fingerprint != Some(plan.fingerprint.as_str()) {
+            return Err(refuse(format!(
+                "the leader's DP plan differs from the one computed here ({} vs {})",
+                short(fingerprint.unwrap_or("none")),
+                short(&plan.fingerprint)
+            )));
+        }
+        let charge = self.charge(agreed.requirement.is_some(), &agreed.query, &plan, &params)?;
+        Ok(Agreement::UnderDp { plan, charge })
+    }
+
+    /// `abort` from any party of the query.
+    pub fn on_abort(&self, from: &str, r: &QueryRef) {
+        let leader = if r.leader.is_empty() {
+            from
+        } else {
+            r.leader.as_str()
+        };
+        if !self.parties.iter().any(|p| p == from) {
+            return;
+        }
+        let key = (leader.to_string(), r.query_id.clone());
+        // A started query ends in its own task, which sees the abort.
+        if let Some(ended) = self.sessions.abort(&key, from, &r.reason) {
+            self.finish(ended);
+        }
+    }
+
+    /// The shape of `from`'s share for a query this party holds. An input
+    /// share is one 32-byte seed; a result share has one row per group and
+    /// at most one column per limb of each shared partial plus the keys.
+    pub fn expected_share(
+        &self,
+        from: &str,
+        leader: &str,
+        query_id: &str,
+        round: Round,
+    ) -> Result<ShareShape, PeerRefusal> {
+        let (_, plan) = self.route(from, leader, query_id, round)?;
+        let (rows, max_cols, key_bytes) = match (round, plan) {
+            (Round::Result, Some(plan)) => {
+                let (rows, cols) = share_shape(&plan, round);
+                let keys = if plan.grouped {
+                    plan.groups.key_text_bytes()
+                } else {
+                    0
+                };
+                (rows, cols, keys)
+            }
+            _ => (1, 1, 0),
+        };
+        Ok(ShareShape {
+            rows,
+            max_cols,
+            key_bytes,
+        })
+    }
+
+    /// Where a share from `from` goes, if `from` may send it.
+    fn route(
+        &self,
+        from: &str,
+        leader: &str,
+        query_id: &str,
+        round: Round,
+    ) -> Result<
+        (
+            Arc<executor::transport::Mailbox>,
+            Option<Arc<planner::FederatedPlan>>,
+        ),
+        PeerRefusal,
+    > {
+        if !self.parties.iter().any(|p| p == from) {
+            return Err(PeerRefusal::Other(format!(
+                "{from} is not a party of this federation"
+            )));
+        }
+        if round == Round::Result && leader != self.party {
+            return Err(PeerRefusal::Other(format!(
+                "result shares go to the querying gateway {leader}, not to {}",
+                self.party
+            )));
+        }
+        self.sessions
+            .route(&(leader.to_string(), query_id.to_string()), round)
+    }
+
+    /// Ends the query whose share from a peer was malformed.
+    pub fn reject_share(&self, leader: &str, query_id: &str, reason: &str) {
+        if let Some(mailbox) = self
+            .sessions
+            .mailbox(&(leader.to_string(), query_id.to_string()))
+        {
+            mailbox.abort(&AbortReason::new(AbortKind::Protocol, &self.party, reason));
+        }
+    }
+
+    /// A share batch from `from`.
+    pub fn on_put(
+        &self,
+        from: &str,
+        leader: &str,
+        query_id: &str,
+        round: Round,
+        batch: RecordBatch,
+    ) -> Result<(), PeerRefusal> {
+        let (mailbox, plan) = self.route(from, leader, query_id, round)?;
+        // The shape is checked on delivery, before anything is kept (and
+        // before decoding, in `service::decode_share_stream`).
+        let (rows, max_cols) = match &plan {
+            Some(plan) => share_shape(plan, round),
+            None => (1, 1),
+        };
+        if batch.num_rows() != rows || batch.num_columns() > max_cols {
+            let reason = format!(
+                "{from} sent a {round:?} share of {} rows and {} columns where {rows} rows and at most {max_cols} \
+                 columns belong",
+                batch.num_rows(),
+                batch.num_columns()
+            );
+            mailbox.abort(&AbortReason::new(
+                AbortKind::Protocol,
+                &self.party,
+                reason.clone(),
+            ));
+            return Err(PeerRefusal::Other(reason));
+        }
+        mailbox.deliver(from, round, batch).map_err(|e| match e {
+            TransportError::Aborted(r) => PeerRefusal::Ended(r),
+            other => PeerRefusal::Other(other.to_string()),
+        })
+    }
+}

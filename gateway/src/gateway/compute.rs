@@ -1,0 +1,324 @@
+//! What every party runs once a query started, whichever path it is on:
+//! the local part over this party's rows, its encoding as ring elements
+//! (and under DP its noise), the engine's secure sum, and at the leader the
+//! post part over the revealed totals.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::i256;
+use executor::encode::{dense_partials, sum_cannot_wrap, to_ring};
+use executor::{AbortKind, AbortReason, AdditiveEngine, GroupIndex, SecureSum, SharedTable};
+use planner::finalize::{post_plan, revealed_batch, Revealed};
+use planner::privacy::Noise;
+use planner::FederatedPlan;
+
+use super::{share_widths, FailureKind, Gateway, QueryFailure};
+use crate::config::Fault;
+use crate::peer::QueryTransport;
+use crate::session::{Input, PartyFailure, Prepared, Query, Running, Spent};
+
+impl Gateway {
+    /// Starts this party's local part and encoding in the background. Only
+    /// called once this party allowed the query; nothing leaves the party
+    /// until the secure sum, which waits for the leader's `start`.
+    pub(super) fn prepare(
+        self: &Arc<Self>,
+        query: Arc<Query>,
+        plan: Arc<FederatedPlan>,
+        spent: Spent,
+    ) -> Prepared {
+        let me = self.clone();
+        tokio::spawn(async move { me.local_input(&query, &plan, &spent).await })
+    }
+
+    /// This party's share of the work: its prepared input, then the secure
+    /// sum. Returns the revealed totals at the leader.
+    pub(super) async fn compute(
+        &self,
+        running: &mut Running,
+    ) -> Result<Option<Revealed>, PartyFailure> {
+        let input = match running.prepared.take() {
+            // The local part ran over this party's rows, so how it ended
+            // may depend on them: a data abort, which does not name it.
+            Some(task) => task.await.map_err(|e| PartyFailure {
+                local: format!("the local part's task ended abnormally: {e}"),
+                shared: AbortReason::new(
+                    AbortKind::Data,
+                    &self.party,
+                    "its local part failed (details in its gateway log)",
+                ),
+            })??,
+            None => {
+                self.local_input(&running.query, &running.plan, &running.spent)
+                    .await?
+            }
+        };
+        self.secure_sum(running, &input.table).await
+    }
+
+    /// The local part over this party's data, as ring elements per group.
+    async fn local_input(
+        &self,
+        s: &Query,
+        plan: &FederatedPlan,
+        spent: &Spent,
+    ) -> Result<Input, PartyFailure> {
+        let t = Instant::now();
+        let mine = |m: String| PartyFailure {
+            shared: AbortReason::new(AbortKind::Data, &self.party, m.clone()),
+            local: m,
+        };
+        // From here on, how the query ends may depend on this party's rows
+        // (a source that fails, a value out of the declared domain, a sum
+        // too large for the ring): under DP its charge is kept, whatever
+        // happens next.
+        if plan.privacy.is_some() {
+            spent.local_ran.store(true, Ordering::SeqCst);
+        }
+        let batches = self
+            .source
+            .run(&plan.local)
+            .await
+            .map_err(|e| PartyFailure {
+                local: e.to_string(),
+                shared: AbortReason::new(
+                    AbortKind::Data,
+                    &self.party,
+                    "its local part failed (details in its gateway log)",
+                ),
+            })?;
+        s.phases.span("local part", t);
+        let t = Instant::now();
+        let keys = if plan.grouped {
+            plan.groups.key_arrays()
+        } else {
+            Vec::new()
+        };
+        let index = GroupIndex::new(keys.clone()).map_err(|e| mine(e.to_string()))?;
+        let dense = dense_partials(&batches, &index, plan.local.partials.len()).map_err(|e| {
+            PartyFailure {
+                local: e.to_string(),
+                shared: AbortReason::new(
+                    AbortKind::Data,
+                    &self.party,
+                    "its local data does not fit the declared catalog (details in its gateway log)",
+                ),
+            }
+        })?;
+        if dense.outside > 0 {
+            // For this party's operator only: how many of its rows keep the
+            // catalog is a fact about its data, never sent anywhere.
+            eprintln!(
+                "[{}] query {}: {} local group(s) have a key outside the catalog's declared domain and were left out; \
+                 add the value to the domain or fix the data",
+                self.party,
+                s.id,
+                dense.outside
+            );
+        }
+        let dense = dense.values;
+        check_no_wrap(&self.party, plan, &dense, index.len())?;
+        let shared_idx = plan.shared_partials();
+        let mut shared: Vec<Vec<i256>> = shared_idx
+            .iter()
+            .map(|&i| plan.shared_values(i, &dense))
+            .collect();
+        let rows = index.len();
+        // Differential privacy: this party's noise is drawn now (its
+        // value-dependent time hides in the local part's) and added to its
+        // own input before the ring bound is checked, so a noised total can
+        // never wrap. The input is only ever seen as additive shares, so
+        // adding the noise here is the same as adding it to a share.
+        let t_noise = Instant::now();
+        let specs: Vec<Option<executor::noise::NoiseSpec>> = shared_idx
+            .iter()
+            .map(|&i| {
+                plan.noise_of(i).map(|n| executor::noise::NoiseSpec {
+                    distribution: match n.noise {
+                        Noise::Laplace { num, den } => {
+                            executor::noise::Distribution::Laplace { num, den }
+                        }
+                        Noise::Gaussian { sigma2 } => {
+                            executor::noise::Distribution::Gaussian { sigma2 }
+                        }
+                    },
+                    bound: n.noise.draw_bound(),
+                })
+            })
+            .collect();
+        if plan.privacy.is_some() && specs.iter().any(|s| s.is_none()) {
+            // Never reveal a total without its noise under DP.
+            return Err(mine("a revealed total has no calibrated noise".into()));
+        }
+        let noise = executor::noise::draw_all(&specs, rows).map_err(mine)?;
+        for (col, draws) in shared.iter_mut().zip(&noise) {
+            if let Some(draws) = draws {
+                for (v, d) in col.iter_mut().zip(draws) {
+                    *v = v
+                        .checked_add(i256::from_i128(*d))
+                        .ok_or_else(|| mine("a noised partial does not fit its ring".into()))?;
+                }
+            }
+        }
+        if plan.privacy.is_some() {
+            s.phases.span("noise", t_noise);
+        }
+        let widths = share_widths(plan);
+        let ring = to_ring(&shared, &widths, self.parties.len()).map_err(|o| {
+            let p = &plan.local.partials[shared_idx[o.partial]];
+            PartyFailure {
+                local: format!(
+                    "partial {:?} of {:?} in group {} is {} and exceeds the per-party bound ±{} of the ring with {} parties",
+                    p.kind,
+                    p.arg.as_ref().map(|a| a.to_string()),
+                    o.group,
+                    o.value,
+                    o.bound,
+                    self.parties.len()
+                ),
+                shared: AbortReason::new(
+                    AbortKind::Data,
+                    &self.party,
+                    "one of its partial sums is too large to combine exactly in the ring; \
+                     lower the declared scale of the aggregated column or narrow the query",
+                ),
+            }
+        })?;
+        s.phases.span("encode", t);
+        Ok(Input {
+            table: SharedTable {
+                keys,
+                columns: ring,
+                rows,
+            },
+        })
+    }
+
+    /// The secure sum of every party's input; the totals at the leader.
+    async fn secure_sum(
+        &self,
+        running: &Running,
+        input: &SharedTable,
+    ) -> Result<Option<Revealed>, PartyFailure> {
+        let t = Instant::now();
+        let (s, plan) = (&running.query, &running.plan);
+        let shared_idx = plan.shared_partials();
+        let transport = QueryTransport {
+            me: self.party.clone(),
+            header_leader: s.leader.clone(),
+            query_id: s.id.clone(),
+            clients: self.clients.clone(),
+            mailbox: s.mailbox.clone(),
+            fault: self.fault,
+        };
+        if self.fault == Some(Fault::SilentBeforeShares) {
+            // Play dead: the others must time out, abort, and reveal nothing.
+            std::future::pending::<()>().await;
+        }
+        let engine: Box<dyn SecureSum> = match plan.options.engine {
+            planner::plan::Engine::Additive => {
+                let mut e =
+                    AdditiveEngine::new(self.parties.clone(), self.party.clone(), s.leader.clone());
+                e.reveal_point = Some(running.spent.reveal_point.clone());
+                Box::new(e)
+            }
+        };
+        let out = engine
+            .sum_and_reveal(&transport, input)
+            .await
+            .map_err(|e| PartyFailure {
+                local: e.to_string(),
+                shared: self.reason_of(&e),
+            })?;
+        s.phases.span("secure sum", t);
+        let Some(cols) = out else {
+            return Ok(None);
+        };
+        if cols.len() != shared_idx.len() {
+            return Err(PartyFailure {
+                local: format!(
+                    "{} totals for {} shared partials",
+                    cols.len(),
+                    shared_idx.len()
+                ),
+                shared: AbortReason::new(AbortKind::Other, &self.party, "internal error"),
+            });
+        }
+        let mut totals = vec![Vec::new(); plan.local.partials.len()];
+        let mut wide = std::collections::BTreeMap::new();
+        for (k, &i) in shared_idx.iter().enumerate() {
+            let col = cols[k].clone();
+            if plan.ring_bits(i) > 128 {
+                wide.insert(i, col);
+            } else {
+                // A total of a ring of at most 128 bits fits i128.
+                totals[i] = col.iter().map(|v| v.as_i128()).collect();
+            }
+        }
+        Ok(Some(Revealed { totals, wide }))
+    }
+}
+
+/// Proves that no local 128-bit sum wrapped: every summand of every sum
+/// partial is below its cap (10^26 at most: by the guard, the type, whole
+/// squares only of narrow factors, limbs otherwise), so the count alone
+/// decides, and only some 10^12 rows in one group could fail it.
+#[allow(clippy::needless_range_loop)]
+fn check_no_wrap(
+    party: &str,
+    plan: &FederatedPlan,
+    raw: &[Vec<i128>],
+    groups: usize,
+) -> Result<(), PartyFailure> {
+    for p in &plan.local.partials {
+        if !p.kind.is_sum() {
+            continue;
+        }
+        let Some(c) = p.count_of_arg else {
+            continue;
+        };
+        let cap = p.summand_cap();
+        for g in 0..groups {
+            if !sum_cannot_wrap(raw[c][g], cap) {
+                return Err(PartyFailure {
+                    local: format!("a local sum in group {g} might exceed 128 bits (count {}, |summand| ≤ {cap})", raw[c][g]),
+                    shared: AbortReason::new(
+                        AbortKind::Data,
+                        party,
+                        "one of its local sums is too large to compute exactly; narrow the query",
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The post part: final values, then HAVING / ORDER BY / LIMIT / arithmetic
+/// by DataFusion on revealed values only.
+pub(super) async fn post_process(
+    plan: &FederatedPlan,
+    revealed: &Revealed,
+) -> Result<(arrow::datatypes::SchemaRef, Vec<RecordBatch>), QueryFailure> {
+    let invalid = |e: planner::PlanError| QueryFailure::new(FailureKind::Invalid, e.to_string());
+    let batch = revealed_batch(plan, revealed).map_err(invalid)?;
+    let logical = post_plan(plan, batch).map_err(invalid)?;
+    let ctx = datafusion::prelude::SessionContext::new();
+    let df = ctx.execute_logical_plan(logical).await.map_err(|e| {
+        QueryFailure::new(
+            FailureKind::Invalid,
+            planner::plan::clean_df_error(&e.to_string()),
+        )
+    })?;
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await.map_err(|e| {
+        QueryFailure::new(
+            FailureKind::Invalid,
+            planner::plan::clean_df_error(&e.to_string()),
+        )
+    })?;
+    Ok((schema, batches))
+}
