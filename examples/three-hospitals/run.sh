@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ -z "${COUNCIL:-}" ]; then
-  (cd ../.. && cargo build -q -p gateway)
+  (cd ../.. && cargo build -q -p council)
   COUNCIL="$(cd ../.. && pwd)/target/debug/council"
 fi
 export COUNCIL

@@ -1,15 +1,12 @@
 //! The `council` gateway: configuration, TLS, the peer and analyst services,
-//! the query coordinator, the analyst client and the demo.
+//! the query's life cycle and the analyst client. The `council`
+//! command, the demo and the benchmarks are in the `council` crate.
 #![forbid(unsafe_code)]
 
-pub mod bench;
 pub mod certs;
 pub mod client;
-pub mod compare;
 pub mod config;
-pub mod demo;
 pub mod dp;
-pub mod federation;
 pub mod flightsql;
 pub mod gateway;
 pub mod net;

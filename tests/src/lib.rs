@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use gateway::federation::{FederationSpec, LocalFederation, PartySpec};
+use council::federation::{FederationSpec, LocalFederation, PartySpec};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

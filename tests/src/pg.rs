@@ -95,7 +95,7 @@ impl PgServer {
                 );
             }
         }
-        let port = gateway::bench::free_port()?;
+        let port = council::bench::free_port()?;
         let server = PgServer {
             _dir: dir,
             data,

@@ -10,7 +10,7 @@ use council_tests::{
     open_policy, party_ids, policy_without_filter_on, spec_for, write_random_data, Shape, PASSWORD,
     USER,
 };
-use gateway::federation::{FederationSpec, LocalFederation};
+use council::federation::{FederationSpec, LocalFederation};
 use gateway::peer::PeerClients;
 use gateway::tls::TlsMaterial;
 
@@ -175,7 +175,7 @@ async fn whether_a_query_fails_does_not_depend_on_any_row() {
             .query(&null)
             .await
             .unwrap_or_else(|e| panic!("{null}: {e}"));
-        gateway::compare::compare(&a, &n, false)
+        council::compare::compare(&a, &n, false)
             .unwrap_or_else(|d| panic!("{big} does not count as NULL: {t}: {d}"));
     }
     // What cannot fail still runs, and TRY_CAST is the way to convert.
@@ -338,8 +338,8 @@ async fn no_sql_takes_a_gateway_down() {
         ),
     ] {
         let got = c.query(&sql).await.unwrap();
-        let want = gateway::federation::plaintext(&pooled, &sql).await.unwrap();
-        gateway::compare::compare(&got, &want, true).unwrap();
+        let want = council::federation::plaintext(&pooled, &sql).await.unwrap();
+        council::compare::compare(&got, &want, true).unwrap();
     }
     // Every gateway is still up.
     for p in ["p0", "p1"] {
@@ -614,7 +614,7 @@ async fn fifty_concurrent_analysts_get_plaintext_answers() {
     let pooled = fed.pooled_context().await.unwrap();
     let mut want = Vec::new();
     for (sql, _) in council_tests::QUERIES {
-        want.push(gateway::federation::plaintext(&pooled, sql).await.unwrap());
+        want.push(council::federation::plaintext(&pooled, sql).await.unwrap());
     }
     let want = std::sync::Arc::new(want);
     let total = load_queries();
@@ -636,7 +636,7 @@ async fn fifty_concurrent_analysts_get_plaintext_answers() {
                     .query(sql)
                     .await
                     .map_err(|e| format!("analyst {a}, {sql}: {e}"))?;
-                gateway::compare::compare(&got, &want[i], ordered)
+                council::compare::compare(&got, &want[i], ordered)
                     .map_err(|e| format!("analyst {a}, {sql}: {e}"))?;
             }
             Ok::<usize, String>(mine)

@@ -11,9 +11,9 @@ use council_tests::{
     party_ids, policy_without_filter_on, spec_for, write_random_data, Shape, PASSWORD, QUERIES,
     USER,
 };
-use gateway::compare::compare;
+use council::compare::compare;
 use gateway::config::Fault;
-use gateway::federation::{plaintext, LocalFederation};
+use council::federation::{plaintext, LocalFederation};
 use gateway::peer::PeerClients;
 use gateway::tls::TlsMaterial;
 
@@ -21,7 +21,7 @@ async fn federation(
     n: usize,
     seed: u64,
     timeout: Duration,
-    tweak: impl FnOnce(&mut gateway::federation::FederationSpec),
+    tweak: impl FnOnce(&mut council::federation::FederationSpec),
 ) -> (tempfile::TempDir, LocalFederation) {
     let dir = tempfile::tempdir().unwrap();
     let ids = party_ids(n);

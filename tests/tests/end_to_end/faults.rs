@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use council_tests::{PASSWORD, USER};
 use gateway::config::Fault;
-use gateway::federation::LocalFederation;
+use council::federation::LocalFederation;
 
 const SQL: &str = "SELECT COUNT(*), SUM(x) FROM t";
 

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use council_tests::{start_random, Shape, PASSWORD, QUERIES, USER};
-use gateway::compare::compare;
-use gateway::federation::plaintext;
+use council::compare::compare;
+use council::federation::plaintext;
 
 async fn check(n: usize, shape: Shape) {
     let dir = tempfile::tempdir().unwrap();
@@ -114,7 +114,7 @@ async fn a_million_group_domain_streams_its_shares() {
         // 999,999 values and NULL: the largest domain a query may group by.
         "domain = { min = 0, max = 999998 }",
     );
-    let fed = gateway::federation::LocalFederation::start(&spec, &dir.path().join("run"))
+    let fed = council::federation::LocalFederation::start(&spec, &dir.path().join("run"))
         .await
         .unwrap();
     let pooled = fed.pooled_context().await.unwrap();

@@ -14,8 +14,8 @@ use council_tests::{
     USER,
 };
 use futures::TryStreamExt;
-use gateway::compare::compare;
-use gateway::federation::{plaintext, LocalFederation};
+use council::compare::compare;
+use council::federation::{plaintext, LocalFederation};
 use tonic::transport::Channel;
 
 async fn fetch(c: &mut FlightSqlServiceClient<Channel>, info: FlightInfo) -> Vec<RecordBatch> {

@@ -11,8 +11,8 @@ use std::time::Duration;
 use council_tests::{
     party_ids, policy_without_filter_on, spec_for, write_random_data, Shape, PASSWORD, USER,
 };
-use gateway::compare::compare;
-use gateway::federation::{plaintext, LocalFederation};
+use council::compare::compare;
+use council::federation::{plaintext, LocalFederation};
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

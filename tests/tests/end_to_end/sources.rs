@@ -15,9 +15,9 @@ use connectors::postgres::PgConnect;
 use connectors::{FileFormat, FileSource, SqlTable, TableFile};
 use council_tests::pg::PgServer;
 use council_tests::{party_ids, spec_for, write_random_data, Shape, PASSWORD, QUERIES, USER};
-use gateway::compare::compare;
+use council::compare::compare;
 use gateway::config::{DatabaseConfig, DbTable};
-use gateway::federation::{plaintext, LocalFederation};
+use council::federation::{plaintext, LocalFederation};
 use planner::Catalog;
 
 const COLUMNS: &str = "id, grp, h, flag, amount, d, f, label, ts";
@@ -112,7 +112,7 @@ struct Setup {
     dir: tempfile::TempDir,
     ids: Vec<String>,
     data: std::path::PathBuf,
-    spec: gateway::federation::FederationSpec,
+    spec: council::federation::FederationSpec,
     catalog: Catalog,
     table: planner::TableDef,
 }

@@ -262,8 +262,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             seed,
             ..
         } => {
-            gateway::demo::write_demo_data(&dir, seed)?;
-            std::fs::write(dir.join("catalog.toml"), gateway::demo::DEMO_CATALOG)?;
+            council::demo::write_demo_data(&dir, seed)?;
+            std::fs::write(dir.join("catalog.toml"), council::demo::DEMO_CATALOG)?;
             println!(
                 "wrote sample data for hospital_a, hospital_b, hospital_c and catalog.toml to {}",
                 dir.display()
@@ -278,7 +278,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             write_data: None,
             serve,
         } => {
-            gateway::demo::run(gateway::demo::DemoOptions {
+            council::demo::run(council::demo::DemoOptions {
                 data,
                 sql,
                 format,
@@ -287,7 +287,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             })
             .await?;
         }
-        Command::Bench { micro: true, .. } => gateway::bench::micro(4_000_000)?,
+        Command::Bench { micro: true, .. } => council::bench::micro(4_000_000)?,
         Command::Bench {
             sf,
             parties,
@@ -300,7 +300,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if parties.iter().any(|&n| n < 2) || reps == 0 {
                 bail!("--parties needs at least 2 and --reps at least 1");
             }
-            gateway::bench::run(gateway::bench::BenchOptions {
+            council::bench::run(council::bench::BenchOptions {
                 scale_factors: sf,
                 parties,
                 groups: groups.into_iter().filter(|&g| g > 0).collect(),
@@ -317,7 +317,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             reps,
             partitions,
         } => {
-            gateway::bench::plaintext_child(&dir, parties, &query, reps, partitions).await?;
+            council::bench::plaintext_child(&dir, parties, &query, reps, partitions).await?;
         }
         Command::Certs {
             parties,

@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::compare::compare;
 use crate::federation::{plaintext, FederationSpec, LocalFederation, PartySpec};
-use crate::output::{render, Format};
+use gateway::output::{render, Format};
 
 pub const DEMO_CATALOG: &str = r#"# The federated catalog: public schema and public group domains.
 [tables.patients]
@@ -455,7 +455,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
                             "Exact, over pooled data"
                         )
                     );
-                    if let Some(f) = noised.first().and_then(|b| crate::dp::footer(&b.schema())) {
+                    if let Some(f) = noised.first().and_then(|b| gateway::dp::footer(&b.schema())) {
                         for l in f.lines() {
                             println!("   {l}");
                         }
@@ -565,7 +565,7 @@ async fn user_federation(
         })
         .collect();
     for id in &ids {
-        crate::certs::check_party_id(id)
+        gateway::certs::check_party_id(id)
             .with_context(|| format!("folder names become party ids in {}", dir.display()))?;
     }
     let allow: Vec<String> = ids.iter().map(|i| format!("\"{i}:*\"")).collect();
@@ -597,8 +597,8 @@ async fn user_federation(
                 if let Some(f) = connectors::sqlite::file_holding(d, &t.name) {
                     let source = f.file_name().and_then(|n| n.to_str()).unwrap_or("sqlite").to_string();
                     spec.databases
-                        .insert(source.clone(), crate::config::DatabaseConfig::Sqlite(f.clone()));
-                    spec.db_tables.push(crate::config::DbTable {
+                        .insert(source.clone(), gateway::config::DatabaseConfig::Sqlite(f.clone()));
+                    spec.db_tables.push(gateway::config::DbTable {
                         source,
                         table: connectors::SqlTable {
                             table: t.clone(),

@@ -17,10 +17,10 @@ use planner::Catalog;
 use policies::Policy;
 use tokio::net::TcpListener;
 
-use crate::client::AnalystClient;
-use crate::config::{hash_password, AnalystCredential, GatewayConfig};
-use crate::server::{start, RunningGateway};
-use crate::tls::TlsMaterial;
+use gateway::client::AnalystClient;
+use gateway::config::{hash_password, AnalystCredential, GatewayConfig};
+use gateway::server::{start, RunningGateway};
+use gateway::tls::TlsMaterial;
 
 /// One party of a local federation.
 #[derive(Clone)]
@@ -33,14 +33,14 @@ pub struct PartySpec {
     pub analysts: Vec<(String, String, Vec<String>)>,
     /// This party's own copy of the catalog, if it differs from the spec's.
     pub catalog_override: Option<String>,
-    pub fault: Option<crate::config::Fault>,
+    pub fault: Option<gateway::config::Fault>,
     /// Preset Bearer tokens: analyst name → token (stored as SHA-256).
     pub tokens: BTreeMap<String, String>,
     /// Databases holding some tables instead of files; a file of the same
     /// table in `data_dir`, if any, is then only the plaintext reference's
     /// copy of the rows.
-    pub databases: BTreeMap<String, crate::config::DatabaseConfig>,
-    pub db_tables: Vec<crate::config::DbTable>,
+    pub databases: BTreeMap<String, gateway::config::DatabaseConfig>,
+    pub db_tables: Vec<gateway::config::DbTable>,
 }
 
 impl PartySpec {
@@ -87,11 +87,11 @@ impl LocalFederation {
     /// Makes certificates, binds every listener on 127.0.0.1 with an
     /// ephemeral port, and starts one gateway per party.
     pub async fn start(spec: &FederationSpec, work_dir: &Path) -> Result<Self> {
-        crate::tls::install_provider();
+        gateway::tls::install_provider();
         let catalog = Catalog::from_toml(&spec.catalog_toml, "catalog")?;
         let mut ids: Vec<String> = spec.parties.iter().map(|p| p.id.clone()).collect();
         ids.extend(spec.extra_certs.iter().cloned());
-        let fed = crate::certs::make_federation("Council demo CA", &ids, &[])?;
+        let fed = gateway::certs::make_federation("Council demo CA", &ids, &[])?;
         let mut listeners = Vec::new();
         for _ in &spec.parties {
             let peer = TcpListener::bind("127.0.0.1:0").await?;
@@ -140,7 +140,7 @@ impl LocalFederation {
                     let copy = find_table_file(&party.data_dir, t)
                         .map(|f| f.path)
                         .or_else(|| match party.databases.get(&d.source) {
-                            Some(crate::config::DatabaseConfig::Sqlite(p)) => Some(p.clone()),
+                            Some(gateway::config::DatabaseConfig::Sqlite(p)) => Some(p.clone()),
                             _ => None,
                         });
                     if let Some(p) = copy {
@@ -176,7 +176,7 @@ impl LocalFederation {
                             use sha2::Digest as _;
                             hex::encode(sha2::Sha256::digest(t.as_bytes()))
                         }),
-                        scram: Some(crate::config::scram_verifier(p)),
+                        scram: Some(gateway::config::scram_verifier(p)),
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -212,7 +212,7 @@ impl LocalFederation {
             gateways.push(
                 start(
                     &cfg,
-                    crate::server::Listeners {
+                    gateway::server::Listeners {
                         peer: pl,
                         analyst: al,
                         pg: Some(gl),

@@ -17,7 +17,7 @@ use datafusion::parquet::arrow::ArrowWriter;
 use tpchgen::generators::LineItemGenerator;
 use tpchgen_arrow::LineItemArrow;
 
-use crate::client::AnalystClient;
+use gateway::client::AnalystClient;
 use crate::compare::compare;
 use crate::federation::plaintext;
 
@@ -203,10 +203,10 @@ fn start_gateways(
     tables: &[BenchTable],
 ) -> Result<(Processes, Vec<String>)> {
     let ids: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
-    let fed = crate::certs::make_federation("Council bench CA", &ids, &[])?;
-    crate::certs::write_federation(&fed, &dir.join("certs"))?;
+    let fed = gateway::certs::make_federation("Council bench CA", &ids, &[])?;
+    gateway::certs::write_federation(&fed, &dir.join("certs"))?;
     std::fs::write(dir.join("catalog.toml"), catalog)?;
-    let hash = crate::config::hash_password(PASSWORD)?;
+    let hash = gateway::config::hash_password(PASSWORD)?;
     let peer: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
     let analyst: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
     let allow: Vec<String> = ids.iter().map(|i| format!("\"{i}:*\"")).collect();

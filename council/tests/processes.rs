@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gateway::federation::{plaintext, pooled_context};
+use council::federation::{plaintext, pooled_context};
 use gateway::output::{render, Format};
 
 const COUNCIL: &str = env!("CARGO_BIN_EXE_council");
@@ -15,7 +15,7 @@ const PARTIES: [&str; 3] = ["hospital_a", "hospital_b", "hospital_c"];
 /// Bad logins in the flood test.
 const N_FLOOD: usize = 80;
 fn free_port() -> u16 {
-    gateway::bench::free_port().unwrap()
+    council::bench::free_port().unwrap()
 }
 
 fn council(dir: &Path, args: &[&str]) -> std::process::Output {
@@ -51,8 +51,8 @@ fn query(dir: &Path, port: u16, sql: &str) -> std::process::Output {
 async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    gateway::demo::write_demo_data(&dir.join("data"), 7).unwrap();
-    std::fs::write(dir.join("catalog.toml"), gateway::demo::DEMO_CATALOG).unwrap();
+    council::demo::write_demo_data(&dir.join("data"), 7).unwrap();
+    std::fs::write(dir.join("catalog.toml"), council::demo::DEMO_CATALOG).unwrap();
     let out = council(
         dir,
         &[
@@ -74,7 +74,7 @@ async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
     for (i, p) in PARTIES.iter().enumerate() {
         std::fs::write(
             dir.join(format!("{p}.policy.toml")),
-            gateway::demo::demo_policy(p, i == 0),
+            council::demo::demo_policy(p, i == 0),
         )
         .unwrap();
         let mut cfg = format!(
@@ -95,7 +95,7 @@ async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
         }
         std::fs::write(dir.join(format!("{p}.toml")), cfg).unwrap();
     }
-    let mut gws = gateway::bench::Processes(Vec::new());
+    let mut gws = council::bench::Processes(Vec::new());
     for p in PARTIES {
         let log = std::fs::File::create(dir.join(format!("{p}.out"))).unwrap();
         let child = Command::new(COUNCIL)
@@ -127,7 +127,7 @@ async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
         std::thread::sleep(Duration::from_millis(300));
     }
 
-    let catalog = planner::Catalog::from_toml(gateway::demo::DEMO_CATALOG, "c").unwrap();
+    let catalog = planner::Catalog::from_toml(council::demo::DEMO_CATALOG, "c").unwrap();
     let tables = std::collections::BTreeMap::from([(
         "patients".to_string(),
         PARTIES
@@ -262,7 +262,7 @@ async fn three_processes_answer_like_plaintext_and_name_a_dead_peer() {
 async fn demo_data_accepts_a_party_whose_table_is_in_sqlite() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("parties");
-    gateway::demo::write_demo_data(&dir, 5).unwrap();
+    council::demo::write_demo_data(&dir, 5).unwrap();
     let csv_b = tmp.path().join("hospital_b_patients.csv");
     std::fs::rename(dir.join("hospital_b/patients.csv"), &csv_b).unwrap();
     let db = rusqlite::Connection::open(dir.join("hospital_b/records.db")).unwrap();
@@ -354,7 +354,7 @@ async fn demo_data_accepts_a_party_whose_table_is_in_sqlite() {
 async fn demo_over_the_users_own_files_infers_the_catalog_and_answers_one_query() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    gateway::demo::write_demo_data(dir, 3).unwrap();
+    council::demo::write_demo_data(dir, 3).unwrap();
     let sql = "SELECT age_band, COUNT(*) AS n, SUM(length_of_stay) AS days FROM patients WHERE sex = 'F' GROUP BY age_band ORDER BY age_band";
     let out = Command::new(COUNCIL)
         .args([
