@@ -17,9 +17,9 @@ use datafusion::parquet::arrow::ArrowWriter;
 use tpchgen::generators::LineItemGenerator;
 use tpchgen_arrow::LineItemArrow;
 
-use gateway::client::AnalystClient;
 use crate::compare::compare;
 use crate::federation::plaintext;
+use gateway::client::AnalystClient;
 
 pub const LINEITEM_CATALOG: &str = r#"[tables.lineitem]
 columns = [

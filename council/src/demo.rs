@@ -455,7 +455,10 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
                             "Exact, over pooled data"
                         )
                     );
-                    if let Some(f) = noised.first().and_then(|b| gateway::dp::footer(&b.schema())) {
+                    if let Some(f) = noised
+                        .first()
+                        .and_then(|b| gateway::dp::footer(&b.schema()))
+                    {
                         for l in f.lines() {
                             println!("   {l}");
                         }

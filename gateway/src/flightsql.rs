@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arrow::array::{RecordBatch, StringArray};
+use arrow::array::RecordBatch;
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::encode::FlightDataEncoderBuilder;
@@ -41,7 +41,7 @@ use prost::Message;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::gateway::{explain_schema, Gateway, QueryFailure};
+use crate::gateway::{Gateway, QueryFailure};
 use crate::service::{basic_credentials, failure_status};
 
 type FlightStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -189,35 +189,15 @@ impl FlightSqlFrontDoor {
         Ok(Response::new(info))
     }
 
+    /// The answer (its DP notice is in the schema's metadata, which ADBC
+    /// and JDBC hand to the application).
     async fn run(
         &self,
         analyst: &Analyst,
         sql: &str,
     ) -> Result<(SchemaRef, Vec<RecordBatch>), QueryFailure> {
-        let (explain, inner) = planner::split_explain(sql);
-        if explain {
-            let text = self.gw.explain(analyst, inner, &Default::default()).await?;
-            let schema = explain_schema();
-            let lines: Vec<&str> = text.lines().collect();
-            let batch =
-                RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(lines))])
-                    .map_err(|e| QueryFailure {
-                        kind: crate::gateway::FailureKind::Internal,
-                        message: e.to_string(),
-                    })?;
-            return Ok((schema, vec![batch]));
-        }
-        let answer = self.gw.run_query(analyst, sql, &Default::default()).await?;
-        crate::dp::annotate(
-            answer.schema,
-            answer.batches,
-            answer.privacy.as_deref(),
-            &answer.noise,
-        )
-        .map_err(|e| QueryFailure {
-            kind: crate::gateway::FailureKind::Internal,
-            message: e.to_string(),
-        })
+        let answer = self.gw.answer(analyst, sql).await?;
+        Ok((answer.schema, answer.batches))
     }
 
     /// A metadata answer: schema up front, the command itself as the ticket.

@@ -372,31 +372,10 @@ impl PgFrontDoor {
                 .map_err(|e| pg_error("XX000", e.to_string()))?;
                 (schema, vec![batch])
             }
-            Route::Explain(sql) => {
-                let (_, inner) = planner::split_explain(&sql);
-                let text = self
-                    .gw
-                    .explain(analyst, inner, &Default::default())
-                    .await
-                    .map_err(failure)?;
-                let lines: Vec<&str> = text.lines().collect();
-                let schema = explain_schema();
-                let batch =
-                    RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(lines))])
-                        .map_err(|e| pg_error("XX000", e.to_string()))?;
-                (schema, vec![batch])
-            }
-            Route::Federated(sql) => {
-                let a = self
-                    .gw
-                    .run_query(analyst, &sql, &Default::default())
-                    .await
-                    .map_err(failure)?;
-                let (schema, batches) =
-                    crate::dp::annotate(a.schema, a.batches, a.privacy.as_deref(), &a.noise)
-                        .map_err(|e| pg_error("XX000", e.to_string()))?;
-                notice = crate::dp::footer(&schema);
-                (schema, batches)
+            Route::Explain(sql) | Route::Federated(sql) => {
+                let a = self.gw.answer(analyst, &sql).await.map_err(failure)?;
+                notice = a.notice;
+                (a.schema, a.batches)
             }
             Route::Local(df) => {
                 let schema = Arc::new(df.schema().as_arrow().clone());

@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use council::federation::{FederationSpec, LocalFederation};
 use council_tests::{
     open_policy, party_ids, policy_without_filter_on, spec_for, write_random_data, Shape, PASSWORD,
     USER,
 };
-use council::federation::{FederationSpec, LocalFederation};
 use gateway::peer::PeerClients;
 use gateway::tls::TlsMaterial;
 

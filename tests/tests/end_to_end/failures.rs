@@ -7,13 +7,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use council::compare::compare;
+use council::federation::{plaintext, LocalFederation};
 use council_tests::{
     party_ids, policy_without_filter_on, spec_for, write_random_data, Shape, PASSWORD, QUERIES,
     USER,
 };
-use council::compare::compare;
 use gateway::config::Fault;
-use council::federation::{plaintext, LocalFederation};
 use gateway::peer::PeerClients;
 use gateway::tls::TlsMaterial;
 

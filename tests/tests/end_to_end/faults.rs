@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
+use council::federation::LocalFederation;
 use council_tests::{PASSWORD, USER};
 use gateway::config::Fault;
-use council::federation::LocalFederation;
 
 const SQL: &str = "SELECT COUNT(*), SUM(x) FROM t";
 

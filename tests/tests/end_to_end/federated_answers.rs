@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use council_tests::{start_random, Shape, PASSWORD, QUERIES, USER};
 use council::compare::compare;
 use council::federation::plaintext;
+use council_tests::{start_random, Shape, PASSWORD, QUERIES, USER};
 
 async fn check(n: usize, shape: Shape) {
     let dir = tempfile::tempdir().unwrap();

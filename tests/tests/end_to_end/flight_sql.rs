@@ -9,13 +9,13 @@ use arrow::record_batch::RecordBatch;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::{CommandGetDbSchemas, CommandGetTables, SqlInfo};
 use arrow_flight::FlightInfo;
+use council::compare::compare;
+use council::federation::{plaintext, LocalFederation};
 use council_tests::{
     open_policy, party_ids, policy_without_filter_on, spec_for, write_random_data, Shape, PASSWORD,
     USER,
 };
 use futures::TryStreamExt;
-use council::compare::compare;
-use council::federation::{plaintext, LocalFederation};
 use tonic::transport::Channel;
 
 async fn fetch(c: &mut FlightSqlServiceClient<Channel>, info: FlightInfo) -> Vec<RecordBatch> {

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use arrow::array::{Array, RecordBatch};
 use arrow::datatypes::Schema;
-use council_tests::{open_policy, party_ids, spec_for, write_random_data, Shape, PASSWORD, USER};
 use council::federation::{plaintext, FederationSpec, LocalFederation};
+use council_tests::{open_policy, party_ids, spec_for, write_random_data, Shape, PASSWORD, USER};
 
 /// A federation spec over seeded random data, with open policies.
 fn random_spec(

@@ -8,11 +8,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use council::compare::compare;
+use council::federation::{plaintext, LocalFederation};
 use council_tests::{
     party_ids, policy_without_filter_on, spec_for, write_random_data, Shape, PASSWORD, USER,
 };
-use council::compare::compare;
-use council::federation::{plaintext, LocalFederation};
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -13,11 +13,11 @@ use arrow::array::{Array, RecordBatch};
 use arrow::util::display::array_value_to_string;
 use connectors::postgres::PgConnect;
 use connectors::{FileFormat, FileSource, SqlTable, TableFile};
+use council::compare::compare;
+use council::federation::{plaintext, LocalFederation};
 use council_tests::pg::PgServer;
 use council_tests::{party_ids, spec_for, write_random_data, Shape, PASSWORD, QUERIES, USER};
-use council::compare::compare;
 use gateway::config::{DatabaseConfig, DbTable};
-use council::federation::{plaintext, LocalFederation};
 use planner::Catalog;
 
 const COLUMNS: &str = "id, grp, h, flag, amount, d, f, label, ts";
