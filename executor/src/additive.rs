@@ -1,9 +1,9 @@
 //! Engine 1: additive N-party secret sharing over Z_2^64.
 //!
 //! Each party splits its encoded partials into N shares and gives share j to
-//! party j (round `Input`, as a PRG seed: see below). Each party adds the shares it holds into its
-//! share of the total, and sends that to the querying party (round
-//! `Result`), which alone adds them up and learns the totals. Secure against
+//! party j (step [`SEEDS`], as a PRG seed: see below). Each party adds the shares it holds into its
+//! share of the total, and sends that to the querying party (step
+//! [`RESULT_SHARES`]), which alone adds them up and learns the totals. Secure against
 //! any semi-honest coalition of up to N-1 parties: every message a coalition
 //! sees from an honest party is uniformly random, save the final total.
 
@@ -16,10 +16,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rand::rngs::OsRng;
 use rand::TryRngCore;
 
-use crate::shares::SharedTable;
-use crate::transport::{Round, Transport};
-use crate::ExecError;
-use crate::SecureSum;
+use crate::encode::{to_ring, OutOfRange};
+use crate::program::{Op, Program};
+use crate::shares::{ShareColumn, SharedTable, Width};
+use crate::transport::{Step, Transport};
+use crate::{Engine, ExecError, MessageShape, TableShape};
+
+/// Step 0: a party's 256-bit seed for each other party's input share.
+pub const SEEDS: Step = Step(0);
+/// Step 1: a compute party's share of the sums, to the result party.
+pub const RESULT_SHARES: Step = Step(1);
 
 pub struct AdditiveEngine {
     /// All parties, in the agreed (sorted) order.
@@ -40,6 +46,22 @@ pub struct AdditiveEngine {
 }
 
 impl AdditiveEngine {
+    /// For `program` at party `me`: every party of the program shares its
+    /// input among all; the one result party is the leader.
+    pub fn for_program(program: &Program, me: &str) -> Result<Self, String> {
+        let e = AdditiveEngine::new(
+            program.roles.keys().cloned().collect(),
+            me.to_string(),
+            program
+                .with(|r| r.result)
+                .first()
+                .cloned()
+                .unwrap_or_default(),
+        );
+        e.supports(program)?;
+        Ok(e)
+    }
+
     /// Without noise.
     pub fn new(parties: Vec<String>, me: String, leader: String) -> Self {
         AdditiveEngine {
@@ -79,11 +101,71 @@ impl AdditiveEngine {
 }
 
 #[async_trait::async_trait]
-impl SecureSum for AdditiveEngine {
+impl Engine for AdditiveEngine {
+    fn name(&self) -> &'static str {
+        "additive"
+    }
+
+    /// A sum then a reveal, every party contributing input and computing
+    /// on shares, exactly one party receiving the result.
+    fn supports(&self, program: &Program) -> Result<(), String> {
+        if program.ops != [Op::Sum, Op::Reveal] {
+            return Err(format!(
+                "the additive engine runs a sum and then a reveal, not {}",
+                program.describe()
+            ));
+        }
+        if let Some((p, _)) = program.roles.iter().find(|(_, r)| !(r.input && r.compute)) {
+            return Err(format!(
+                "the additive engine needs every party to contribute input and compute on shares; {p} does not"
+            ));
+        }
+        let result = program.with(|r| r.result);
+        if result.len() != 1 {
+            return Err(format!(
+                "the additive engine reveals to exactly one party, not {}",
+                result.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Each value within ±(2^r−1)/N, N the number of input parties: their
+    /// sum cannot wrap the ring.
+    fn encode(
+        &self,
+        values: &[Vec<arrow::datatypes::i256>],
+        widths: &[Width],
+    ) -> Result<Vec<ShareColumn>, OutOfRange> {
+        to_ring(values, widths, self.parties.len())
+    }
+
+    fn expects(&self, from: &str, step: Step, shape: &TableShape) -> Option<MessageShape> {
+        if from == self.me || !self.parties.iter().any(|p| p == from) {
+            return None;
+        }
+        match step {
+            // A peer that started sends its seeds at once.
+            SEEDS => Some(MessageShape {
+                rows: 1,
+                max_cols: 1,
+                key_bytes: 0,
+                before_start: true,
+            }),
+            RESULT_SHARES if self.me == self.leader => Some(MessageShape {
+                rows: shape.rows,
+                max_cols: shape.widths.iter().map(|w| w.limbs()).sum::<usize>() + shape.key_columns,
+                key_bytes: shape.key_bytes,
+                before_start: false,
+            }),
+            _ => None,
+        }
+    }
+
     /// Runs the protocol on this party's encoded `input` (its partials for
     /// every group, with the public keys). Returns the decoded totals at the
     /// leader, `None` at every other party.
-    async fn sum_and_reveal(
+    async fn run(
         &self,
         transport: &dyn Transport,
         input: &SharedTable,
@@ -97,7 +179,7 @@ impl SecureSum for AdditiveEngine {
                 self.me
             )));
         }
-        // Round Input, seed-compressed: party i sends party j a fresh 256-bit
+        // Step SEEDS, seed-compressed: party i sends party j a fresh 256-bit
         // seed s_ij instead of a share vector; both expand it with ChaCha20
         // into the same uniformly random share r_ij, and i keeps
         // x_i - sum_j r_ij. 32 bytes per peer, whatever the number of groups.
@@ -113,13 +195,10 @@ impl SecureSum for AdditiveEngine {
         }
         let send_all = futures::future::try_join_all(seeds.iter().map(|(p, seed)| async move {
             let b = seed_batch(seed).map_err(|e| ExecError::Encode(e.to_string()))?;
-            transport
-                .send(p, Round::Input, b)
-                .await
-                .map_err(ExecError::from)
+            transport.send(p, SEEDS, b).await.map_err(ExecError::from)
         }));
         let recv_all = futures::future::try_join_all(self.others().map(|p| async move {
-            let b = transport.recv(p, Round::Input).await?;
+            let b = transport.recv(p, SEEDS).await?;
             let seed = read_seed(&b).map_err(|reason| ExecError::Malformed {
                 peer: p.to_string(),
                 reason,
@@ -137,11 +216,11 @@ impl SecureSum for AdditiveEngine {
             let b = acc
                 .to_batch()
                 .map_err(|e| ExecError::Encode(e.to_string()))?;
-            transport.send(&self.leader, Round::Result, b).await?;
+            transport.send(&self.leader, RESULT_SHARES, b).await?;
             return Ok(None);
         }
         let results = futures::future::try_join_all(self.others().map(|p| async move {
-            let b = transport.recv(p, Round::Result).await?;
+            let b = transport.recv(p, RESULT_SHARES).await?;
             SharedTable::from_batch(&b, &input.keys, widths, rows).map_err(|reason| {
                 ExecError::Malformed {
                     peer: p.to_string(),
@@ -242,7 +321,7 @@ mod tests {
                         columns: enc,
                         rows: 3,
                     };
-                    e.sum_and_reveal(&t, &input).await.unwrap()
+                    e.run(&t, &input).await.unwrap()
                 }));
             }
             let mut outs = Vec::new();
@@ -280,7 +359,7 @@ mod tests {
         .unwrap();
         let e = AdditiveEngine::new(ps.clone(), ps[1].clone(), ps[1].clone());
         let err = e
-            .sum_and_reveal(
+            .run(
                 &t1,
                 &SharedTable {
                     keys: vec![],
@@ -313,10 +392,65 @@ mod garbage {
         let junk = SharedTable::zeros(vec![], &[Width::Z64], 1)
             .to_batch()
             .unwrap();
-        b.send("a", Round::Input, junk).await.unwrap();
+        b.send("a", SEEDS, junk).await.unwrap();
         let e = AdditiveEngine::new(ps.clone(), "a".into(), "a".into());
         let input = SharedTable::zeros(vec![], &[Width::Z64], 1);
-        let err = e.sum_and_reveal(&a, &input).await.unwrap_err().to_string();
+        let err = e.run(&a, &input).await.unwrap_err().to_string();
         assert!(err.contains("peer b sent a malformed share batch"), "{err}");
+    }
+
+    fn abc() -> Vec<String> {
+        vec!["a".into(), "b".into(), "c".into()]
+    }
+
+    #[test]
+    fn it_runs_a_sum_and_reveal_to_one_party_and_nothing_else() {
+        let ps = abc();
+        let e = AdditiveEngine::new(ps.clone(), "a".into(), "a".into());
+        assert!(e.supports(&Program::sum_and_reveal(&ps, "a")).is_ok());
+        // Planned without a leader: nobody would receive the result.
+        let e2 = e.supports(&Program::sum_and_reveal(&ps, "")).unwrap_err();
+        assert!(e2.contains("exactly one party"), "{e2}");
+        let mut p = Program::sum_and_reveal(&ps, "a");
+        p.ops.reverse();
+        assert!(e
+            .supports(&p)
+            .unwrap_err()
+            .contains("a sum and then a reveal"));
+        let mut p = Program::sum_and_reveal(&ps, "a");
+        if let Some(r) = p.roles.get_mut("b") {
+            r.input = false;
+        }
+        assert!(e.supports(&p).unwrap_err().contains("b does not"));
+        assert!(AdditiveEngine::for_program(&Program::sum_and_reveal(&ps, "b"), "c").is_ok());
+    }
+
+    #[test]
+    fn each_step_has_its_senders_receivers_and_shape() {
+        let ps = abc();
+        let shape = TableShape {
+            rows: 7,
+            widths: vec![Width::Z64, Width::Z128, Width::Z256],
+            key_columns: 2,
+            key_bytes: 99,
+        };
+        let leader = AdditiveEngine::new(ps.clone(), "a".into(), "a".into());
+        let seeds = leader.expects("b", SEEDS, &shape).unwrap();
+        assert_eq!((seeds.rows, seeds.max_cols, seeds.key_bytes), (1, 1, 0));
+        assert!(seeds.before_start);
+        let result = leader.expects("c", RESULT_SHARES, &shape).unwrap();
+        assert_eq!(
+            (result.rows, result.max_cols, result.key_bytes),
+            (7, 1 + 2 + 4 + 2, 99)
+        );
+        assert!(!result.before_start);
+        // Nothing from itself or from outside, no step it does not have.
+        assert!(leader.expects("a", SEEDS, &shape).is_none());
+        assert!(leader.expects("z", SEEDS, &shape).is_none());
+        assert!(leader.expects("b", Step(2), &shape).is_none());
+        // Result shares go to the leader only.
+        let peer = AdditiveEngine::new(ps.clone(), "b".into(), "a".into());
+        assert!(peer.expects("c", RESULT_SHARES, &shape).is_none());
+        assert!(peer.expects("c", SEEDS, &shape).is_some());
     }
 }

@@ -14,27 +14,80 @@ pub mod additive;
 pub mod encode;
 pub mod groups;
 pub mod noise;
+pub mod program;
 pub mod ring;
 pub mod shares;
 pub mod transport;
 
 pub use additive::AdditiveEngine;
 pub use groups::GroupIndex;
+pub use program::{Op, Program, Roles};
 pub use shares::{ShareColumn, SharedTable, Width};
-pub use transport::{AbortKind, AbortReason, InMemoryNetwork, Round, Transport, TransportError};
+pub use transport::{AbortKind, AbortReason, InMemoryNetwork, Step, Transport, TransportError};
 
-/// An engine's first operator: every party contributes a table of
-/// per-group values; the designated party learns the per-group sums and no
-/// party learns anything else. Engines differ in how (additive N-party
-/// sharing now; replicated 3-party sharing with comparisons next), so the
-/// gateway picks one per query from the plan's options.
+/// An MPC engine: runs a query's [`Program`] over a [`Transport`] whose
+/// messages are the engine's numbered [`Step`]s. The gateway picks one per
+/// query from the plan's options, asks it what each step's messages may be
+/// before it decodes a byte of them, and hands it this party's encoded
+/// input; adding an engine or a step touches the planner and the executor,
+/// and the gateway only where a new kind of message is needed.
 #[async_trait::async_trait]
-pub trait SecureSum: Send + Sync {
-    async fn sum_and_reveal(
+pub trait Engine: Send + Sync {
+    /// The engine's name, as EXPLAIN shows it.
+    fn name(&self) -> &'static str;
+
+    /// Whether this engine runs `program`; the error names the operator or
+    /// role it does not support.
+    fn supports(&self, program: &Program) -> Result<(), String>;
+
+    /// This party's input as ring elements: each shared column in its
+    /// ring, every value within the bound that keeps the engine's sums
+    /// from wrapping. `Err` names the first value that does not fit.
+    fn encode(
+        &self,
+        values: &[Vec<arrow::datatypes::i256>],
+        widths: &[Width],
+    ) -> Result<Vec<ShareColumn>, encode::OutOfRange>;
+
+    /// The message `from` may send this party at `step` of a query whose
+    /// input has `shape`, known before it is decoded; `None`: the protocol
+    /// has no such message.
+    fn expects(&self, from: &str, step: Step, shape: &TableShape) -> Option<MessageShape>;
+
+    /// Runs the program on this party's encoded `input` (its partials for
+    /// every group, with the public keys). Returns the revealed totals at a
+    /// result party, `None` at every other.
+    async fn run(
         &self,
         transport: &dyn Transport,
         input: &SharedTable,
     ) -> Result<Option<Vec<Vec<arrow::datatypes::i256>>>, ExecError>;
+}
+
+/// The public shape of a query's shared input: what every party knows
+/// from the plan before any share exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableShape {
+    /// One row per group of the public domain (one without GROUP BY).
+    pub rows: usize,
+    /// The ring of each shared column.
+    pub widths: Vec<Width>,
+    /// Columns of public group keys that travel with a share.
+    pub key_columns: usize,
+    /// Bytes of text the group keys take.
+    pub key_bytes: u64,
+}
+
+/// What one step's message from one party may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageShape {
+    pub rows: usize,
+    pub max_cols: usize,
+    /// Bytes of key text it may carry.
+    pub key_bytes: u64,
+    /// It may arrive before this party received `start` (a peer that
+    /// started first sends it at once); otherwise it is refused until then.
+    pub before_start: bool,
 }
 
 /// Why a secure computation could not finish. Nothing is revealed after any

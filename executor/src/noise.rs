@@ -626,7 +626,7 @@ mod tests {
     async fn the_revealed_total_carries_the_summed_noise() {
         use crate::shares::{SharedTable, Width};
         use crate::transport::InMemoryNetwork;
-        use crate::{AdditiveEngine, SecureSum};
+        use crate::{AdditiveEngine, Engine};
         let parties: Vec<String> = (0..3).map(|i| format!("p{i}")).collect();
         let d = Distribution::Laplace { num: 2, den: 1 };
         let spec = NoiseSpec {
@@ -651,7 +651,7 @@ mod tests {
                 ];
                 tasks.push(tokio::spawn(async move {
                     let input = SharedTable::zeros(vec![], &[Width::Z64, Width::Z128], rows);
-                    e.sum_and_reveal(&t, &input).await.unwrap()
+                    e.run(&t, &input).await.unwrap()
                 }));
             }
             let mut out = None;

@@ -10,14 +10,18 @@ use arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-/// Which message of the protocol a batch is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Round {
-    /// A party's share of another party's input.
-    Input,
-    /// A party's share of the result, sent to the querying gateway only.
-    Result,
+/// Which message of an engine's protocol a batch is: the engine numbers its
+/// steps (the additive engine: [`crate::additive::SEEDS`] and
+/// [`crate::additive::RESULT_SHARES`]), and the transport only carries the
+/// number. A party sends a peer at most one batch per step of a query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Step(pub u16);
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "step {}", self.0)
+    }
 }
 
 /// Why a query ended before its reveal, as one party tells the others: the
@@ -100,12 +104,8 @@ impl std::fmt::Display for AbortReason {
 pub enum TransportError {
     #[error("peer {peer} is unreachable: {reason}")]
     Unreachable { peer: String, reason: String },
-    #[error("peer {peer} did not send its {round:?} shares within {secs:.1} s; it may be down or overloaded")]
-    Timeout {
-        peer: String,
-        round: Round,
-        secs: f64,
-    },
+    #[error("peer {peer} did not send its {step} message within {secs:.1} s; it may be down or overloaded")]
+    Timeout { peer: String, step: Step, secs: f64 },
     #[error("query aborted: {0}")]
     Aborted(AbortReason),
     #[error("peer {peer} broke the protocol: {reason}")]
@@ -115,14 +115,14 @@ pub enum TransportError {
 /// One query's messages between the parties.
 #[async_trait::async_trait]
 pub trait Transport: Send + Sync {
-    async fn send(&self, to: &str, round: Round, batch: RecordBatch) -> Result<(), TransportError>;
-    async fn recv(&self, from: &str, round: Round) -> Result<RecordBatch, TransportError>;
+    async fn send(&self, to: &str, step: Step, batch: RecordBatch) -> Result<(), TransportError>;
+    async fn recv(&self, from: &str, step: Step) -> Result<RecordBatch, TransportError>;
 }
 
 #[derive(Default)]
 struct MailboxState {
-    arrived: HashMap<(String, Round), RecordBatch>,
-    taken: std::collections::HashSet<(String, Round)>,
+    arrived: HashMap<(String, Step), RecordBatch>,
+    taken: std::collections::HashSet<(String, Step)>,
     aborted: Option<AbortReason>,
 }
 
@@ -148,23 +148,23 @@ impl Mailbox {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Stores a batch from `from`. A second batch for the same round is a
+    /// Stores a batch from `from`. A second batch for the same step is a
     /// protocol violation, not an overwrite.
     pub fn deliver(
         &self,
         from: &str,
-        round: Round,
+        step: Step,
         batch: RecordBatch,
     ) -> Result<(), TransportError> {
         let mut st = self.lock();
         if let Some(r) = &st.aborted {
             return Err(TransportError::Aborted(r.clone()));
         }
-        let key = (from.to_string(), round);
+        let key = (from.to_string(), step);
         if st.arrived.contains_key(&key) || st.taken.contains(&key) {
             return Err(TransportError::Protocol {
                 peer: from.into(),
-                reason: format!("sent its {round:?} shares twice"),
+                reason: format!("sent its {step} message twice"),
             });
         }
         st.arrived.insert(key, batch);
@@ -189,10 +189,10 @@ impl Mailbox {
         self.lock().aborted.clone()
     }
 
-    /// Waits for the batch from `from` for `round`, up to the timeout.
-    pub async fn take(&self, from: &str, round: Round) -> Result<RecordBatch, TransportError> {
+    /// Waits for the batch from `from` for `step`, up to the timeout.
+    pub async fn take(&self, from: &str, step: Step) -> Result<RecordBatch, TransportError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let key = (from.to_string(), round);
+        let key = (from.to_string(), step);
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
@@ -210,7 +210,7 @@ impl Mailbox {
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(TransportError::Timeout {
                     peer: from.into(),
-                    round,
+                    step,
                     secs: self.timeout.as_secs_f64(),
                 });
             }
@@ -252,7 +252,7 @@ impl InMemoryTransport {
 
 #[async_trait::async_trait]
 impl Transport for InMemoryTransport {
-    async fn send(&self, to: &str, round: Round, batch: RecordBatch) -> Result<(), TransportError> {
+    async fn send(&self, to: &str, step: Step, batch: RecordBatch) -> Result<(), TransportError> {
         let mb = self
             .boxes
             .get(to)
@@ -260,9 +260,9 @@ impl Transport for InMemoryTransport {
                 peer: to.into(),
                 reason: "no such party".into(),
             })?;
-        mb.deliver(&self.me, round, batch)
+        mb.deliver(&self.me, step, batch)
     }
-    async fn recv(&self, from: &str, round: Round) -> Result<RecordBatch, TransportError> {
-        self.boxes[&self.me].take(from, round).await
+    async fn recv(&self, from: &str, step: Step) -> Result<RecordBatch, TransportError> {
+        self.boxes[&self.me].take(from, step).await
     }
 }

@@ -208,12 +208,16 @@ impl Gateway {
         }
     }
 
+    /// Plans a query that `leader` asked, as this party computes it.
     async fn plan(
         &self,
         sql: &str,
         options: &QueryOptions,
+        leader: &str,
     ) -> Result<FederatedPlan, planner::PlanError> {
-        plan_query(sql, &self.catalog, &self.parties, options).await
+        plan_query(sql, &self.catalog, &self.parties, options)
+            .await?
+            .led_by(leader)
     }
 
     /// Records a query that ended here: settles its DP charge (kept or
@@ -401,14 +405,18 @@ fn share_widths(plan: &FederatedPlan) -> Vec<Width> {
         .collect()
 }
 
-/// (rows, most columns) of a share in `round` of `plan`.
-fn share_shape(plan: &FederatedPlan, round: executor::Round) -> (usize, usize) {
-    match round {
-        executor::Round::Input => (1, 1),
-        executor::Round::Result => (
-            if plan.grouped { plan.groups.len() } else { 1 },
-            share_widths(plan).iter().map(|w| w.limbs()).sum::<usize>() + plan.groups.columns.len(),
-        ),
+/// The public shape of `plan`'s shared input, which every engine's
+/// messages follow.
+fn table_shape(plan: &FederatedPlan) -> executor::TableShape {
+    executor::TableShape {
+        rows: if plan.grouped { plan.groups.len() } else { 1 },
+        widths: share_widths(plan),
+        key_columns: plan.groups.columns.len(),
+        key_bytes: if plan.grouped {
+            plan.groups.key_text_bytes()
+        } else {
+            0
+        },
     }
 }
 

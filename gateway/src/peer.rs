@@ -9,7 +9,9 @@
 //!   [`executor::AbortReason`]; nothing further is revealed. A `start` or
 //!   share for a query that already ended is answered with its reason (a
 //!   gRPC `aborted` status carrying the reason as JSON).
-//! - `do_put` with a [`PutHeader`]: one batch of shares for one round.
+//! - `do_put` with a [`PutHeader`]: one message of one step of the query's
+//!   engine (`executor::Step`), which the engine says may be sent
+//!   (`executor::Engine::expects`) before a byte of it is decoded.
 //!
 //! The sender of every message is the party named by its TLS certificate.
 //! Every request carries [`VERSION_HEADER`]; a gateway refuses another
@@ -25,8 +27,9 @@ use arrow::array::RecordBatch;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::flight_service_client::FlightServiceClient;
 use arrow_flight::{Action, FlightDescriptor};
+use executor::additive::RESULT_SHARES;
 use executor::transport::Mailbox;
-use executor::{Round, Transport, TransportError};
+use executor::{Step, Transport, TransportError};
 use futures::StreamExt;
 use planner::QueryOptions;
 use policies::Analyst;
@@ -38,7 +41,7 @@ use crate::net::TlsDialer;
 
 /// The peer protocol's version. Two gateways speak only if they agree on
 /// it; raise it with any change to a message's meaning or encoding.
-pub const PROTOCOL_VERSION: &str = "2";
+pub const PROTOCOL_VERSION: &str = "3";
 
 /// The gRPC metadata key that carries [`PROTOCOL_VERSION`].
 pub const VERSION_HEADER: &str = "council-protocol";
@@ -198,12 +201,12 @@ pub struct QueryRef {
     pub leader: String,
 }
 
-/// Names the query and round of a `do_put` stream.
+/// Names the query and the engine's step of a `do_put` stream.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PutHeader {
     pub leader: String,
     pub query_id: String,
-    pub round: Round,
+    pub step: Step,
 }
 
 /// Long-lived, lazily connected channels to every peer, reused by queries.
@@ -382,18 +385,18 @@ pub struct QueryTransport {
 
 #[async_trait::async_trait]
 impl Transport for QueryTransport {
-    async fn send(&self, to: &str, round: Round, batch: RecordBatch) -> Result<(), TransportError> {
+    async fn send(&self, to: &str, step: Step, batch: RecordBatch) -> Result<(), TransportError> {
         if let Some(r) = self.mailbox.aborted() {
             return Err(TransportError::Aborted(r));
         }
         use crate::config::Fault;
         let mut batch = batch;
-        match (self.fault, round) {
-            (Some(Fault::SilentAfterInput), Round::Result) => std::future::pending::<()>().await,
+        match (self.fault, step) {
+            (Some(Fault::SilentAfterInput), RESULT_SHARES) => std::future::pending::<()>().await,
             (Some(Fault::Slow), _) => {
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await
             }
-            (Some(Fault::GarbageResult), Round::Result) if to != self.me => {
+            (Some(Fault::GarbageResult), RESULT_SHARES) if to != self.me => {
                 // One row more than the groups: refused on delivery.
                 let rows = batch.num_rows() + 1;
                 batch = executor::SharedTable::zeros(Vec::new(), &[executor::Width::Z64], rows)
@@ -406,18 +409,18 @@ impl Transport for QueryTransport {
             _ => {}
         }
         if to == self.me {
-            return self.mailbox.deliver(&self.me, round, batch);
+            return self.mailbox.deliver(&self.me, step, batch);
         }
         let header = PutHeader {
             leader: self.header_leader.clone(),
             query_id: self.query_id.clone(),
-            round,
+            step,
         };
         self.clients.put(to, &header, batch).await
     }
 
-    async fn recv(&self, from: &str, round: Round) -> Result<RecordBatch, TransportError> {
-        self.mailbox.take(from, round).await
+    async fn recv(&self, from: &str, step: Step) -> Result<RecordBatch, TransportError> {
+        self.mailbox.take(from, step).await
     }
 }
 

@@ -200,7 +200,7 @@ impl PeerService {
         // before a byte of the batch is decoded.
         let shape = self
             .gw
-            .expected_share(&from, &header.leader, &header.query_id, header.round)
+            .expected_share(&from, &header.leader, &header.query_id, header.step)
             .map_err(|r| r.to_status())?;
         let all = futures::stream::iter([Ok(first)]).chain(stream);
         let batch = match decode_share_stream(all, shape).await {
@@ -217,7 +217,7 @@ impl PeerService {
             }
         };
         self.gw
-            .on_put(&from, &header.leader, &header.query_id, header.round, batch)
+            .on_put(&from, &header.leader, &header.query_id, header.step, batch)
             .map_err(|r| r.to_status())?;
         Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(
             PutResult::default(),

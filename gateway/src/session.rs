@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use executor::transport::Mailbox;
-use executor::{AbortKind, AbortReason, Round, SharedTable};
+use executor::{AbortKind, AbortReason, SharedTable};
 use planner::privacy::Requirement;
 use planner::FederatedPlan;
 use policies::Analyst;
@@ -317,8 +317,9 @@ pub enum Stage {
     /// A peer's query allowed here, waiting for the leader's `start`.
     Agreed(Agreed),
     /// `start` arrived and is being checked (DP parameters, the charge):
-    /// input shares and aborts are taken, a second `start` is refused.
-    Starting(Arc<Query>),
+    /// messages that may precede `start` and aborts are taken, a second
+    /// `start` is refused. The plan is the agreed one.
+    Starting(Arc<Query>, Arc<FederatedPlan>),
     /// Running in its own task, under `plan`.
     Running(Arc<Query>, Arc<FederatedPlan>),
 }
@@ -327,7 +328,7 @@ impl Stage {
     fn query(&self) -> &Arc<Query> {
         match self {
             Stage::Agreed(a) => &a.query,
-            Stage::Starting(q) | Stage::Running(q, _) => q,
+            Stage::Starting(q, _) | Stage::Running(q, _) => q,
         }
     }
 }
@@ -361,6 +362,14 @@ impl std::fmt::Display for PeerRefusal {
             PeerRefusal::Other(m) => f.write_str(m),
         }
     }
+}
+
+/// Where a peer's message for an open query goes.
+pub struct Route {
+    pub mailbox: Arc<Mailbox>,
+    pub plan: Arc<FederatedPlan>,
+    /// The query started here (it runs under `plan`).
+    pub started: bool,
 }
 
 /// Why an agreed query could not be admitted to the table.
@@ -487,7 +496,10 @@ impl Sessions {
                 Err((PeerRefusal::Ended(reason), Some(ended)))
             }
             Some(Stage::Agreed(a)) => {
-                live.insert(key.clone(), Stage::Starting(a.query.clone()));
+                live.insert(
+                    key.clone(),
+                    Stage::Starting(a.query.clone(), a.plan.clone()),
+                );
                 Ok(a)
             }
             Some(other) => {
@@ -513,23 +525,30 @@ impl Sessions {
         );
     }
 
-    /// Where a share from another party for `key` goes, and the plan it is
-    /// checked against (only a running query has its final plan; input
-    /// shares do not need it). Result shares go only to a running query.
-    pub fn route(
-        &self,
-        key: &Key,
-        round: Round,
-    ) -> Result<(Arc<Mailbox>, Option<Arc<FederatedPlan>>), PeerRefusal> {
+    /// Where a message from another party for `key` goes, the plan its
+    /// shape follows (the agreed one before `start`, the one it runs under
+    /// after), and whether the query started here. Which messages an
+    /// engine allows before `start` is the engine's to say
+    /// (`executor::MessageShape::before_start`).
+    pub fn route(&self, key: &Key) -> Result<Route, PeerRefusal> {
         let live = self.live();
-        match (live.get(key), round) {
-            (Some(Stage::Running(q, plan)), _) => Ok((q.mailbox.clone(), Some(plan.clone()))),
-            (Some(stage), Round::Input) => Ok((stage.query().mailbox.clone(), None)),
-            (Some(_), Round::Result) => Err(PeerRefusal::Other(format!(
-                "a result share for query {} before it started",
-                key.1
-            ))),
-            (None, _) => {
+        match live.get(key) {
+            Some(Stage::Running(q, plan)) => Ok(Route {
+                mailbox: q.mailbox.clone(),
+                plan: plan.clone(),
+                started: true,
+            }),
+            Some(Stage::Agreed(a)) => Ok(Route {
+                mailbox: a.query.mailbox.clone(),
+                plan: a.plan.clone(),
+                started: false,
+            }),
+            Some(Stage::Starting(q, plan)) => Ok(Route {
+                mailbox: q.mailbox.clone(),
+                plan: plan.clone(),
+                started: false,
+            }),
+            None => {
                 drop(live);
                 Err(self.no_session(key))
             }
@@ -646,7 +665,8 @@ mod tests {
     //! Every transition of the life cycle, the refusals, expiry and an
     //! abort in each state, without a network (they run in milliseconds).
     use super::*;
-    use executor::{Round, SharedTable};
+    use executor::additive::SEEDS;
+    use executor::SharedTable;
     use tokio::sync::oneshot;
 
     const CATALOG: &str = r#"
@@ -808,7 +828,7 @@ columns = [
             r,
             PeerRefusal::Other("b has no agreed query nope from a".into())
         );
-        assert!(s.route(&unknown, Round::Input).is_err());
+        assert!(s.route(&unknown).is_err());
         // An abort of an agreed query ends it at once, with the reason.
         let key = ("a".to_string(), "q".to_string());
         s.admit(Agreed::new(query("a", "q"), plan, None), no_part)
@@ -827,7 +847,7 @@ columns = [
             PeerRefusal::Ended(reason("c"))
         );
         assert_eq!(
-            s.route(&key, Round::Input).err().unwrap(),
+            s.route(&key).err().unwrap(),
             PeerRefusal::Ended(reason("c"))
         );
         // An abort for a query that is not open does nothing.
@@ -843,26 +863,33 @@ columns = [
             .0
             .ok()
             .unwrap();
-        // Input shares may come before `start` (a peer that started first);
-        // result shares may not.
-        let (mailbox, plan_seen) = s.route(&key, Round::Input).unwrap();
-        assert!(plan_seen.is_none());
-        mailbox.deliver("b", Round::Input, one_row_batch()).unwrap();
-        let r = s.route(&key, Round::Result).err().unwrap();
-        assert!(r.to_string().contains("before it started"), "{r}");
+        // Messages may come before `start` (a peer that started first):
+        // they go to the query's mailbox, checked against the agreed plan,
+        // and the engine says which steps may (the gateway asks it).
+        let r = s.route(&key).unwrap();
+        assert!(!r.started);
+        r.mailbox.deliver("b", SEEDS, one_row_batch()).unwrap();
         let agreed = s.take_for_start(&key).ok().unwrap();
-        assert!(s.route(&key, Round::Input).is_ok());
-        assert!(s.route(&key, Round::Result).is_err());
-        let running = agreed.start(Agreement::AsPlanned, no_part);
-        s.run(&running);
-        let (mailbox, plan_seen) = s.route(&key, Round::Result).unwrap();
-        assert_eq!(
-            plan_seen.unwrap().fingerprint,
-            running.plan.fingerprint,
-            "a result share is checked against the plan the query runs under"
+        let r = s.route(&key).unwrap();
+        assert!(!r.started);
+        let agreed_fingerprint = r.plan.fingerprint.clone();
+        let running = agreed.start(
+            Agreement::UnderDp {
+                plan: (*r.plan).clone().led_by("b").unwrap(),
+                charge: None,
+            },
+            no_part,
         );
-        // The input share kept before `start` is in the same mailbox.
-        assert!(mailbox.deliver("b", Round::Input, one_row_batch()).is_err());
+        s.run(&running);
+        let r = s.route(&key).unwrap();
+        assert!(r.started);
+        assert_eq!(
+            r.plan.fingerprint, running.plan.fingerprint,
+            "a message to a running query is checked against the plan it runs under"
+        );
+        assert_ne!(r.plan.fingerprint, agreed_fingerprint);
+        // The seeds kept before `start` are in the same mailbox.
+        assert!(r.mailbox.deliver("b", SEEDS, one_row_batch()).is_err());
     }
 
     #[tokio::test]
@@ -883,7 +910,7 @@ columns = [
         // Still open: its task sees the abort and ends it.
         assert!(s.is_open(&key));
         assert!(s.abort(&key, "c", &reason("c")).is_none());
-        assert!(s.route(&key, Round::Input).is_ok());
+        assert!(s.route(&key).unwrap().started);
     }
 
     #[tokio::test]

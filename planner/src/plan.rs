@@ -50,6 +50,18 @@ pub enum Engine {
     Additive,
 }
 
+impl Engine {
+    /// One line for EXPLAIN.
+    pub fn describe(&self, parties: usize) -> String {
+        match self {
+            Engine::Additive => format!(
+                "additive secret sharing over Z_2^64 for counts, Z_2^128 for sums and sums of squares, \
+                 Z_2^256 for sums of squares of wide values, among all {parties} parties"
+            ),
+        }
+    }
+}
+
 /// The SQL aggregate the analyst wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum AggKind {
@@ -652,9 +664,27 @@ pub struct FederatedPlan {
     pub privacy: Option<DpParams>,
     /// The noise each party adds to each revealed total (with `privacy`).
     pub noise: Vec<PartialNoise>,
+    /// The secure part: its operators over the shared partials and every
+    /// party's roles. Planned without a leader, no party receives the
+    /// result and no engine runs it; [`FederatedPlan::led_by`] assigns it.
+    pub program: executor::Program,
 }
 
 impl FederatedPlan {
+    /// The plan of a query that `leader` asked: it alone receives the
+    /// result. The roles are part of the fingerprint, so parties that
+    /// disagree on who leads do not agree on the plan.
+    pub fn led_by(mut self, leader: &str) -> Result<FederatedPlan, PlanError> {
+        if !self.parties.iter().any(|p| p == leader) {
+            return Err(PlanError::Invalid(format!(
+                "{leader} is not a party of this federation"
+            )));
+        }
+        self.program = executor::Program::sum_and_reveal(&self.parties, leader);
+        self.fingerprint = fingerprint(&self);
+        Ok(self)
+    }
+
     /// Indices of the partials that are secret-shared and revealed. With
     /// differential privacy, only those the aggregates need (every revealed
     /// total costs a share of ε): the row count only for COUNT(*), and a
@@ -956,7 +986,12 @@ impl FederatedPlan {
             self.fingerprint.chars().take(16).collect::<String>()
         );
         let _ = writeln!(s, "  parties: {}", self.parties.join(", "));
-        let _ = writeln!(s, "  engine: additive secret sharing over Z_2^64 for counts, Z_2^128 for sums and sums of squares, Z_2^256 for sums of squares of wide values, among all {} parties", self.parties.len());
+        let _ = writeln!(
+            s,
+            "  engine: {}",
+            self.options.engine.describe(self.parties.len())
+        );
+        let _ = writeln!(s, "  secure part: {}", self.program.describe());
         let _ = writeln!(
             s,
             "1. Local part (each party, on its own rows only; raw rows never leave the party):"
@@ -1434,6 +1469,7 @@ async fn plan_query_here(
         fingerprint: String::new(),
         privacy: None,
         noise: Vec::new(),
+        program: executor::Program::sum_and_reveal(parties, ""),
     };
     plan.fingerprint = fingerprint(&plan);
     Ok(plan)
@@ -1615,6 +1651,7 @@ fn fingerprint(plan: &FederatedPlan) -> String {
     let _ = writeln!(s, "parties {}", plan.parties.join(","));
     let _ = writeln!(s, "catalog {}", plan.catalog_digest);
     let _ = writeln!(s, "options {:?}", plan.options);
+    let _ = writeln!(s, "program {}", plan.program.describe());
     let _ = writeln!(s, "logical\n{}", plan.logical.display_indent_schema());
     let _ = writeln!(s, "local {}", plan.local.to_sql());
     for p in &plan.local.partials {
@@ -1906,6 +1943,30 @@ columns = [
             .unwrap();
         assert_eq!(a.fingerprint, b.fingerprint);
         assert_ne!(a.fingerprint, c.fingerprint);
+    }
+
+    #[tokio::test]
+    async fn the_leader_is_part_of_the_plan_and_its_fingerprint() {
+        let p = plan("SELECT sex, SUM(cost) FROM patients GROUP BY sex")
+            .await
+            .unwrap();
+        let leader = p.parties[0].clone();
+        let other = p.parties[1].clone();
+        let a = p.clone().led_by(&leader).unwrap();
+        let b = p.clone().led_by(&other).unwrap();
+        assert_ne!(a.fingerprint, p.fingerprint);
+        assert_ne!(a.fingerprint, b.fingerprint);
+        assert_eq!(a.program.with(|r| r.result), vec![leader.clone()]);
+        assert_eq!(a.program.with(|r| r.input).len(), p.parties.len());
+        let text = a.explain(&leader);
+        assert!(
+            text.contains(&format!(
+                "secure part: sum → reveal; roles {leader}=input+compute+result"
+            )),
+            "{text}"
+        );
+        let e = p.led_by("mallory").unwrap_err().to_string();
+        assert!(e.contains("mallory is not a party"), "{e}");
     }
 
     #[tokio::test]

@@ -289,7 +289,7 @@ fn peer_messages() -> Vec<Vec<u8>> {
         br#"{"query_id":"q1","privacy":{"mechanism":"laplace","epsilon_micro":1000000,"delta":0.0,"colluders":1,"clamps":{"x":{"lo":"0","hi":"100000"}},"individual_id":null,"max_rows":1,"min_group_size":0,"required_by":["p1","p2"]},"fingerprint":"abc"}"#.to_vec(),
         br#"{"query_id":"q1","reason":{"kind":"data","party":"p2","detail":"its local part failed"},"leader":"p0"}"#.to_vec(),
         br#"{"allow":{"fingerprint":"abc","source":["x"],"privacy":{"party":"p1","mechanism":"laplace","epsilon_micro":1000000,"delta":0.0,"colluders":null,"clamps":{},"individual_id":"id","max_rows":3,"min_group_size":0}}}"#.to_vec(),
-        br#"{"leader":"p0","query_id":"q1","round":"result"}"#.to_vec(),
+        br#"{"leader":"p0","query_id":"q1","step":1}"#.to_vec(),
     ]
 }
 

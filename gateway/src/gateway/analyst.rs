@@ -150,7 +150,7 @@ impl Gateway {
             return Ok(explain_schema());
         }
         let plan = self
-            .plan(sql, &QueryOptions::default())
+            .plan(sql, &QueryOptions::default(), &self.party)
             .await
             .map_err(|e| QueryFailure::new(FailureKind::Invalid, e.to_string()))?;
         Ok(Arc::new(plan.logical.schema().as_arrow().clone()))

@@ -188,7 +188,7 @@ impl Gateway {
         } = *q;
         let t = Instant::now();
         let plan = self
-            .plan(sql, options)
+            .plan(sql, options, &self.party)
             .await
             .map_err(|e| QueryFailure::new(FailureKind::Invalid, e.to_string()))?;
         phases.span("plan", t);

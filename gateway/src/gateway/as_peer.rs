@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::RecordBatch;
-use executor::{AbortKind, AbortReason, Round, TransportError};
+use executor::{AbortKind, AbortReason, MessageShape, Step, TransportError};
 use planner::privacy::DpParams;
 use policies::{AuditEntry, Decision};
 
-use super::{share_shape, short, Gateway, ShareShape};
+use super::{short, table_shape, Gateway, ShareShape};
 use crate::config::Fault;
 use crate::peer::{Propose, QueryRef, Start, Verdict};
 use crate::session::{Agreed, Agreement, Full, Key, PeerRefusal, Phases, Query, Running};
@@ -58,7 +58,7 @@ impl Gateway {
                 message: format!("a query id has at most {MAX_QUERY_ID} characters"),
             };
         }
-        let plan = match self.plan(&p.sql, &p.options).await {
+        let plan = match self.plan(&p.sql, &p.options, from).await {
             Ok(plan) => plan,
             Err(e) => {
                 entry.decision = "error".into();
@@ -262,63 +262,59 @@ impl Gateway {
         }
     }
 
-    /// The shape of `from`'s share for a query this party holds. An input
-    /// share is one 32-byte seed; a result share has one row per group and
-    /// at most one column per limb of each shared partial plus the keys.
+    /// What `from`'s message at `step` of a query this party holds may
+    /// be, as the query's engine says, before a byte of it is decoded.
     pub fn expected_share(
         &self,
         from: &str,
         leader: &str,
         query_id: &str,
-        round: Round,
+        step: Step,
     ) -> Result<ShareShape, PeerRefusal> {
-        let (_, plan) = self.route(from, leader, query_id, round)?;
-        let (rows, max_cols, key_bytes) = match (round, plan) {
-            (Round::Result, Some(plan)) => {
-                let (rows, cols) = share_shape(&plan, round);
-                let keys = if plan.grouped {
-                    plan.groups.key_text_bytes()
-                } else {
-                    0
-                };
-                (rows, cols, keys)
-            }
-            _ => (1, 1, 0),
-        };
+        let (_, shape) = self.route(from, leader, query_id, step)?;
         Ok(ShareShape {
-            rows,
-            max_cols,
-            key_bytes,
+            rows: shape.rows,
+            max_cols: shape.max_cols,
+            key_bytes: shape.key_bytes,
         })
     }
 
-    /// Where a share from `from` goes, if `from` may send it.
+    /// Where `from`'s message at `step` goes and what it may hold, if
+    /// `from` may send it now: the engine of the query's plan decides
+    /// which messages exist, from whom, to whom, and whether they may
+    /// precede `start`.
     fn route(
         &self,
         from: &str,
         leader: &str,
         query_id: &str,
-        round: Round,
-    ) -> Result<
-        (
-            Arc<executor::transport::Mailbox>,
-            Option<Arc<planner::FederatedPlan>>,
-        ),
-        PeerRefusal,
-    > {
+        step: Step,
+    ) -> Result<(Arc<executor::transport::Mailbox>, MessageShape), PeerRefusal> {
         if !self.parties.iter().any(|p| p == from) {
             return Err(PeerRefusal::Other(format!(
                 "{from} is not a party of this federation"
             )));
         }
-        if round == Round::Result && leader != self.party {
+        let route = self
+            .sessions
+            .route(&(leader.to_string(), query_id.to_string()))?;
+        let engine = self
+            .engine_for(&route.plan, None)
+            .map_err(PeerRefusal::Other)?;
+        let Some(shape) = engine.expects(from, step, &table_shape(&route.plan)) else {
             return Err(PeerRefusal::Other(format!(
-                "result shares go to the querying gateway {leader}, not to {}",
+                "the {} engine has no {step} message from {from} to {} in query {query_id}",
+                engine.name(),
+                self.party
+            )));
+        };
+        if !shape.before_start && !route.started {
+            return Err(PeerRefusal::Other(format!(
+                "{from} sent its {step} message for query {query_id} before {} started it",
                 self.party
             )));
         }
-        self.sessions
-            .route(&(leader.to_string(), query_id.to_string()), round)
+        Ok((route.mailbox, shape))
     }
 
     /// Ends the query whose share from a peer was malformed.
@@ -337,19 +333,16 @@ impl Gateway {
         from: &str,
         leader: &str,
         query_id: &str,
-        round: Round,
+        step: Step,
         batch: RecordBatch,
     ) -> Result<(), PeerRefusal> {
-        let (mailbox, plan) = self.route(from, leader, query_id, round)?;
+        let (mailbox, shape) = self.route(from, leader, query_id, step)?;
         // The shape is checked on delivery, before anything is kept (and
         // before decoding, in `service::decode_share_stream`).
-        let (rows, max_cols) = match &plan {
-            Some(plan) => share_shape(plan, round),
-            None => (1, 1),
-        };
+        let (rows, max_cols) = (shape.rows, shape.max_cols);
         if batch.num_rows() != rows || batch.num_columns() > max_cols {
             let reason = format!(
-                "{from} sent a {round:?} share of {} rows and {} columns where {rows} rows and at most {max_cols} \
+                "{from} sent a {step} message of {} rows and {} columns where {rows} rows and at most {max_cols} \
                  columns belong",
                 batch.num_rows(),
                 batch.num_columns()
@@ -361,7 +354,7 @@ impl Gateway {
             ));
             return Err(PeerRefusal::Other(reason));
         }
-        mailbox.deliver(from, round, batch).map_err(|e| match e {
+        mailbox.deliver(from, step, batch).map_err(|e| match e {
             TransportError::Aborted(r) => PeerRefusal::Ended(r),
             other => PeerRefusal::Other(other.to_string()),
         })

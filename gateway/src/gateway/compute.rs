@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::i256;
-use executor::encode::{dense_partials, sum_cannot_wrap, to_ring};
-use executor::{AbortKind, AbortReason, AdditiveEngine, GroupIndex, SecureSum, SharedTable};
+use executor::encode::{dense_partials, sum_cannot_wrap};
+use executor::{AbortKind, AbortReason, AdditiveEngine, Engine, GroupIndex, SharedTable};
 use planner::finalize::{post_plan, revealed_batch, Revealed};
 use planner::privacy::Noise;
 use planner::FederatedPlan;
@@ -167,7 +167,10 @@ impl Gateway {
             s.phases.span("noise", t_noise);
         }
         let widths = share_widths(plan);
-        let ring = to_ring(&shared, &widths, self.parties.len()).map_err(|o| {
+        let engine = self
+            .engine_for(plan, None)
+            .map_err(|e| mine(format!("no engine runs this query: {e}")))?;
+        let ring = engine.encode(&shared, &widths).map_err(|o| {
             let p = &plan.local.partials[shared_idx[o.partial]];
             PartyFailure {
                 local: format!(
@@ -197,6 +200,24 @@ impl Gateway {
         })
     }
 
+    /// The engine that runs `plan` at this party: the one place an engine
+    /// is picked (by the plan's options, which the fingerprint covers), and
+    /// checked to support the plan's program. With `spent`, the engine
+    /// marks the point from which a DP charge is kept.
+    pub(super) fn engine_for(
+        &self,
+        plan: &FederatedPlan,
+        spent: Option<&Spent>,
+    ) -> Result<Box<dyn Engine>, String> {
+        match plan.options.engine {
+            planner::plan::Engine::Additive => {
+                let mut e = AdditiveEngine::for_program(&plan.program, &self.party)?;
+                e.reveal_point = spent.map(|s| s.reveal_point.clone());
+                Ok(Box::new(e))
+            }
+        }
+    }
+
     /// The secure sum of every party's input; the totals at the leader.
     async fn secure_sum(
         &self,
@@ -218,16 +239,14 @@ impl Gateway {
             // Play dead: the others must time out, abort, and reveal nothing.
             std::future::pending::<()>().await;
         }
-        let engine: Box<dyn SecureSum> = match plan.options.engine {
-            planner::plan::Engine::Additive => {
-                let mut e =
-                    AdditiveEngine::new(self.parties.clone(), self.party.clone(), s.leader.clone());
-                e.reveal_point = Some(running.spent.reveal_point.clone());
-                Box::new(e)
-            }
-        };
+        let engine = self
+            .engine_for(plan, Some(&running.spent))
+            .map_err(|e| PartyFailure {
+                local: format!("no engine runs this query: {e}"),
+                shared: AbortReason::new(AbortKind::Other, &self.party, e),
+            })?;
         let out = engine
-            .sum_and_reveal(&transport, input)
+            .run(&transport, input)
             .await
             .map_err(|e| PartyFailure {
                 local: e.to_string(),

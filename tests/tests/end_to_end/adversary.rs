@@ -462,7 +462,7 @@ async fn a_hostile_peer_cannot_flood_sessions_or_oversize_shares() {
     let header = gateway::peer::PutHeader {
         leader: "p1".into(),
         query_id: "flood0".into(),
-        round: executor::Round::Input,
+        step: executor::additive::SEEDS,
     };
     let e = peer.put("p0", &header, batch).await.unwrap_err();
     assert!(e.to_string().contains("rows"), "{e}");

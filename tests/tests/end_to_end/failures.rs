@@ -261,7 +261,7 @@ async fn a_peer_that_sends_garbage_gets_an_error_and_crashes_nothing() {
     let header = gateway::peer::PutHeader {
         leader: "p1".into(),
         query_id: "nope".into(),
-        round: executor::Round::Input,
+        step: executor::additive::SEEDS,
     };
     assert!(clients.put("p0", &header, batch).await.is_err());
     // A forged analyst of another party is refused by policy, not trusted.
