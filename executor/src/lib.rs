@@ -31,6 +31,30 @@ pub use transport::{AbortKind, AbortReason, InMemoryNetwork, Step, Transport, Tr
 /// before it decodes a byte of them, and hands it this party's encoded
 /// input; adding an engine or a step touches the planner and the executor,
 /// and the gateway only where a new kind of message is needed.
+///
+/// Three parties sum one value each; only the leader, `a`, learns the sum:
+///
+/// ```
+/// use arrow::datatypes::i256;
+/// use executor::{AdditiveEngine, Engine, InMemoryNetwork, Program, SharedTable, Width};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let parties: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+/// let program = Program::sum_and_reveal(&parties, "a");
+/// let net = InMemoryNetwork::connect(&parties, std::time::Duration::from_secs(5));
+/// let runs = net.into_iter().zip([5i128, -2, 40]).zip(&parties).map(|((t, x), me)| {
+///     let engine = AdditiveEngine::for_program(&program, me).unwrap();
+///     // Each party's input, within the engine's bound for its ring.
+///     let columns = engine.encode(&[vec![i256::from_i128(x)]], &[Width::Z128]).unwrap();
+///     let input = SharedTable { keys: vec![], columns, rows: 1 };
+///     async move { engine.run(&t, &input).await.unwrap() }
+/// });
+/// let out = futures::future::join_all(runs).await;
+/// assert_eq!(out[0], Some(vec![vec![i256::from_i128(43)]]));
+/// assert_eq!((&out[1], &out[2]), (&None, &None));
+/// # }
+/// ```
 #[async_trait::async_trait]
 pub trait Engine: Send + Sync {
     /// The engine's name, as EXPLAIN shows it.

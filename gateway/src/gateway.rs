@@ -149,7 +149,7 @@ impl Gateway {
         let mut parties: Vec<String> = cfg.peers.keys().cloned().collect();
         parties.push(cfg.party.clone());
         parties.sort();
-        Ok(Arc::new(Gateway {
+        let gw = Arc::new(Gateway {
             party: cfg.party.clone(),
             parties,
             peers: cfg.peers.clone(),
@@ -176,7 +176,21 @@ impl Gateway {
             timeout: cfg.peer_timeout,
             fault: cfg.fault,
             log_queries: cfg.log_queries,
-        }))
+        });
+        // Agreed queries that are never started expire even when no new
+        // proposal arrives to sweep them.
+        let weak = Arc::downgrade(&gw);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SESSION_TTL / 10);
+            loop {
+                tick.tick().await;
+                let Some(gw) = weak.upgrade() else { return };
+                for ended in gw.sessions.expire() {
+                    gw.finish(ended);
+                }
+            }
+        });
+        Ok(gw)
     }
 
     pub fn catalog(&self) -> &Catalog {

@@ -198,6 +198,7 @@ impl Agreed {
             query: self.query.clone(),
             plan,
             charge,
+            local: Some(prepared.abort_handle()),
             prepared: Some(prepared),
             spent,
         }
@@ -238,16 +239,26 @@ pub struct Running {
     pub charge: Option<Charge>,
     /// Taken once by the computation.
     pub prepared: Option<Prepared>,
+    /// Stops the local part when the query ends, also after the
+    /// computation took `prepared` (a cancelled query's scan does not
+    /// outlive it).
+    pub local: Option<tokio::task::AbortHandle>,
     pub spent: Spent,
 }
 
 impl Running {
     /// The query ended, revealed or not. A DP charge is kept if this
     /// party's part could have led to a reveal or its local part ran under
-    /// the DP plan; otherwise it is refunded.
+    /// the DP plan; otherwise it is refunded. The local part is stopped
+    /// first: one that had not begun never will, and one that began set
+    /// `local_ran` before touching a row (an end its rows caused is always
+    /// seen after that).
     pub fn end(mut self, outcome: impl Into<String>) -> Ended {
         if let Some(task) = self.prepared.take() {
             task.abort();
+        }
+        if let Some(local) = self.local.take() {
+            local.abort();
         }
         let settled = self.charge.take().map(|c| Settled {
             charge: c,
@@ -266,6 +277,9 @@ impl Drop for Running {
     fn drop(&mut self) {
         if let Some(task) = self.prepared.take() {
             task.abort();
+        }
+        if let Some(local) = self.local.take() {
+            local.abort();
         }
     }
 }
@@ -379,6 +393,9 @@ pub enum Full {
     TooMany { from_leader: usize },
     /// The leader reused a query id that is still open.
     Duplicate,
+    /// The query already ended here (an abort overtook the proposal, or
+    /// the id was used before).
+    Ended(AbortReason),
 }
 
 /// The queries open at this party, and the reasons of the last that ended.
@@ -424,11 +441,19 @@ impl Sessions {
     ) -> (Result<(), (Full, Agreed)>, Vec<Ended>) {
         let expired = self.expire();
         let key = agreed.query.key();
+        if let PeerRefusal::Ended(reason) = self.no_session(&key) {
+            // Ended before it was admitted (an abort that overtook the
+            // proposal), or a reused id.
+            return (Err((Full::Ended(reason), agreed)), expired);
+        }
         let mut live = self.live();
         let from_leader = live.keys().filter(|(l, _)| *l == key.0).count();
+        // The queries this party leads are bounded by its own front doors,
+        // not here: a busy local analyst must not lock other leaders out.
+        let led_by_others = live.keys().filter(|(l, _)| *l != self.party).count();
         let r = if live.contains_key(&key) {
             Err((Full::Duplicate, agreed))
-        } else if from_leader >= MAX_SESSIONS_PER_LEADER || live.len() >= MAX_SESSIONS {
+        } else if from_leader >= MAX_SESSIONS_PER_LEADER || led_by_others >= MAX_SESSIONS {
             Err((Full::TooMany { from_leader }, agreed))
         } else {
             agreed.prepare(prepare);
@@ -495,13 +520,23 @@ impl Sessions {
                 ));
                 Err((PeerRefusal::Ended(reason), Some(ended)))
             }
-            Some(Stage::Agreed(a)) => {
-                live.insert(
-                    key.clone(),
-                    Stage::Starting(a.query.clone(), a.plan.clone()),
-                );
-                Ok(a)
-            }
+            Some(Stage::Agreed(a)) => match a.query.mailbox.aborted() {
+                // Stopped already (a malformed message from a peer): it
+                // ends here, before anything is charged.
+                Some(reason) => {
+                    drop(live);
+                    self.remember(key.clone(), &reason);
+                    let ended = a.end(format!("not run: {reason}"));
+                    Err((PeerRefusal::Ended(reason), Some(ended)))
+                }
+                None => {
+                    live.insert(
+                        key.clone(),
+                        Stage::Starting(a.query.clone(), a.plan.clone()),
+                    );
+                    Ok(a)
+                }
+            },
             Some(other) => {
                 live.insert(key.clone(), other);
                 Err((
@@ -572,13 +607,17 @@ impl Sessions {
                 live.insert(key.clone(), other);
                 None
             }
-            None => None,
+            None => {
+                // Not open (yet): an abort may overtake its proposal, which
+                // is then refused at admission. A query that already ended
+                // keeps its first reason.
+                drop(live);
+                if !matches!(self.no_session(key), PeerRefusal::Ended(_)) {
+                    self.remember(key.clone(), reason);
+                }
+                None
+            }
         }
-    }
-
-    /// The mailbox of an open query (to stop it on a malformed share).
-    pub fn mailbox(&self, key: &Key) -> Option<Arc<Mailbox>> {
-        self.live().get(key).map(|s| s.query().mailbox.clone())
     }
 
     /// Whether the query is still open here.
@@ -831,7 +870,7 @@ columns = [
         assert!(s.route(&unknown).is_err());
         // An abort of an agreed query ends it at once, with the reason.
         let key = ("a".to_string(), "q".to_string());
-        s.admit(Agreed::new(query("a", "q"), plan, None), no_part)
+        s.admit(Agreed::new(query("a", "q"), plan.clone(), None), no_part)
             .0
             .ok()
             .unwrap();
@@ -850,8 +889,65 @@ columns = [
             s.route(&key).err().unwrap(),
             PeerRefusal::Ended(reason("c"))
         );
-        // An abort for a query that is not open does nothing.
+        // An abort that overtakes its proposal: the proposal is refused
+        // when it arrives, and never runs its local part.
         assert!(s.abort(&unknown, "c", &reason("c")).is_none());
+        let late = Agreed::new(query("a", "nope"), plan, None);
+        let (r, _) = s.admit(late, |_, _, _| panic!("an ended query runs nothing"));
+        assert!(matches!(r, Err((Full::Ended(why), _)) if why == reason("c")));
+        // An ended query keeps its first reason.
+        s.abort(&key, "b", &reason("b"));
+        assert_eq!(
+            s.take_for_start(&key).err().unwrap().0,
+            PeerRefusal::Ended(reason("c"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_query_stopped_before_start_ends_at_start_before_any_charge() {
+        let plan = plan().await;
+        let s = Sessions::new("b", SESSION_TTL);
+        let key = ("a".to_string(), "q".to_string());
+        s.admit(Agreed::new(query("a", "q"), plan, None), no_part)
+            .0
+            .ok()
+            .unwrap();
+        // A peer's malformed message stopped the mailbox.
+        s.route(&key).unwrap().mailbox.abort(&reason("c"));
+        let (r, ended) = s.take_for_start(&key).err().unwrap();
+        assert_eq!(r, PeerRefusal::Ended(reason("c")));
+        let ended = ended.unwrap();
+        assert!(ended.outcome.starts_with("not run"), "{}", ended.outcome);
+        assert!(ended.settled.is_none());
+        assert!(s.is_empty());
+    }
+
+    #[tokio::test]
+    async fn this_partys_own_queries_do_not_lock_other_leaders_out() {
+        let plan = plan().await;
+        let s = Sessions::new("b", SESSION_TTL);
+        let mut running = Vec::new();
+        for i in 0..MAX_SESSIONS {
+            let r = Agreed::new(query("b", &format!("own{i}")), plan.clone(), None)
+                .start(Agreement::AsPlanned, no_part);
+            s.run(&r);
+            running.push(r);
+        }
+        let a = Agreed::new(query("a", "q"), plan, None);
+        assert!(s.admit(a, no_part).0.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_running_query_that_ends_stops_its_local_part_even_once_taken() {
+        let plan = plan().await;
+        let mut a = Agreed::new(query("a", "q"), plan, None);
+        let (task, dropped) = pending_part();
+        a.prepare(|_, _, _| task);
+        let mut r = a.start(Agreement::AsPlanned, no_part);
+        // The computation took the handle and was then dropped (a cancel).
+        drop(r.prepared.take());
+        let _ = r.end("cancelled by the analyst");
+        dropped.await.unwrap();
     }
 
     #[tokio::test]

@@ -4,9 +4,11 @@
 //! - **No I/O.** The planner reads only the SQL text, the federated catalog and
 //!   the query options it is given. Tables are planned against empty stand-ins
 //!   that carry the catalog's schema.
-//! - **Deterministic.** The same SQL, catalog and options give the same plan
-//!   and the same fingerprint on every gateway; that is how gateways agree
-//!   without trusting each other's plans.
+//! - **Deterministic.** The same SQL, catalog, options and leader give the
+//!   same plan and the same fingerprint on every gateway; that is how
+//!   gateways agree without trusting each other's plans. The plan's secure
+//!   part (`FederatedPlan::program`: operators and every party's roles) is
+//!   in the fingerprint; a plan only runs once `led_by` named its leader.
 //! - **No data-dependent outcome.** The local part contains only expressions
 //!   that return a value for every row (`total`), so whether a query
 //!   succeeds depends on no party's rows. A column's use is classed by what

@@ -19,7 +19,9 @@ use policies::{AuditEntry, Decision};
 use super::{short, table_shape, Gateway, ShareShape};
 use crate::config::Fault;
 use crate::peer::{Propose, QueryRef, Start, Verdict};
-use crate::session::{Agreed, Agreement, Full, Key, PeerRefusal, Phases, Query, Running};
+use crate::session::{
+    Agreed, Agreement, Full, Key, PartyFailure, PeerRefusal, Phases, Query, Running,
+};
 
 /// The longest query id a leader may choose.
 const MAX_QUERY_ID: usize = 64;
@@ -116,6 +118,9 @@ impl Gateway {
                     )
                 }
                 Full::Duplicate => format!("query id {} is already in use", p.query_id),
+                Full::Ended(reason) => {
+                    format!("query {} already ended here: {reason}", p.query_id)
+                }
             };
             return Verdict::Error { message };
         }
@@ -177,7 +182,21 @@ impl Gateway {
     /// (the leader alone receives the result shares).
     async fn follow(self: Arc<Self>, mut running: Running) {
         let key = running.query.key();
-        let outcome = match self.compute(&mut running).await {
+        // A panic in the computation ends the query like any failure (its
+        // entry must not stay in the table, nor its charge unsettled).
+        let computed = {
+            use futures::FutureExt;
+            std::panic::AssertUnwindSafe(self.compute(&mut running))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    Err(PartyFailure {
+                        local: "the computation panicked".into(),
+                        shared: AbortReason::new(AbortKind::Other, &self.party, "internal error"),
+                    })
+                })
+        };
+        let outcome = match computed {
             Ok(_) => {
                 self.sessions.close(
                     &key,
@@ -318,12 +337,13 @@ impl Gateway {
     }
 
     /// Ends the query whose share from a peer was malformed.
+    /// An agreed query ends at once (before anything is charged); a
+    /// running one stops in its own task.
     pub fn reject_share(&self, leader: &str, query_id: &str, reason: &str) {
-        if let Some(mailbox) = self
-            .sessions
-            .mailbox(&(leader.to_string(), query_id.to_string()))
-        {
-            mailbox.abort(&AbortReason::new(AbortKind::Protocol, &self.party, reason));
+        let reason = AbortReason::new(AbortKind::Protocol, &self.party, reason);
+        let key = (leader.to_string(), query_id.to_string());
+        if let Some(ended) = self.sessions.abort(&key, &self.party, &reason) {
+            self.finish(ended);
         }
     }
 
@@ -347,11 +367,8 @@ impl Gateway {
                 batch.num_rows(),
                 batch.num_columns()
             );
-            mailbox.abort(&AbortReason::new(
-                AbortKind::Protocol,
-                &self.party,
-                reason.clone(),
-            ));
+            drop(mailbox);
+            self.reject_share(leader, query_id, &reason);
             return Err(PeerRefusal::Other(reason));
         }
         mailbox.deliver(from, step, batch).map_err(|e| match e {
