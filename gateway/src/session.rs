@@ -441,15 +441,20 @@ impl Sessions {
     ) -> (Result<(), (Full, Agreed)>, Vec<Ended>) {
         let expired = self.expire();
         let key = agreed.query.key();
+        // Lock order: `live`, then `ended` (an abort that overtakes its
+        // proposal records itself under `live` too, so it cannot slip in
+        // between this check and the insertion).
+        let mut live = self.live();
         if let PeerRefusal::Ended(reason) = self.no_session(&key) {
             // Ended before it was admitted (an abort that overtook the
             // proposal), or a reused id.
+            drop(live);
             return (Err((Full::Ended(reason), agreed)), expired);
         }
-        let mut live = self.live();
         let from_leader = live.keys().filter(|(l, _)| *l == key.0).count();
-        // The queries this party leads are bounded by its own front doors,
-        // not here: a busy local analyst must not lock other leaders out.
+        // The queries this party leads come from its own authenticated
+        // analysts and do not count here: a busy local analyst must not
+        // lock other leaders out of this party.
         let led_by_others = live.keys().filter(|(l, _)| *l != self.party).count();
         let r = if live.contains_key(&key) {
             Err((Full::Duplicate, agreed))
@@ -608,13 +613,16 @@ impl Sessions {
                 None
             }
             None => {
-                // Not open (yet): an abort may overtake its proposal, which
-                // is then refused at admission. A query that already ended
-                // keeps its first reason.
-                drop(live);
-                if !matches!(self.no_session(key), PeerRefusal::Ended(_)) {
+                // Not open (yet): the leader's abort may overtake its own
+                // proposal (an analyst who cancels while the peers plan),
+                // which is then refused at admission. Only the leader's:
+                // nobody else may fill the ring of reasons. A query that
+                // already ended keeps its first reason. Under `live`, so
+                // that `admit` sees it.
+                if from == key.0 && !matches!(self.no_session(key), PeerRefusal::Ended(_)) {
                     self.remember(key.clone(), reason);
                 }
+                drop(live);
                 None
             }
         }
@@ -889,14 +897,21 @@ columns = [
             s.route(&key).err().unwrap(),
             PeerRefusal::Ended(reason("c"))
         );
-        // An abort that overtakes its proposal: the proposal is refused
-        // when it arrives, and never runs its local part.
+        // Another party's abort for a query not open here is not kept (no
+        // party but the leader may fill the ring of reasons) ...
         assert!(s.abort(&unknown, "c", &reason("c")).is_none());
+        assert!(matches!(
+            s.take_for_start(&unknown).err().unwrap().0,
+            PeerRefusal::Other(_)
+        ));
+        // ... the leader's is: an abort that overtakes its proposal makes
+        // the proposal refused when it arrives, and it runs nothing.
+        assert!(s.abort(&unknown, "a", &reason("a")).is_none());
         let late = Agreed::new(query("a", "nope"), plan, None);
         let (r, _) = s.admit(late, |_, _, _| panic!("an ended query runs nothing"));
-        assert!(matches!(r, Err((Full::Ended(why), _)) if why == reason("c")));
+        assert!(matches!(r, Err((Full::Ended(why), _)) if why == reason("a")));
         // An ended query keeps its first reason.
-        s.abort(&key, "b", &reason("b"));
+        s.abort(&key, "a", &reason("a"));
         assert_eq!(
             s.take_for_start(&key).err().unwrap().0,
             PeerRefusal::Ended(reason("c"))

@@ -108,20 +108,18 @@ impl Gateway {
         }
         if let Err((full, _)) = admitted {
             let message = match full {
-                Full::TooMany { from_leader } => {
-                    entry.decision = "error".into();
-                    entry.outcome = Some("too many open queries".into());
-                    self.audit(entry);
-                    format!(
-                        "peer {} has too many open queries ({from_leader} from {from}); try again when some have ended",
-                        self.party
-                    )
-                }
+                Full::TooMany { from_leader } => format!(
+                    "peer {} has too many open queries ({from_leader} from {from}); try again when some have ended",
+                    self.party
+                ),
                 Full::Duplicate => format!("query id {} is already in use", p.query_id),
                 Full::Ended(reason) => {
                     format!("query {} already ended here: {reason}", p.query_id)
                 }
             };
+            entry.decision = "error".into();
+            entry.outcome = Some(message.clone());
+            self.audit(entry);
             return Verdict::Error { message };
         }
         self.audit(entry);
@@ -160,6 +158,24 @@ impl Gateway {
                     return Err(PeerRefusal::Ended(reason));
                 }
             };
+        if let Some(reason) = agreed.query.mailbox.aborted() {
+            // Stopped while `start` was checked: it ends here, and a charge
+            // just made is refunded (nothing of this party ran).
+            self.sessions.close(&key, &reason);
+            let mut ended = agreed.end(format!("not run: {reason}"));
+            if let Agreement::UnderDp {
+                charge: Some(charge),
+                ..
+            } = agreement
+            {
+                ended.settled = Some(crate::session::Settled {
+                    charge,
+                    kept: false,
+                });
+            }
+            self.finish(ended);
+            return Err(PeerRefusal::Ended(reason));
+        }
         let running = agreed.start(agreement, |q, plan, spent| {
             self.prepare(q.clone(), plan.clone(), spent.clone())
         });
@@ -271,7 +287,12 @@ impl Gateway {
         } else {
             r.leader.as_str()
         };
-        if !self.parties.iter().any(|p| p == from) {
+        // Only for a query a party of this federation can lead, with an id
+        // such a query can have: anything else names no query here.
+        if !self.parties.iter().any(|p| p == from)
+            || !self.parties.iter().any(|p| p == leader)
+            || r.query_id.len() > MAX_QUERY_ID
+        {
             return;
         }
         let key = (leader.to_string(), r.query_id.clone());
