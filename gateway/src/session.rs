@@ -787,6 +787,14 @@ columns = [
         })
     }
 
+    /// Party b's table, holding leader a's agreed query q.
+    async fn agreed_at_b() -> (Sessions, Key) {
+        let s = Sessions::new("b", SESSION_TTL);
+        let admitted = s.admit(Agreed::new(query("a", "q"), plan().await, None), no_part);
+        assert!(admitted.0.is_ok());
+        (s, ("a".to_string(), "q".to_string()))
+    }
+
     fn reason(party: &str) -> AbortReason {
         AbortReason::new(AbortKind::Data, party, "its local part failed")
     }
@@ -841,13 +849,7 @@ columns = [
 
     #[tokio::test]
     async fn only_an_agreed_query_starts_and_only_once() {
-        let plan = plan().await;
-        let s = Sessions::new("b", SESSION_TTL);
-        let key = ("a".to_string(), "q".to_string());
-        s.admit(Agreed::new(query("a", "q"), plan, None), no_part)
-            .0
-            .ok()
-            .unwrap();
+        let (s, key) = agreed_at_b().await;
         let agreed = s.take_for_start(&key).ok().unwrap();
         // While `start` is checked, a second one is refused.
         let (r, ended) = s.take_for_start(&key).err().unwrap();
@@ -920,13 +922,7 @@ columns = [
 
     #[tokio::test]
     async fn a_query_stopped_before_start_ends_at_start_before_any_charge() {
-        let plan = plan().await;
-        let s = Sessions::new("b", SESSION_TTL);
-        let key = ("a".to_string(), "q".to_string());
-        s.admit(Agreed::new(query("a", "q"), plan, None), no_part)
-            .0
-            .ok()
-            .unwrap();
+        let (s, key) = agreed_at_b().await;
         // A peer's malformed message stopped the mailbox.
         s.route(&key).unwrap().mailbox.abort(&reason("c"));
         let (r, ended) = s.take_for_start(&key).err().unwrap();
@@ -1005,13 +1001,7 @@ columns = [
 
     #[tokio::test]
     async fn an_abort_stops_a_started_query_in_its_own_task() {
-        let plan = plan().await;
-        let s = Sessions::new("b", SESSION_TTL);
-        let key = ("a".to_string(), "q".to_string());
-        s.admit(Agreed::new(query("a", "q"), plan, None), no_part)
-            .0
-            .ok()
-            .unwrap();
+        let (s, key) = agreed_at_b().await;
         let agreed = s.take_for_start(&key).ok().unwrap();
         // Aborted while `start` is being checked: the mailbox knows.
         assert!(s.abort(&key, "c", &reason("c")).is_none());
