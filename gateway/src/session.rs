@@ -20,9 +20,11 @@
 //!
 //! Input shares may reach a party before the leader's `start` does (the
 //! leader sends `start` together with its own input round, and a peer that
-//! started first sends its input at once), so an `Agreed` query accepts
-//! input shares into its mailbox; nothing is computed on them before
-//! `start`.
+//! started first sends its input at once), so an `Agreed` query's mailbox
+//! takes the messages its engine marks as allowed before `start`
+//! (`executor::MessageShape::before_start`: the additive engine's seeds);
+//! the gateway asks the engine ([`Route::started`] tells it the state), and
+//! nothing is computed on them before `start`.
 //!
 //! This module does no I/O: the gateway decides (policy, ledger, engine)
 //! and hands each transition what it decided.
