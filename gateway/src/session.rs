@@ -256,12 +256,7 @@ impl Running {
     /// `local_ran` before touching a row (an end its rows caused is always
     /// seen after that).
     pub fn end(mut self, outcome: impl Into<String>) -> Ended {
-        if let Some(task) = self.prepared.take() {
-            task.abort();
-        }
-        if let Some(local) = self.local.take() {
-            local.abort();
-        }
+        self.stop_local_part();
         let settled = self.charge.take().map(|c| Settled {
             charge: c,
             kept: self.spent.any(),
@@ -275,14 +270,19 @@ impl Running {
     }
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(task) = self.prepared.take() {
-            task.abort();
-        }
+impl Running {
+    /// `local` is the abort handle of the task `prepared` holds (or held,
+    /// once the computation took it): one abort stops it either way.
+    fn stop_local_part(&mut self) {
         if let Some(local) = self.local.take() {
             local.abort();
         }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop_local_part();
     }
 }
 
