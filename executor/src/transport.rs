@@ -189,6 +189,21 @@ impl Mailbox {
         self.lock().aborted.clone()
     }
 
+    /// Waits until the query is aborted, and returns why: a send races
+    /// this, so that an aborted query does not wait on a peer that does
+    /// not answer.
+    pub async fn until_aborted(&self) -> AbortReason {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(r) = self.aborted() {
+                return r;
+            }
+            notified.await;
+        }
+    }
+
     /// Waits for the batch from `from` for `step`, up to the timeout.
     pub async fn take(&self, from: &str, step: Step) -> Result<RecordBatch, TransportError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
@@ -264,5 +279,34 @@ impl Transport for InMemoryTransport {
     }
     async fn recv(&self, from: &str, step: Step) -> Result<RecordBatch, TransportError> {
         self.boxes[&self.me].take(from, step).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_abort_wakes_every_waiter_and_refuses_later_messages() {
+        let mailbox = Arc::new(Mailbox::new(Duration::from_secs(30)));
+        let reason = AbortReason::new(AbortKind::Cancelled, "a", "gone");
+        let (waiter, taker) = (mailbox.clone(), mailbox.clone());
+        let until = tokio::spawn(async move { waiter.until_aborted().await });
+        let take = tokio::spawn(async move { taker.take("b", Step(0)).await });
+        tokio::task::yield_now().await;
+        mailbox.abort(&reason);
+        assert_eq!(until.await.unwrap(), reason);
+        assert_eq!(
+            take.await.unwrap().unwrap_err(),
+            TransportError::Aborted(reason.clone())
+        );
+        // Already aborted: at once, and the first reason stays.
+        mailbox.abort(&AbortReason::new(AbortKind::Other, "c", "later"));
+        assert_eq!(mailbox.until_aborted().await, reason);
+        let batch = RecordBatch::new_empty(Arc::new(arrow::datatypes::Schema::empty()));
+        assert_eq!(
+            mailbox.deliver("b", Step(0), batch).unwrap_err(),
+            TransportError::Aborted(reason)
+        );
     }
 }

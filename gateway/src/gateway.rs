@@ -21,6 +21,8 @@ mod analyst;
 mod as_leader;
 mod as_peer;
 mod compute;
+#[cfg(test)]
+mod tests;
 
 pub use analyst::Answer;
 
@@ -37,6 +39,7 @@ use policies::{Analyst, AuditEntry, AuditLog, Ledger, Policy};
 use sha2::{Digest, Sha256};
 
 use crate::config::{AnalystCredential, Fault, GatewayConfig};
+use crate::network::PeerNetwork;
 use crate::peer::{PeerAction, PeerClients, QueryRef};
 use crate::session::{Charge, Ended, Sessions, SESSION_TTL};
 pub use crate::session::{PeerRefusal, MAX_SESSIONS, MAX_SESSIONS_PER_LEADER};
@@ -47,6 +50,13 @@ pub const LOGIN_SLOTS: usize = 2;
 pub const LOGIN_WAIT: Duration = Duration::from_secs(30);
 /// Logins that may wait for a slot; more are turned away at once.
 pub const LOGIN_QUEUE: usize = 256;
+
+/// Statements (queries and EXPLAINs, through either door) one analyst may
+/// have running at once at this gateway. Peers bound what each leader may
+/// open there (`MAX_SESSIONS_PER_LEADER`); this bounds what one login may
+/// open here, so that one analyst cannot take every slot of their own
+/// gateway at the peers.
+pub const MAX_STATEMENTS_PER_ANALYST: usize = 8;
 
 /// What kind of failure an analyst sees (maps to gRPC codes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +69,9 @@ pub enum FailureKind {
     Unavailable,
     /// The computation stopped before the reveal; nothing was revealed.
     Aborted,
+    /// The analyst already has as many statements running here as one
+    /// analyst may ([`MAX_STATEMENTS_PER_ANALYST`]); nothing was asked.
+    Busy,
     Unauthenticated,
     Internal,
 }
@@ -120,7 +133,9 @@ pub struct Gateway {
     /// stand-in SCRAM verifiers of unknown users: stable across attempts and
     /// restarts, and not computable by anyone else.
     standin_secret: [u8; 32],
-    pub(crate) clients: Arc<PeerClients>,
+    pub(crate) clients: Arc<dyn PeerNetwork>,
+    /// Statements running now, per analyst (`MAX_STATEMENTS_PER_ANALYST`).
+    statements: Mutex<HashMap<String, usize>>,
     /// The queries open here, by state, and why the last ones ended (a late
     /// `start` or share then learns why, instead of "no agreed query").
     sessions: Sessions,
@@ -130,7 +145,27 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// The gateway of `cfg`, reaching its peers over gRPC and mutual TLS.
     pub async fn new(cfg: &GatewayConfig) -> anyhow::Result<Arc<Self>> {
+        let clients =
+            PeerClients::new(&cfg.peers, cfg.tls.peer_client_config()?, cfg.peer_timeout)?;
+        Self::with_network(cfg, Arc::new(clients)).await
+    }
+
+    /// The gateway of `cfg`, reaching its peers through `network` (an
+    /// in-memory one in tests: `crate::network::MemoryHub`).
+    pub async fn with_network(
+        cfg: &GatewayConfig,
+        network: Arc<dyn PeerNetwork>,
+    ) -> anyhow::Result<Arc<Self>> {
+        Self::build(cfg, network, SESSION_TTL).await
+    }
+
+    async fn build(
+        cfg: &GatewayConfig,
+        network: Arc<dyn PeerNetwork>,
+        session_ttl: Duration,
+    ) -> anyhow::Result<Arc<Self>> {
         let source = open_sources(cfg).await?;
         if let Some(dir) = cfg.audit_log.parent() {
             std::fs::create_dir_all(dir)
@@ -144,8 +179,6 @@ impl Gateway {
             )),
             None => None,
         };
-        let clients =
-            PeerClients::new(&cfg.peers, cfg.tls.peer_client_config()?, cfg.peer_timeout)?;
         let mut parties: Vec<String> = cfg.peers.keys().cloned().collect();
         parties.push(cfg.party.clone());
         parties.sort();
@@ -171,8 +204,9 @@ impl Gateway {
                 .concat(),
             )
             .into(),
-            clients: Arc::new(clients),
-            sessions: Sessions::new(&cfg.party, SESSION_TTL),
+            clients: network,
+            statements: Mutex::new(HashMap::new()),
+            sessions: Sessions::new(&cfg.party, session_ttl),
             timeout: cfg.peer_timeout,
             fault: cfg.fault,
             log_queries: cfg.log_queries,
@@ -181,7 +215,7 @@ impl Gateway {
         // proposal arrives to sweep them.
         let weak = Arc::downgrade(&gw);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SESSION_TTL / 10);
+            let mut tick = tokio::time::interval(session_ttl / 10);
             loop {
                 tick.tick().await;
                 let Some(gw) = weak.upgrade() else { return };

@@ -10,6 +10,7 @@ pub mod dp;
 pub mod flightsql;
 pub mod gateway;
 pub mod net;
+pub mod network;
 pub mod output;
 pub mod peer;
 pub mod pg;

@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::net::TlsDialer;
+use crate::network::PeerNetwork;
 
 /// The peer protocol's version. Two gateways speak only if they agree on
 /// it; raise it with any change to a message's meaning or encoding.
@@ -210,9 +211,10 @@ pub struct PutHeader {
 }
 
 /// Long-lived, lazily connected channels to every peer, reused by queries.
+/// The [`PeerNetwork`] of `council serve`.
 pub struct PeerClients {
     clients: BTreeMap<String, (String, FlightServiceClient<Channel>)>,
-    pub timeout: Duration,
+    timeout: Duration,
 }
 
 fn unreachable(peer: &str, addr: &str, s: &tonic::Status) -> TransportError {
@@ -265,16 +267,15 @@ impl PeerClients {
                 reason: "not a configured peer".into(),
             })
     }
+}
 
-    /// Sends a typed action and returns the body of its single reply.
-    pub async fn send(&self, peer: &str, a: &PeerAction) -> Result<Vec<u8>, TransportError> {
-        let (kind, body) = a.encode();
-        self.action(peer, kind, body).await
+#[async_trait::async_trait]
+impl PeerNetwork for PeerClients {
+    fn timeout(&self) -> Duration {
+        self.timeout
     }
 
-    /// Sends an action of any type and body (tests send malformed ones) and
-    /// returns the body of its single reply.
-    pub async fn action(
+    async fn action(
         &self,
         peer: &str,
         kind: &str,
@@ -308,8 +309,7 @@ impl PeerClients {
         }
     }
 
-    /// Streams one batch to `peer` under `header`.
-    pub async fn put(
+    async fn put(
         &self,
         peer: &str,
         header: &PutHeader,
@@ -324,7 +324,7 @@ impl PeerClients {
         let flight = FlightDataEncoderBuilder::new()
             .with_flight_descriptor(Some(FlightDescriptor::new_cmd(cmd)))
             .build(input)
-            .filter_map(|r| async move { r.ok() });
+            .filter_map(|r| futures::future::ready(r.ok()));
         let call = async {
             let mut resp = c
                 .do_put(versioned(flight))
@@ -349,7 +349,9 @@ impl PeerClients {
     }
 }
 
-fn status_error(peer: &str, addr: &str, s: tonic::Status) -> TransportError {
+/// A refusal as the caller reads it: the one place that maps a gRPC status
+/// from a peer to a [`TransportError`] (the in-memory network uses it too).
+pub(crate) fn status_error(peer: &str, addr: &str, s: tonic::Status) -> TransportError {
     match s.code() {
         tonic::Code::Unavailable
         | tonic::Code::Unknown
@@ -371,13 +373,13 @@ fn status_error(peer: &str, addr: &str, s: tonic::Status) -> TransportError {
     }
 }
 
-/// One query's transport: sends through [`PeerClients`], receives from this
+/// One query's transport: sends through the [`PeerNetwork`], receives from this
 /// party's mailbox for the query.
 pub struct QueryTransport {
     pub me: String,
     pub header_leader: String,
     pub query_id: String,
-    pub clients: Arc<PeerClients>,
+    pub clients: Arc<dyn PeerNetwork>,
     pub mailbox: Arc<Mailbox>,
     /// Tests only: a fault to play (`config::Fault`).
     pub fault: Option<crate::config::Fault>,
@@ -416,7 +418,12 @@ impl Transport for QueryTransport {
             query_id: self.query_id.clone(),
             step,
         };
-        self.clients.put(to, &header, batch).await
+        // An abort stops a send at once: the query is over, and waiting for
+        // a peer that does not answer would hold it open until the timeout.
+        tokio::select! {
+            r = self.clients.put(to, &header, batch) => r,
+            r = self.mailbox.until_aborted() => Err(TransportError::Aborted(r)),
+        }
     }
 
     async fn recv(&self, from: &str, step: Step) -> Result<RecordBatch, TransportError> {

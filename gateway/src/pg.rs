@@ -101,6 +101,7 @@ fn failure(f: QueryFailure) -> PgWireError {
         FailureKind::Invalid => "42601",
         FailureKind::Refused => "42501",
         FailureKind::Unavailable => "08006",
+        FailureKind::Busy => "53000",
         FailureKind::Aborted => "57014",
         FailureKind::Unauthenticated => "28000",
         FailureKind::Internal => "XX000",

@@ -86,23 +86,10 @@ impl FlightService for PeerService {
         let from = caller_party(&request)?;
         check_version(request.metadata()).map_err(Status::failed_precondition)?;
         let action = request.into_inner();
-        let message =
-            PeerAction::decode(&action.r#type, &action.body).map_err(|e| e.to_status())?;
-        match message {
-            PeerAction::Propose(p) => {
-                let v = self.gw.on_propose(&from, p).await;
-                let body = serde_json::to_vec(&v).map_err(|e| Status::internal(e.to_string()))?;
-                Ok(Response::new(one_result(body)))
-            }
-            PeerAction::Start(r) => {
-                self.gw.on_start(&from, r).map_err(|r| r.to_status())?;
-                Ok(Response::new(one_result(b"{}".to_vec())))
-            }
-            PeerAction::Abort(r) => {
-                self.gw.on_abort(&from, &r);
-                Ok(Response::new(one_result(b"{}".to_vec())))
-            }
-        }
+        let body = self
+            .handle_action(&from, &action.r#type, &action.body)
+            .await?;
+        Ok(Response::new(one_result(body)))
     }
 
     async fn do_put(
@@ -111,21 +98,10 @@ impl FlightService for PeerService {
     ) -> Result<Response<Self::DoPutStream>, Status> {
         let from = caller_party(&request)?;
         check_version(request.metadata()).map_err(Status::failed_precondition)?;
-        if !self.gw.parties.iter().any(|p| *p == from) {
-            return Err(Status::permission_denied(format!(
-                "{from} is not a party of this federation"
-            )));
-        }
-        let _slot = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            self.put_slots(&from).acquire_owned(),
-        )
-        .await
-        .map_err(|_| Status::resource_exhausted("too many share streams at once from this peer"))?
-        .map_err(|_| Status::internal("share slots closed"))?;
-        tokio::time::timeout(PUT_DEADLINE, self.read_put(&from, request))
-            .await
-            .map_err(|_| Status::deadline_exceeded("the share stream did not arrive in time"))?
+        self.handle_put(&from, request.into_inner()).await?;
+        Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(
+            PutResult::default(),
+        )]))))
     }
     async fn handshake(
         &self,
@@ -176,17 +152,66 @@ impl FlightService for PeerService {
     }
 }
 
+/// What the peer service does with a message once it knows its sender
+/// (the party the TLS certificate names) and its protocol version: the same
+/// for the gRPC server and for the in-memory network
+/// (`crate::network::MemoryNetwork`).
 impl PeerService {
-    async fn read_put(
+    /// One action from `from`: decoded in one place, handled by the
+    /// gateway; the body of its single reply.
+    pub async fn handle_action(
         &self,
         from: &str,
-        request: Request<Streaming<FlightData>>,
-    ) -> Result<Response<BoxStream<PutResult>>, Status> {
-        let from = from.to_string();
-        let mut stream = request.into_inner();
+        kind: &str,
+        body: &[u8],
+    ) -> Result<Vec<u8>, Status> {
+        match PeerAction::decode(kind, body).map_err(|e| e.to_status())? {
+            PeerAction::Propose(p) => {
+                let v = self.gw.on_propose(from, p).await;
+                serde_json::to_vec(&v).map_err(|e| Status::internal(e.to_string()))
+            }
+            PeerAction::Start(r) => {
+                self.gw.on_start(from, r).map_err(|r| r.to_status())?;
+                Ok(b"{}".to_vec())
+            }
+            PeerAction::Abort(r) => {
+                self.gw.on_abort(from, &r);
+                Ok(b"{}".to_vec())
+            }
+        }
+    }
+
+    /// One share stream from `from`, bounded in streams at once per peer
+    /// and in time.
+    pub async fn handle_put<S>(&self, from: &str, stream: S) -> Result<(), Status>
+    where
+        S: Stream<Item = Result<FlightData, Status>> + Send + Unpin + 'static,
+    {
+        if !self.gw.parties.iter().any(|p| p == from) {
+            return Err(Status::permission_denied(format!(
+                "{from} is not a party of this federation"
+            )));
+        }
+        let _slot = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            self.put_slots(from).acquire_owned(),
+        )
+        .await
+        .map_err(|_| Status::resource_exhausted("too many share streams at once from this peer"))?
+        .map_err(|_| Status::internal("share slots closed"))?;
+        tokio::time::timeout(PUT_DEADLINE, self.read_put(from, stream))
+            .await
+            .map_err(|_| Status::deadline_exceeded("the share stream did not arrive in time"))?
+    }
+
+    async fn read_put<S>(&self, from: &str, mut stream: S) -> Result<(), Status>
+    where
+        S: Stream<Item = Result<FlightData, Status>> + Send + Unpin + 'static,
+    {
         let first = stream
-            .message()
-            .await?
+            .next()
+            .await
+            .transpose()?
             .ok_or_else(|| Status::invalid_argument("empty share stream"))?;
         let header: PutHeader = first
             .flight_descriptor
@@ -200,7 +225,7 @@ impl PeerService {
         // before a byte of the batch is decoded.
         let shape = self
             .gw
-            .expected_share(&from, &header.leader, &header.query_id, header.step)
+            .expected_share(from, &header.leader, &header.query_id, header.step)
             .map_err(|r| r.to_status())?;
         let all = futures::stream::iter([Ok(first)]).chain(stream);
         let batch = match decode_share_stream(all, shape).await {
@@ -217,11 +242,8 @@ impl PeerService {
             }
         };
         self.gw
-            .on_put(&from, &header.leader, &header.query_id, header.step, batch)
-            .map_err(|r| r.to_status())?;
-        Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(
-            PutResult::default(),
-        )]))))
+            .on_put(from, &header.leader, &header.query_id, header.step, batch)
+            .map_err(|r| r.to_status())
     }
 }
 
@@ -230,6 +252,7 @@ pub fn failure_status(f: &QueryFailure) -> Status {
         FailureKind::Invalid => Status::invalid_argument(f.message.clone()),
         FailureKind::Refused => Status::permission_denied(f.message.clone()),
         FailureKind::Unavailable => Status::unavailable(f.message.clone()),
+        FailureKind::Busy => Status::resource_exhausted(f.message.clone()),
         FailureKind::Aborted => Status::aborted(f.message.clone()),
         FailureKind::Unauthenticated => Status::unauthenticated(f.message.clone()),
         FailureKind::Internal => Status::internal(f.message.clone()),

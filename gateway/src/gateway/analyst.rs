@@ -13,7 +13,10 @@ use planner::QueryOptions;
 use policies::Analyst;
 use sha2::{Digest, Sha256};
 
-use super::{explain_schema, FailureKind, Gateway, QueryFailure, LOGIN_QUEUE, LOGIN_WAIT};
+use super::{
+    explain_schema, FailureKind, Gateway, QueryFailure, LOGIN_QUEUE, LOGIN_WAIT,
+    MAX_STATEMENTS_PER_ANALYST,
+};
 use crate::config::AnalystCredential;
 
 /// A statement's answer as an analyst receives it.
@@ -39,6 +42,7 @@ impl Gateway {
             kind: FailureKind::Internal,
             message: e.to_string(),
         };
+        let _running = self.admit_statement(analyst)?;
         let (explain, inner) = planner::split_explain(sql);
         if explain {
             let text = self
@@ -67,6 +71,27 @@ impl Gateway {
             batches,
             notice,
         })
+    }
+
+    /// Counts a statement of `analyst` as running until the returned guard
+    /// drops, or refuses it if they already have as many running as one
+    /// analyst may.
+    fn admit_statement(&self, analyst: &Analyst) -> Result<Running<'_>, QueryFailure> {
+        let who = analyst.to_string();
+        let mut running = self.statements.lock().unwrap_or_else(|p| p.into_inner());
+        let n = running.entry(who.clone()).or_insert(0);
+        if *n >= MAX_STATEMENTS_PER_ANALYST {
+            return Err(QueryFailure {
+                kind: FailureKind::Busy,
+                message: format!(
+                    "{analyst} already has {MAX_STATEMENTS_PER_ANALYST} statements running at {}, \
+                     the most one analyst may; wait for one to finish",
+                    self.party
+                ),
+            });
+        }
+        *n += 1;
+        Ok(Running { gw: self, who })
     }
 
     /// An analyst of this party by name (after the front door checked them).
@@ -262,6 +287,24 @@ impl Drop for InflightLogin<'_> {
         // Ours and the map's: nobody else waits on these credentials.
         if Arc::strong_count(&self.lock) <= 2 {
             m.remove(&self.digest);
+        }
+    }
+}
+
+/// One running statement of one analyst: counted while it lives.
+struct Running<'a> {
+    gw: &'a Gateway,
+    who: String,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut running = self.gw.statements.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = running.get_mut(&self.who) {
+            *n -= 1;
+            if *n == 0 {
+                running.remove(&self.who);
+            }
         }
     }
 }

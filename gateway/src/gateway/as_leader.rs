@@ -535,13 +535,24 @@ impl<S: Open> Drop for Lead<S> {
             return;
         };
         let gw = self.gw.clone();
+        // Dropped while unwinding: the leader's own path panicked, which is
+        // neither the analyst's doing nor a fact to tell the peers.
+        let (reason, outcome) = if std::thread::panicking() {
+            (
+                AbortReason::new(AbortKind::Other, &gw.party, "internal error"),
+                "aborted: the leader's path panicked (internal error)",
+            )
+        } else {
+            (
+                AbortReason::new(AbortKind::Cancelled, &gw.party, "the analyst disconnected"),
+                "cancelled by the analyst",
+            )
+        };
         rt.spawn(async move {
             let query = state.query().clone();
-            let reason =
-                AbortReason::new(AbortKind::Cancelled, &gw.party, "the analyst disconnected");
             gw.sessions.close(&query.key(), &reason);
             query.mailbox.abort(&reason);
-            gw.finish(state.end("cancelled by the analyst".into()));
+            gw.finish(state.end(outcome.into()));
             gw.abort_peers(&query.leader, &query.id, &reason).await;
         });
     }

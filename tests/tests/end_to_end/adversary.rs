@@ -11,6 +11,7 @@ use council_tests::{
     open_policy, party_ids, policy_without_filter_on, spec_for, write_random_data, Shape, PASSWORD,
     USER,
 };
+use gateway::network::PeerNetwork as _;
 use gateway::peer::PeerClients;
 use gateway::tls::TlsMaterial;
 

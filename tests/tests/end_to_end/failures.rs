@@ -14,6 +14,7 @@ use council_tests::{
     USER,
 };
 use gateway::config::Fault;
+use gateway::network::PeerNetwork as _;
 use gateway::peer::PeerClients;
 use gateway::tls::TlsMaterial;
 
