@@ -142,9 +142,12 @@ impl fmt::Display for DomainValue {
 
 /// The public list of values a group column may take. NULL is always an
 /// implicit member: SQL puts NULL keys in a group of their own.
+///
+/// The values are shared: a catalog is cloned into every plan, and a
+/// declared domain may hold a million values.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Domain {
-    pub values: Vec<DomainValue>,
+    pub values: Arc<Vec<DomainValue>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,9 +180,21 @@ impl TableDef {
 }
 
 /// The federated catalog.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+///
+/// Built only by [`Catalog::from_toml`] (or empty), and not changed after:
+/// its digest, which every plan's fingerprint covers, is computed once
+/// there, since a catalog's text grows with its declared domains and a plan
+/// is made for every query at every party.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Catalog {
     pub tables: BTreeMap<String, TableDef>,
+    digest: String,
+}
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Catalog::new(BTreeMap::new())
+    }
 }
 
 #[derive(Deserialize)]
@@ -248,7 +263,7 @@ impl Catalog {
                 let domain = match rc.domain {
                     None => None,
                     Some(d) => Some(Domain {
-                        values: domain_values(&ty, d).map_err(cerr)?,
+                        values: Arc::new(domain_values(&ty, d).map_err(cerr)?),
                     }),
                 };
                 columns.push(ColumnDef {
@@ -268,7 +283,16 @@ impl Catalog {
                 },
             );
         }
-        Ok(Catalog { tables })
+        Ok(Catalog::new(tables))
+    }
+
+    fn new(tables: BTreeMap<String, TableDef>) -> Self {
+        let mut c = Catalog {
+            tables,
+            digest: String::new(),
+        };
+        c.digest = hex::encode(Sha256::digest(c.canonical().as_bytes()));
+        c
     }
 
     pub fn table(&self, name: &str) -> Option<&TableDef> {
@@ -292,8 +316,10 @@ impl Catalog {
         s
     }
 
-    pub fn digest(&self) -> String {
-        hex::encode(Sha256::digest(self.canonical().as_bytes()))
+    /// The SHA-256 of [`Catalog::canonical`], computed when the catalog
+    /// was built.
+    pub fn digest(&self) -> &str {
+        &self.digest
     }
 }
 

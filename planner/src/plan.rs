@@ -1451,7 +1451,7 @@ async fn plan_query_here(
         bound: None,
     };
     let grouped = !agg.group_expr.is_empty();
-    let catalog_digest = catalog.digest();
+    let catalog_digest = catalog.digest().to_string();
     let mut plan = FederatedPlan {
         sql: sql.to_string(),
         parties: parties.to_vec(),

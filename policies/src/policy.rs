@@ -689,6 +689,62 @@ impl Policy {
     }
 
     /// Decides `plan` for `analyst`. Anything the policy does not list is denied.
+    ///
+    /// The decision is on the plan this party computed itself, never on
+    /// the SQL text; a refusal names the rule that decided it.
+    ///
+    /// ```
+    /// use planner::{plan_query, Catalog, QueryOptions};
+    /// use policies::{Analyst, Decision, Policy};
+    ///
+    /// let catalog = Catalog::from_toml(
+    ///     r#"
+    /// [tables.patients]
+    /// columns = [
+    ///   { name = "age_band", type = "text", domain = ["0-17", "18-64", "65+"] },
+    ///   { name = "cost", type = "int" },
+    /// ]"#,
+    ///     "catalog.toml",
+    /// )
+    /// .unwrap();
+    /// let policy = Policy::parse(
+    ///     r#"
+    /// party = "hospital_a"
+    /// [analysts]
+    /// allow = ["hospital_a:*"]
+    /// [tables.patients]
+    /// count_star = true
+    /// [tables.patients.columns.age_band]
+    /// group_by = true
+    /// [tables.patients.columns.cost]
+    /// aggregate = ["count", "sum"]
+    /// "#,
+    ///     Some(&catalog),
+    /// )
+    /// .unwrap();
+    /// let parties = ["hospital_a".to_string(), "hospital_b".to_string()];
+    /// let alice = Analyst { party: "hospital_a".into(), name: "alice".into(), roles: vec![] };
+    /// let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    /// let plan = |sql: &str| {
+    ///     runtime
+    ///         .block_on(plan_query(sql, &catalog, &parties, &QueryOptions::default()))
+    ///         .unwrap()
+    /// };
+    ///
+    /// let allowed = plan("SELECT age_band, COUNT(*), SUM(cost) FROM patients GROUP BY age_band");
+    /// assert!(matches!(policy.check(&allowed, &alice), Decision::Allow));
+    ///
+    /// // A filter on `cost` is not granted: refused, naming the rule.
+    /// let filtered = plan("SELECT COUNT(*) FROM patients WHERE cost > 10000");
+    /// let Decision::Deny { rule, .. } = policy.check(&filtered, &alice) else {
+    ///     panic!("a filter on cost is not allowed");
+    /// };
+    /// assert_eq!(rule, "tables.patients.columns.cost.filter");
+    ///
+    /// // Another party's analyst is not admitted at all.
+    /// let bob = Analyst { party: "bank_b".into(), ..alice.clone() };
+    /// assert!(matches!(policy.check(&allowed, &bob), Decision::Deny { rule, .. } if rule == "analysts.allow"));
+    /// ```
     pub fn check(&self, plan: &FederatedPlan, analyst: &Analyst) -> Decision {
         let deny = |rule: String, reason: String| Decision::Deny { rule, reason };
         if !self.admits(analyst) {
