@@ -739,7 +739,7 @@ impl Policy {
     /// let Decision::Deny { rule, .. } = policy.check(&filtered, &alice) else {
     ///     panic!("a filter on cost is not allowed");
     /// };
-    /// assert_eq!(rule, "tables.patients.columns.cost.filter");
+    /// assert_eq!(rule, "tables.patients.columns.cost");
     ///
     /// // Another party's analyst is not admitted at all.
     /// let bob = Analyst { party: "bank_b".into(), ..alice.clone() };
