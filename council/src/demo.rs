@@ -578,7 +578,7 @@ async fn user_federation(
         .zip(&parties)
         .map(|(id, d)| {
             let mut pol = format!("party = \"{id}\"\n[analysts]\nallow = [{}]\n", allow.join(", "));
-            for t in catalog.tables.values() {
+            for t in catalog.tables().values() {
                 let _ = writeln!(pol, "[tables.{}]\ncount_star = true", t.name);
                 for c in &t.columns {
                     let _ = writeln!(
@@ -593,7 +593,7 @@ async fn user_federation(
             let mut spec = PartySpec::new(id, d.clone(), pol, vec![(ANALYST.0.into(), ANALYST.1.into(), vec![])]);
             // Tables without a CSV or Parquet file may be in the party's
             // SQLite files (`*.sqlite`, `*.db`).
-            for t in catalog.tables.values() {
+            for t in catalog.tables().values() {
                 if connectors::files::find_table_file(d, t).is_some() {
                     continue;
                 }
@@ -615,7 +615,7 @@ async fn user_federation(
         })
         .collect();
     notes.push("demo policies for your data allow every column in every role; write real ones with `council policy check`".into());
-    for t in catalog.tables.values() {
+    for t in catalog.tables().values() {
         queries.push((
             format!("Rows of {}", t.name),
             format!("SELECT COUNT(*) AS row_count FROM {}", t.name),
@@ -748,7 +748,7 @@ async fn infer_sqlite_table(
     plain.push_str("]\n");
     let cat = planner::Catalog::from_toml(&plain, "inferred")?;
     let t = cat
-        .tables
+        .tables()
         .values()
         .next()
         .ok_or_else(|| anyhow!("no table inferred for {name}"))?;
@@ -869,7 +869,7 @@ async fn infer_catalog(parties: &[PathBuf]) -> Result<(String, Vec<String>)> {
             }
             plain.push_str("]\n");
             let cat = planner::Catalog::from_toml(&plain, "inferred")?;
-            if let Some(t) = cat.tables.values().next() {
+            if let Some(t) = cat.tables().values().next() {
                 register_sqlite_parties(&ctx, parties, missing.into_iter(), t, &mut union).await?;
             }
         }

@@ -129,7 +129,7 @@ impl LocalFederation {
                 )
             })?;
             let mut files = Vec::new();
-            for t in catalog.tables.values() {
+            for t in catalog.tables().values() {
                 if let Some(d) = party
                     .db_tables
                     .iter()
@@ -272,7 +272,7 @@ pub async fn pooled_context(
     tables: &BTreeMap<String, Vec<PathBuf>>,
 ) -> Result<SessionContext> {
     let ctx = SessionContext::new();
-    for t in catalog.tables.values() {
+    for t in catalog.tables().values() {
         let mut partitions: Vec<Vec<RecordBatch>> = Vec::new();
         for path in tables.get(&t.name).into_iter().flatten() {
             if connectors::sqlite::is_sqlite_file(path) {

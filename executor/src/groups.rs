@@ -104,6 +104,12 @@ impl GroupIndex {
                 len,
             });
         }
+        Self::hashed(keys)
+    }
+
+    /// The general index: every domain key's row encoding, hashed.
+    fn hashed(keys: Vec<ArrayRef>) -> Result<Self, ExecError> {
+        let len = keys[0].len();
         let fields = keys
             .iter()
             .map(|k| SortField::new(k.data_type().clone()))
@@ -220,7 +226,7 @@ impl GroupIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Int32Array, Int64Array, StringArray};
+    use arrow::array::{Float64Array, Int32Array, Int64Array, StringArray, UInt64Array};
     use std::sync::Arc;
 
     #[test]
@@ -282,7 +288,31 @@ mod tests {
                 .map(|k| dom.iter().position(|d| d == k))
                 .collect();
             let col: ArrayRef = Arc::new(Int64Array::from(local.clone()));
-            assert_eq!(idx.lookup(&[col], local.len()).unwrap(), want);
+            assert_eq!(idx.lookup(&[col.clone()], local.len()).unwrap(), want);
+            // The same as the general index, for keys of any type.
+            let keys: ArrayRef = Arc::new(Int64Array::from(dom.clone()));
+            let general = GroupIndex::hashed(vec![keys]).unwrap();
+            assert!(general.range.is_none());
+            let unsigned: ArrayRef = Arc::new(UInt64Array::from(vec![
+                Some(first as u64),
+                Some(u64::MAX),
+                None,
+                Some((i64::MAX as u64) + 1),
+            ]));
+            let narrow: ArrayRef =
+                Arc::new(Int32Array::from(vec![Some(0), Some(-5), None, Some(7)]));
+            let float: ArrayRef = Arc::new(Float64Array::from(vec![
+                Some(first as f64),
+                Some(0.5),
+                None,
+            ]));
+            for c in [col, unsigned, narrow, float] {
+                assert_eq!(
+                    idx.lookup(&[c.clone()], c.len()).unwrap(),
+                    general.lookup(&[c.clone()], c.len()).unwrap(),
+                    "{c:?}"
+                );
+            }
         }
         // Not consecutive, two NULLs, or another type: the general index.
         let keys: ArrayRef = Arc::new(Int64Array::from(vec![Some(1), Some(3)]));

@@ -363,7 +363,7 @@ impl GatewayConfig {
                 }
             }
         }
-        for t in catalog.tables.keys() {
+        for t in catalog.tables().keys() {
             if !tables.iter().any(|f| &f.table.name == t)
                 && !db_tables.iter().any(|d| &d.table.table.name == t)
             {

@@ -320,11 +320,21 @@ impl PeerNetwork for PeerClients {
             peer: peer.to_string(),
             reason: format!("the share header could not be written: {e}"),
         })?;
-        let input = futures::stream::iter(vec![Ok(batch)]);
-        let flight = FlightDataEncoderBuilder::new()
+        // Encoded whole before anything is sent: a share that cannot be
+        // encoded fails here, naming this party, instead of reaching the
+        // peer cut short (the batch is in memory already).
+        let flight: Vec<_> = FlightDataEncoderBuilder::new()
             .with_flight_descriptor(Some(FlightDescriptor::new_cmd(cmd)))
-            .build(input)
-            .filter_map(|r| futures::future::ready(r.ok()));
+            .build(futures::stream::iter([Ok(batch)]))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| TransportError::Protocol {
+                peer: peer.to_string(),
+                reason: format!("the share could not be encoded: {e}"),
+            })?;
+        let flight = futures::stream::iter(flight);
         let call = async {
             let mut resp = c
                 .do_put(versioned(flight))

@@ -326,7 +326,7 @@ impl PgFrontDoor {
             Err(e) => {
                 let lower = sql.to_ascii_lowercase();
                 if catalog
-                    .tables
+                    .tables()
                     .keys()
                     .any(|t| lower.contains(&t.to_ascii_lowercase()))
                 {

@@ -159,7 +159,7 @@ impl FlightService for PeerService {
 impl PeerService {
     /// One action from `from`: decoded in one place, handled by the
     /// gateway; the body of its single reply.
-    pub async fn handle_action(
+    pub(crate) async fn handle_action(
         &self,
         from: &str,
         kind: &str,
@@ -183,7 +183,7 @@ impl PeerService {
 
     /// One share stream from `from`, bounded in streams at once per peer
     /// and in time.
-    pub async fn handle_put<S>(&self, from: &str, stream: S) -> Result<(), Status>
+    pub(crate) async fn handle_put<S>(&self, from: &str, stream: S) -> Result<(), Status>
     where
         S: Stream<Item = Result<FlightData, Status>> + Send + Unpin + 'static,
     {
@@ -230,9 +230,14 @@ impl PeerService {
         let all = futures::stream::iter([Ok(first)]).chain(stream);
         let batch = match decode_share_stream(all, shape).await {
             Ok(b) => b,
+            // A malformed share (our own checks say `invalid_argument`)
+            // ends the query at once (every party then aborts with nothing
+            // revealed), not at the timeout. A stream that broke off (its
+            // sender stopped it, on an abort of its own, or the connection
+            // dropped) is not the sender's fault to record: the share is
+            // not delivered, and the query ends by that abort or times out.
+            Err(e) if e.code() != tonic::Code::InvalidArgument => return Err(e),
             Err(e) => {
-                // A malformed share ends the query at once (every party
-                // then aborts with nothing revealed), not at the timeout.
                 self.gw.reject_share(
                     &header.leader,
                     &header.query_id,

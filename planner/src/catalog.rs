@@ -181,13 +181,13 @@ impl TableDef {
 
 /// The federated catalog.
 ///
-/// Built only by [`Catalog::from_toml`] (or empty), and not changed after:
+/// Built only by [`Catalog::from_toml`] (or empty), and read-only after:
 /// its digest, which every plan's fingerprint covers, is computed once
 /// there, since a catalog's text grows with its declared domains and a plan
 /// is made for every query at every party.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Catalog {
-    pub tables: BTreeMap<String, TableDef>,
+    tables: BTreeMap<String, TableDef>,
     digest: String,
 }
 
@@ -293,6 +293,11 @@ impl Catalog {
         };
         c.digest = hex::encode(Sha256::digest(c.canonical().as_bytes()));
         c
+    }
+
+    /// Every federated table, by name.
+    pub fn tables(&self) -> &BTreeMap<String, TableDef> {
+        &self.tables
     }
 
     pub fn table(&self, name: &str) -> Option<&TableDef> {

@@ -1120,7 +1120,7 @@ async fn plan_query_here(
         crate::ast_check::function_position(&ast, f).unwrap_or_else(|| "the SELECT list".into())
     };
     let ctx = SessionContext::new();
-    for t in catalog.tables.values() {
+    for t in catalog.tables().values() {
         ctx.register_table(t.name.as_str(), Arc::new(EmptyTable::new(t.schema())))
             .map_err(|e| PlanError::Internal(e.to_string()))?;
     }

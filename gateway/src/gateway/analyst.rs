@@ -42,9 +42,11 @@ impl Gateway {
             kind: FailureKind::Internal,
             message: e.to_string(),
         };
-        let _running = self.admit_statement(analyst)?;
         let (explain, inner) = planner::split_explain(sql);
         if explain {
+            // A query counts itself (`run_query`); an EXPLAIN keeps nothing
+            // at the peers and counts while it runs.
+            let _slot = self.admit_statement(analyst)?;
             let text = self
                 .explain(analyst, inner, &QueryOptions::default())
                 .await?;
@@ -73,10 +75,16 @@ impl Gateway {
         })
     }
 
-    /// Counts a statement of `analyst` as running until the returned guard
+    /// Counts a statement of `analyst` as running until the returned slot
     /// drops, or refuses it if they already have as many running as one
-    /// analyst may.
-    fn admit_statement(&self, analyst: &Analyst) -> Result<Running<'_>, QueryFailure> {
+    /// analyst may. A query's slot goes with the query's state
+    /// (`as_leader::Lead`): it is freed only once the peers were told to
+    /// drop the query, so cancelling and resubmitting cannot hold more
+    /// sessions open at the peers than the bound.
+    pub(super) fn admit_statement(
+        self: &Arc<Self>,
+        analyst: &Analyst,
+    ) -> Result<StatementSlot, QueryFailure> {
         let who = analyst.to_string();
         let mut running = self.statements.lock().unwrap_or_else(|p| p.into_inner());
         let n = running.entry(who.clone()).or_insert(0);
@@ -91,7 +99,10 @@ impl Gateway {
             });
         }
         *n += 1;
-        Ok(Running { gw: self, who })
+        Ok(StatementSlot {
+            gw: self.clone(),
+            who,
+        })
     }
 
     /// An analyst of this party by name (after the front door checked them).
@@ -151,7 +162,7 @@ impl Gateway {
     /// party's policy lets them use: what catalog browsing shows.
     pub fn visible_tables(&self, analyst: &Analyst) -> Vec<(String, arrow::datatypes::Schema)> {
         self.catalog
-            .tables
+            .tables()
             .values()
             .filter_map(|t| {
                 let cols = self.policy.visible_columns(analyst, &t.name)?;
@@ -292,12 +303,12 @@ impl Drop for InflightLogin<'_> {
 }
 
 /// One running statement of one analyst: counted while it lives.
-struct Running<'a> {
-    gw: &'a Gateway,
+pub(super) struct StatementSlot {
+    gw: Arc<Gateway>,
     who: String,
 }
 
-impl Drop for Running<'_> {
+impl Drop for StatementSlot {
     fn drop(&mut self) {
         let mut running = self.gw.statements.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = running.get_mut(&self.who) {

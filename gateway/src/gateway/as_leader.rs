@@ -18,6 +18,7 @@ use planner::privacy::{DpParams, Requirement};
 use planner::{FederatedPlan, QueryOptions};
 use policies::{Analyst, AuditEntry, Decision};
 
+use super::analyst::StatementSlot;
 use super::compute::post_process;
 use super::{new_query_id, short, FailureKind, Gateway, QueryAnswer, QueryFailure};
 use crate::peer::{PeerAction, Propose, Start, Verdict};
@@ -41,6 +42,7 @@ impl Gateway {
         sql: &str,
         options: &QueryOptions,
     ) -> Result<QueryAnswer, QueryFailure> {
+        let slot = self.admit_statement(analyst)?;
         let query_id = new_query_id();
         let phases = Phases::new();
         let ask = Ask {
@@ -61,7 +63,7 @@ impl Gateway {
         let query = Query::new(&self.party, &query_id, analyst, self.timeout, phases);
         let mut agreed = Agreed::new(query.clone(), plan, requirement);
         agreed.prepare(|q, plan, spent| self.prepare(q.clone(), plan.clone(), spent.clone()));
-        let agreed = Lead::new(self.clone(), agreed);
+        let agreed = Lead::new(self.clone(), agreed, slot);
 
         let verdicts = match self
             .ask_peers(&ask, &agreed.state().plan, own, &query.phases)
@@ -76,7 +78,8 @@ impl Gateway {
         let (agreement, privacy) = match self.agree_privacy(agreed.state(), &verdicts) {
             Ok(a) => a,
             Err(f) => {
-                self.finish(agreed.into_inner().end(format!("not run: {}", f.message)));
+                let (agreed, _slot) = agreed.into_parts();
+                self.finish(agreed.end(format!("not run: {}", f.message)));
                 self.abort_peers(
                     &self.party,
                     &query_id,
@@ -384,7 +387,8 @@ impl Gateway {
     /// The query failed before its reveal: it ends here first (audit,
     /// charge), then at every other party.
     async fn fail(&self, running: Lead<Running>, f: PartyFailure) -> QueryFailure {
-        let running = running.into_inner();
+        // The analyst's slot is freed once the peers were told.
+        let (running, _slot) = running.into_parts();
         let query = running.query.clone();
         self.sessions.close(&query.key(), &f.shared);
         query.mailbox.abort(&f.shared);
@@ -491,13 +495,16 @@ struct Lead<S: Open> {
     gw: Arc<Gateway>,
     /// `Some` until a consuming method or `drop` takes it.
     state: Option<S>,
+    /// The analyst's statement slot, held until the query ended everywhere.
+    slot: Option<StatementSlot>,
 }
 
 impl<S: Open> Lead<S> {
-    fn new(gw: Arc<Gateway>, state: S) -> Self {
+    fn new(gw: Arc<Gateway>, state: S, slot: StatementSlot) -> Self {
         Lead {
             gw,
             state: Some(state),
+            slot: Some(slot),
         }
     }
 
@@ -512,8 +519,15 @@ impl<S: Open> Lead<S> {
     }
 
     /// The state, for its owner to end: no cancel.
-    fn into_inner(mut self) -> S {
-        self.state.take().expect("a Lead holds its state")
+    fn into_inner(self) -> S {
+        self.into_parts().0
+    }
+
+    /// The state and the analyst's slot, for an owner that still tells the
+    /// peers to drop the query before the slot is freed.
+    fn into_parts(mut self) -> (S, Option<StatementSlot>) {
+        let state = self.state.take().expect("a Lead holds its state");
+        (state, self.slot.take())
     }
 
     /// A transition: the new state is owned the same way.
@@ -522,6 +536,7 @@ impl<S: Open> Lead<S> {
         Lead {
             gw: self.gw.clone(),
             state: Some(f(state)),
+            slot: self.slot.take(),
         }
     }
 }
@@ -548,7 +563,9 @@ impl<S: Open> Drop for Lead<S> {
                 "cancelled by the analyst",
             )
         };
+        let slot = self.slot.take();
         rt.spawn(async move {
+            let _slot = slot;
             let query = state.query().clone();
             gw.sessions.close(&query.key(), &reason);
             query.mailbox.abort(&reason);

@@ -27,6 +27,7 @@ const CATALOG: &str = r#"
 [tables.t]
 columns = [
   { name = "g", type = "text", domain = ["a", "b", "c"] },
+  { name = "h", type = "int", domain = { min = 1, max = 4 } },
   { name = "x", type = "int" },
 ]
 "#;
@@ -51,6 +52,10 @@ count_star = true
 filter = true
 group_by = true
 aggregate = ["count"]
+[tables.t.columns.h]
+filter = true
+group_by = true
+aggregate = ["count"]
 [tables.t.columns.x]
 filter = true
 group_by = false
@@ -60,9 +65,10 @@ aggregate = {aggregates}
 }
 
 /// Party `i`'s rows: every party has groups a and b, only p0 has c;
-/// negative values and a NULL.
+/// negative values, a NULL, and (in `h`) keys outside the declared range
+/// 1..=4 and NULL keys.
 fn rows(i: usize) -> String {
-    let mut csv = String::from("g,x\n");
+    let mut csv = String::from("g,h,x\n");
     for j in 0..(12 + 5 * i) {
         let g = if i == 0 {
             ["a", "b", "c"][j % 3]
@@ -70,10 +76,14 @@ fn rows(i: usize) -> String {
             ["a", "b"][j % 2]
         };
         let x = (j as i64 * 7 + i as i64 * 13) % 41 - 20;
+        let h = match (j + i) % 7 {
+            6 => String::new(),
+            k => k.to_string(),
+        };
         if j == 3 {
-            csv.push_str(&format!("{g},\n"));
+            csv.push_str(&format!("{g},{h},\n"));
         } else {
-            csv.push_str(&format!("{g},{x}\n"));
+            csv.push_str(&format!("{g},{h},{x}\n"));
         }
     }
     csv
@@ -118,7 +128,7 @@ impl Federation {
             let data = dir.path().join(party);
             std::fs::create_dir_all(&data).unwrap();
             std::fs::write(data.join("t.csv"), rows(i)).unwrap();
-            let table = catalog.tables.get("t").unwrap();
+            let table = catalog.tables().get("t").unwrap();
             let file = connectors::files::find_table_file(&data, table).unwrap();
             let cfg = GatewayConfig {
                 party: party.clone(),
@@ -194,7 +204,7 @@ impl Federation {
     /// Waits until no party holds a session (a peer's task ends its query
     /// just after its last message), and says whether that happened.
     async fn all_closed(&self) -> bool {
-        for _ in 0..200 {
+        for _ in 0..500 {
             if self.gateways.iter().all(|g| g.open_sessions() == 0) {
                 return true;
             }
@@ -209,7 +219,7 @@ impl Federation {
     async fn audit(&self, party: &str) -> Vec<(String, String, String)> {
         let path = self.dir.path().join(party).join("audit.jsonl");
         let mut entries = Vec::new();
-        for _ in 0..200 {
+        for _ in 0..500 {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             // Whole lines only: an entry may be being written.
             let whole = text.rfind('\n').map_or("", |i| &text[..i]);
@@ -222,11 +232,11 @@ impl Federation {
                 })
                 .collect::<Vec<_>>();
             if entries.last().is_some_and(|e| e.0 == "outcome") {
-                break;
+                return entries;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        entries
+        panic!("{party}'s audit log never ended with an outcome: {entries:?}");
     }
 }
 
@@ -322,7 +332,7 @@ fn shares(sent: &[Sent]) -> Vec<(String, String, Step)> {
 }
 
 async fn wait_for(hub: &MemoryHub, what: impl Fn(&[Sent]) -> bool) {
-    for _ in 0..500 {
+    for _ in 0..2000 {
         if what(&hub.sent()) {
             return;
         }
@@ -332,8 +342,20 @@ async fn wait_for(hub: &MemoryHub, what: impl Fn(&[Sent]) -> bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_query_equals_plaintext_in_the_order_the_protocol_gives() {
+async fn a_query_equals_plaintext_and_its_messages_follow_the_protocol() {
     let fed = Federation::start(Setup::default()).await;
+    // An integer range domain: keys 0, 5 and 6 are outside 1..=4 and left
+    // out, as `WHERE h BETWEEN 1 AND 4 OR h IS NULL` would.
+    let by_range = "SELECT h, COUNT(*) AS n, SUM(x) AS s FROM t GROUP BY h";
+    let reference = "SELECT h, COUNT(*) AS n, SUM(x) AS s FROM t \
+                     WHERE h BETWEEN 1 AND 4 OR h IS NULL GROUP BY h";
+    assert_eq!(
+        run(&fed, by_range).await.unwrap(),
+        fed.plaintext(reference).await
+    );
+    assert!(fed.all_closed().await);
+    fed.hub.clear_sent();
+
     let answer = run(&fed, SQL).await.unwrap();
     assert_eq!(answer, fed.plaintext(SQL).await);
     assert!(fed.all_closed().await, "every party ended the query");
@@ -361,15 +383,23 @@ async fn a_query_equals_plaintext_in_the_order_the_protocol_gives() {
     }
     want.sort();
     assert_eq!(got, want);
-    // Every proposal was decided after the peer's `propose`, and a start
-    // only followed every allow.
+    // `start` only after every peer answered `propose`, and no share
+    // before the first `start`.
     let first_start = sent
         .iter()
         .position(|s| s.action() == Some(action::START))
         .unwrap();
-    assert!(sent[..first_start]
+    let last_propose = sent
         .iter()
-        .all(|s| !matches!(s.what, What::Share { step, .. } if step == RESULT_SHARES)));
+        .rposition(|s| s.action() == Some(action::PROPOSE))
+        .unwrap();
+    assert!(last_propose < first_start, "{sent:?}");
+    assert!(
+        sent[..first_start]
+            .iter()
+            .all(|s| !matches!(s.what, What::Share { .. })),
+        "{sent:?}"
+    );
     for p in ["p1", "p2"] {
         let audit = fed.audit(p).await;
         assert_eq!(audit[0].0, "decision");
@@ -567,7 +597,7 @@ async fn an_abort_ends_an_agreed_query_and_a_running_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agreed_query_never_started_expires() {
     let fed = Federation::start(Setup {
-        session_ttl: Duration::from_millis(300),
+        session_ttl: Duration::from_millis(1500),
         ..Setup::default()
     })
     .await;
@@ -627,7 +657,7 @@ async fn an_analyst_who_disconnects_ends_the_query_at_every_party() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_off_the_network_or_silent_fails_the_query_with_nothing_revealed() {
     let fed = Federation::start(Setup {
-        timeout: Duration::from_millis(800),
+        timeout: Duration::from_secs(2),
         ..Setup::default()
     })
     .await;
@@ -640,7 +670,7 @@ async fn a_peer_off_the_network_or_silent_fails_the_query_with_nothing_revealed(
 
     // A peer whose result share is lost: the leader times out and aborts.
     let fed = Federation::start(Setup {
-        timeout: Duration::from_millis(800),
+        timeout: Duration::from_secs(2),
         ..Setup::default()
     })
     .await;
@@ -686,7 +716,12 @@ async fn a_malformed_share_ends_an_agreed_query_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_analyst_has_a_bounded_number_of_statements_running() {
-    let fed = Federation::start(Setup::default()).await;
+    // The held queries must outlast the test: a long timeout.
+    let fed = Federation::start(Setup {
+        timeout: Duration::from_secs(120),
+        ..Setup::default()
+    })
+    .await;
     fed.hub.set_rule(Some(Box::new(|s: &Sent| {
         if s.from == "p2" && s.to == "p0" && matches!(s.what, What::Share { .. }) {
             Fate::Lose
@@ -707,6 +742,8 @@ async fn one_analyst_has_a_bounded_number_of_statements_running() {
     let e = gw.answer(&alice(), SQL).await.err().unwrap();
     assert_eq!(e.kind, FailureKind::Busy, "{e}");
     assert!(e.message.contains("wait for one to finish"), "{e}");
+    // Refused before anything was asked of a peer.
+    assert_eq!(actions(&fed.hub.sent(), action::PROPOSE).len(), 2 * n);
     // Another analyst of the same party is not held up by alice's.
     let bob = Analyst {
         name: "bob".into(),
@@ -724,4 +761,18 @@ async fn one_analyst_has_a_bounded_number_of_statements_running() {
     assert!(fed.all_closed().await);
     let a = gw.answer(&alice(), SQL).await.unwrap();
     assert_eq!(cells(&a.batches), fed.plaintext(SQL).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_peer_within_the_timeout_changes_nothing() {
+    let fed = Federation::start(Setup::default()).await;
+    fed.hub.set_rule(Some(Box::new(|s: &Sent| {
+        if s.from == "p1" {
+            Fate::Delay(Duration::from_millis(150))
+        } else {
+            Fate::Deliver
+        }
+    })));
+    assert_eq!(run(&fed, SQL).await.unwrap(), fed.plaintext(SQL).await);
+    assert!(fed.all_closed().await);
 }
