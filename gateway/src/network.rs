@@ -71,13 +71,10 @@ mod memory {
     use std::time::Duration;
 
     use arrow::array::RecordBatch;
-    use arrow_flight::encode::FlightDataEncoderBuilder;
-    use arrow_flight::FlightDescriptor;
     use executor::{Step, TransportError};
-    use futures::StreamExt;
 
     use super::PeerNetwork;
-    use crate::peer::{status_error, PutHeader};
+    use crate::peer::{encode_share, status_error, PutHeader};
     use crate::service::PeerService;
 
     /// One message as the memory network saw it.
@@ -305,22 +302,8 @@ mod memory {
                     },
                 })
                 .await?;
-            let cmd = serde_json::to_vec(header).map_err(|e| TransportError::Protocol {
-                peer: peer.to_string(),
-                reason: format!("the share header could not be written: {e}"),
-            })?;
             // The same Flight messages the gRPC client streams.
-            let flight: Vec<_> = FlightDataEncoderBuilder::new()
-                .with_flight_descriptor(Some(FlightDescriptor::new_cmd(cmd)))
-                .build(futures::stream::iter([Ok(batch)]))
-                .collect()
-                .await;
-            let flight: Vec<_> = flight.into_iter().collect::<Result<_, _>>().map_err(|e| {
-                TransportError::Protocol {
-                    peer: peer.to_string(),
-                    reason: format!("the share could not be encoded: {e}"),
-                }
-            })?;
+            let flight = encode_share(peer, header, batch).await?;
             let me = self.me.clone();
             self.hub
                 .call(peer, delay, async move {

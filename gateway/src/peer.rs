@@ -316,24 +316,7 @@ impl PeerNetwork for PeerClients {
         batch: RecordBatch,
     ) -> Result<(), TransportError> {
         let (addr, mut c) = self.client(peer)?;
-        let cmd = serde_json::to_vec(header).map_err(|e| TransportError::Protocol {
-            peer: peer.to_string(),
-            reason: format!("the share header could not be written: {e}"),
-        })?;
-        // Encoded whole before anything is sent: a share that cannot be
-        // encoded fails here, naming this party, instead of reaching the
-        // peer cut short (the batch is in memory already).
-        let flight: Vec<_> = FlightDataEncoderBuilder::new()
-            .with_flight_descriptor(Some(FlightDescriptor::new_cmd(cmd)))
-            .build(futures::stream::iter([Ok(batch)]))
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()
-            .map_err(|e| TransportError::Protocol {
-                peer: peer.to_string(),
-                reason: format!("the share could not be encoded: {e}"),
-            })?;
+        let flight = encode_share(peer, header, batch).await?;
         let flight = futures::stream::iter(flight);
         let call = async {
             let mut resp = c
@@ -357,6 +340,31 @@ impl PeerNetwork for PeerClients {
             }),
         }
     }
+}
+
+/// One message of a step as the Arrow Flight messages of a `do_put`, the
+/// header in the first one's descriptor. Encoded whole before anything is
+/// sent: a share that cannot be encoded fails here, naming the cause,
+/// instead of reaching the peer cut short (the batch is in memory already).
+pub(crate) async fn encode_share(
+    peer: &str,
+    header: &PutHeader,
+    batch: RecordBatch,
+) -> Result<Vec<arrow_flight::FlightData>, TransportError> {
+    let failed = |reason: String| TransportError::Protocol {
+        peer: peer.to_string(),
+        reason,
+    };
+    let cmd = serde_json::to_vec(header)
+        .map_err(|e| failed(format!("the share header could not be written: {e}")))?;
+    FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(FlightDescriptor::new_cmd(cmd)))
+        .build(futures::stream::iter([Ok(batch)]))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .map_err(|e| failed(format!("the share could not be encoded: {e}")))
 }
 
 /// A refusal as the caller reads it: the one place that maps a gRPC status
