@@ -331,6 +331,28 @@ fn shares(sent: &[Sent]) -> Vec<(String, String, Step)> {
         .collect()
 }
 
+/// Every share `from` sends `to` is lost from now on.
+fn lose_shares(hub: &MemoryHub, from: &'static str, to: &'static str) {
+    hub.set_rule(Some(Box::new(move |s: &Sent| {
+        if s.from == from && s.to == to && matches!(s.what, What::Share { .. }) {
+            Fate::Lose
+        } else {
+            Fate::Deliver
+        }
+    })));
+}
+
+/// `SQL` for alice at p0, in a task of its own.
+fn spawn_query(
+    fed: &Federation,
+) -> tokio::task::JoinHandle<Result<super::QueryAnswer, QueryFailure>> {
+    let gw = fed.gateway("p0").clone();
+    tokio::spawn(async move {
+        gw.run_query(&alice(), SQL, &planner::QueryOptions::default())
+            .await
+    })
+}
+
 async fn wait_for(hub: &MemoryHub, what: impl Fn(&[Sent]) -> bool) {
     for _ in 0..2000 {
         if what(&hub.sent()) {
@@ -550,18 +572,8 @@ async fn an_abort_ends_an_agreed_query_and_a_running_one() {
     // Running: p2's seeds to the leader are lost; p2 then aborts. The
     // leader's query fails with p2's reason, before any reveal, and every
     // party ends it.
-    fed.hub.set_rule(Some(Box::new(|s: &Sent| {
-        if s.from == "p2" && s.to == "p0" && matches!(s.what, What::Share { .. }) {
-            Fate::Lose
-        } else {
-            Fate::Deliver
-        }
-    })));
-    let gw = fed.gateway("p0").clone();
-    let query = tokio::spawn(async move {
-        gw.run_query(&alice(), SQL, &planner::QueryOptions::default())
-            .await
-    });
+    lose_shares(&fed.hub, "p2", "p0");
+    let query = spawn_query(&fed);
     wait_for(&fed.hub, |sent| {
         sent.iter()
             .any(|s| s.from == "p2" && s.to == "p0" && matches!(s.what, What::Share { .. }))
@@ -624,18 +636,8 @@ async fn an_agreed_query_never_started_expires() {
 async fn an_analyst_who_disconnects_ends_the_query_at_every_party() {
     let fed = Federation::start(Setup::default()).await;
     // The query hangs on p2's lost seeds to the leader...
-    fed.hub.set_rule(Some(Box::new(|s: &Sent| {
-        if s.from == "p2" && s.to == "p0" && matches!(s.what, What::Share { .. }) {
-            Fate::Lose
-        } else {
-            Fate::Deliver
-        }
-    })));
-    let gw = fed.gateway("p0").clone();
-    let query = tokio::spawn(async move {
-        gw.run_query(&alice(), SQL, &planner::QueryOptions::default())
-            .await
-    });
+    lose_shares(&fed.hub, "p2", "p0");
+    let query = spawn_query(&fed);
     wait_for(&fed.hub, |sent| {
         sent.iter()
             .any(|s| s.from == "p2" && matches!(s.what, What::Share { .. }))
@@ -722,13 +724,7 @@ async fn one_analyst_has_a_bounded_number_of_statements_running() {
         ..Setup::default()
     })
     .await;
-    fed.hub.set_rule(Some(Box::new(|s: &Sent| {
-        if s.from == "p2" && s.to == "p0" && matches!(s.what, What::Share { .. }) {
-            Fate::Lose
-        } else {
-            Fate::Deliver
-        }
-    })));
+    lose_shares(&fed.hub, "p2", "p0");
     let mut hanging = Vec::new();
     for _ in 0..super::MAX_STATEMENTS_PER_ANALYST {
         let gw = fed.gateway("p0").clone();
