@@ -19,8 +19,9 @@ use rand::TryRngCore;
 use crate::encode::{to_ring, OutOfRange};
 use crate::program::{Op, Program};
 use crate::shares::{ShareColumn, SharedTable, Width};
-use crate::transport::{Step, Transport};
+use crate::transport::{Outbound, Step, Transport, BATCH_ROWS};
 use crate::{Engine, ExecError, MessageShape, TableShape};
+use futures::StreamExt;
 
 /// Step 0: a party's 256-bit seed for each other party's input share.
 pub const SEEDS: Step = Step(0);
@@ -170,8 +171,6 @@ impl Engine for AdditiveEngine {
         transport: &dyn Transport,
         input: &SharedTable,
     ) -> Result<Option<Vec<Vec<arrow::datatypes::i256>>>, ExecError> {
-        let widths = input.widths();
-        let widths = &widths;
         let rows = input.rows;
         if !self.parties.contains(&self.me) {
             return Err(ExecError::Encode(format!(
@@ -182,7 +181,8 @@ impl Engine for AdditiveEngine {
         // Step SEEDS, seed-compressed: party i sends party j a fresh 256-bit
         // seed s_ij instead of a share vector; both expand it with ChaCha20
         // into the same uniformly random share r_ij, and i keeps
-        // x_i - sum_j r_ij. 32 bytes per peer, whatever the number of groups.
+        // x_i - sum_j r_ij. 32 bytes per peer, whatever the number of groups;
+        // each seed is expanded into the running share in place.
         let mut acc = input.clone();
         let mut seeds = Vec::new();
         for p in self.others() {
@@ -190,49 +190,74 @@ impl Engine for AdditiveEngine {
             OsRng
                 .try_fill_bytes(&mut seed)
                 .map_err(|e| ExecError::Encode(format!("OS randomness failed: {e}")))?;
-            acc.sub_assign(&SharedTable::from_seed(&input.keys, widths, rows, seed));
+            acc.add_seed(seed, true);
             seeds.push((p.clone(), seed));
         }
         let send_all = futures::future::try_join_all(seeds.iter().map(|(p, seed)| async move {
             let b = seed_batch(seed).map_err(|e| ExecError::Encode(e.to_string()))?;
-            transport.send(p, SEEDS, b).await.map_err(ExecError::from)
+            transport
+                .send(p, SEEDS, Outbound::one(b))
+                .await
+                .map_err(ExecError::from)
         }));
         let recv_all = futures::future::try_join_all(self.others().map(|p| async move {
-            let b = transport.recv(p, SEEDS).await?;
-            let seed = read_seed(&b).map_err(|reason| ExecError::Malformed {
+            let b = transport.recv(p, SEEDS).await?.one().await?;
+            read_seed(&b).map_err(|reason| ExecError::Malformed {
                 peer: p.to_string(),
                 reason,
-            })?;
-            Ok::<_, ExecError>(SharedTable::from_seed(&input.keys, widths, rows, seed))
+            })
         }));
         let (_, received) = futures::future::try_join(send_all, recv_all).await?;
-        for r in &received {
-            acc.add_assign(r);
+        for seed in received {
+            acc.add_seed(seed, false);
         }
         self.add_noise(&mut acc)?;
 
         if self.me != self.leader {
             self.mark_reveal_point();
-            let b = acc
-                .to_batch()
-                .map_err(|e| ExecError::Encode(e.to_string()))?;
-            transport.send(&self.leader, RESULT_SHARES, b).await?;
+            let message = acc.into_message(BATCH_ROWS);
+            transport.send(&self.leader, RESULT_SHARES, message).await?;
             return Ok(None);
         }
-        let results = futures::future::try_join_all(self.others().map(|p| async move {
-            let b = transport.recv(p, RESULT_SHARES).await?;
-            SharedTable::from_batch(&b, &input.keys, widths, rows).map_err(|reason| {
-                ExecError::Malformed {
-                    peer: p.to_string(),
-                    reason,
-                }
-            })
+        // Every peer's result share streams in at once; each batch is added
+        // where it belongs as it arrives, so that no peer's share is held
+        // whole beside the total.
+        let inbound = futures::future::try_join_all(self.others().map(|p| async move {
+            Ok::<_, ExecError>((p.as_str(), transport.recv(p, RESULT_SHARES).await?))
         }))
         .await?;
-        self.mark_reveal_point();
-        for r in &results {
-            acc.add_assign(r);
+        let mut read: std::collections::HashMap<&str, usize> =
+            inbound.iter().map(|(p, _)| (*p, 0)).collect();
+        let streams = inbound.into_iter().map(|(p, ib)| {
+            futures::stream::unfold(Some(ib), move |ib| async move {
+                let mut ib = ib?;
+                match ib.next().await {
+                    Ok(Some(b)) => Some((Ok((p, b)), Some(ib))),
+                    Ok(None) => None,
+                    Err(e) => Some((Err(e), None)),
+                }
+            })
+            .boxed()
+        });
+        let mut all = futures::stream::select_all(streams);
+        while let Some(item) = all.next().await {
+            let (p, b) = item?;
+            let at = read.get(p).copied().unwrap_or(0);
+            let n = acc
+                .add_batch(&b, at)
+                .map_err(|reason| ExecError::Malformed {
+                    peer: p.to_string(),
+                    reason,
+                })?;
+            read.insert(p, at + n);
         }
+        if let Some((p, n)) = read.iter().find(|(_, n)| **n != rows) {
+            return Err(ExecError::Malformed {
+                peer: p.to_string(),
+                reason: format!("{n} rows, expected {rows}"),
+            });
+        }
+        self.mark_reveal_point();
         Ok(Some(acc.columns.iter().map(|c| c.decode()).collect()))
     }
 }
@@ -345,6 +370,54 @@ mod tests {
         }
     }
 
+    /// More groups than a batch holds: each result share streams as
+    /// several batches, with the group keys, and adds up where it belongs.
+    #[tokio::test]
+    async fn a_share_of_many_batches_adds_up_group_by_group() {
+        let ps = parties(3);
+        let rows = 2 * crate::transport::BATCH_ROWS + 5;
+        let keys: Vec<arrow::array::ArrayRef> = vec![std::sync::Arc::new(
+            arrow::array::Int64Array::from_iter_values(0..rows as i64),
+        )];
+        let value = |party: usize, g: usize| (g as i128 * 7 - 3) * (party as i128 + 1);
+        let net = InMemoryNetwork::connect(&ps, Duration::from_secs(20));
+        let mut tasks = Vec::new();
+        for (i, t) in net.into_iter().enumerate() {
+            let (ps, keys) = (ps.clone(), keys.clone());
+            tasks.push(tokio::spawn(async move {
+                let v: Vec<arrow::datatypes::i256> = (0..rows)
+                    .map(|g| arrow::datatypes::i256::from_i128(value(i, g)))
+                    .collect();
+                let columns = crate::encode::to_ring(&[v], &[Width::Z128], 3).unwrap();
+                let e = AdditiveEngine::new(ps.clone(), ps[i].clone(), ps[2].clone());
+                e.run(
+                    &t,
+                    &SharedTable {
+                        keys,
+                        columns,
+                        rows,
+                    },
+                )
+                .await
+                .unwrap()
+            }));
+        }
+        let mut outs = Vec::new();
+        for t in tasks {
+            outs.push(t.await.unwrap());
+        }
+        let totals = outs[2].as_ref().unwrap();
+        for g in [0, 1, crate::transport::BATCH_ROWS, rows - 1] {
+            let expect: i128 = (0..3).map(|i| value(i, g)).sum();
+            assert_eq!(
+                totals[0][g],
+                arrow::datatypes::i256::from_i128(expect),
+                "group {g}"
+            );
+        }
+        assert_eq!(totals[0].len(), rows);
+    }
+
     #[tokio::test]
     async fn a_silent_peer_times_out_and_nothing_is_revealed() {
         let ps = parties(3);
@@ -392,7 +465,7 @@ mod garbage {
         let junk = SharedTable::zeros(vec![], &[Width::Z64], 1)
             .to_batch()
             .unwrap();
-        b.send("a", SEEDS, junk).await.unwrap();
+        b.send("a", SEEDS, Outbound::one(junk)).await.unwrap();
         let e = AdditiveEngine::new(ps.clone(), "a".into(), "a".into());
         let input = SharedTable::zeros(vec![], &[Width::Z64], 1);
         let err = e.run(&a, &input).await.unwrap_err().to_string();

@@ -23,7 +23,9 @@ pub use additive::AdditiveEngine;
 pub use groups::GroupIndex;
 pub use program::{Op, Program, Roles};
 pub use shares::{ShareColumn, SharedTable, Width};
-pub use transport::{AbortKind, AbortReason, InMemoryNetwork, Step, Transport, TransportError};
+pub use transport::{
+    AbortKind, AbortReason, InMemoryNetwork, Inbound, Outbound, Step, Transport, TransportError,
+};
 
 /// An MPC engine: runs a query's [`Program`] over a [`Transport`] whose
 /// messages are the engine's numbered [`Step`]s. The gateway picks one per

@@ -104,28 +104,50 @@ pub fn decode_256(limbs: [u64; 4]) -> i256 {
 
 /// a += b in Z_2^256, elementwise over four limb columns.
 pub fn add_assign_256(a: &mut [Vec<u64>; 4], b: &[Vec<u64>; 4]) {
-    let n = a.iter().chain(b.iter()).map(|v| v.len()).min().unwrap_or(0);
-    for i in 0..n {
-        let mut carry = false;
-        for k in 0..4 {
-            let (x, c1) = a[k][i].overflowing_add(b[k][i]);
-            let (x, c2) = x.overflowing_add(carry as u64);
-            a[k][i] = x;
-            carry = c1 || c2;
-        }
-    }
+    add_assign_256_slices(
+        a.each_mut().map(|v| v.as_mut_slice()),
+        b.each_ref().map(|v| v.as_slice()),
+    );
 }
 
 /// a -= b in Z_2^256, elementwise over four limb columns.
 pub fn sub_assign_256(a: &mut [Vec<u64>; 4], b: &[Vec<u64>; 4]) {
-    let n = a.iter().chain(b.iter()).map(|v| v.len()).min().unwrap_or(0);
+    sub_assign_256_slices(
+        a.each_mut().map(|v| v.as_mut_slice()),
+        b.each_ref().map(|v| v.as_slice()),
+    );
+}
+
+/// a += b in Z_2^256 over four limb slices (a part of a column).
+pub fn add_assign_256_slices(a: [&mut [u64]; 4], b: [&[u64]; 4]) {
+    carry_256(a, b, false)
+}
+
+/// a -= b in Z_2^256 over four limb slices (a part of a column).
+pub fn sub_assign_256_slices(a: [&mut [u64]; 4], b: [&[u64]; 4]) {
+    carry_256(a, b, true)
+}
+
+/// a ± b limb by limb, the carry (or borrow) running up the limbs.
+fn carry_256(mut a: [&mut [u64]; 4], b: [&[u64]; 4], sub: bool) {
+    let n = a
+        .iter()
+        .map(|v| v.len())
+        .chain(b.iter().map(|v| v.len()))
+        .min()
+        .unwrap_or(0);
+    let op = if sub {
+        u64::overflowing_sub
+    } else {
+        u64::overflowing_add
+    };
     for i in 0..n {
-        let mut borrow = false;
+        let mut carry = false;
         for k in 0..4 {
-            let (x, b1) = a[k][i].overflowing_sub(b[k][i]);
-            let (x, b2) = x.overflowing_sub(borrow as u64);
+            let (x, c1) = op(a[k][i], b[k][i]);
+            let (x, c2) = op(x, carry as u64);
             a[k][i] = x;
-            borrow = b1 || b2;
+            carry = c1 || c2;
         }
     }
 }

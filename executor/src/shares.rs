@@ -1,5 +1,7 @@
 //! [`SharedTable`]: additive shares of per-group values, with their public
-//! companions (the group keys), as one Arrow batch on the wire.
+//! companions (the group keys), as Arrow batches on the wire: a message of
+//! batches of at most [`crate::transport::BATCH_ROWS`] rows, each added
+//! into the receiver's table where it belongs as it arrives.
 
 use std::sync::Arc;
 
@@ -100,6 +102,51 @@ impl ShareColumn {
                 ring::sub_assign_wide(lo, hi, bl, bh)
             }
             (ShareColumn::Z256(a), ShareColumn::Z256(b)) => ring::sub_assign_256(a, b),
+            _ => {}
+        }
+    }
+
+    /// Adds limb slices `b` (least significant first, one per limb of
+    /// this column's width, all of one length) into the rows from `at`, or
+    /// subtracts them with `negate`. Rows past the column's end are left.
+    fn add_limbs_at(&mut self, at: usize, b: &[&[u64]], negate: bool) {
+        let n = b.iter().map(|l| l.len()).min().unwrap_or(0);
+        let range = at..at.saturating_add(n);
+        match (self, b) {
+            (ShareColumn::Z64(a), [b0]) => {
+                if let Some(a) = a.get_mut(range) {
+                    if negate {
+                        ring::sub_assign(a, b0)
+                    } else {
+                        ring::add_assign(a, b0)
+                    }
+                }
+            }
+            (ShareColumn::Z128 { lo, hi }, [bl, bh]) => {
+                if let (Some(lo), Some(hi)) = (lo.get_mut(range.clone()), hi.get_mut(range)) {
+                    if negate {
+                        ring::sub_assign_wide(lo, hi, bl, bh)
+                    } else {
+                        ring::add_assign_wide(lo, hi, bl, bh)
+                    }
+                }
+            }
+            (ShareColumn::Z256(limbs), [b0, b1, b2, b3]) => {
+                let [l0, l1, l2, l3] = limbs;
+                if let (Some(l0), Some(l1), Some(l2), Some(l3)) = (
+                    l0.get_mut(range.clone()),
+                    l1.get_mut(range.clone()),
+                    l2.get_mut(range.clone()),
+                    l3.get_mut(range),
+                ) {
+                    let (a, b) = ([l0, l1, l2, l3], [*b0, *b1, *b2, *b3]);
+                    if negate {
+                        ring::sub_assign_256_slices(a, b)
+                    } else {
+                        ring::add_assign_256_slices(a, b)
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -244,34 +291,103 @@ impl SharedTable {
     /// The Arrow form: key columns `k0..`, then UInt64 share columns `s0..`
     /// (`sN_lo`, `sN_hi` for Z_2^128, `sN_0` … `sN_3` for Z_2^256).
     pub fn to_batch(&self) -> Result<RecordBatch, arrow::error::ArrowError> {
+        self.batch_of(0, self.rows)
+    }
+
+    /// Rows `start..start + n` in the Arrow form of [`SharedTable::to_batch`].
+    pub fn batch_of(
+        &self,
+        start: usize,
+        n: usize,
+    ) -> Result<RecordBatch, arrow::error::ArrowError> {
+        let out_of_range = || {
+            arrow::error::ArrowError::InvalidArgumentError(format!(
+                "rows {start}..{start}+{n} of a table of {}",
+                self.rows
+            ))
+        };
+        let end = start
+            .checked_add(n)
+            .filter(|&e| e <= self.rows)
+            .ok_or_else(out_of_range)?;
         let mut fields = Vec::new();
         let mut arrays: Vec<ArrayRef> = Vec::new();
         for (i, k) in self.keys.iter().enumerate() {
+            if k.len() < end {
+                return Err(out_of_range());
+            }
             fields.push(Field::new(format!("k{i}"), k.data_type().clone(), true));
-            arrays.push(k.clone());
+            arrays.push(k.slice(start, n));
         }
+        let mut limb = |name: String, v: &[u64]| -> Result<(), arrow::error::ArrowError> {
+            let part = v.get(start..end).ok_or_else(out_of_range)?;
+            fields.push(Field::new(name, DataType::UInt64, false));
+            arrays.push(Arc::new(UInt64Array::from(part.to_vec())));
+            Ok(())
+        };
         for (i, c) in self.columns.iter().enumerate() {
             match c {
-                ShareColumn::Z64(v) => {
-                    fields.push(Field::new(format!("s{i}"), DataType::UInt64, false));
-                    arrays.push(Arc::new(UInt64Array::from(v.clone())));
-                }
+                ShareColumn::Z64(v) => limb(format!("s{i}"), v)?,
                 ShareColumn::Z128 { lo, hi } => {
-                    fields.push(Field::new(format!("s{i}_lo"), DataType::UInt64, false));
-                    arrays.push(Arc::new(UInt64Array::from(lo.clone())));
-                    fields.push(Field::new(format!("s{i}_hi"), DataType::UInt64, false));
-                    arrays.push(Arc::new(UInt64Array::from(hi.clone())));
+                    limb(format!("s{i}_lo"), lo)?;
+                    limb(format!("s{i}_hi"), hi)?;
                 }
                 ShareColumn::Z256(limbs) => {
                     for (k, l) in limbs.iter().enumerate() {
-                        fields.push(Field::new(format!("s{i}_{k}"), DataType::UInt64, false));
-                        arrays.push(Arc::new(UInt64Array::from(l.clone())));
+                        limb(format!("s{i}_{k}"), l)?;
                     }
                 }
             }
         }
-        let opts = arrow::array::RecordBatchOptions::new().with_row_count(Some(self.rows));
+        let opts = arrow::array::RecordBatchOptions::new().with_row_count(Some(n));
         RecordBatch::try_new_with_options(Arc::new(Schema::new(fields)), arrays, &opts)
+    }
+
+    /// The table as a message of batches of at most `batch_rows` rows,
+    /// each made as it is sent (at least one batch, even of no rows).
+    pub fn into_message(self, batch_rows: usize) -> crate::transport::Outbound {
+        let rows = self.rows;
+        let step = batch_rows.max(1);
+        let starts = (0..rows.max(1)).step_by(step);
+        crate::transport::Outbound::new(
+            rows,
+            starts.map(move |start| self.batch_of(start, step.min(rows - start))),
+        )
+    }
+
+    /// Adds the share that `seed` expands to (see [`SharedTable::from_seed`])
+    /// to this table, or subtracts it with `negate`, without making it:
+    /// the stream of each limb column is read from its own position, a
+    /// few thousand rows at a time.
+    pub fn add_seed(&mut self, seed: [u8; 32], negate: bool) {
+        const CHUNK: usize = 4096;
+        let rows = self.rows;
+        // Position in the ChaCha20 stream, in 32-bit words: the limb
+        // columns one after another, each `rows` u64 words long.
+        let mut pos: u128 = 0;
+        let mut buf: Vec<Vec<u64>> = Vec::new();
+        for c in self.columns.iter_mut() {
+            let limbs = c.width().limbs();
+            let mut rngs: Vec<rand_chacha::ChaCha20Rng> = (0..limbs)
+                .map(|k| {
+                    let mut r = rand_chacha::ChaCha20Rng::from_seed(seed);
+                    r.set_word_pos(pos + 2 * (rows as u128) * k as u128);
+                    r
+                })
+                .collect();
+            buf.resize(limbs, vec![0; CHUNK.min(rows)]);
+            for start in (0..rows).step_by(CHUNK) {
+                let n = CHUNK.min(rows - start);
+                for (r, b) in rngs.iter_mut().zip(buf.iter_mut()) {
+                    for x in b[..n].iter_mut() {
+                        *x = r.next_u64();
+                    }
+                }
+                let parts: Vec<&[u64]> = buf.iter().map(|b| &b[..n]).collect();
+                c.add_limbs_at(start, &parts, negate);
+            }
+            pos += 2 * (rows as u128) * limbs as u128;
+        }
     }
 
     /// Reads a batch a peer sent, checking it against the expected widths,
@@ -282,29 +398,54 @@ impl SharedTable {
         widths: &[Width],
         rows: usize,
     ) -> Result<Self, String> {
-        let ncols: usize = widths.iter().map(|w| w.limbs()).sum();
-        if batch.num_columns() != expect_keys.len() + ncols {
+        let mut t = SharedTable::zeros(expect_keys.to_vec(), widths, rows);
+        if batch.num_columns() == expect_keys.len() + t.limb_columns() && batch.num_rows() != rows {
+            return Err(format!("{} rows, expected {rows}", batch.num_rows()));
+        }
+        t.add_batch(batch, 0)?;
+        Ok(t)
+    }
+
+    fn limb_columns(&self) -> usize {
+        self.columns.iter().map(|c| c.width().limbs()).sum()
+    }
+
+    /// Adds a batch a peer sent, holding rows `offset..` of its share of
+    /// this table, into those rows; checks its columns against this
+    /// table's widths and its keys against this table's keys there. Returns
+    /// the rows it held. The error says what was wrong.
+    pub fn add_batch(&mut self, batch: &RecordBatch, offset: usize) -> Result<usize, String> {
+        let ncols = self.limb_columns();
+        if batch.num_columns() != self.keys.len() + ncols {
             return Err(format!(
                 "{} columns, expected {} key and {} share columns",
                 batch.num_columns(),
-                expect_keys.len(),
+                self.keys.len(),
                 ncols
             ));
         }
-        if batch.num_rows() != rows {
-            return Err(format!("{} rows, expected {rows}", batch.num_rows()));
+        let n = batch.num_rows();
+        if offset.checked_add(n).is_none_or(|end| end > self.rows) {
+            return Err(format!(
+                "rows {offset} to {} where the table has {}",
+                offset.saturating_add(n),
+                self.rows
+            ));
         }
-        for (i, k) in expect_keys.iter().enumerate() {
+        for (i, k) in self.keys.iter().enumerate() {
             let got = batch.column(i);
-            if got.data_type() != k.data_type() || got.to_data() != k.to_data() {
+            if got.data_type() != k.data_type()
+                || k.len() < offset + n
+                || got.to_data() != k.slice(offset, n).to_data()
+            {
                 return Err(format!(
                     "group key column {i} differs from the public domain"
                 ));
             }
         }
-        let mut next = expect_keys.len();
+        let mut next = self.keys.len();
         let schema = batch.schema();
-        let mut take = |i: usize, name: String| -> Result<Vec<u64>, String> {
+        let mut take = |i: usize, name: String| -> Result<&[u64], String> {
             if schema.field(next).name() != &name {
                 return Err(format!(
                     "share column {} is named `{}`, expected `{name}`",
@@ -323,30 +464,23 @@ impl SharedTable {
             if a.null_count() > 0 {
                 return Err(format!("share column {i} has nulls"));
             }
-            Ok(a.values().to_vec())
+            Ok(a.values().as_ref())
         };
-        let mut columns = Vec::with_capacity(widths.len());
-        for (i, w) in widths.iter().enumerate() {
-            columns.push(match w {
-                Width::Z64 => ShareColumn::Z64(take(i, format!("s{i}"))?),
-                Width::Z128 => {
-                    let lo = take(i, format!("s{i}_lo"))?;
-                    let hi = take(i, format!("s{i}_hi"))?;
-                    ShareColumn::Z128 { lo, hi }
-                }
-                Width::Z256 => ShareColumn::Z256([
-                    take(i, format!("s{i}_0"))?,
-                    take(i, format!("s{i}_1"))?,
-                    take(i, format!("s{i}_2"))?,
-                    take(i, format!("s{i}_3"))?,
-                ]),
+        // Every column is checked before any is added.
+        let mut parts = Vec::with_capacity(self.columns.len());
+        for (i, c) in self.columns.iter().enumerate() {
+            parts.push(match c.width() {
+                Width::Z64 => vec![take(i, format!("s{i}"))?],
+                Width::Z128 => vec![take(i, format!("s{i}_lo"))?, take(i, format!("s{i}_hi"))?],
+                Width::Z256 => (0..4)
+                    .map(|k| take(i, format!("s{i}_{k}")))
+                    .collect::<Result<_, _>>()?,
             });
         }
-        Ok(SharedTable {
-            keys: expect_keys.to_vec(),
-            columns,
-            rows,
-        })
+        for (c, p) in self.columns.iter_mut().zip(&parts) {
+            c.add_limbs_at(offset, p, false);
+        }
+        Ok(n)
     }
 }
 
@@ -395,5 +529,60 @@ mod tests {
         let e = SharedTable::from_batch(&shares[0].to_batch().unwrap(), &[], &[Width::Z64; 7], 3)
             .unwrap_err();
         assert!(e.contains("named"), "{e}");
+    }
+
+    #[test]
+    fn a_seed_expands_in_place_as_it_does_whole() {
+        let widths = [Width::Z128, Width::Z64, Width::Z256];
+        for rows in [1usize, 7, 4096, 4097, 10_000] {
+            let seed = [rows as u8; 32];
+            let whole = SharedTable::from_seed(&[], &widths, rows, seed);
+            let mut t = SharedTable::zeros(vec![], &widths, rows);
+            t.add_seed(seed, false);
+            assert_eq!(t.columns, whole.columns, "{rows} rows");
+            t.add_seed(seed, true);
+            assert_eq!(t.columns, SharedTable::zeros(vec![], &widths, rows).columns);
+        }
+    }
+
+    #[test]
+    fn a_table_survives_the_wire_in_batches() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(9);
+        let rows = 1000;
+        let keys: Vec<ArrayRef> = vec![Arc::new(arrow::array::Int64Array::from_iter_values(
+            0..rows as i64,
+        ))];
+        let widths = [Width::Z64, Width::Z128, Width::Z256];
+        let t = SharedTable {
+            keys: keys.clone(),
+            columns: widths
+                .iter()
+                .map(|w| ShareColumn::random(*w, rows, &mut rng))
+                .collect(),
+            rows,
+        };
+        let message = t.clone().into_message(64);
+        assert_eq!(message.rows, rows);
+        let mut back = SharedTable::zeros(keys.clone(), &widths, rows);
+        let mut at = 0;
+        for b in message {
+            let b = b.unwrap();
+            assert!(b.num_rows() <= 64);
+            at += back.add_batch(&b, at).unwrap();
+        }
+        assert_eq!((at, &back.columns), (rows, &t.columns));
+        // A batch out of place: its keys are not the domain's there.
+        let b = t.batch_of(64, 64).unwrap();
+        let e = back.add_batch(&b, 0).unwrap_err();
+        assert!(e.contains("differs from the public domain"), "{e}");
+        let e = back.add_batch(&b, rows - 10).unwrap_err();
+        assert!(e.contains("where the table has 1000"), "{e}");
+        assert!(t.batch_of(990, 11).is_err());
+        // No groups: one empty batch.
+        let empty = SharedTable::zeros(vec![], &widths, 0).into_message(64);
+        assert_eq!(
+            empty.map(|b| b.unwrap().num_rows()).collect::<Vec<_>>(),
+            [0]
+        );
     }
 }

@@ -21,8 +21,7 @@
 
 use std::time::Duration;
 
-use arrow::array::RecordBatch;
-use executor::TransportError;
+use executor::{Outbound, TransportError};
 
 use crate::peer::{PeerAction, PutHeader};
 
@@ -48,12 +47,13 @@ pub trait PeerNetwork: Send + Sync + 'static {
         body: Vec<u8>,
     ) -> Result<Vec<u8>, TransportError>;
 
-    /// Streams one message of one step of a query to `peer`.
+    /// Streams one message of one step of a query to `peer`, batch by
+    /// batch as the peer takes them.
     async fn put(
         &self,
         peer: &str,
         header: &PutHeader,
-        batch: RecordBatch,
+        message: Outbound,
     ) -> Result<(), TransportError>;
 
     /// Sends a typed action.
@@ -70,11 +70,11 @@ mod memory {
     use std::sync::{Arc, Mutex, Weak};
     use std::time::Duration;
 
-    use arrow::array::RecordBatch;
-    use executor::{Step, TransportError};
+    use executor::{Outbound, Step, TransportError};
+    use futures::StreamExt;
 
     use super::PeerNetwork;
-    use crate::peer::{encode_share, status_error, PutHeader};
+    use crate::peer::{share_flight, status_error, PutHeader};
     use crate::service::PeerService;
 
     /// One message as the memory network saw it.
@@ -287,7 +287,7 @@ mod memory {
             &self,
             peer: &str,
             header: &PutHeader,
-            batch: RecordBatch,
+            message: Outbound,
         ) -> Result<(), TransportError> {
             let (service, delay) = self
                 .hub
@@ -298,19 +298,24 @@ mod memory {
                         leader: header.leader.clone(),
                         query_id: header.query_id.clone(),
                         step: header.step,
-                        rows: batch.num_rows(),
+                        rows: message.rows,
                     },
                 })
                 .await?;
-            // The same Flight messages the gRPC client streams.
-            let flight = encode_share(peer, header, batch).await?;
+            // The same Flight messages the gRPC client streams, made as the
+            // receiver reads them.
+            let (flight, failed) = share_flight(header, message)?;
             let me = self.me.clone();
-            self.hub
-                .call(peer, delay, async move {
-                    let stream = futures::stream::iter(flight.into_iter().map(Ok));
-                    service.handle_put(&me, stream).await
-                })
-                .await
+            let call = self.hub.call(peer, delay, async move {
+                service.handle_put(&me, flight.map(Ok).boxed()).await
+            });
+            tokio::select! {
+                r = call => r,
+                Ok(reason) = failed => Err(TransportError::Protocol {
+                    peer: peer.to_string(),
+                    reason: format!("our share could not be encoded: {reason}"),
+                }),
+            }
         }
     }
 

@@ -23,13 +23,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::RecordBatch;
 use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_client::FlightServiceClient;
 use arrow_flight::{Action, FlightDescriptor};
 use executor::additive::RESULT_SHARES;
 use executor::transport::Mailbox;
-use executor::{Step, Transport, TransportError};
+use executor::{Inbound, Outbound, Step, Transport, TransportError};
 use futures::StreamExt;
 use planner::QueryOptions;
 use policies::Analyst;
@@ -313,11 +313,10 @@ impl PeerNetwork for PeerClients {
         &self,
         peer: &str,
         header: &PutHeader,
-        batch: RecordBatch,
+        message: Outbound,
     ) -> Result<(), TransportError> {
         let (addr, mut c) = self.client(peer)?;
-        let flight = encode_share(peer, header, batch).await?;
-        let flight = futures::stream::iter(flight);
+        let (flight, failed) = share_flight(header, message)?;
         let call = async {
             let mut resp = c
                 .do_put(versioned(flight))
@@ -328,6 +327,17 @@ impl PeerNetwork for PeerClients {
                 r.map_err(|s| status_error(peer, addr, s))?;
             }
             Ok(())
+        };
+        let call = async {
+            // A batch that could not be encoded ends the call (the peer
+            // sees its stream break off, not a short share).
+            tokio::select! {
+                r = call => r,
+                Ok(reason) = failed => Err(TransportError::Protocol {
+                    peer: peer.to_string(),
+                    reason: format!("our share could not be encoded: {reason}"),
+                }),
+            }
         };
         match tokio::time::timeout(self.timeout, call).await {
             Ok(r) => r,
@@ -343,28 +353,44 @@ impl PeerNetwork for PeerClients {
 }
 
 /// One message of a step as the Arrow Flight messages of a `do_put`, the
-/// header in the first one's descriptor. Encoded whole before anything is
-/// sent: a share that cannot be encoded fails here, naming the cause,
-/// instead of reaching the peer cut short (the batch is in memory already).
-pub(crate) async fn encode_share(
-    peer: &str,
+/// header in the first one's descriptor, each batch encoded as it is sent
+/// (a large share is never encoded whole). If a batch cannot be encoded,
+/// the stream stops without ending and the returned receiver says why: the
+/// caller then drops the call, so that the peer sees a stream that broke
+/// off rather than a well-formed short share.
+pub(crate) fn share_flight(
     header: &PutHeader,
-    batch: RecordBatch,
-) -> Result<Vec<arrow_flight::FlightData>, TransportError> {
-    let failed = |reason: String| TransportError::Protocol {
-        peer: peer.to_string(),
-        reason,
-    };
-    let cmd = serde_json::to_vec(header)
-        .map_err(|e| failed(format!("the share header could not be written: {e}")))?;
-    FlightDataEncoderBuilder::new()
+    message: Outbound,
+) -> Result<
+    (
+        impl futures::Stream<Item = arrow_flight::FlightData> + Send + 'static,
+        tokio::sync::oneshot::Receiver<String>,
+    ),
+    TransportError,
+> {
+    let cmd = serde_json::to_vec(header).map_err(|e| TransportError::Protocol {
+        peer: String::new(),
+        reason: format!("the share header could not be written: {e}"),
+    })?;
+    let batches = futures::stream::iter(message.map(|b| b.map_err(FlightError::from)));
+    let encoded = FlightDataEncoderBuilder::new()
         .with_flight_descriptor(Some(FlightDescriptor::new_cmd(cmd)))
-        .build(futures::stream::iter([Ok(batch)]))
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .map_err(|e| failed(format!("the share could not be encoded: {e}")))
+        .build(batches)
+        .boxed();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let flight = futures::stream::unfold((encoded, Some(tx)), |(mut encoded, mut tx)| async move {
+        match encoded.next().await {
+            Some(Ok(d)) => Some((d, (encoded, tx))),
+            Some(Err(e)) => {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(e.to_string());
+                }
+                std::future::pending().await
+            }
+            None => None,
+        }
+    });
+    Ok((flight, rx))
 }
 
 /// A refusal as the caller reads it: the one place that maps a gRPC status
@@ -405,12 +431,12 @@ pub struct QueryTransport {
 
 #[async_trait::async_trait]
 impl Transport for QueryTransport {
-    async fn send(&self, to: &str, step: Step, batch: RecordBatch) -> Result<(), TransportError> {
+    async fn send(&self, to: &str, step: Step, message: Outbound) -> Result<(), TransportError> {
         if let Some(r) = self.mailbox.aborted() {
             return Err(TransportError::Aborted(r));
         }
         use crate::config::Fault;
-        let mut batch = batch;
+        let mut message = message;
         match (self.fault, step) {
             (Some(Fault::SilentAfterInput), RESULT_SHARES) => std::future::pending::<()>().await,
             (Some(Fault::Slow), _) => {
@@ -418,18 +444,19 @@ impl Transport for QueryTransport {
             }
             (Some(Fault::GarbageResult), RESULT_SHARES) if to != self.me => {
                 // One row more than the groups: refused on delivery.
-                let rows = batch.num_rows() + 1;
-                batch = executor::SharedTable::zeros(Vec::new(), &[executor::Width::Z64], rows)
+                let rows = message.rows + 1;
+                let batch = executor::SharedTable::zeros(Vec::new(), &[executor::Width::Z64], rows)
                     .to_batch()
                     .map_err(|e| TransportError::Protocol {
                         peer: self.me.clone(),
                         reason: e.to_string(),
                     })?;
+                message = Outbound::one(batch);
             }
             _ => {}
         }
         if to == self.me {
-            return self.mailbox.deliver(&self.me, step, batch);
+            return self.mailbox.deliver_all(&self.me, step, message).await;
         }
         let header = PutHeader {
             leader: self.header_leader.clone(),
@@ -439,12 +466,12 @@ impl Transport for QueryTransport {
         // An abort stops a send at once: the query is over, and waiting for
         // a peer that does not answer would hold it open until the timeout.
         tokio::select! {
-            r = self.clients.put(to, &header, batch) => r,
+            r = self.clients.put(to, &header, message) => r,
             r = self.mailbox.until_aborted() => Err(TransportError::Aborted(r)),
         }
     }
 
-    async fn recv(&self, from: &str, step: Step) -> Result<RecordBatch, TransportError> {
+    async fn recv(&self, from: &str, step: Step) -> Result<Inbound, TransportError> {
         self.mailbox.take(from, step).await
     }
 }

@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::gateway::{FailureKind, Gateway, QueryFailure, ShareShape};
 use crate::net::ConnInfo;
 use crate::peer::{check_version, PeerAction, PutHeader};
+use crate::session::PeerRefusal;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -28,7 +29,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 /// result share would come near it (`planner::plan::MAX_SHARE_BYTES`).
 pub const MAX_MESSAGE: usize = 64 << 20;
 /// Share streams a gateway reads at once from one peer (each bounded in
-/// bytes and messages by the share's shape, `decode_share_stream`): a peer
+/// bytes and messages by the share's shape, `read_share_stream`): a peer
 /// that opens streams and never finishes them blocks only its own.
 pub const MAX_PUTS_PER_PEER: usize = 32;
 /// The longest a share stream may take to arrive whole.
@@ -221,34 +222,47 @@ impl PeerService {
                 serde_json::from_slice(&d.cmd)
                     .map_err(|e| Status::invalid_argument(format!("malformed share header: {e}")))
             })?;
-        // The shape this party expects from `from` for that query, known
-        // before a byte of the batch is decoded.
-        let shape = self
+        // The message opens at this party only if the query's engine
+        // expects it from `from` now; its shape is then known before a byte
+        // of it is decoded.
+        let (delivery, shape) = self
             .gw
-            .expected_share(from, &header.leader, &header.query_id, header.step)
+            .open_share(from, &header.leader, &header.query_id, header.step)
             .map_err(|r| r.to_status())?;
         let all = futures::stream::iter([Ok(first)]).chain(stream);
-        let batch = match decode_share_stream(all, shape).await {
-            Ok(b) => b,
+        // Each batch goes to the query as it is decoded; this waits while
+        // the query has a few batches of it still to read.
+        let d = &delivery;
+        let read = read_share_stream(all, shape, move |b| async move {
+            d.push(b)
+                .await
+                .map_err(|e| PeerRefusal::from(e).to_status())
+        })
+        .await;
+        match read {
+            Ok(()) => delivery
+                .finish()
+                .await
+                .map_err(|e| PeerRefusal::from(e).to_status()),
             // A malformed share (our own checks say `invalid_argument`)
             // ends the query at once (every party then aborts with nothing
             // revealed), not at the timeout. A stream that broke off (its
             // sender stopped it, on an abort of its own, or the connection
-            // dropped) is not the sender's fault to record: the share is
-            // not delivered, and the query ends by that abort or times out.
-            Err(e) if e.code() != tonic::Code::InvalidArgument => return Err(e),
+            // dropped) is not the sender's fault to record: the message
+            // breaks off at this party too, and the query ends by that.
+            Err(e) if e.code() != tonic::Code::InvalidArgument => Err(e),
             Err(e) => {
+                // Aborted before the message breaks off, so that the
+                // query's reader sees why.
                 self.gw.reject_share(
                     &header.leader,
                     &header.query_id,
                     &format!("{from} sent a malformed share: {}", e.message()),
                 );
-                return Err(e);
+                drop(delivery);
+                Err(e)
             }
-        };
-        self.gw
-            .on_put(from, &header.leader, &header.query_id, header.step, batch)
-            .map_err(|r| r.to_status())
+        }
     }
 }
 
@@ -326,21 +340,26 @@ mod tests {
 }
 
 /// Decodes one share stream: a schema message, then record batches of at
-/// most `max_cols` columns whose rows add up to exactly `rows` (arrow-flight
-/// splits a batch above 2 MiB, so a share over a large domain spans many).
-/// Every IPC header is checked as it arrives, before Arrow reads it: Arrow
-/// trusts the lengths a header declares and allocates by them, so a crafted
-/// header from a peer could ask for a terabyte and abort the gateway. The
-/// batches are joined into one: a share is combined whole. The whole
-/// stream has one budget of bytes and of messages from the share's shape
-/// (which the plan bounds, `planner::plan::MAX_SHARE_BYTES`), never from
-/// what a peer declares.
-pub async fn decode_share_stream<S>(
+/// most `max_cols` columns whose rows add up to exactly `rows` (a sender
+/// streams a share over a large domain as many batches, and arrow-flight
+/// splits any above 2 MiB). Every IPC header is checked as it arrives,
+/// before Arrow reads it: Arrow trusts the lengths a header declares and
+/// allocates by them, so a crafted header from a peer could ask for a
+/// terabyte and abort the gateway. Each batch goes to `sink` as it is
+/// decoded, so that a share is never held whole here. The whole stream has
+/// one budget of bytes and of messages from the share's shape (which the
+/// plan bounds, `planner::plan::MAX_SHARE_BYTES`), never from what a peer
+/// declares. Our own checks fail with `invalid_argument`; a failure of the
+/// stream or of `sink` keeps its own code.
+pub async fn read_share_stream<S, F, Fut>(
     stream: S,
     shape: ShareShape,
-) -> Result<arrow::array::RecordBatch, Status>
+    mut sink: F,
+) -> Result<(), Status>
 where
     S: Stream<Item = Result<FlightData, Status>> + Send + Unpin + 'static,
+    F: FnMut(arrow::array::RecordBatch) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Status>>,
 {
     let bad = |m: String| Status::invalid_argument(format!("unreadable share batch: {m}"));
     let ShareShape {
@@ -353,10 +372,12 @@ where
     // One budget for the whole stream, not per message: the bytes a share
     // of this shape can need (8-byte words and validity bitmaps, with room
     // for text keys of the declared domains), and a number of messages an
-    // honest sender (arrow-flight splits at 2 MiB) never comes near, so
-    // that many small batches cannot hold more than one whole share would.
+    // honest sender (batches of `executor::transport::BATCH_ROWS` rows,
+    // split by arrow-flight at 2 MiB) never comes near, so that many small
+    // batches cannot hold more than one whole share would.
     let mut bytes_left = share_budget(rows, max_cols, key_bytes);
-    let mut messages_left = 2 + bytes_left / (256 << 10);
+    let mut messages_left =
+        2 + bytes_left / (256 << 10) + (rows / executor::transport::BATCH_ROWS) as u64;
     let checked = stream.map(move |m| {
         let m = m.map_err(FlightError::from)?;
         if messages_left == 0 {
@@ -378,37 +399,61 @@ where
         left -= batch_rows;
         Ok(m)
     });
-    // Arrow's IPC reader asserts on some inconsistent buffers that the
-    // header checks do not rule out (a validity bitmap shorter than its
-    // null count, a misaligned buffer: found by fuzzing). Those panics end
-    // this share stream as an error, never more.
-    let decode = async move {
-        let mut batches = FlightRecordBatchStream::new_from_flight_data(checked);
-        let mut out = Vec::new();
-        while let Some(b) = batches.next().await {
-            out.push(b?);
-        }
-        Ok::<_, FlightError>(out)
-    };
-    let batches = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(decode))
-        .await
-        .map_err(|_| bad("Arrow could not decode it".into()))?
-        .map_err(|e| match e {
+    let mut batches = FlightRecordBatchStream::new_from_flight_data(checked);
+    let (mut got, mut seen) = (0usize, 0usize);
+    loop {
+        // Arrow's IPC reader asserts on some inconsistent buffers that the
+        // header checks do not rule out (a validity bitmap shorter than
+        // its null count, a misaligned buffer: found by fuzzing). Those
+        // panics end this share stream as an error, never more.
+        let next = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(batches.next()))
+            .await
+            .map_err(|_| bad("Arrow could not decode it".into()))?;
+        let Some(b) = next else { break };
+        let b = b.map_err(|e| match e {
             FlightError::Tonic(s) => *s,
             FlightError::ProtocolError(m) => bad(m),
             other => bad(other.to_string()),
         })?;
-    let Some(first) = batches.first() else {
+        if b.num_columns() > max_cols {
+            return Err(bad(format!(
+                "{} columns where at most {max_cols} belong",
+                b.num_columns()
+            )));
+        }
+        got += b.num_rows();
+        seen += 1;
+        sink(b).await?;
+    }
+    if seen == 0 {
         return Err(Status::invalid_argument("share stream without a batch"));
-    };
-    let got: usize = batches.iter().map(|b| b.num_rows()).sum();
+    }
     if got != rows {
         return Err(bad(format!("{got} rows where {rows} belong")));
     }
-    if batches.len() == 1 {
-        return Ok(first.clone());
-    }
-    arrow::compute::concat_batches(&first.schema(), &batches).map_err(|e| bad(e.to_string()))
+    Ok(())
+}
+
+/// [`read_share_stream`] joined into one batch (the fuzz tests read a
+/// share whole).
+pub async fn decode_share_stream<S>(
+    stream: S,
+    shape: ShareShape,
+) -> Result<arrow::array::RecordBatch, Status>
+where
+    S: Stream<Item = Result<FlightData, Status>> + Send + Unpin + 'static,
+{
+    let mut out = Vec::new();
+    read_share_stream(stream, shape, |b| {
+        out.push(b);
+        std::future::ready(Ok(()))
+    })
+    .await?;
+    let first = out
+        .first()
+        .ok_or_else(|| Status::invalid_argument("share stream without a batch"))?;
+    arrow::compute::concat_batches(&first.schema(), &out)
+        .map_err(|e| Status::invalid_argument(format!("unreadable share batch: {e}")))
 }
 
 /// The most body bytes one share stream of `rows` rows, at most `max_cols`

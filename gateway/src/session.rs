@@ -371,6 +371,17 @@ impl PeerRefusal {
     }
 }
 
+impl From<executor::TransportError> for PeerRefusal {
+    /// A message this party could not take: the query's end, with its
+    /// reason, or what else stopped it.
+    fn from(e: executor::TransportError) -> Self {
+        match e {
+            executor::TransportError::Aborted(r) => PeerRefusal::Ended(r),
+            other => PeerRefusal::Other(other.to_string()),
+        }
+    }
+}
+
 impl std::fmt::Display for PeerRefusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

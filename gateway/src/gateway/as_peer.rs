@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::RecordBatch;
-use executor::{AbortKind, AbortReason, MessageShape, Step, TransportError};
+use executor::transport::Delivery;
+use executor::{AbortKind, AbortReason, MessageShape, Step};
 use planner::privacy::DpParams;
 use policies::{AuditEntry, Decision};
 
@@ -302,21 +302,27 @@ impl Gateway {
         }
     }
 
-    /// What `from`'s message at `step` of a query this party holds may
-    /// be, as the query's engine says, before a byte of it is decoded.
-    pub fn expected_share(
+    /// Opens `from`'s message at `step` of a query this party holds, if
+    /// the query's engine says `from` may send it now, with the shape it
+    /// may have, before a byte of it is decoded. A second message for the
+    /// same step is refused here.
+    pub fn open_share(
         &self,
         from: &str,
         leader: &str,
         query_id: &str,
         step: Step,
-    ) -> Result<ShareShape, PeerRefusal> {
-        let (_, shape) = self.route(from, leader, query_id, step)?;
-        Ok(ShareShape {
-            rows: shape.rows,
-            max_cols: shape.max_cols,
-            key_bytes: shape.key_bytes,
-        })
+    ) -> Result<(Delivery, ShareShape), PeerRefusal> {
+        let (mailbox, shape) = self.route(from, leader, query_id, step)?;
+        let delivery = mailbox.open(from, step)?;
+        Ok((
+            delivery,
+            ShareShape {
+                rows: shape.rows,
+                max_cols: shape.max_cols,
+                key_bytes: shape.key_bytes,
+            },
+        ))
     }
 
     /// Where `from`'s message at `step` goes and what it may hold, if
@@ -366,35 +372,5 @@ impl Gateway {
         if let Some(ended) = self.sessions.abort(&key, &self.party, &reason) {
             self.finish(ended);
         }
-    }
-
-    /// A share batch from `from`.
-    pub fn on_put(
-        &self,
-        from: &str,
-        leader: &str,
-        query_id: &str,
-        step: Step,
-        batch: RecordBatch,
-    ) -> Result<(), PeerRefusal> {
-        let (mailbox, shape) = self.route(from, leader, query_id, step)?;
-        // The shape is checked on delivery, before anything is kept (and
-        // before decoding, in `service::decode_share_stream`).
-        let (rows, max_cols) = (shape.rows, shape.max_cols);
-        if batch.num_rows() != rows || batch.num_columns() > max_cols {
-            let reason = format!(
-                "{from} sent a {step} message of {} rows and {} columns where {rows} rows and at most {max_cols} \
-                 columns belong",
-                batch.num_rows(),
-                batch.num_columns()
-            );
-            drop(mailbox);
-            self.reject_share(leader, query_id, &reason);
-            return Err(PeerRefusal::Other(reason));
-        }
-        mailbox.deliver(from, step, batch).map_err(|e| match e {
-            TransportError::Aborted(r) => PeerRefusal::Ended(r),
-            other => PeerRefusal::Other(other.to_string()),
-        })
     }
 }

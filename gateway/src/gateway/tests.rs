@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use executor::additive::{RESULT_SHARES, SEEDS};
-use executor::{AbortKind, AbortReason, Step, TransportError};
+use executor::{AbortKind, AbortReason, Outbound, Step, TransportError};
 use policies::Analyst;
 
 use super::{FailureKind, Gateway, QueryFailure};
@@ -479,7 +479,7 @@ async fn messages_out_of_their_state_are_refused() {
         Err(TransportError::Protocol { .. })
     ));
     let e = p2
-        .put("p1", &header("p0", "q1", SEEDS), junk(1))
+        .put("p1", &header("p0", "q1", SEEDS), Outbound::one(junk(1)))
         .await
         .unwrap_err();
     assert!(matches!(e, TransportError::Protocol { .. }), "{e}");
@@ -492,7 +492,7 @@ async fn messages_out_of_their_state_are_refused() {
     // engine does not have is refused by number.
     for step in [RESULT_SHARES, Step(7)] {
         let e = p2
-            .put("p1", &header("p0", "q1", step), junk(1))
+            .put("p1", &header("p0", "q1", step), Outbound::one(junk(1)))
             .await
             .unwrap_err();
         assert!(
@@ -528,7 +528,7 @@ async fn messages_out_of_their_state_are_refused() {
         "p1 ended the query it could not run"
     );
     let e = p2
-        .put("p1", &header("p0", "q1", SEEDS), junk(1))
+        .put("p1", &header("p0", "q1", SEEDS), Outbound::one(junk(1)))
         .await
         .unwrap_err();
     assert!(matches!(e, TransportError::Aborted(_)), "{e}");
@@ -704,7 +704,7 @@ async fn a_malformed_share_ends_an_agreed_query_at_once() {
     let _ = p0.send("p1", &propose("m")).await.unwrap();
     // Seeds may come before start, but not of this shape.
     let e = p2
-        .put("p1", &header("p0", "m", SEEDS), junk(1000))
+        .put("p1", &header("p0", "m", SEEDS), Outbound::one(junk(1000)))
         .await
         .unwrap_err();
     assert!(matches!(e, TransportError::Protocol { .. }), "{e}");

@@ -465,7 +465,10 @@ async fn a_hostile_peer_cannot_flood_sessions_or_oversize_shares() {
         query_id: "flood0".into(),
         step: executor::additive::SEEDS,
     };
-    let e = peer.put("p0", &header, batch).await.unwrap_err();
+    let e = peer
+        .put("p0", &header, executor::Outbound::one(batch))
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("rows"), "{e}");
     // Other leaders are not affected.
     let c = fed.client("p2", USER, PASSWORD).await.unwrap();

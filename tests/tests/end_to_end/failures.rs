@@ -264,7 +264,10 @@ async fn a_peer_that_sends_garbage_gets_an_error_and_crashes_nothing() {
         query_id: "nope".into(),
         step: executor::additive::SEEDS,
     };
-    assert!(clients.put("p0", &header, batch).await.is_err());
+    assert!(clients
+        .put("p0", &header, executor::Outbound::one(batch))
+        .await
+        .is_err());
     // A forged analyst of another party is refused by policy, not trusted.
     let forged = serde_json::to_vec(&serde_json::json!({
         "query_id": "f1", "sql": "SELECT COUNT(*) FROM t", "options": {},
