@@ -15,6 +15,7 @@ pub mod encode;
 pub mod groups;
 pub mod noise;
 pub mod program;
+pub mod rep3;
 pub mod ring;
 pub mod shares;
 pub mod transport;

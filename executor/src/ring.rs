@@ -129,7 +129,7 @@ pub fn sub_assign_256_slices(a: [&mut [u64]; 4], b: [&[u64]; 4]) {
 }
 
 /// a ± b limb by limb, the carry (or borrow) running up the limbs.
-fn carry_256(mut a: [&mut [u64]; 4], b: [&[u64]; 4], sub: bool) {
+fn carry_256(a: [&mut [u64]; 4], b: [&[u64]; 4], sub: bool) {
     let n = a
         .iter()
         .map(|v| v.len())
