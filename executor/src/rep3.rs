@@ -504,6 +504,89 @@ impl Rep3<'_> {
     }
 }
 
+impl Rep3<'_> {
+    /// A public column as shares (component 0 holds it; no round).
+    pub fn constant(&self, values: &[u64]) -> Arith {
+        let c = self.component(values, values, 0);
+        Arith { a: c.a, b: c.b }
+    }
+
+    /// Whether each x is at least the public `k` (x, k as for
+    /// [`Rep3::less_than`]): XOR shares of 1 or 0 in the lowest bit. A
+    /// minimum group size compares the shared counts so; only the bits
+    /// are revealed, and then only the passing groups' totals.
+    pub async fn at_least(&mut self, x: &Arith, k: i64) -> Result<Bool, ExecError> {
+        let k = self.constant(&vec![k as u64; x.len()]);
+        let below = self.less_than(x, &k).await?;
+        Ok(self.not_bit(&below))
+    }
+
+    /// The lowest bit flipped (a public XOR with 1 on component 0).
+    pub fn not_bit(&self, b: &Bool) -> Bool {
+        let one = self.component(&vec![1; b.len()], &vec![1; b.len()], 0);
+        b.xor(&one).mask(1)
+    }
+
+    /// The inputs of data parties that do not compute, all at one step:
+    /// each sends every compute party its pair ([`send_input`]).
+    pub async fn inputs_from(
+        &mut self,
+        owners: &[String],
+        n: usize,
+    ) -> Result<Vec<Arith>, ExecError> {
+        let step = self.take_step()?;
+        let t = self.transport;
+        let got =
+            futures::future::try_join_all(owners.iter().map(|o| recv_words(t, o, step, 2 * n)))
+                .await?;
+        Ok(got
+            .into_iter()
+            .map(|w| {
+                let (a, b) = w.split_at(n);
+                Arith {
+                    a: a.to_vec(),
+                    b: b.to_vec(),
+                }
+            })
+            .collect())
+    }
+}
+
+/// A data party that does not compute shares `values` among the three
+/// compute parties at `step` (the step at which they call
+/// [`Rep3::inputs_from`]).
+pub async fn send_input(
+    transport: &dyn Transport,
+    parties: &[String; 3],
+    step: Step,
+    values: &[u64],
+) -> Result<(), ExecError> {
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut seed)
+        .map_err(|e| ExecError::Encode(format!("OS randomness failed: {e}")))?;
+    let mut rng = ChaCha20Rng::from_seed(seed);
+    let n = values.len();
+    let x0: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
+    let x1: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
+    let x2: Vec<u64> = (0..n)
+        .map(|k| values[k].wrapping_sub(x0[k]).wrapping_sub(x1[k]))
+        .collect();
+    let parts = [x0, x1, x2];
+    futures::future::try_join_all((0..3).map(|j| {
+        let mut w = parts[j].clone();
+        w.extend_from_slice(&parts[(j + 1) % 3]);
+        async move {
+            transport
+                .send(&parties[j], step, words_message(w))
+                .await
+                .map_err(ExecError::from)
+        }
+    }))
+    .await?;
+    Ok(())
+}
+
 fn concat(cols: &[Arith]) -> Arith {
     Arith {
         a: cols.iter().flat_map(|c| c.a.iter().copied()).collect(),
@@ -841,5 +924,63 @@ mod tests {
                 assert_eq!((&o.0, &o.1), (&lo, &hi), "{k} columns");
             }
         }
+    }
+
+    /// Five data parties, three of which compute: the other two share their
+    /// counts in; a minimum group size of 10 keeps only the groups whose
+    /// summed count reaches it, and only their totals are revealed.
+    #[tokio::test]
+    async fn outside_inputs_and_a_minimum_group_size() {
+        let all: Vec<String> = ["p0", "p1", "p2", "d3", "d4"].map(String::from).to_vec();
+        let n = 6;
+        let counts: Vec<Vec<u64>> = vec![
+            vec![0, 1, 5, 3, 0, 9],
+            vec![0, 2, 5, 3, 0, 0],
+            vec![0, 3, 0, 3, 10, 0],
+            vec![0, 0, 0, 0, 0, 1],
+            vec![0, 3, 0, 1, 0, 0],
+        ];
+        let net = InMemoryNetwork::connect(&all, Duration::from_secs(20));
+        let mut tasks = Vec::new();
+        for (i, t) in net.into_iter().enumerate() {
+            let t: &'static crate::transport::InMemoryTransport = Box::leak(Box::new(t));
+            let (counts, all) = (counts.clone(), all.clone());
+            tasks.push(tokio::spawn(async move {
+                if i >= 3 {
+                    // After the compute parties' set-up step.
+                    send_input(t, &names(), Step(1), &counts[i]).await.unwrap();
+                    return None;
+                }
+                let mut r = Rep3::setup(t, names(), &names()[i], Step(0)).await.unwrap();
+                let outside = r.inputs_from(&all[3..], n).await.unwrap();
+                let mut total = outside[0].add(&outside[1]);
+                for c in 0..3 {
+                    let x = r
+                        .input(c, (i == c).then_some(&counts[c][..]), n)
+                        .await
+                        .unwrap();
+                    total = total.add(&x);
+                }
+                let keep = r.at_least(&total, 10).await.unwrap();
+                let keep = r.reveal_bool_all(&keep).await.unwrap();
+                let rows: Vec<usize> = (0..n).filter(|&g| keep[g] == 1).collect();
+                let kept = Arith {
+                    a: rows.iter().map(|&g| total.a[g]).collect(),
+                    b: rows.iter().map(|&g| total.b[g]).collect(),
+                };
+                Some((keep, r.reveal_to(&kept, 0).await.unwrap()))
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        let sums: Vec<u64> = (0..n).map(|g| counts.iter().map(|c| c[g]).sum()).collect();
+        assert_eq!(sums, [0, 9, 10, 10, 10, 10]);
+        let (keep, revealed) = out[0].clone().unwrap();
+        assert_eq!(keep, [0, 0, 1, 1, 1, 1]);
+        assert_eq!(revealed, Some(vec![10, 10, 10, 10]));
+        assert_eq!(out[1].as_ref().unwrap().1, None);
+        assert!(out[3].is_none() && out[4].is_none());
     }
 }
