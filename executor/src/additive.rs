@@ -219,24 +219,34 @@ impl Engine for AdditiveEngine {
             transport.send(&self.leader, RESULT_SHARES, message).await?;
             return Ok(None);
         }
-        // Every peer's result share streams in at once; each batch is added
-        // where it belongs as it arrives, so that no peer's share is held
-        // whole beside the total.
-        let inbound = futures::future::try_join_all(self.others().map(|p| async move {
-            Ok::<_, ExecError>((p.as_str(), transport.recv(p, RESULT_SHARES).await?))
-        }))
-        .await?;
+        // Every peer's result share streams in at once, each read as soon as
+        // it opens (a peer's stream never waits for another's, which would
+        // hold its HTTP/2 window); each batch is added where it belongs as
+        // it arrives, so that no peer's share is held whole beside the total.
+        enum Reading<'a> {
+            Waiting(&'a str),
+            Open(&'a str, crate::transport::Inbound),
+        }
         let mut read: std::collections::HashMap<&str, usize> =
-            inbound.iter().map(|(p, _)| (*p, 0)).collect();
-        let streams = inbound.into_iter().map(|(p, ib)| {
-            futures::stream::unfold(Some(ib), move |ib| async move {
-                let mut ib = ib?;
-                match ib.next().await {
-                    Ok(Some(b)) => Some((Ok((p, b)), Some(ib))),
-                    Ok(None) => None,
-                    Err(e) => Some((Err(e), None)),
-                }
-            })
+            self.others().map(|p| (p.as_str(), 0)).collect();
+        let streams = self.others().map(|p| {
+            futures::stream::unfold(
+                Some(Reading::Waiting(p.as_str())),
+                move |state| async move {
+                    let (p, mut ib) = match state? {
+                        Reading::Waiting(p) => match transport.recv(p, RESULT_SHARES).await {
+                            Ok(ib) => (p, ib),
+                            Err(e) => return Some((Err(e), None)),
+                        },
+                        Reading::Open(p, ib) => (p, ib),
+                    };
+                    match ib.next().await {
+                        Ok(Some(b)) => Some((Ok((p, b)), Some(Reading::Open(p, ib)))),
+                        Ok(None) => None,
+                        Err(e) => Some((Err(e), None)),
+                    }
+                },
+            )
             .boxed()
         });
         let mut all = futures::stream::select_all(streams);

@@ -46,6 +46,19 @@ pub enum ShareColumn {
 }
 
 impl ShareColumn {
+    /// Its rows (the shortest limb).
+    pub fn len(&self) -> usize {
+        match self {
+            ShareColumn::Z64(v) => v.len(),
+            ShareColumn::Z128 { lo, hi } => lo.len().min(hi.len()),
+            ShareColumn::Z256(l) => l.iter().map(|v| v.len()).min().unwrap_or(0),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn width(&self) -> Width {
         match self {
             ShareColumn::Z64(_) => Width::Z64,
@@ -108,47 +121,56 @@ impl ShareColumn {
 
     /// Adds limb slices `b` (least significant first, one per limb of
     /// this column's width, all of one length) into the rows from `at`, or
-    /// subtracts them with `negate`. Rows past the column's end are left.
-    fn add_limbs_at(&mut self, at: usize, b: &[&[u64]], negate: bool) {
+    /// subtracts them with `negate`. `false` (and nothing added) if the
+    /// rows run past the column's end or the limbs do not match its width.
+    #[must_use]
+    fn add_limbs_at(&mut self, at: usize, b: &[&[u64]], negate: bool) -> bool {
         let n = b.iter().map(|l| l.len()).min().unwrap_or(0);
+        if b.iter().any(|l| l.len() != n) {
+            return false;
+        }
         let range = at..at.saturating_add(n);
         match (self, b) {
             (ShareColumn::Z64(a), [b0]) => {
-                if let Some(a) = a.get_mut(range) {
-                    if negate {
-                        ring::sub_assign(a, b0)
-                    } else {
-                        ring::add_assign(a, b0)
-                    }
+                let Some(a) = a.get_mut(range) else {
+                    return false;
+                };
+                if negate {
+                    ring::sub_assign(a, b0)
+                } else {
+                    ring::add_assign(a, b0)
                 }
             }
             (ShareColumn::Z128 { lo, hi }, [bl, bh]) => {
-                if let (Some(lo), Some(hi)) = (lo.get_mut(range.clone()), hi.get_mut(range)) {
-                    if negate {
-                        ring::sub_assign_wide(lo, hi, bl, bh)
-                    } else {
-                        ring::add_assign_wide(lo, hi, bl, bh)
-                    }
+                let (Some(lo), Some(hi)) = (lo.get_mut(range.clone()), hi.get_mut(range)) else {
+                    return false;
+                };
+                if negate {
+                    ring::sub_assign_wide(lo, hi, bl, bh)
+                } else {
+                    ring::add_assign_wide(lo, hi, bl, bh)
                 }
             }
             (ShareColumn::Z256(limbs), [b0, b1, b2, b3]) => {
                 let [l0, l1, l2, l3] = limbs;
-                if let (Some(l0), Some(l1), Some(l2), Some(l3)) = (
+                let (Some(l0), Some(l1), Some(l2), Some(l3)) = (
                     l0.get_mut(range.clone()),
                     l1.get_mut(range.clone()),
                     l2.get_mut(range.clone()),
                     l3.get_mut(range),
-                ) {
-                    let (a, b) = ([l0, l1, l2, l3], [*b0, *b1, *b2, *b3]);
-                    if negate {
-                        ring::sub_assign_256_slices(a, b)
-                    } else {
-                        ring::add_assign_256_slices(a, b)
-                    }
+                ) else {
+                    return false;
+                };
+                let (a, b) = ([l0, l1, l2, l3], [*b0, *b1, *b2, *b3]);
+                if negate {
+                    ring::sub_assign_256_slices(a, b)
+                } else {
+                    ring::add_assign_256_slices(a, b)
                 }
             }
-            _ => {}
+            _ => return false,
         }
+        true
     }
 
     /// The column read as signed integers.
@@ -317,7 +339,13 @@ impl SharedTable {
                 return Err(out_of_range());
             }
             fields.push(Field::new(format!("k{i}"), k.data_type().clone(), true));
-            arrays.push(k.slice(start, n));
+            // Copied, not sliced: arrow-flight sizes a batch by its
+            // buffers, and a slice's are the whole column's (every batch
+            // would be split as if it held all the keys).
+            let data = k.to_data();
+            let mut copy = arrow::array::MutableArrayData::new(vec![&data], false, n);
+            copy.extend(0, start, end);
+            arrays.push(arrow::array::make_array(copy.freeze()));
         }
         let mut limb = |name: String, v: &[u64]| -> Result<(), arrow::error::ArrowError> {
             let part = v.get(start..end).ok_or_else(out_of_range)?;
@@ -344,7 +372,8 @@ impl SharedTable {
     }
 
     /// The table as a message of batches of at most `batch_rows` rows,
-    /// each made as it is sent (at least one batch, even of no rows).
+    /// each made as it is sent (every share has at least one row: a group
+    /// column's domain holds NULL).
     pub fn into_message(self, batch_rows: usize) -> crate::transport::Outbound {
         let rows = self.rows;
         let step = batch_rows.max(1);
@@ -384,7 +413,10 @@ impl SharedTable {
                     }
                 }
                 let parts: Vec<&[u64]> = buf.iter().map(|b| &b[..n]).collect();
-                c.add_limbs_at(start, &parts, negate);
+                // The table's own shape: a column shorter than its rows
+                // is a bug in whoever built the table.
+                let added = c.add_limbs_at(start, &parts, negate);
+                debug_assert!(added, "a share column shorter than its table");
             }
             pos += 2 * (rows as u128) * limbs as u128;
         }
@@ -477,8 +509,19 @@ impl SharedTable {
                     .collect::<Result<_, _>>()?,
             });
         }
+        // A column shorter than the table (built wrongly) is refused, not
+        // left out of the sum; the check comes first so that nothing is
+        // added unless all is.
+        if self.columns.iter().any(|c| c.len() < offset + n) {
+            return Err(format!(
+                "this party's share has fewer than {} rows",
+                offset + n
+            ));
+        }
         for (c, p) in self.columns.iter_mut().zip(&parts) {
-            c.add_limbs_at(offset, p, false);
+            if !c.add_limbs_at(offset, p, false) {
+                return Err("a batch that does not fit its rows".into());
+            }
         }
         Ok(n)
     }
@@ -573,6 +616,9 @@ mod tests {
         assert_eq!((at, &back.columns), (rows, &t.columns));
         // A batch out of place: its keys are not the domain's there.
         let b = t.batch_of(64, 64).unwrap();
+        // Its keys are its own, not a view of the whole column (which
+        // arrow-flight would count as the batch's size).
+        assert!(b.column(0).get_buffer_memory_size() < keys[0].get_buffer_memory_size() / 4);
         let e = back.add_batch(&b, 0).unwrap_err();
         assert!(e.contains("differs from the public domain"), "{e}");
         let e = back.add_batch(&b, rows - 10).unwrap_err();

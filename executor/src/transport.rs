@@ -114,18 +114,23 @@ pub enum TransportError {
     Aborted(AbortReason),
     #[error("peer {peer} broke the protocol: {reason}")]
     Protocol { peer: String, reason: String },
+    /// This party could not make or send its own message.
+    #[error("this party could not send its message: {0}")]
+    Local(String),
 }
 
-/// The most rows one batch of a message carries. A step's message may hold
-/// any number of groups; its sender streams it as batches of at most this
-/// many rows, and its receiver combines each batch as it arrives, so that
-/// neither holds a second copy of a large share (with 4 Z_2^256 columns, a
-/// batch stays under arrow-flight's 2 MiB split).
-pub const BATCH_ROWS: usize = 1 << 15;
+/// The most rows one batch of a message carries, and the most a receiver
+/// accepts in one. A step's message may hold any number of groups; its
+/// sender streams it as batches of at most this many rows, and its
+/// receiver combines each batch as it arrives, so that neither holds a
+/// second copy of a large share. With 16 limb columns (four Z_2^256
+/// totals) a batch is 2 MiB, arrow-flight's split.
+pub const BATCH_ROWS: usize = 1 << 14;
 
-/// How many batches of one message may wait at the receiver before its
-/// sender waits: the memory a message holds at the receiver is this many
-/// batches, whatever the message's size.
+/// How many batches of one message may wait at the receiver, besides the
+/// one being decoded, before its sender waits (HTTP/2 flow control carries
+/// the wait back over gRPC): the memory a message holds at the receiver is
+/// this many batches and a stream window, whatever the message's size.
 const QUEUED_BATCHES: usize = 4;
 
 /// One message of a step as its sender streams it: batches of one schema
@@ -261,9 +266,8 @@ impl Mailbox {
     ) -> Result<(), TransportError> {
         let d = self.open(from, step)?;
         for b in message {
-            let b = b.map_err(|e| TransportError::Protocol {
-                peer: from.into(),
-                reason: format!("its {step} message could not be made: {e}"),
+            let b = b.map_err(|e| {
+                TransportError::Local(format!("its {step} message could not be made: {e}"))
             })?;
             d.push(b).await?;
         }
@@ -370,11 +374,14 @@ impl Delivery {
         // is ending, and the sender is told why once it has.
         match tokio::time::timeout(self.mailbox.timeout, self.mailbox.until_aborted()).await {
             Ok(r) => Err(TransportError::Aborted(r)),
-            Err(_) => Err(TransportError::Timeout {
-                peer: self.from.clone(),
-                step: self.step,
-                secs: self.mailbox.timeout.as_secs_f64(),
-            }),
+            Err(_) => Err(TransportError::Aborted(AbortReason::new(
+                AbortKind::Other,
+                "the receiver",
+                format!(
+                    "it stopped reading the {} message from {} before its end",
+                    self.step, self.from
+                ),
+            ))),
         }
     }
 }

@@ -141,7 +141,7 @@ pub struct Gateway {
     /// The queries open here, by state, and why the last ones ended (a late
     /// `start` or share then learns why, instead of "no agreed query").
     sessions: Sessions,
-    timeout: Duration,
+    pub(crate) timeout: Duration,
     fault: Option<Fault>,
     log_queries: bool,
 }
@@ -438,6 +438,9 @@ impl Gateway {
             }
             TransportError::Protocol { .. } => {
                 AbortReason::new(AbortKind::Protocol, &self.party, e.to_string())
+            }
+            TransportError::Local(_) => {
+                AbortReason::new(AbortKind::Other, &self.party, e.to_string())
             }
         }
     }

@@ -311,10 +311,9 @@ mod memory {
             });
             tokio::select! {
                 r = call => r,
-                Ok(reason) = failed => Err(TransportError::Protocol {
-                    peer: peer.to_string(),
-                    reason: format!("our share could not be encoded: {reason}"),
-                }),
+                Ok(reason) = failed => Err(TransportError::Local(format!(
+                    "its share for {peer} could not be encoded: {reason}"
+                ))),
             }
         }
     }

@@ -333,10 +333,9 @@ impl PeerNetwork for PeerClients {
             // sees its stream break off, not a short share).
             tokio::select! {
                 r = call => r,
-                Ok(reason) = failed => Err(TransportError::Protocol {
-                    peer: peer.to_string(),
-                    reason: format!("our share could not be encoded: {reason}"),
-                }),
+                Ok(reason) = failed => Err(TransportError::Local(format!(
+                    "its share for {peer} could not be encoded: {reason}"
+                ))),
             }
         };
         match tokio::time::timeout(self.timeout, call).await {
@@ -368,9 +367,8 @@ pub(crate) fn share_flight(
     ),
     TransportError,
 > {
-    let cmd = serde_json::to_vec(header).map_err(|e| TransportError::Protocol {
-        peer: String::new(),
-        reason: format!("the share header could not be written: {e}"),
+    let cmd = serde_json::to_vec(header).map_err(|e| {
+        TransportError::Local(format!("the share header could not be written: {e}"))
     })?;
     let batches = futures::stream::iter(message.map(|b| b.map_err(FlightError::from)));
     let encoded = FlightDataEncoderBuilder::new()

@@ -148,12 +148,14 @@ pub async fn start(cfg: &GatewayConfig, listeners: Listeners) -> Result<RunningG
         peer_incoming,
         peer_rx,
         format!("{} peer service", cfg.party),
+        Some(PEER_WINDOWS),
     );
     let t2 = spawn_flight(
         analyst_svc,
         analyst_incoming,
         an_rx,
         format!("{} analyst service", cfg.party),
+        None,
     );
     let mut shutdown = vec![peer_tx, an_tx];
     let mut tasks = vec![
@@ -183,6 +185,17 @@ pub async fn start(cfg: &GatewayConfig, listeners: Listeners) -> Result<RunningG
     })
 }
 
+/// The peer service's HTTP/2 windows (per stream, per connection): a share
+/// stream whose query has not read its batches yet holds at most its
+/// stream window, and the connection's window has room for every stream a
+/// peer may have open at once (`MAX_PUTS_PER_PEER`) and one more, so that
+/// one waiting stream never stalls another query's messages or an abort on
+/// the same connection.
+const PEER_WINDOWS: (u32, u32) = (
+    1 << 20,
+    (crate::service::MAX_PUTS_PER_PEER as u32 + 2) << 20,
+);
+
 /// Serves one Flight service on `incoming` until `stop` fires.
 fn spawn_flight<T: FlightService>(
     svc: FlightServiceServer<T>,
@@ -191,9 +204,12 @@ fn spawn_flight<T: FlightService>(
     >,
     stop: oneshot::Receiver<()>,
     label: String,
+    windows: Option<(u32, u32)>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
+            .initial_stream_window_size(windows.map(|w| w.0))
+            .initial_connection_window_size(windows.map(|w| w.1))
             .tcp_nodelay(true)
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async {

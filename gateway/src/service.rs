@@ -32,7 +32,9 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 /// bytes and messages by the share's shape, `read_share_stream`): a peer
 /// that opens streams and never finishes them blocks only its own.
 pub const MAX_PUTS_PER_PEER: usize = 32;
-/// The longest a share stream may take to arrive whole.
+/// The longest a share stream may take to arrive whole beyond the peer
+/// timeout (a sender's put waits up to that timeout for this party's
+/// query to read its batches, so the deadline here is the later one).
 pub const PUT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn caller_party<T>(req: &Request<T>) -> Result<String, Status> {
@@ -200,7 +202,7 @@ impl PeerService {
         .await
         .map_err(|_| Status::resource_exhausted("too many share streams at once from this peer"))?
         .map_err(|_| Status::internal("share slots closed"))?;
-        tokio::time::timeout(PUT_DEADLINE, self.read_put(from, stream))
+        tokio::time::timeout(self.gw.timeout + PUT_DEADLINE, self.read_put(from, stream))
             .await
             .map_err(|_| Status::deadline_exceeded("the share stream did not arrive in time"))?
     }
@@ -523,9 +525,10 @@ fn check_ipc_header(
             let rb = msg
                 .header_as_record_batch()
                 .ok_or("a record batch header without a batch")?;
-            if rb.length() < 1 || rb.length() > left as i64 {
+            let most = left.min(executor::transport::BATCH_ROWS);
+            if rb.length() < 1 || rb.length() > most as i64 {
                 return Err(format!(
-                    "a batch of {} rows where 1 to {left} rows belong",
+                    "a batch of {} rows where 1 to {most} rows belong",
                     rb.length()
                 ));
             }
