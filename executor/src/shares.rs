@@ -344,7 +344,7 @@ impl SharedTable {
             // would be split as if it held all the keys).
             let data = k.to_data();
             let mut copy = arrow::array::MutableArrayData::new(vec![&data], false, n);
-            copy.extend(0, start, end);
+            copy.try_extend(0, start, end)?;
             arrays.push(arrow::array::make_array(copy.freeze()));
         }
         let mut limb = |name: String, v: &[u64]| -> Result<(), arrow::error::ArrowError> {
