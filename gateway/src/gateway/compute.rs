@@ -108,6 +108,9 @@ impl Gateway {
                 ),
             }
         })?;
+        // The local answer is in the dense partials now; at 10^6 groups each
+        // copy is tens of MiB, so none is kept past its use.
+        drop(batches);
         if dense.outside > 0 {
             // For this party's operator only: how many of its rows keep the
             // catalog is a fact about its data, never sent anywhere.
@@ -127,6 +130,7 @@ impl Gateway {
             .map(|&i| plan.shared_values(i, &dense))
             .collect();
         let rows = index.len();
+        drop((dense, index));
         // Differential privacy: this party's noise is drawn now (its
         // value-dependent time hides in the local part's) and added to its
         // own input before the ring bound is checked, so a noised total can
