@@ -321,7 +321,8 @@ const SHARE_WIDTHS: [executor::Width; 3] = [
 
 /// Decodes a share stream whose message `bytes[0]` had its header
 /// (`bytes[1] == 1`) or body replaced by the rest, as `do_put` does
-/// (`gateway::service::decode_share_stream`), then validates the batch.
+/// (`gateway::service::read_share_stream`), adding each batch where it
+/// belongs as the leader does.
 fn ipc_case(ctx: &Context, bytes: &[u8]) -> bool {
     let (Some(&m), Some(&header)) = (bytes.first(), bytes.get(1)) else {
         return false;
@@ -349,20 +350,27 @@ fn ipc_case(ctx: &Context, bytes: &[u8]) -> bool {
         }
     }
     let rows = ctx.plan.groups.len();
-    let decoded = futures::executor::block_on(gateway::service::decode_share_stream(
+    // As a leader reads a result share: each decoded batch added at the
+    // rows it holds into the running total, checked against the public
+    // keys there.
+    let mut total = executor::SharedTable::zeros(ctx.share_keys.clone(), &SHARE_WIDTHS, rows);
+    let mut at = 0usize;
+    let read = futures::executor::block_on(gateway::service::read_share_stream(
         futures::stream::iter(msgs.into_iter().map(Ok)),
         gateway::gateway::ShareShape {
             rows,
             max_cols: 16,
             key_bytes: ctx.plan.groups.key_text_bytes(),
         },
+        |b| {
+            let added = total
+                .add_batch(&b, at)
+                .map(|n| at += n)
+                .map_err(tonic::Status::invalid_argument);
+            std::future::ready(added)
+        },
     ));
-    match decoded {
-        Ok(b) => {
-            executor::SharedTable::from_batch(&b, &ctx.share_keys, &SHARE_WIDTHS, rows).is_ok()
-        }
-        Err(_) => false,
-    }
+    read.is_ok() && at == rows
 }
 
 fn flight_sql_command(rng: &mut ChaCha8Rng) -> Vec<u8> {
