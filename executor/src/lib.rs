@@ -16,6 +16,7 @@ pub mod groups;
 pub mod noise;
 pub mod program;
 pub mod rep3;
+pub mod replicated;
 pub mod ring;
 pub mod shares;
 pub mod transport;

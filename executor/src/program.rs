@@ -47,6 +47,11 @@ pub enum Op {
     Sum,
     /// The sums, revealed to the result parties only.
     Reveal,
+    /// The smallest of the input parties' values, per group and column
+    /// (engine 2; no plan uses it yet).
+    Min,
+    /// The largest, as [`Op::Min`].
+    Max,
 }
 
 /// The secure part of one query: its operators in order, and every party's
@@ -100,6 +105,8 @@ impl Program {
             .map(|o| match o {
                 Op::Sum => "sum",
                 Op::Reveal => "reveal",
+                Op::Min => "min",
+                Op::Max => "max",
             })
             .collect();
         let roles: Vec<String> = self.roles.iter().map(|(p, r)| format!("{p}={r}")).collect();
