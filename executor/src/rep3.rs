@@ -1,6 +1,9 @@
 //! Replicated secret sharing among three compute parties (honest
-//! majority, semi-honest): the protocol layer the comparison engine is
-//! built on (issue 13). Written here because no maintained Rust crate
+//! majority, **semi-honest**: a party that follows the protocol learns
+//! nothing from its messages; one that deviates can change what a circuit
+//! reveals, e.g. flip a comparison bit, so every privacy claim here holds
+//! only while all three follow it): the protocol layer the comparison
+//! engine is built on (issue 13). Written here because no maintained Rust crate
 //! provides it; the design follows Araki et al. (CCS'16) and ABY3 (CCS'18),
 //! read for ideas only.
 //!
@@ -278,6 +281,9 @@ impl<'t> Rep3<'t> {
     /// Reveals `x` to compute party `to` only (one round: the party after
     /// it sends the component it lacks). `Some` at `to`, `None` elsewhere.
     pub async fn reveal_to(&mut self, x: &Arith, to: usize) -> Result<Option<Vec<u64>>, ExecError> {
+        if to >= 3 {
+            return Err(ExecError::Encode(format!("no compute party {to}")));
+        }
         let step = self.take_step()?;
         let n = x.len();
         if self.me == (to + 1) % 3 {
@@ -516,6 +522,11 @@ impl Rep3<'_> {
     /// minimum group size compares the shared counts so; only the bits
     /// are revealed, and then only the passing groups' totals.
     pub async fn at_least(&mut self, x: &Arith, k: i64) -> Result<Bool, ExecError> {
+        if k.unsigned_abs() > crate::replicated::COMPARE_BOUND as u64 {
+            return Err(ExecError::Encode(format!(
+                "a threshold of {k} is beyond ±(2^62 − 1)"
+            )));
+        }
         let k = self.constant(&vec![k as u64; x.len()]);
         let below = self.less_than(x, &k).await?;
         Ok(self.not_bit(&below))

@@ -1,11 +1,17 @@
 //! Engine 2 (first operators): the smallest or largest of three compute
 //! parties' values per group, revealed to one of them, over
-//! [`crate::rep3`]. Honest majority among the three: no single party
-//! learns anything but the revealed extremes, and the result party does
-//! not learn which party held them. No plan uses it yet (issue 13: the
-//! planner's MIN/MAX, more than three parties and a helper party come
-//! next); it is here so that the trait, the message shapes and the steps
-//! are exercised by a second engine.
+//! [`crate::rep3`]. **Semi-honest, honest majority**: if all three follow
+//! the protocol, no single party learns anything but the revealed extremes
+//! (and what they imply with its own values; it does not learn which party
+//! held them). A compute party that *deviates* (adds an error of its
+//! choice to a product) can change what is revealed in ways that leak more
+//! than the extremes, not only make them wrong: this engine must not be
+//! offered against a malicious peer until its results are checked
+//! (malicious security is future work, as for the additive engine's
+//! correctness). No plan uses it yet (issue 13: the planner's MIN/MAX,
+//! more than three parties and a helper party come next); it is here so
+//! that the trait, the message shapes and the steps are exercised by a
+//! second engine.
 //!
 //! Steps: 0 set-up (each party's PRG seed to the previous party, 4
 //! words), 1 to 3 the inputs of parties 0, 1 and 2 (each sends the other
@@ -148,6 +154,9 @@ impl Engine for ReplicatedEngine {
             return None;
         }
         let n = shape.rows.checked_mul(shape.widths.len())?;
+        if n == 0 || n > usize::MAX / 4 {
+            return None;
+        }
         let words = |rows: usize, before_start: bool| MessageShape {
             rows,
             max_cols: 1,
@@ -158,7 +167,10 @@ impl Engine for ReplicatedEngine {
         let (first, rounds, reveal) = Self::schedule(n);
         match step.0 {
             0 if sender == next => Some(words(4, true)),
-            1..=3 if sender == usize::from(step.0 - 1) => Some(words(2 * n, true)),
+            // Party 0's input may reach a party that has not started yet;
+            // parties 1 and 2 send theirs only after hearing from both
+            // receivers, which had started by then.
+            1..=3 if sender == usize::from(step.0 - 1) => Some(words(2 * n, step.0 == 1)),
             s if (first..reveal).contains(&s) && sender == next => {
                 Some(words(rounds[usize::from(s - first)], false))
             }
@@ -180,6 +192,11 @@ impl Engine for ReplicatedEngine {
             .ok_or_else(|| ExecError::Encode(format!("{} is not a compute party", self.leader)))?;
         let (rows, cols) = (input.rows, input.columns.len());
         let n = rows * cols;
+        if n == 0 {
+            return Err(ExecError::Encode(
+                "the replicated engine needs at least one group and one column".into(),
+            ));
+        }
         // This party's columns, one after another.
         let mut mine = Vec::with_capacity(n);
         for c in &input.columns {
