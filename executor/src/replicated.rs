@@ -284,80 +284,100 @@ mod tests {
     /// receiver's engine expects at that step, with exactly those rows.
     #[tokio::test]
     async fn min_and_max_of_three_parties_match_plaintext_and_the_schedule() {
-        let rows = 9;
-        let values = |party: usize, col: usize, g: usize| -> i64 {
-            match (party, g) {
-                (_, 0) => 0,
-                (0, 1) => COMPARE_BOUND,
-                (1, 1) => -COMPARE_BOUND,
-                (_, 2) => 7, // a tie everywhere
-                _ => ((g * 31 + party * 17 + col * 5) as i64 % 23) - 11,
-            }
-        };
-        for op in [Op::Min, Op::Max] {
-            let prog = program(op, "b");
-            let ps: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
-            let log = Arc::new(Mutex::new(Vec::new()));
-            let net = InMemoryNetwork::connect(&ps, Duration::from_secs(20));
-            let mut tasks = Vec::new();
-            for (i, t) in net.into_iter().enumerate() {
-                let (prog, log, me) = (prog.clone(), log.clone(), ps[i].clone());
-                tasks.push(tokio::spawn(async move {
-                    let e = ReplicatedEngine::for_program(&prog, &me).unwrap();
-                    let cols: Vec<Vec<i256>> = (0..2)
-                        .map(|c| {
-                            (0..rows)
-                                .map(|g| i256::from_i128(values(i, c, g) as i128))
-                                .collect()
-                        })
-                        .collect();
-                    let columns = e.encode(&cols, &[Width::Z64, Width::Z64]).unwrap();
-                    let t = Recording {
-                        inner: t,
-                        me: me.clone(),
-                        log,
-                    };
-                    e.run(
-                        &t,
-                        &SharedTable {
-                            keys: vec![],
-                            columns,
-                            rows,
-                        },
-                    )
-                    .await
-                    .unwrap()
-                }));
-            }
-            let mut outs = Vec::new();
-            for t in tasks {
-                outs.push(t.await.unwrap());
-            }
-            assert!(outs[0].is_none() && outs[2].is_none());
-            let got = outs[1].as_ref().unwrap();
-            for c in 0..2 {
-                for g in 0..rows {
-                    let vs = (0..3).map(|p| values(p, c, g));
-                    let want = if op == Op::Max { vs.max() } else { vs.min() }.unwrap();
+        for rows in [1usize, 9] {
+            let values = |party: usize, col: usize, g: usize| -> i64 {
+                match (party, g) {
+                    (_, 0) => 0,
+                    (0, 1) => COMPARE_BOUND,
+                    (1, 1) => -COMPARE_BOUND,
+                    (_, 2) => 7, // a tie everywhere
+                    _ => ((g * 31 + party * 17 + col * 5) as i64 % 23) - 11,
+                }
+            };
+            for op in [Op::Min, Op::Max] {
+                let prog = program(op, "b");
+                let ps: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+                let log = Arc::new(Mutex::new(Vec::new()));
+                let net = InMemoryNetwork::connect(&ps, Duration::from_secs(20));
+                let mut tasks = Vec::new();
+                for (i, t) in net.into_iter().enumerate() {
+                    let (prog, log, me) = (prog.clone(), log.clone(), ps[i].clone());
+                    tasks.push(tokio::spawn(async move {
+                        let e = ReplicatedEngine::for_program(&prog, &me).unwrap();
+                        let cols: Vec<Vec<i256>> = (0..2)
+                            .map(|c| {
+                                (0..rows)
+                                    .map(|g| i256::from_i128(values(i, c, g) as i128))
+                                    .collect()
+                            })
+                            .collect();
+                        let columns = e.encode(&cols, &[Width::Z64, Width::Z64]).unwrap();
+                        let t = Recording {
+                            inner: t,
+                            me: me.clone(),
+                            log,
+                        };
+                        e.run(
+                            &t,
+                            &SharedTable {
+                                keys: vec![],
+                                columns,
+                                rows,
+                            },
+                        )
+                        .await
+                        .unwrap()
+                    }));
+                }
+                let mut outs = Vec::new();
+                for t in tasks {
+                    outs.push(t.await.unwrap());
+                }
+                assert!(outs[0].is_none() && outs[2].is_none());
+                let got = outs[1].as_ref().unwrap();
+                for c in 0..2 {
+                    for g in 0..rows {
+                        let vs = (0..3).map(|p| values(p, c, g));
+                        let want = if op == Op::Max { vs.max() } else { vs.min() }.unwrap();
+                        assert_eq!(
+                            got[c][g],
+                            i256::from_i128(want as i128),
+                            "{op:?} col {c} group {g}"
+                        );
+                    }
+                }
+                let shape = TableShape {
+                    rows,
+                    widths: vec![Width::Z64; 2],
+                    key_columns: 0,
+                    key_bytes: 0,
+                };
+                let log = log.lock().unwrap().clone();
+                assert!(log.len() > 20);
+                for (from, to, step, n) in &log {
+                    let receiver = ReplicatedEngine::for_program(&prog, to).unwrap();
+                    let expected = receiver.expects(from, *step, &shape);
                     assert_eq!(
-                        got[c][g],
-                        i256::from_i128(want as i128),
-                        "{op:?} col {c} group {g}"
+                        expected.map(|s| s.rows),
+                        Some(*n),
+                        "{from} → {to} at {step}"
                     );
                 }
-            }
-            let shape = TableShape {
-                rows,
-                widths: vec![Width::Z64; 2],
-                key_columns: 0,
-                key_bytes: 0,
-            };
-            let log = log.lock().unwrap().clone();
-            assert!(log.len() > 20);
-            for (from, to, step, n) in log {
-                let receiver = ReplicatedEngine::for_program(&prog, &to).unwrap();
-                let expected = receiver.expects(&from, step, &shape);
-                assert_eq!(expected.map(|s| s.rows), Some(n), "{from} → {to} at {step}");
+                // And every message an engine expects was sent.
+                for to in &ps {
+                    let receiver = ReplicatedEngine::for_program(&prog, to).unwrap();
+                    for from in &ps {
+                        for step in (0..40).map(Step) {
+                            if receiver.expects(from, step, &shape).is_some() {
+                                assert!(
+                                    log.iter()
+                                        .any(|(f, t, s, _)| f == from && t == to && *s == step),
+                                    "{to} expects {from}'s {step}, never sent"
+                                );
+                            }
+                        }
+                    }
+                }
             }
         }
     }
