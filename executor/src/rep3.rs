@@ -321,28 +321,55 @@ impl<'t> Rep3<'t> {
 
     /// Products of pairs of columns, all in one round.
     pub async fn mul_many(&mut self, pairs: &[(&Arith, &Arith)]) -> Result<Vec<Arith>, ExecError> {
-        let lens: Vec<usize> = pairs.iter().map(|(x, _)| x.len()).collect();
-        let total: usize = lens.iter().sum();
-        let alpha = self.zero_arith(total);
-        let mut z = Vec::with_capacity(total);
-        for (x, y) in pairs {
-            check_len(x.len(), y.len())?;
-            for k in 0..x.len() {
-                z.push(
-                    x.a[k]
-                        .wrapping_mul(y.a[k])
-                        .wrapping_add(x.a[k].wrapping_mul(y.b[k]))
-                        .wrapping_add(x.b[k].wrapping_mul(y.a[k])),
-                );
-            }
+        let pairs: Vec<_> = pairs
+            .iter()
+            .map(|(x, y)| ([&x.a[..], &x.b[..]], [&y.a[..], &y.b[..]]))
+            .collect();
+        let out = self.product_round(&pairs, false).await?;
+        Ok(out.into_iter().map(|(a, b)| Arith { a, b }).collect())
+    }
+
+    /// One round of products (over Z_2^64, or ANDs of words with
+    /// `boolean`): each party's cross terms x_i·y_i + x_i·y_{i+1} +
+    /// x_{i+1}·y_i, masked by a fresh zero-sharing, go to the previous
+    /// party; the next party's come back as the second half of each pair.
+    async fn product_round(
+        &mut self,
+        pairs: &[([&[u64]; 2], [&[u64]; 2])],
+        boolean: bool,
+    ) -> Result<Vec<(Vec<u64>, Vec<u64>)>, ExecError> {
+        let mut lens = Vec::with_capacity(pairs.len());
+        for ([xa, xb], [ya, yb]) in pairs {
+            check_len(xa.len(), ya.len())?;
+            check_len(xb.len(), yb.len())?;
+            check_len(xa.len(), xb.len())?;
+            lens.push(xa.len());
         }
-        for (v, r) in z.iter_mut().zip(&alpha) {
-            *v = v.wrapping_add(*r);
+        let total: usize = lens.iter().sum();
+        let mut z = if boolean {
+            self.zero_bool(total)
+        } else {
+            self.zero_arith(total)
+        };
+        let mut at = 0;
+        for ([xa, xb], [ya, yb]) in pairs {
+            for k in 0..xa.len() {
+                let v = &mut z[at + k];
+                *v = if boolean {
+                    *v ^ (xa[k] & ya[k]) ^ (xa[k] & yb[k]) ^ (xb[k] & ya[k])
+                } else {
+                    v.wrapping_add(
+                        xa[k]
+                            .wrapping_mul(ya[k])
+                            .wrapping_add(xa[k].wrapping_mul(yb[k]))
+                            .wrapping_add(xb[k].wrapping_mul(ya[k])),
+                    )
+                };
+            }
+            at += xa.len();
         }
         let got = self.exchange(z.clone()).await?;
-        Ok(split(&z, &got, &lens)
-            .map(|(a, b)| Arith { a, b })
-            .collect())
+        Ok(split(&z, &got, &lens).collect())
     }
 
     pub async fn mul(&mut self, x: &Arith, y: &Arith) -> Result<Arith, ExecError> {
@@ -353,21 +380,12 @@ impl<'t> Rep3<'t> {
 
     /// ANDs of pairs of word columns, all in one round.
     pub async fn and_many(&mut self, pairs: &[(&Bool, &Bool)]) -> Result<Vec<Bool>, ExecError> {
-        let lens: Vec<usize> = pairs.iter().map(|(x, _)| x.len()).collect();
-        let total: usize = lens.iter().sum();
-        let alpha = self.zero_bool(total);
-        let mut z = Vec::with_capacity(total);
-        for (x, y) in pairs {
-            check_len(x.len(), y.len())?;
-            for k in 0..x.len() {
-                z.push((x.a[k] & y.a[k]) ^ (x.a[k] & y.b[k]) ^ (x.b[k] & y.a[k]));
-            }
-        }
-        for (v, r) in z.iter_mut().zip(&alpha) {
-            *v ^= *r;
-        }
-        let got = self.exchange(z.clone()).await?;
-        Ok(split(&z, &got, &lens).map(|(a, b)| Bool { a, b }).collect())
+        let pairs: Vec<_> = pairs
+            .iter()
+            .map(|(x, y)| ([&x.a[..], &x.b[..]], [&y.a[..], &y.b[..]]))
+            .collect();
+        let out = self.product_round(&pairs, true).await?;
+        Ok(out.into_iter().map(|(a, b)| Bool { a, b }).collect())
     }
 
     pub async fn and(&mut self, x: &Bool, y: &Bool) -> Result<Bool, ExecError> {

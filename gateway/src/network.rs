@@ -74,7 +74,7 @@ mod memory {
     use futures::StreamExt;
 
     use super::PeerNetwork;
-    use crate::peer::{share_flight, status_error, PutHeader};
+    use crate::peer::{share_flight, status_error, unless_encoding_fails, PutHeader};
     use crate::service::PeerService;
 
     /// One message as the memory network saw it.
@@ -309,12 +309,7 @@ mod memory {
             let call = self.hub.call(peer, delay, async move {
                 service.handle_put(&me, flight.map(Ok).boxed()).await
             });
-            tokio::select! {
-                r = call => r,
-                Ok(reason) = failed => Err(TransportError::Local(format!(
-                    "its share for {peer} could not be encoded: {reason}"
-                ))),
-            }
+            unless_encoding_fails(peer, call, failed).await
         }
     }
 

@@ -328,17 +328,7 @@ impl PeerNetwork for PeerClients {
             }
             Ok(())
         };
-        let call = async {
-            // A batch that could not be encoded ends the call (the peer
-            // sees its stream break off, not a short share).
-            tokio::select! {
-                r = call => r,
-                Ok(reason) = failed => Err(TransportError::Local(format!(
-                    "its share for {peer} could not be encoded: {reason}"
-                ))),
-            }
-        };
-        match tokio::time::timeout(self.timeout, call).await {
+        match tokio::time::timeout(self.timeout, unless_encoding_fails(peer, call, failed)).await {
             Ok(r) => r,
             Err(_) => Err(TransportError::Unreachable {
                 peer: peer.into(),
@@ -389,6 +379,22 @@ pub(crate) fn share_flight(
         }
     });
     Ok((flight, rx))
+}
+
+/// `call` (a put of [`share_flight`]'s stream), ended at once if a batch
+/// could not be encoded: dropping the call makes the peer see its stream
+/// break off, not a well-formed short share.
+pub(crate) async fn unless_encoding_fails(
+    peer: &str,
+    call: impl std::future::Future<Output = Result<(), TransportError>>,
+    failed: tokio::sync::oneshot::Receiver<String>,
+) -> Result<(), TransportError> {
+    tokio::select! {
+        r = call => r,
+        Ok(reason) = failed => Err(TransportError::Local(format!(
+            "its share for {peer} could not be encoded: {reason}"
+        ))),
+    }
 }
 
 /// A refusal as the caller reads it: the one place that maps a gRPC status
