@@ -471,6 +471,13 @@ fn pushdown(
                     (PartialKind::Sum, None) => {
                         format!("CAST(SUM(CAST({} AS NUMERIC(38,{s}))) AS TEXT)", a())
                     }
+                    // The least or greatest value within the same bound as
+                    // DataFusion's partial; NULL where the group has none.
+                    (PartialKind::Extreme { max }, _) => format!(
+                        "CAST({}({}) AS TEXT)",
+                        if max { "MAX" } else { "MIN" },
+                        fixed(a(), SQUARE_DIGITS as u32)
+                    ),
                     (PartialKind::SumSquares, _) => {
                         let f = fixed(a(), SQUARE_DIGITS as u32);
                         format!("CAST(SUM({f} * {f}) AS TEXT)")
@@ -529,6 +536,11 @@ fn pushdown(
                     PartialKind::SumSquares | PartialKind::SquareLimb(_) => {
                         return Err(format!(
                             "aggregate argument {a}: SQLite's squares overflow 64-bit integers"
+                        ))
+                    }
+                    PartialKind::Extreme { .. } => {
+                        return Err(format!(
+                            "aggregate argument {a}: SQLite compares mixed types by its own rules, not as DataFusion does"
                         ))
                     }
                 }

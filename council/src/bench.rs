@@ -667,6 +667,17 @@ pub async fn plaintext_child(
     Ok(())
 }
 
+/// The shortest of five runs of `f`, in seconds.
+fn best_of_5(f: &mut dyn FnMut()) -> f64 {
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    best
+}
+
 /// `council bench --micro`: executor throughput in elements per second,
 /// against a plain summation of the same number of i64 in the same run.
 pub fn micro(elements: usize) -> Result<()> {
@@ -675,15 +686,7 @@ pub fn micro(elements: usize) -> Result<()> {
     let values: Vec<arrow::datatypes::i256> = (0..elements as i128)
         .map(|i| arrow::datatypes::i256::from_i128((i * 7919) % 1_000_003 - 500_000))
         .collect();
-    let time = |f: &mut dyn FnMut()| {
-        let mut best = f64::INFINITY;
-        for _ in 0..5 {
-            let t = Instant::now();
-            f();
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        best
-    };
+    let time = best_of_5;
     let plain: Vec<i64> = values.iter().map(|&v| v.as_i128() as i64).collect();
     let mut sink = 0i64;
     let base =
@@ -787,5 +790,144 @@ pub fn micro(elements: usize) -> Result<()> {
         );
     }
     std::hint::black_box((sink, out, batch, share));
+    Ok(())
+}
+
+/// `council bench --micro`, the secure part: 64-bit multiplications and
+/// comparisons per second of the replicated engine (three parties, each a
+/// task of this process, over the in-memory transport: no TLS or sockets,
+/// so this is the protocol's own cost), beside the additive engine's
+/// secure sum and plaintext products and comparisons of the same values in
+/// the same run. Each figure is the wall time from a common start until
+/// all three parties finish, best of `reps`.
+pub async fn micro_mpc(sizes: &[usize]) -> Result<()> {
+    use executor::rep3::Rep3;
+    use executor::transport::Step;
+    use executor::{AdditiveEngine, Engine, InMemoryNetwork, SharedTable};
+    use rand::Rng;
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        Mul,
+        Compare,
+        Sum,
+    }
+    let names: [String; 3] = ["p0", "p1", "p2"].map(String::from);
+    async fn run3(names: &[String; 3], n: usize, kind: Kind) -> Result<f64> {
+        let net = InMemoryNetwork::connect(names, Duration::from_secs(600));
+        let barrier = Arc::new(tokio::sync::Barrier::new(3));
+        let mut tasks = Vec::new();
+        for (i, t) in net.into_iter().enumerate() {
+            let names = names.clone();
+            let barrier = barrier.clone();
+            tasks.push(tokio::spawn(async move {
+                // Below 2^61 in magnitude: within the comparison's bound.
+                let mine: Vec<u64> = {
+                    let mut rng = rand::rng();
+                    (0..n).map(|_| (rng.random::<i64>() >> 3) as u64).collect()
+                };
+                if kind == Kind::Sum {
+                    let engine =
+                        AdditiveEngine::new(names.to_vec(), names[i].clone(), names[0].clone());
+                    let input = SharedTable {
+                        keys: vec![],
+                        columns: vec![executor::ShareColumn::Z64(mine)],
+                        rows: n,
+                    };
+                    barrier.wait().await;
+                    let t0 = Instant::now();
+                    engine.run(&t, &input).await.map_err(|e| anyhow!("{e}"))?;
+                    return Ok::<f64, anyhow::Error>(t0.elapsed().as_secs_f64());
+                }
+                let mut r = Rep3::setup(&t, names.clone(), &names[i], Step(0))
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
+                let x = r
+                    .input(0, (i == 0).then_some(&mine[..]), n)
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
+                let y = r
+                    .input(1, (i == 1).then_some(&mine[..]), n)
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
+                barrier.wait().await;
+                let t0 = Instant::now();
+                match kind {
+                    Kind::Mul => {
+                        std::hint::black_box(r.mul(&x, &y).await.map_err(|e| anyhow!("{e}"))?);
+                    }
+                    _ => {
+                        std::hint::black_box(
+                            r.less_than(&x, &y).await.map_err(|e| anyhow!("{e}"))?,
+                        );
+                    }
+                }
+                Ok(t0.elapsed().as_secs_f64())
+            }));
+        }
+        let mut worst: f64 = 0.0;
+        for t in tasks {
+            worst = worst.max(t.await.map_err(|e| anyhow!("{e}"))??);
+        }
+        Ok(worst)
+    }
+    println!(
+        "secure part micro-benchmarks, three parties in one process over the in-memory transport \
+         (no TLS), wall time until all three finish ({}):",
+        if cfg!(debug_assertions) {
+            "DEBUG build"
+        } else {
+            "release build"
+        }
+    );
+    for &n in sizes {
+        let reps = if n <= 1 << 20 { 3 } else { 1 };
+        let mut rng = rand::rng();
+        let a: Vec<i64> = (0..n).map(|_| rng.random::<i64>() >> 3).collect();
+        let b: Vec<i64> = (0..n).map(|_| rng.random::<i64>() >> 3).collect();
+        let best = best_of_5;
+        let mut sink = 0u64;
+        let plain_mul = best(&mut || {
+            sink = sink.wrapping_add(
+                a.iter()
+                    .zip(&b)
+                    .fold(0i64, |s, (x, y)| s.wrapping_add(x.wrapping_mul(*y)))
+                    as u64,
+            )
+        });
+        let plain_lt = best(&mut || {
+            sink = sink.wrapping_add(a.iter().zip(&b).filter(|(x, y)| x < y).count() as u64)
+        });
+        std::hint::black_box(sink);
+        println!("  n = 2^{} values:", n.trailing_zeros());
+        for (label, kind, plain) in [
+            (
+                "multiplications (replicated, 1 round)",
+                Kind::Mul,
+                plain_mul,
+            ),
+            (
+                "comparisons (replicated, 8 rounds)",
+                Kind::Compare,
+                plain_lt,
+            ),
+            (
+                "additive secure sum (3 parties, for scale)",
+                Kind::Sum,
+                plain_mul,
+            ),
+        ] {
+            let mut secs = f64::INFINITY;
+            for _ in 0..reps {
+                secs = secs.min(run3(&names, n, kind).await?);
+            }
+            println!(
+                "    {label:<44} {:>8.1} M/s   plaintext {:>8.0} M/s   {:>7.0}x plaintext's time",
+                n as f64 / secs / 1e6,
+                n as f64 / plain / 1e6,
+                secs / plain
+            );
+        }
+    }
     Ok(())
 }

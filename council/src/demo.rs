@@ -94,7 +94,7 @@ filter = true
 
 [tables.patients.columns.cost]
 filter = true
-aggregate = ["count", "sum", "avg", "var", "stddev"]
+aggregate = ["count", "sum", "avg", "var", "stddev", "min", "max"]
 clamp = [0, 50000]
 
 [tables.patients.columns.length_of_stay]
@@ -228,6 +228,10 @@ pub const DEMO_QUERIES: &[(&str, &str)] = &[
         "SELECT age_band, SUM(cost) / COUNT(cost) AS cost_per_patient, VAR_POP(cost) AS cost_variance FROM patients WHERE length_of_stay > 3 GROUP BY age_band HAVING COUNT(*) >= 20 ORDER BY cost_per_patient DESC LIMIT 3",
     ),
     (
+        "Cheapest and dearest admission by age band (MIN/MAX: secure comparison among the three gateways)",
+        "SELECT age_band, MIN(cost) AS cheapest, MAX(cost) AS dearest, COUNT(*) AS admissions FROM patients GROUP BY age_band ORDER BY age_band",
+    ),
+    (
         "Cardiovascular admissions (I10, I21) across all hospitals",
         "SELECT COUNT(*) AS admissions, AVG(cost) AS mean_cost, VAR_SAMP(length_of_stay) AS stay_variance FROM patients WHERE diagnosis IN ('I10', 'I21')",
     ),
@@ -240,7 +244,7 @@ pub const DEMO_REFUSED: (&str, &str) = (
 
 pub const DEMO_UNSUPPORTED: (&str, &str) = (
     "A construct Council does not compute yet",
-    "SELECT age_band, MAX(cost) FROM patients GROUP BY age_band",
+    "SELECT age_band, MEDIAN(cost) FROM patients GROUP BY age_band",
 );
 
 const ANALYST: (&str, &str) = ("alice", "demo-password-not-secret");
@@ -583,7 +587,7 @@ async fn user_federation(
                 for c in &t.columns {
                     let _ = writeln!(
                         pol,
-                        "[tables.{}.columns.{}]\nfilter = true\ngroup_by = {}\naggregate = [\"count\", \"sum\", \"avg\", \"var\", \"stddev\"]",
+                        "[tables.{}.columns.{}]\nfilter = true\ngroup_by = {}\naggregate = [\"count\", \"sum\", \"avg\", \"var\", \"stddev\", \"min\", \"max\"]",
                         t.name,
                         c.name,
                         c.domain.is_some()

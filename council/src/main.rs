@@ -287,7 +287,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             })
             .await?;
         }
-        Command::Bench { micro: true, .. } => council::bench::micro(4_000_000)?,
+        Command::Bench { micro: true, .. } => {
+            council::bench::micro(4_000_000)?;
+            council::bench::micro_mpc(&[1 << 20, 1 << 24]).await?;
+        }
         Command::Bench {
             sf,
             parties,

@@ -110,7 +110,7 @@ impl Engine for AdditiveEngine {
     /// A sum then a reveal, every party contributing input and computing
     /// on shares, exactly one party receiving the result.
     fn supports(&self, program: &Program) -> Result<(), String> {
-        if program.ops != [Op::Sum, Op::Reveal] {
+        if program.single() != [Op::Sum, Op::Reveal] {
             return Err(format!(
                 "the additive engine runs a sum and then a reveal, not {}",
                 program.describe()
@@ -495,7 +495,7 @@ mod garbage {
         let e2 = e.supports(&Program::sum_and_reveal(&ps, "")).unwrap_err();
         assert!(e2.contains("exactly one party"), "{e2}");
         let mut p = Program::sum_and_reveal(&ps, "a");
-        p.ops.reverse();
+        p.stages[0].ops.reverse();
         assert!(e
             .supports(&p)
             .unwrap_err()

@@ -24,15 +24,37 @@ pub struct Dense {
     pub outside: usize,
 }
 
+/// How a partial's local values combine within a group: summed (counts,
+/// sums; zero where the party has no rows), or the least or greatest
+/// (`i128::MAX` or `i128::MIN` where it has no value: see
+/// [`crate::replicated::min_input`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fold {
+    Sum,
+    Min,
+    Max,
+}
+
+impl Fold {
+    fn empty(self) -> i128 {
+        match self {
+            Fold::Sum => 0,
+            Fold::Min => i128::MAX,
+            Fold::Max => i128::MIN,
+        }
+    }
+}
+
 /// Spreads the local result over the domain. `batches` hold the group key
-/// columns first, then one column per partial.
+/// columns first, then one column per partial, combined as `folds` says.
 pub fn dense_partials(
     batches: &[RecordBatch],
     index: &GroupIndex,
-    npartials: usize,
+    folds: &[Fold],
 ) -> Result<Dense, ExecError> {
     let nkeys = index.keys().len();
-    let mut out = vec![vec![0i128; index.len()]; npartials];
+    let npartials = folds.len();
+    let mut out: Vec<Vec<i128>> = folds.iter().map(|f| vec![f.empty(); index.len()]).collect();
     let mut outside = 0;
     for b in batches {
         if b.num_columns() != nkeys + npartials {
@@ -47,10 +69,15 @@ pub fn dense_partials(
         outside += pos.iter().filter(|p| p.is_none()).count();
         for (k, dst) in out.iter_mut().enumerate() {
             let col = b.column(nkeys + k);
+            let fold = folds[k];
             let add = |dst: &mut Vec<i128>, g: usize, v: i128| -> Result<(), ExecError> {
-                dst[g] = dst[g].checked_add(v).ok_or_else(|| {
-                    ExecError::Encode("a local partial overflows 128 bits".into())
-                })?;
+                dst[g] = match fold {
+                    Fold::Sum => dst[g].checked_add(v).ok_or_else(|| {
+                        ExecError::Encode("a local partial overflows 128 bits".into())
+                    })?,
+                    Fold::Min => dst[g].min(v),
+                    Fold::Max => dst[g].max(v),
+                };
                 Ok(())
             };
             if let Some(a) = col.as_any().downcast_ref::<Int64Array>() {
@@ -194,7 +221,7 @@ mod tests {
             ],
         )
         .unwrap();
-        let d = dense_partials(&[b], &idx, 2).unwrap();
+        let d = dense_partials(&[b], &idx, &[Fold::Sum, Fold::Sum]).unwrap();
         assert_eq!(d.values, vec![vec![0, 3, 0], vec![0, -1250, 0]]);
         assert_eq!(d.outside, 1, "the undeclared key X is left out and counted");
         assert!(!sum_cannot_wrap(1 << 20, 1 << 120));
@@ -202,5 +229,35 @@ mod tests {
         assert!(!sum_cannot_wrap(1 << 63, 1 << 64));
         let e = to_ring(&[vec![i256::from_i128(i64::MAX as i128)]], &[Width::Z64], 2).unwrap_err();
         assert_eq!(e.partial, 0);
+    }
+
+    #[test]
+    fn extremes_keep_the_least_or_greatest_and_mark_absence() {
+        let dom: ArrayRef = Arc::new(StringArray::from(vec![Some("F"), Some("M"), None]));
+        let idx = GroupIndex::new(vec![dom]).unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Utf8, true),
+            Field::new("lo", DataType::Int64, true),
+            Field::new("hi", DataType::Int64, true),
+        ]));
+        // M appears twice (as two batches of one source could give it) and
+        // F's value is NULL.
+        let b = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec![Some("M"), Some("F"), Some("M")])),
+                Arc::new(Int64Array::from(vec![Some(4), None, Some(-2)])),
+                Arc::new(Int64Array::from(vec![Some(4), None, Some(-2)])),
+            ],
+        )
+        .unwrap();
+        let d = dense_partials(&[b], &idx, &[Fold::Min, Fold::Max]).unwrap();
+        assert_eq!(
+            d.values,
+            vec![
+                vec![i128::MAX, -2, i128::MAX],
+                vec![i128::MIN, 4, i128::MIN]
+            ]
+        );
     }
 }

@@ -14,6 +14,7 @@ pub mod additive;
 pub mod encode;
 pub mod groups;
 pub mod noise;
+pub mod pipeline;
 pub mod program;
 pub mod rep3;
 pub mod replicated;
@@ -23,7 +24,9 @@ pub mod transport;
 
 pub use additive::AdditiveEngine;
 pub use groups::GroupIndex;
-pub use program::{Op, Program, Roles};
+pub use pipeline::Pipeline;
+pub use program::{Op, Program, Roles, Stage};
+pub use replicated::ReplicatedEngine;
 pub use shares::{ShareColumn, SharedTable, Width};
 pub use transport::{
     AbortKind, AbortReason, InMemoryNetwork, Inbound, Outbound, Step, Transport, TransportError,

@@ -1,9 +1,11 @@
-//! What a query's secure part is, as an engine sees it: the operators over
-//! the shared columns (today a sum, then a reveal) and each party's roles.
-//! The planner writes a [`Program`] into every plan (and its fingerprint);
-//! an engine says whether it runs it ([`crate::Engine::supports`]) and
-//! which messages each step of its protocol carries
-//! ([`crate::Engine::expects`]).
+//! What a query's secure part is, as an engine sees it: one or more
+//! stages, each a list of operators over consecutive shared columns (a sum
+//! then a reveal; a minimum then a reveal), and each party's roles. The
+//! planner writes a [`Program`] into every plan (and its fingerprint) and
+//! picks the operators of each stage, and so its engine; an engine says
+//! whether it runs a stage ([`crate::Engine::supports`]) and which messages
+//! each step of its protocol carries ([`crate::Engine::expects`]). A
+//! program of several stages runs as a [`crate::Pipeline`].
 
 use std::collections::BTreeMap;
 
@@ -48,26 +50,69 @@ pub enum Op {
     /// The sums, revealed to the result parties only.
     Reveal,
     /// The smallest of the input parties' values, per group and column
-    /// (engine 2; no plan uses it yet).
+    /// (the replicated engine: a comparison needs an honest majority of
+    /// three compute parties). A largest value is the negated smallest of
+    /// the negated values, so plans use only this.
     Min,
-    /// The largest, as [`Op::Min`].
+    /// The largest, as [`Op::Min`] (the engine runs it; plans do not emit it).
     Max,
 }
 
-/// The secure part of one query: its operators in order, and every party's
+/// A run of operators over `columns` consecutive shared columns (after
+/// those of the stages before it), run by one engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stage {
+    pub ops: Vec<Op>,
+    pub columns: usize,
+}
+
+impl Stage {
+    /// Whether the stage compares, and so needs an honest majority among
+    /// its three compute parties.
+    pub fn compares(&self) -> bool {
+        self.ops.iter().any(|o| matches!(o, Op::Min | Op::Max))
+    }
+
+    /// The security model of the stage, for EXPLAIN and policies.
+    pub fn model(&self) -> &'static str {
+        if self.compares() {
+            "honest majority among the three compute parties (semi-honest)"
+        } else {
+            "any coalition short of all parties (semi-honest)"
+        }
+    }
+}
+
+/// The secure part of one query: its stages in order, and every party's
 /// roles (every party of the federation appears, in sorted order).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Program {
-    pub ops: Vec<Op>,
+    pub stages: Vec<Stage>,
     pub roles: BTreeMap<String, Roles>,
 }
 
 impl Program {
     /// Every party contributes input and computes on shares; `leader`
-    /// alone receives the result: today's only shape of a query.
+    /// alone receives the result. One stage, a sum then a reveal, over
+    /// every shared column (an engine of a one-stage program takes every
+    /// column it is given; `columns` counts them for a [`crate::Pipeline`]
+    /// and EXPLAIN, and is 0 here where they are not known).
     pub fn sum_and_reveal(parties: &[String], leader: &str) -> Self {
+        Self::with_stages(
+            parties,
+            leader,
+            vec![Stage {
+                ops: vec![Op::Sum, Op::Reveal],
+                columns: 0,
+            }],
+        )
+    }
+
+    /// Every party contributes input, computes and `leader` receives, for
+    /// the given stages.
+    pub fn with_stages(parties: &[String], leader: &str, stages: Vec<Stage>) -> Self {
         Program {
-            ops: vec![Op::Sum, Op::Reveal],
+            stages,
             roles: parties
                 .iter()
                 .map(|p| {
@@ -82,6 +127,28 @@ impl Program {
                 })
                 .collect(),
         }
+    }
+
+    /// The program of one stage (same roles), for the engine that runs it.
+    pub fn stage(&self, k: usize) -> Option<Program> {
+        self.stages.get(k).map(|s| Program {
+            stages: vec![s.clone()],
+            roles: self.roles.clone(),
+        })
+    }
+
+    /// The operators of a one-stage program (empty otherwise): what an
+    /// engine checks in [`crate::Engine::supports`].
+    pub fn single(&self) -> &[Op] {
+        match &self.stages[..] {
+            [s] => &s.ops,
+            _ => &[],
+        }
+    }
+
+    /// Whether any stage needs an honest majority.
+    pub fn needs_honest_majority(&self) -> bool {
+        self.stages.iter().any(Stage::compares)
     }
 
     /// The parties with a role, in order.
@@ -99,17 +166,24 @@ impl Program {
 
     /// One line, for EXPLAIN and the fingerprint.
     pub fn describe(&self) -> String {
-        let ops: Vec<&str> = self
-            .ops
+        let stages: Vec<String> = self
+            .stages
             .iter()
-            .map(|o| match o {
-                Op::Sum => "sum",
-                Op::Reveal => "reveal",
-                Op::Min => "min",
-                Op::Max => "max",
+            .map(|s| {
+                let ops: Vec<&str> = s
+                    .ops
+                    .iter()
+                    .map(|o| match o {
+                        Op::Sum => "sum",
+                        Op::Reveal => "reveal",
+                        Op::Min => "min",
+                        Op::Max => "max",
+                    })
+                    .collect();
+                format!("{} over {} column(s)", ops.join(" → "), s.columns)
             })
             .collect();
         let roles: Vec<String> = self.roles.iter().map(|(p, r)| format!("{p}={r}")).collect();
-        format!("{}; roles {}", ops.join(" → "), roles.join(", "))
+        format!("{}; roles {}", stages.join(", then "), roles.join(", "))
     }
 }

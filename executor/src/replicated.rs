@@ -31,6 +31,42 @@ use crate::{Engine, ExecError, MessageShape, TableShape};
 /// sign of a difference in Z_2^64).
 pub const COMPARE_BOUND: i64 = (1 << 62) - 1;
 
+/// What a party inputs to a minimum for a group where it has no value:
+/// above every value a plan lets through (the planner keeps them below
+/// 10^18 in magnitude), so it wins only where no party has a value, and
+/// then stands for NULL.
+pub const NO_VALUE: i64 = COMPARE_BOUND;
+
+/// A party's input to [`crate::Op::Min`] from its dense extremes
+/// ([`crate::encode::Fold::Min`], or with `max` [`crate::encode::Fold::Max`],
+/// whose values are negated: the largest value is the negated least of the
+/// negated values). A group without a value becomes [`NO_VALUE`]; a value
+/// beyond ±(2^62 − 1) stays as it is, for [`ReplicatedEngine::encode`] to
+/// refuse.
+pub fn min_input(dense: &[i128], max: bool) -> Vec<i256> {
+    dense
+        .iter()
+        .map(|&v| match (v, max) {
+            (i128::MAX, false) | (i128::MIN, true) => i256::from_i128(NO_VALUE as i128),
+            (v, false) => i256::from_i128(v),
+            (v, true) => i256::from_i128(v).wrapping_neg(),
+        })
+        .collect()
+}
+
+/// The revealed minimum back to the value it stands for: `None` where no
+/// party had a value (SQL's NULL).
+pub fn min_output(revealed: i256, max: bool) -> Option<i128> {
+    let v = revealed.to_i128()?;
+    if v == NO_VALUE as i128 {
+        None
+    } else if max {
+        Some(-v)
+    } else {
+        Some(v)
+    }
+}
+
 #[derive(Debug)]
 pub struct ReplicatedEngine {
     /// The three compute parties, in the agreed (sorted) order.
@@ -67,7 +103,7 @@ impl ReplicatedEngine {
                 .first()
                 .cloned()
                 .unwrap_or_default(),
-            max: program.ops.first() == Some(&Op::Max),
+            max: program.single().first() == Some(&Op::Max),
         };
         e.supports(program)?;
         Ok(e)
@@ -97,7 +133,7 @@ impl Engine for ReplicatedEngine {
     }
 
     fn supports(&self, program: &Program) -> Result<(), String> {
-        if program.ops != [Op::Min, Op::Reveal] && program.ops != [Op::Max, Op::Reveal] {
+        if program.single() != [Op::Min, Op::Reveal] && program.single() != [Op::Max, Op::Reveal] {
             return Err(format!(
                 "the replicated engine runs a min or a max and then a reveal, not {}",
                 program.describe()
@@ -275,7 +311,7 @@ mod tests {
     fn program(op: Op, leader: &str) -> Program {
         let ps: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
         let mut p = Program::sum_and_reveal(&ps, leader);
-        p.ops = vec![op, Op::Reveal];
+        p.stages[0].ops = vec![op, Op::Reveal];
         p
     }
 
@@ -389,7 +425,7 @@ mod tests {
         assert!(e.supports(&sum).unwrap_err().contains("min or a max"));
         let four: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
         let mut p = Program::sum_and_reveal(&four, "a");
-        p.ops = vec![Op::Min, Op::Reveal];
+        p.stages[0].ops = vec![Op::Min, Op::Reveal];
         assert!(ReplicatedEngine::for_program(&p, "a")
             .unwrap_err()
             .contains("exactly three"));

@@ -396,6 +396,64 @@ fn final_values(
                 Ok(Arc::new(b.finish()))
             }
         },
+        AggKind::Min | AggKind::Max => {
+            let i = a
+                .extreme
+                .ok_or_else(|| PlanError::Internal("an extreme without its partial".into()))?;
+            let max = a.kind == AggKind::Max;
+            let value = |g: usize| {
+                total(i, g).and_then(|v| executor::replicated::min_output(i256::from_i128(v), max))
+            };
+            match dt {
+                DataType::Decimal128(p, s) => {
+                    let mut b = Decimal128Builder::with_capacity(groups.len());
+                    for &g in groups {
+                        match value(g) {
+                            None => b.append_null(),
+                            Some(v) => {
+                                let v =
+                                    rescale(v, a.scale, s).ok_or_else(|| overflow("MIN/MAX"))?;
+                                if !fits_precision(v, p) {
+                                    return Err(overflow("MIN/MAX"));
+                                }
+                                b.append_value(v);
+                            }
+                        }
+                    }
+                    Ok(Arc::new(
+                        b.finish()
+                            .with_precision_and_scale(p, s)
+                            .map_err(|e| PlanError::Internal(e.to_string()))?,
+                    ))
+                }
+                DataType::UInt64 | DataType::UInt32 | DataType::UInt16 | DataType::UInt8 => {
+                    let mut b = UInt64Builder::with_capacity(groups.len());
+                    for &g in groups {
+                        match value(g) {
+                            None => b.append_null(),
+                            Some(v) => {
+                                b.append_value(u64::try_from(v).map_err(|_| overflow("MIN/MAX"))?)
+                            }
+                        }
+                    }
+                    Ok(Arc::new(b.finish()))
+                }
+                // Integers of every width: the value is one of the column's,
+                // so it fits; the batch is cast to the output type.
+                _ => {
+                    let mut b = Int64Builder::with_capacity(groups.len());
+                    for &g in groups {
+                        match value(g) {
+                            None => b.append_null(),
+                            Some(v) => {
+                                b.append_value(i64::try_from(v).map_err(|_| overflow("MIN/MAX"))?)
+                            }
+                        }
+                    }
+                    Ok(Arc::new(b.finish()))
+                }
+            }
+        }
         AggKind::VarSamp | AggKind::VarPop | AggKind::StddevSamp | AggKind::StddevPop => {
             let sq = a
                 .sum_squares

@@ -73,6 +73,8 @@ pub enum AggKind {
     VarPop,
     StddevSamp,
     StddevPop,
+    Min,
+    Max,
 }
 
 impl AggKind {
@@ -84,6 +86,8 @@ impl AggKind {
             AggKind::Avg => "avg",
             AggKind::VarSamp | AggKind::VarPop => "var",
             AggKind::StddevSamp | AggKind::StddevPop => "stddev",
+            AggKind::Min => "min",
+            AggKind::Max => "max",
         }
     }
 }
@@ -143,6 +147,11 @@ pub enum PartialKind {
     /// carries the party's whole Σx² (all three combined), shared in
     /// Z_2^256, and the other two are never shared.
     SquareLimb(Limb),
+    /// The party's least (or with `max`, greatest) value, an integer at
+    /// the partial's scale below 10^SQUARE_DIGITS units; combined across
+    /// parties by the replicated engine's secure minimum (a greatest value
+    /// as the negated least of the negated values), never summed.
+    Extreme { max: bool },
 }
 
 impl PartialKind {
@@ -161,6 +170,20 @@ impl PartialKind {
             self,
             PartialKind::Sum | PartialKind::SumSquares | PartialKind::SquareLimb(_)
         )
+    }
+
+    /// Combined by comparison (the replicated engine), not by addition.
+    pub fn is_extreme(self) -> bool {
+        matches!(self, PartialKind::Extreme { .. })
+    }
+
+    /// How a party's local values of this partial combine within a group.
+    pub fn fold(self) -> executor::encode::Fold {
+        match self {
+            PartialKind::Extreme { max: false } => executor::encode::Fold::Min,
+            PartialKind::Extreme { max: true } => executor::encode::Fold::Max,
+            _ => executor::encode::Fold::Sum,
+        }
     }
 }
 
@@ -255,6 +278,7 @@ impl Partial {
             PartialKind::Sum => 10u128.pow(self.digits.unwrap_or(SUM_DIGITS) as u32) - 1,
             PartialKind::SumSquares => (10u128.pow(WHOLE_SQUARE_DIGITS as u32) - 1).pow(2),
             PartialKind::SquareLimb(_) => ((LIMB_BASE - 1) as u128).pow(2),
+            PartialKind::Extreme { .. } => 10u128.pow(SQUARE_DIGITS as u32) - 1,
         }
     }
 
@@ -326,6 +350,12 @@ impl Partial {
             PartialKind::SumSquares => {
                 format!("SUM(({arg})^2) at scale {}, in Z_2^128", 2 * self.scale)
             }
+            PartialKind::Extreme { max } => format!(
+                "{}({arg}) at scale {}, in Z_2^64 (values of 10^{SQUARE_DIGITS} units or more count as NULL; \
+                 a party without a value inputs 2^62 − 1, which stands for NULL)",
+                if max { "MAX" } else { "MIN" },
+                self.scale
+            ),
             PartialKind::SquareLimb(Limb::High) => format!(
                 "SUM(({arg})^2) at scale {}, in Z_2^256: each party sums hi², hi·lo and lo² locally, where \
                  ({arg})·10^{} = hi·10^9 + lo, and shares only hi²·10^18 + 2·hi·lo·10^9 + lo²",
@@ -491,6 +521,12 @@ impl LocalPart {
                     PartialKind::Count if p.digits.is_some() => count(p.fixed_arg(38)),
                     PartialKind::Count => count(arg.clone()),
                     PartialKind::Sum => sum(p.fixed_arg(38)),
+                    PartialKind::Extreme { max: false } => {
+                        datafusion::functions_aggregate::expr_fn::min(p.fixed_arg(SQUARE_DIGITS))
+                    }
+                    PartialKind::Extreme { max: true } => {
+                        datafusion::functions_aggregate::expr_fn::max(p.fixed_arg(SQUARE_DIGITS))
+                    }
                     PartialKind::SumSquares => {
                         sum(p.fixed_arg(SQUARE_DIGITS) * p.fixed_arg(SQUARE_DIGITS))
                     }
@@ -551,6 +587,8 @@ pub struct AggregateOutput {
     pub count: Option<usize>,
     pub sum: Option<usize>,
     pub sum_squares: Option<Squares>,
+    /// The partial of a MIN or MAX.
+    pub extreme: Option<usize>,
     pub scale: u32,
 }
 
@@ -680,9 +718,44 @@ impl FederatedPlan {
                 "{leader} is not a party of this federation"
             )));
         }
-        self.program = executor::Program::sum_and_reveal(&self.parties, leader);
+        self.restage(leader);
         self.fingerprint = fingerprint(&self);
         Ok(self)
+    }
+
+    /// The program's stages from the shared partials, `leader` receiving
+    /// the result: comparisons first, by the replicated engine over the
+    /// extremes (three compute parties, honest majority), then the sums,
+    /// by the additive engine over every other shared partial (any
+    /// coalition short of all parties). [`FederatedPlan::shared_partials`]
+    /// orders the partials so.
+    fn restage(&mut self, leader: &str) {
+        let shared = self.shared_partials();
+        let extremes = shared
+            .iter()
+            .filter(|&&i| self.local.partials[i].kind.is_extreme())
+            .count();
+        let mut stages = Vec::new();
+        if extremes > 0 {
+            stages.push(executor::Stage {
+                ops: vec![executor::Op::Min, executor::Op::Reveal],
+                columns: extremes,
+            });
+        }
+        stages.push(executor::Stage {
+            ops: vec![executor::Op::Sum, executor::Op::Reveal],
+            columns: shared.len() - extremes,
+        });
+        self.program = executor::Program::with_stages(&self.parties, leader, stages);
+    }
+
+    /// The party that receives the result (empty before [`Self::led_by`]).
+    pub fn leader(&self) -> String {
+        self.program
+            .with(|r| r.result)
+            .first()
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Indices of the partials that are secret-shared and revealed. With
@@ -693,15 +766,18 @@ impl FederatedPlan {
         if self.privacy.is_some() {
             return self.shared_partials_under_dp();
         }
-        // The cross and low limbs are shared inside the high one.
-        (0..self.local.partials.len())
+        // The cross and low limbs are shared inside the high one; the
+        // extremes come first, as the program's stages take them.
+        let mut idx: Vec<usize> = (0..self.local.partials.len())
             .filter(|&i| {
                 !matches!(
                     self.local.partials[i].kind,
                     PartialKind::SquareLimb(Limb::Cross | Limb::Low)
                 )
             })
-            .collect()
+            .collect();
+        idx.sort_by_key(|&i| !self.local.partials[i].kind.is_extreme());
+        idx
     }
 
     /// The ring partial `i` is shared in: counts in Z_2^64, sums in
@@ -709,7 +785,7 @@ impl FederatedPlan {
     /// 2^188) in Z_2^256.
     pub fn ring_bits(&self, i: usize) -> u16 {
         match self.local.partials[i].kind {
-            PartialKind::RowCount | PartialKind::Count => 64,
+            PartialKind::RowCount | PartialKind::Count | PartialKind::Extreme { .. } => 64,
             PartialKind::SquareLimb(Limb::High) => 256,
             _ => 128,
         }
@@ -719,6 +795,9 @@ impl FederatedPlan {
     /// dense partials: the partial itself, or for the high limb of squares
     /// its whole Σx² combined from the three limbs.
     pub fn shared_values(&self, i: usize, dense: &[Vec<i128>]) -> Vec<i256> {
+        if let PartialKind::Extreme { max } = self.local.partials[i].kind {
+            return executor::replicated::min_input(&dense[i], max);
+        }
         let limbs = self.aggregates.iter().find_map(|a| match a.sum_squares {
             Some(Squares::Limbs { high, cross, low }) if high == i => Some((cross, low)),
             _ => None,
@@ -789,6 +868,21 @@ impl FederatedPlan {
         let table = self.table.clone();
         let refuse =
             |what: String, hint: String| PlanError::not_permitted(what, "the SELECT list", hint);
+        if let Some(a) = self
+            .aggregates
+            .iter()
+            .find(|a| matches!(a.kind, AggKind::Min | AggKind::Max))
+        {
+            // A minimum's sensitivity is the column's whole range: noise
+            // of that size says nothing, and Council has no mechanism for
+            // it (an exponential mechanism over a public range would be).
+            return Err(refuse(
+                format!("{:?}(...) under differential privacy", a.kind).to_uppercase(),
+                "MIN and MAX have no differentially private mechanism in Council; a party requires DP for \
+                 this query, so ask for COUNT, SUM or AVG instead"
+                    .into(),
+            ));
+        }
         let mut sensitivities = Vec::new();
         let k = params.max_rows as u128;
         self.squares_whole();
@@ -872,6 +966,8 @@ impl FederatedPlan {
                         .find(|(kind, n, _)| *kind == p.kind && Some(n) == name.as_ref())
                         .and_then(|(_, _, s)| *s)
                 }
+                // Refused above: no mechanism for a minimum.
+                PartialKind::Extreme { .. } => None,
             };
             let sens = sens.ok_or_else(|| {
                 PlanError::Invalid(
@@ -936,6 +1032,8 @@ impl FederatedPlan {
             }
         }
         self.privacy = Some(params);
+        let leader = self.leader();
+        self.restage(&leader);
         self.fingerprint = fingerprint(&self);
         Ok(self)
     }
@@ -991,6 +1089,13 @@ impl FederatedPlan {
             "  engine: {}",
             self.options.engine.describe(self.parties.len())
         );
+        if self.program.needs_honest_majority() {
+            let _ = writeln!(
+                s,
+                "  engine for comparisons: replicated secret sharing over Z_2^64 among three compute parties; \
+                 secure while at most one of them is corrupted and none deviates (honest majority, semi-honest)"
+            );
+        }
         let _ = writeln!(s, "  secure part: {}", self.program.describe());
         let _ = writeln!(
             s,
@@ -1023,20 +1128,43 @@ impl FederatedPlan {
             let _ = writeln!(s, "     {line}");
         }
         let shared = self.shared_partials();
-        let _ = writeln!(
-            s,
-            "2. Secure step: each party splits its partials into additive shares, one per party:"
-        );
-        for &i in &shared {
-            let _ = writeln!(s, "     {}", self.local.partials[i].describe());
+        let mut at = 0;
+        for (k, stage) in self.program.stages.iter().enumerate() {
+            let cols = &shared[at.min(shared.len())..(at + stage.columns).min(shared.len())];
+            at += stage.columns;
+            let compute = self.program.with(|r| r.compute).join(", ");
+            if stage.compares() {
+                let _ = writeln!(
+                    s,
+                    "2.{}. Secure step (replicated engine; compute parties {compute}; security: {}): each party \
+                     splits its values into 2-out-of-3 replicated shares over Z_2^64, and the three compare them \
+                     in a tournament (a parallel-prefix comparison, one round per circuit layer for every group \
+                     at once); which party held an extreme is never revealed:",
+                    k + 1,
+                    stage.model()
+                );
+            } else {
+                let _ = writeln!(
+                    s,
+                    "2.{}. Secure step (additive engine; compute parties {compute}; security: {}): each party \
+                     splits its partials into additive shares, one per party:",
+                    k + 1,
+                    stage.model()
+                );
+            }
+            for &i in cols {
+                let _ = writeln!(s, "     {}", self.local.partials[i].describe());
+            }
+            if !stage.compares() {
+                let _ = writeln!(
+                    s,
+                    "   Over mutual TLS, a party sends each other party a 256-bit seed that both expand (ChaCha20) into that \
+                     party's share; each party adds the shares it holds and sends the sum to the querying gateway as an \
+                     Arrow batch of UInt64."
+                );
+            }
         }
-        let _ = writeln!(
-            s,
-            "   Over mutual TLS, a party sends each other party a 256-bit seed that both expand (ChaCha20) into that \
-             party's share; each party adds the shares it holds and sends the sum to the querying gateway as an \
-             Arrow batch of UInt64."
-        );
-        let _ = writeln!(s, "3. Reveal: the per-group totals of the partials above, to {leader} (the querying gateway) only.");
+        let _ = writeln!(s, "3. Reveal: the per-group results of the partials above, to {leader} (the querying gateway) only.");
         if self.privacy.is_some() {
             let _ = writeln!(
                 s,
@@ -1295,11 +1423,13 @@ async fn plan_query_here(
             "var_pop" | "var_population" => AggKind::VarPop,
             "stddev" | "stddev_samp" => AggKind::StddevSamp,
             "stddev_pop" => AggKind::StddevPop,
+            "min" => AggKind::Min,
+            "max" => AggKind::Max,
             other => {
                 return Err(PlanError::not_supported(
                     format!("aggregate {}", other.to_uppercase()),
                     "the SELECT list",
-                    "Council computes COUNT, SUM, AVG, VAR_SAMP, VAR_POP, STDDEV_SAMP and STDDEV_POP so far",
+                    "Council computes COUNT, SUM, AVG, VAR_SAMP, VAR_POP, STDDEV_SAMP, STDDEV_POP, MIN and MAX so far",
                 ))
             }
         };
@@ -1311,6 +1441,7 @@ async fn plan_query_here(
                 count: Some(0),
                 sum: None,
                 sum_squares: None,
+                extreme: None,
                 scale: 0,
             });
             continue;
@@ -1358,6 +1489,17 @@ async fn plan_query_here(
             .get_type(input_schema)
             .map_err(|e| PlanError::Invalid(clean_df_error(&e.to_string())))?;
         let arg = unqualify(arg)?;
+        let extreme = matches!(kind, AggKind::Min | AggKind::Max);
+        if extreme
+            && !(arg_type.is_integer() || matches!(arg_type, DataType::Decimal128(_, s) if s >= 0))
+        {
+            return Err(PlanError::not_supported(
+                format!("{}({}) of type {arg_type}", name.to_uppercase(), brief(&arg)),
+                at_function(&name),
+                "MIN and MAX are computed exactly over integer and decimal values so far; \
+                 cast the argument to a decimal (CAST(x AS DECIMAL(12, 2))) or ask for another aggregate",
+            ));
+        }
         let scale = if kind == AggKind::Count {
             0
         } else {
@@ -1372,7 +1514,7 @@ async fn plan_query_here(
         // can reach the bound.
         let digits = match kind {
             AggKind::Count => None,
-            _ if squares => Some(SQUARE_DIGITS),
+            _ if squares || extreme => Some(SQUARE_DIGITS),
             _ => Some(SUM_DIGITS),
         };
         let mut intern = |kind: PartialKind, count_of_arg: Option<usize>| -> usize {
@@ -1395,6 +1537,21 @@ async fn plan_query_here(
                 partials.len() - 1
             }
         };
+        if extreme {
+            // No count: the minimum itself says whether any value exists
+            // (`executor::replicated::NO_VALUE`).
+            let max = kind == AggKind::Max;
+            aggregates.push(AggregateOutput {
+                kind,
+                field,
+                count: None,
+                sum: None,
+                sum_squares: None,
+                extreme: Some(intern(PartialKind::Extreme { max }, None)),
+                scale,
+            });
+            continue;
+        }
         let count_idx = intern(PartialKind::Count, None);
         let mut out = AggregateOutput {
             kind,
@@ -1402,6 +1559,7 @@ async fn plan_query_here(
             count: Some(count_idx),
             sum: None,
             sum_squares: None,
+            extreme: None,
             scale,
         };
         if kind != AggKind::Count {
@@ -1427,6 +1585,20 @@ async fn plan_query_here(
         aggregates.push(out);
     }
 
+    // Comparisons run on three compute parties (the replicated engine).
+    if partials.iter().any(|p| p.kind.is_extreme()) && parties.len() != 3 {
+        let f = if aggregates.iter().any(|a| a.kind == AggKind::Min) {
+            "min"
+        } else {
+            "max"
+        };
+        return Err(PlanError::not_supported(
+            format!("MIN and MAX across {} parties", parties.len()),
+            at_function(f),
+            "a secure comparison runs on exactly three compute parties; a federation of two (with a \
+             data-less helper party) or of more than three does not run it yet",
+        ));
+    }
     // A result share carries up to two 8-byte words per group and partial
     // (a Z_2^256 sum of squares four, for its three limb partials); peers
     // refuse shares beyond a fixed size, so a plan whose shares would not
@@ -1471,6 +1643,7 @@ async fn plan_query_here(
         noise: Vec::new(),
         program: executor::Program::sum_and_reveal(parties, ""),
     };
+    plan.restage("");
     plan.fingerprint = fingerprint(&plan);
     Ok(plan)
 }
@@ -1754,6 +1927,88 @@ columns = [
     }
 
     #[tokio::test]
+    async fn min_and_max_are_a_comparison_stage_before_the_sums() {
+        let p = plan("SELECT sex, MIN(cost), MAX(los), SUM(cost) FROM patients GROUP BY sex")
+            .await
+            .unwrap()
+            .led_by("b")
+            .unwrap();
+        // The extremes come first among the shared partials, one stage of
+        // the replicated engine over both; the sums and counts after.
+        let shared = p.shared_partials();
+        let kinds: Vec<PartialKind> = shared.iter().map(|&i| p.local.partials[i].kind).collect();
+        assert_eq!(
+            &kinds[..2],
+            &[
+                PartialKind::Extreme { max: false },
+                PartialKind::Extreme { max: true }
+            ]
+        );
+        assert!(kinds[2..].iter().all(|k| !k.is_extreme()));
+        assert_eq!(p.program.stages.len(), 2);
+        assert_eq!(
+            p.program.stages[0].ops,
+            vec![executor::Op::Min, executor::Op::Reveal]
+        );
+        assert_eq!(p.program.stages[0].columns, 2);
+        assert_eq!(p.program.stages[1].columns, shared.len() - 2);
+        assert!(p.program.needs_honest_majority());
+        assert!(shared.iter().all(|&i| p.ring_bits(i) <= 128));
+        let text = p.explain("b");
+        for want in [
+            "security: honest majority among the three compute parties (semi-honest)",
+            "security: any coalition short of all parties (semi-honest)",
+            "compute parties a, b, c",
+            "MIN(cost) at scale 2, in Z_2^64",
+            "MAX(los) at scale 0",
+        ] {
+            assert!(text.contains(want), "{want} not in\n{text}");
+        }
+        // A query of sums only keeps one additive stage; the stage is in
+        // the fingerprint, so a changed engine choice changes it.
+        let q = plan("SELECT sex, SUM(cost) FROM patients GROUP BY sex")
+            .await
+            .unwrap();
+        assert_eq!(q.program.stages.len(), 1);
+        assert!(!q.program.needs_honest_majority());
+        let r = plan("SELECT sex, MIN(cost) FROM patients GROUP BY sex")
+            .await
+            .unwrap();
+        assert_ne!(q.fingerprint, r.fingerprint);
+        // Types without an exact integer encoding are refused with the fix.
+        let cat = Catalog::from_toml(
+            "[tables.v]\ncolumns = [{ name = \"f\", type = \"float\", scale = 2 }, { name = \"d\", type = \"date\" }]\n",
+            "c",
+        )
+        .unwrap();
+        for sql in ["SELECT MIN(f) FROM v", "SELECT MAX(d) FROM v"] {
+            let e = plan_query(sql, &cat, &parties(), &QueryOptions::default())
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("integer and decimal values") && e.contains("CAST"),
+                "{sql}: {e}"
+            );
+        }
+        // Two or four parties: refused, naming the three compute parties.
+        for n in [2, 4] {
+            let ps: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+            let cat = Catalog::from_toml(CATALOG, "catalog.toml").unwrap();
+            let e = plan_query(
+                "SELECT MAX(los) FROM patients",
+                &cat,
+                &ps,
+                &QueryOptions::default(),
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("three compute parties"), "{e}");
+        }
+    }
+
+    #[tokio::test]
     async fn expressions_that_can_fail_on_a_row_are_refused_at_plan_time() {
         for sql in [
             "SELECT COUNT(*) FROM patients WHERE 1 / (CASE WHEN age_band = '65+' AND los = 3 THEN 0 ELSE 1 END) = 1",
@@ -1961,7 +2216,7 @@ columns = [
         let text = a.explain(&leader);
         assert!(
             text.contains(&format!(
-                "secure part: sum → reveal; roles {leader}=input+compute+result"
+                "secure part: sum → reveal over 3 column(s); roles {leader}=input+compute+result"
             )),
             "{text}"
         );

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 /// Aggregate names a policy may list for a column.
-pub const AGGREGATES: &[&str] = &["count", "sum", "avg", "var", "stddev"];
+pub const AGGREGATES: &[&str] = &["count", "sum", "avg", "var", "stddev", "min", "max"];
 
 /// Who is asking: authenticated by their own party's gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +43,16 @@ struct RawPolicy {
     #[serde(default)]
     tables: BTreeMap<String, Spanned<RawTable>>,
     privacy: Option<Spanned<RawPrivacy>>,
+    #[serde(default)]
+    engines: RawEngines,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEngines {
+    /// `false`: refuse every query whose secure part relies on an honest
+    /// majority among three compute parties (secure comparison: MIN, MAX).
+    honest_majority: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -126,6 +136,11 @@ pub struct Policy {
     /// analysts are always verified here.
     pub trust_identities_from: Vec<String>,
     pub min_group_size: u64,
+    /// Whether this party accepts a secure part that relies on an honest
+    /// majority among three compute parties (`engines.honest_majority`,
+    /// default true); the additive engine's sums hold against any
+    /// coalition short of all parties and are always accepted.
+    pub honest_majority: bool,
     pub tables: BTreeMap<String, TablePolicy>,
     /// The party's differential-privacy settings (mechanism, ε and δ per
     /// query, the budget), used by every table that requires DP.
@@ -587,6 +602,7 @@ impl Policy {
                 .min_group_size
                 .map(|m| m.into_inner())
                 .unwrap_or(0),
+            honest_majority: raw.engines.honest_majority.unwrap_or(true),
             tables,
             privacy,
         })
@@ -854,6 +870,15 @@ impl Policy {
                     );
                 }
             }
+        }
+        if plan.program.needs_honest_majority() && !self.honest_majority {
+            return deny(
+                "engines.honest_majority".into(),
+                "this party does not accept a result that relies on an honest majority among three compute \
+                 parties, and this query's MIN or MAX needs one (secure comparison runs on the replicated \
+                 engine); ask for COUNT, SUM, AVG, VAR or STDDEV, which the additive engine computes"
+                    .into(),
+            );
         }
         // Under DP the threshold is applied to noised row counts (which
         // reveals nothing more); without DP it cannot be enforced without
@@ -1149,6 +1174,54 @@ mod fail_closed {
         }
         let bad = Policy::parse("[results]\nrecipients = \"everyone\"\n", None).unwrap_err();
         assert!(bad[0].message.contains("querying_party"), "{bad:?}");
+    }
+
+    /// A party that refuses the honest-majority model refuses MIN and MAX
+    /// (and only them), naming the rule; by default it accepts them.
+    #[tokio::test]
+    async fn a_party_can_refuse_the_honest_majority_model() {
+        let cat = Catalog::from_toml(
+            "[tables.t]\ncolumns = [{ name = \"g\", type = \"text\", domain = [\"a\"] }, { name = \"x\", type = \"int\" }]",
+            "c",
+        )
+        .unwrap();
+        let text = "[analysts]\nallow = [\"a:*\"]\n[tables.t]\ncount_star = true\n[tables.t.columns.g]\ngroup_by = true\n\
+                    [tables.t.columns.x]\naggregate = [\"count\", \"sum\", \"min\", \"max\"]\n";
+        let accepting = Policy::parse(text, Some(&cat)).unwrap();
+        let refusing = Policy::parse(
+            &format!("{text}[engines]\nhonest_majority = false\n"),
+            Some(&cat),
+        )
+        .unwrap();
+        let parties: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let plan = |sql: &'static str| {
+            let (cat, parties) = (cat.clone(), parties.clone());
+            async move {
+                planner::plan_query(sql, &cat, &parties, &QueryOptions::default())
+                    .await
+                    .unwrap()
+                    .led_by("a")
+                    .unwrap()
+            }
+        };
+        let who = Analyst {
+            party: "a".into(),
+            name: "x".into(),
+            roles: vec![],
+        };
+        let extremes = plan("SELECT g, MIN(x), MAX(x) FROM t GROUP BY g").await;
+        let sums = plan("SELECT g, SUM(x) FROM t GROUP BY g").await;
+        assert_eq!(accepting.check(&extremes, &who), Decision::Allow);
+        assert_eq!(refusing.check(&sums, &who), Decision::Allow);
+        match refusing.check(&extremes, &who) {
+            Decision::Deny { rule, reason } => {
+                assert_eq!(rule, "engines.honest_majority");
+                assert!(reason.contains("MIN or MAX"), "{reason}");
+            }
+            d => panic!("{d:?}"),
+        }
+        let typo = Policy::parse("[engines]\nhonest_majorty = false\n", None).unwrap_err();
+        assert!(typo[0].message.contains("honest_majorty"), "{typo:?}");
     }
 }
 

@@ -41,7 +41,7 @@ pub fn open_policy(party: &str, parties: &[String]) -> String {
         let group = matches!(c, "g" | "h" | "flag");
         let _ = writeln!(
             s,
-            "[tables.t.columns.{c}]\nfilter = true\ngroup_by = {group}\naggregate = [\"count\", \"sum\", \"avg\", \"var\", \"stddev\"]"
+            "[tables.t.columns.{c}]\nfilter = true\ngroup_by = {group}\naggregate = [\"count\", \"sum\", \"avg\", \"var\", \"stddev\", \"min\", \"max\"]"
         );
     }
     s
@@ -199,4 +199,17 @@ pub const QUERIES: &[(&str, bool)] = &[
     // One column under COUNT, SUM, AVG and VAR at once: the guarded and the
     // plain partials of one argument must not collide at a SQL source.
     ("SELECT g, COUNT(f), SUM(f), AVG(f), VAR_SAMP(f), COUNT(x), SUM(x), VAR_POP(x) FROM t GROUP BY g ORDER BY g", true),
+];
+
+/// Queries with MIN and MAX (secure comparison, three parties): groups
+/// present at one party, NULLs, all-NULL groups, empty filters, negative
+/// values, extremes beside sums, arithmetic and HAVING on extremes.
+pub const EXTREME_QUERIES: &[(&str, bool)] = &[
+    ("SELECT g, MIN(x), MAX(x), COUNT(*) FROM t GROUP BY g ORDER BY g", true),
+    ("SELECT h, flag, MIN(d), MAX(d), SUM(d), AVG(x) FROM t GROUP BY h, flag ORDER BY h, flag", true),
+    ("SELECT MIN(x) AS lo, MAX(d) AS hi FROM t WHERE label = 'kiwi'", true),
+    ("SELECT MIN(x), MAX(x), COUNT(*) FROM t WHERE x > 100000", true),
+    ("SELECT g, MAX(x) - MIN(x) AS spread FROM t WHERE x > 0 GROUP BY g HAVING MAX(x) > 100 ORDER BY g", true),
+    ("SELECT g, MIN(x * 2 + 1), MAX(h) FROM t GROUP BY g ORDER BY g", true),
+    ("SELECT flag, MIN(CASE WHEN x > 0 THEN NULL ELSE x END) AS m FROM t GROUP BY flag ORDER BY flag", true),
 ];

@@ -10,7 +10,10 @@ use std::time::Instant;
 use arrow::array::RecordBatch;
 use arrow::datatypes::i256;
 use executor::encode::{dense_partials, sum_cannot_wrap};
-use executor::{AbortKind, AbortReason, AdditiveEngine, Engine, GroupIndex, SharedTable};
+use executor::{
+    AbortKind, AbortReason, AdditiveEngine, Engine, GroupIndex, Pipeline, ReplicatedEngine,
+    SharedTable,
+};
 use planner::finalize::{post_plan, revealed_batch, Revealed};
 use planner::privacy::Noise;
 use planner::FederatedPlan;
@@ -98,15 +101,14 @@ impl Gateway {
             Vec::new()
         };
         let index = GroupIndex::new(keys.clone()).map_err(|e| mine(e.to_string()))?;
-        let dense = dense_partials(&batches, &index, plan.local.partials.len()).map_err(|e| {
-            PartyFailure {
-                local: e.to_string(),
-                shared: AbortReason::new(
-                    AbortKind::Data,
-                    &self.party,
-                    "its local data does not fit the declared catalog (details in its gateway log)",
-                ),
-            }
+        let folds: Vec<_> = plan.local.partials.iter().map(|p| p.kind.fold()).collect();
+        let dense = dense_partials(&batches, &index, &folds).map_err(|e| PartyFailure {
+            local: e.to_string(),
+            shared: AbortReason::new(
+                AbortKind::Data,
+                &self.party,
+                "its local data does not fit the declared catalog (details in its gateway log)",
+            ),
         })?;
         // The local answer is in the dense partials now; at 10^6 groups each
         // copy is tens of MiB, so none is kept past its use.
@@ -205,21 +207,46 @@ impl Gateway {
     }
 
     /// The engine that runs `plan` at this party: the one place an engine
-    /// is picked (by the plan's options, which the fingerprint covers), and
-    /// checked to support the plan's program. With `spent`, the engine
-    /// marks the point from which a DP charge is kept.
+    /// is picked, per stage of the plan's program (which the fingerprint
+    /// covers): a stage that compares by the replicated engine, a sum by
+    /// the additive engine (or the one the options name); a program of
+    /// several stages as a [`Pipeline`]. Each engine checks that it
+    /// supports its stage. With `spent`, the additive engine marks the
+    /// point from which a DP charge is kept (DP plans have one stage).
     pub(super) fn engine_for(
         &self,
         plan: &FederatedPlan,
         spent: Option<&Spent>,
     ) -> Result<Box<dyn Engine>, String> {
-        match plan.options.engine {
-            planner::plan::Engine::Additive => {
-                let mut e = AdditiveEngine::for_program(&plan.program, &self.party)?;
-                e.reveal_point = spent.map(|s| s.reveal_point.clone());
-                Ok(Box::new(e))
-            }
+        let program = &plan.program;
+        let mut stages: Vec<(Box<dyn Engine>, usize)> = Vec::new();
+        for (k, stage) in program.stages.iter().enumerate() {
+            let one = program
+                .stage(k)
+                .ok_or_else(|| format!("the program has no stage {k}"))?;
+            let engine: Box<dyn Engine> = if stage.compares() {
+                Box::new(ReplicatedEngine::for_program(&one, &self.party)?)
+            } else {
+                match plan.options.engine {
+                    planner::plan::Engine::Additive => {
+                        let mut e = AdditiveEngine::for_program(&one, &self.party)?;
+                        e.reveal_point = spent.map(|s| s.reveal_point.clone());
+                        Box::new(e)
+                    }
+                }
+            };
+            stages.push((engine, stage.columns));
         }
+        if stages.len() == 1 {
+            return stages
+                .pop()
+                .map(|(e, _)| e)
+                .ok_or_else(|| "a program without stages".into());
+        }
+        if plan.privacy.is_some() {
+            return Err("a differentially private plan of several stages".into());
+        }
+        Ok(Box::new(Pipeline::new(stages)?))
     }
 
     /// The secure sum of every party's input; the totals at the leader.

@@ -16,7 +16,9 @@ use connectors::{FileFormat, FileSource, SqlTable, TableFile};
 use council::compare::compare;
 use council::federation::{plaintext, LocalFederation};
 use council_tests::pg::PgServer;
-use council_tests::{party_ids, spec_for, write_random_data, Shape, PASSWORD, QUERIES, USER};
+use council_tests::{
+    party_ids, spec_for, write_random_data, Shape, EXTREME_QUERIES, PASSWORD, QUERIES, USER,
+};
 use gateway::config::{DatabaseConfig, DbTable};
 use planner::Catalog;
 
@@ -213,7 +215,12 @@ async fn postgres_sqlite_and_parquet_parties_agree_with_plaintext() {
             true,
         ),
     ];
-    let queries: Vec<(&str, bool)> = QUERIES.iter().chain(extra).copied().collect();
+    let queries: Vec<(&str, bool)> = QUERIES
+        .iter()
+        .chain(extra)
+        .chain(EXTREME_QUERIES)
+        .copied()
+        .collect();
     agree_with_plaintext(&fed, &pooled, &ids, &queries).await;
 
     // EXPLAIN: each party's source says what it runs.
@@ -453,7 +460,8 @@ async fn a_party_behind_a_flight_sql_server_agrees_with_plaintext() {
         .await
         .unwrap();
     let pooled = fed.pooled_context().await.unwrap();
-    agree_with_plaintext(&fed, &pooled, &ids, QUERIES).await;
+    let queries: Vec<(&str, bool)> = QUERIES.iter().chain(EXTREME_QUERIES).copied().collect();
+    agree_with_plaintext(&fed, &pooled, &ids, &queries).await;
     let client = fed.client("p2", USER, PASSWORD).await.unwrap();
     let explained = client
         .explain("SELECT g, SUM(x), AVG(d) FROM t WHERE label LIKE 'l%' GROUP BY g")
