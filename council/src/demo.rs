@@ -74,6 +74,11 @@ allow = ["hospital_a:*", "hospital_b:*", "hospital_c:*"]
 [results]
 recipients = "querying_party"
 
+[engines]
+# MIN and MAX: secure comparison among three gateways, secure while every
+# gateway follows the protocol (honest majority); off unless set.
+honest_majority = true
+
 [tables.patients]
 count_star = true
 
@@ -581,7 +586,10 @@ async fn user_federation(
         .iter()
         .zip(&parties)
         .map(|(id, d)| {
-            let mut pol = format!("party = \"{id}\"\n[analysts]\nallow = [{}]\n", allow.join(", "));
+            let mut pol = format!(
+                "party = \"{id}\"\n[analysts]\nallow = [{}]\n[engines]\nhonest_majority = true\n",
+                allow.join(", ")
+            );
             for t in catalog.tables().values() {
                 let _ = writeln!(pol, "[tables.{}]\ncount_star = true", t.name);
                 for c in &t.columns {

@@ -41,6 +41,8 @@ pub struct PartySpec {
     /// copy of the rows.
     pub databases: BTreeMap<String, gateway::config::DatabaseConfig>,
     pub db_tables: Vec<gateway::config::DbTable>,
+    /// A data-less helper party: no tables, computes only on shares.
+    pub helper: bool,
 }
 
 impl PartySpec {
@@ -60,6 +62,7 @@ impl PartySpec {
             tokens: BTreeMap::new(),
             databases: BTreeMap::new(),
             db_tables: Vec::new(),
+            helper: false,
         }
     }
 }
@@ -129,7 +132,7 @@ impl LocalFederation {
                 )
             })?;
             let mut files = Vec::new();
-            for t in catalog.tables().values() {
+            for t in catalog.tables().values().filter(|_| !party.helper) {
                 if let Some(d) = party
                     .db_tables
                     .iter()
@@ -192,6 +195,12 @@ impl LocalFederation {
                 peer_listen: pl.local_addr()?.to_string(),
                 analyst_listen: al.local_addr()?.to_string(),
                 peers,
+                helpers: spec
+                    .parties
+                    .iter()
+                    .filter(|p| p.helper)
+                    .map(|p| p.id.clone())
+                    .collect(),
                 catalog: catalog.clone(),
                 policy,
                 tables: files,

@@ -47,18 +47,16 @@ pub struct AdditiveEngine {
 }
 
 impl AdditiveEngine {
-    /// For `program` at party `me`: every party of the program shares its
-    /// input among all; the one result party is the leader.
+    /// For `program` at party `me`: every compute party of its stage
+    /// shares its input among them all; the one result party is the
+    /// leader. A party of the program outside the stage (a data-less
+    /// helper) takes no part.
     pub fn for_program(program: &Program, me: &str) -> Result<Self, String> {
-        let e = AdditiveEngine::new(
-            program.roles.keys().cloned().collect(),
-            me.to_string(),
-            program
-                .with(|r| r.result)
-                .first()
-                .cloned()
-                .unwrap_or_default(),
-        );
+        let parties = match &program.stages[..] {
+            [s] => s.compute.clone(),
+            _ => return Err("the additive engine runs one stage".into()),
+        };
+        let e = AdditiveEngine::new(parties, me.to_string(), program.result_party());
         e.supports(program)?;
         Ok(e)
     }
@@ -116,16 +114,26 @@ impl Engine for AdditiveEngine {
                 program.describe()
             ));
         }
-        if let Some((p, _)) = program.roles.iter().find(|(_, r)| !(r.input && r.compute)) {
+        let compute = &program.stages[0].compute;
+        if let Some(p) = compute.iter().find(|p| !program.roles_of(p).input) {
             return Err(format!(
-                "the additive engine needs every party to contribute input and compute on shares; {p} does not"
+                "the additive engine needs every party it computes among to contribute input; {p} does not"
             ));
+        }
+        if compute.is_empty() {
+            return Err("the additive engine needs at least one party".into());
         }
         let result = program.with(|r| r.result);
         if result.len() != 1 {
             return Err(format!(
                 "the additive engine reveals to exactly one party, not {}",
                 result.len()
+            ));
+        }
+        if !compute.contains(&result[0]) {
+            return Err(format!(
+                "the additive engine reveals to one of its parties, and {} is not one",
+                result[0]
             ));
         }
         Ok(())

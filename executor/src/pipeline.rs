@@ -21,6 +21,41 @@ use crate::{Engine, ExecError, MessageShape, TableShape};
 /// Steps each stage may use.
 pub const STAGE_STEPS: u16 = 1024;
 
+/// The engine of a stage in which this party takes no part (a data-less
+/// helper in a stage of sums): no message, no result.
+pub struct Idle;
+
+#[async_trait::async_trait]
+impl Engine for Idle {
+    fn name(&self) -> &'static str {
+        "idle"
+    }
+    fn supports(&self, _: &crate::Program) -> Result<(), String> {
+        Ok(())
+    }
+    /// Its input is never used: zeros of the widths' shape.
+    fn encode(
+        &self,
+        values: &[Vec<i256>],
+        _widths: &[Width],
+    ) -> Result<Vec<ShareColumn>, OutOfRange> {
+        Ok(values
+            .iter()
+            .map(|v| ShareColumn::Z64(vec![0; v.len()]))
+            .collect())
+    }
+    fn expects(&self, _: &str, _: Step, _: &TableShape) -> Option<MessageShape> {
+        None
+    }
+    async fn run(
+        &self,
+        _: &dyn Transport,
+        _: &SharedTable,
+    ) -> Result<Option<Vec<Vec<i256>>>, ExecError> {
+        Ok(None)
+    }
+}
+
 /// The stages of one program, with the number of shared columns each takes.
 pub struct Pipeline {
     stages: Vec<(Box<dyn Engine>, usize)>,
@@ -212,15 +247,18 @@ mod tests {
         let parties: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
         let program = Program::with_stages(
             &parties,
+            &[],
             "b",
             vec![
                 Stage {
                     ops: vec![Op::Min, Op::Reveal],
                     columns: 2,
+                    compute: parties.clone(),
                 },
                 Stage {
                     ops: vec![Op::Sum, Op::Reveal],
                     columns: 1,
+                    compute: parties.clone(),
                 },
             ],
         );

@@ -59,11 +59,14 @@ pub enum Op {
 }
 
 /// A run of operators over `columns` consecutive shared columns (after
-/// those of the stages before it), run by one engine.
+/// those of the stages before it), run by one engine among its `compute`
+/// parties (sorted): every input party for a sum, three chosen parties
+/// for a comparison, to which the other input parties send their shares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stage {
     pub ops: Vec<Op>,
     pub columns: usize,
+    pub compute: Vec<String>,
 }
 
 impl Stage {
@@ -98,34 +101,49 @@ impl Program {
     /// column it is given; `columns` counts them for a [`crate::Pipeline`]
     /// and EXPLAIN, and is 0 here where they are not known).
     pub fn sum_and_reveal(parties: &[String], leader: &str) -> Self {
+        let mut compute = parties.to_vec();
+        compute.sort();
         Self::with_stages(
             parties,
+            &[],
             leader,
             vec![Stage {
                 ops: vec![Op::Sum, Op::Reveal],
                 columns: 0,
+                compute,
             }],
         )
     }
 
-    /// Every party contributes input, computes and `leader` receives, for
-    /// the given stages.
-    pub fn with_stages(parties: &[String], leader: &str, stages: Vec<Stage>) -> Self {
-        Program {
-            stages,
-            roles: parties
-                .iter()
-                .map(|p| {
-                    (
-                        p.clone(),
-                        Roles {
-                            input: true,
-                            compute: true,
-                            result: p == leader,
-                        },
-                    )
-                })
-                .collect(),
+    /// Every party but the `helpers` contributes input, the parties of
+    /// each stage's `compute` list compute, and `leader` receives.
+    pub fn with_stages(
+        parties: &[String],
+        helpers: &[String],
+        leader: &str,
+        stages: Vec<Stage>,
+    ) -> Self {
+        let roles = parties
+            .iter()
+            .map(|p| {
+                (
+                    p.clone(),
+                    Roles {
+                        input: !helpers.contains(p),
+                        compute: stages.iter().any(|s| s.compute.contains(p)),
+                        result: p == leader,
+                    },
+                )
+            })
+            .collect();
+        Program { stages, roles }
+    }
+
+    /// The one party that receives the result (empty if none or several).
+    pub fn result_party(&self) -> String {
+        match &self.with(|r| r.result)[..] {
+            [p] => p.clone(),
+            _ => String::new(),
         }
     }
 
@@ -180,7 +198,12 @@ impl Program {
                         Op::Max => "max",
                     })
                     .collect();
-                format!("{} over {} column(s)", ops.join(" → "), s.columns)
+                format!(
+                    "{} over {} column(s) by {}",
+                    ops.join(" → "),
+                    s.columns,
+                    s.compute.join(", ")
+                )
             })
             .collect();
         let roles: Vec<String> = self.roles.iter().map(|(p, r)| format!("{p}={r}")).collect();

@@ -305,6 +305,31 @@ impl<'t> Rep3<'t> {
         ))
     }
 
+    /// Reveals `x` to `to`, a party that does not compute (one round: each
+    /// compute party sends its first component plus a fresh zero-sharing,
+    /// so the three words `to` receives per value are uniformly random but
+    /// for their sum, x). The outsider reads them with [`recv_revealed`].
+    pub async fn reveal_to_outsider(&mut self, x: &Arith, to: &str) -> Result<(), ExecError> {
+        if self.parties.iter().any(|p| p == to) {
+            return Err(ExecError::Encode(format!("{to} is a compute party")));
+        }
+        let step = self.take_step()?;
+        let zero = self.zero_arith(x.len());
+        let words: Vec<u64> =
+            x.a.iter()
+                .zip(&zero)
+                .map(|(v, z)| v.wrapping_add(*z))
+                .collect();
+        self.transport.send(to, step, words_message(words)).await?;
+        Ok(())
+    }
+
+    /// A step of the schedule with no message for this circuit (an input
+    /// step of a party that has no input): every party skips it alike.
+    pub fn skip_step(&mut self) -> Result<(), ExecError> {
+        self.take_step().map(|_| ())
+    }
+
     /// Reveals `x` to all three (one round).
     pub async fn reveal_all(&mut self, x: &Arith) -> Result<Vec<u64>, ExecError> {
         let third = self.exchange(x.b.clone()).await?;
@@ -579,6 +604,23 @@ impl Rep3<'_> {
             })
             .collect())
     }
+}
+
+/// What a party that does not compute receives of a reveal at `step`
+/// ([`Rep3::reveal_to_outsider`]): the sum of the three compute parties'
+/// words, `n` from each.
+pub async fn recv_revealed(
+    transport: &dyn Transport,
+    parties: &[String; 3],
+    step: Step,
+    n: usize,
+) -> Result<Vec<u64>, ExecError> {
+    let parts =
+        futures::future::try_join_all(parties.iter().map(|p| recv_words(transport, p, step, n)))
+            .await?;
+    Ok((0..n)
+        .map(|k| parts.iter().fold(0u64, |acc, w| acc.wrapping_add(w[k])))
+        .collect())
 }
 
 /// A data party that does not compute shares `values` among the three

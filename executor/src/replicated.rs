@@ -1,28 +1,30 @@
-//! Engine 2 (first operators): the smallest or largest of three compute
-//! parties' values per group, revealed to one of them, over
-//! [`crate::rep3`]. **Semi-honest, honest majority**: if all three follow
-//! the protocol, no single party learns anything but the revealed extremes
+//! Engine 2 (first operators): the smallest or largest of the input
+//! parties' values per group, computed by three compute parties and
+//! revealed to the result party, over [`crate::rep3`]. The plans' MIN and
+//! MAX run here. **Semi-honest, honest majority**: if all three follow the
+//! protocol, no single party learns anything but the revealed extremes
 //! (and what they imply with its own values; it does not learn which party
 //! held them). A compute party that *deviates* (adds an error of its
 //! choice to a product) can change what is revealed in ways that leak more
-//! than the extremes, not only make them wrong: this engine must not be
-//! offered against a malicious peer until its results are checked
-//! (malicious security is future work, as for the additive engine's
-//! correctness). No plan uses it yet (issue 13: the planner's MIN/MAX,
-//! more than three parties and a helper party come next); it is here so
-//! that the trait, the message shapes and the steps are exercised by a
-//! second engine.
+//! than the extremes, not only make them wrong (with −1 added before the
+//! select's product, the revealed value is min + 2·(l − r), from which the
+//! leader, knowing one side, solves for the other): so a policy accepts
+//! this engine only if it opts in (`engines.honest_majority`), and
+//! malicious security is future work.
 //!
-//! Steps: 0 set-up (each party's PRG seed to the previous party, 4
-//! words), 1 to 3 the inputs of parties 0, 1 and 2 (each sends the other
-//! two their pairs), then the tournament's rounds (from the next party
-//! only), then the reveal (from the party after the result party).
+//! Steps: 0 set-up (each compute party's PRG seed to the previous one, 4
+//! words), 1 to 3 the inputs of compute parties 0, 1 and 2 that hold data
+//! (each sends the other two their pairs), 4 the inputs of every other
+//! input party (its pairs to each compute party), then the tournament's
+//! rounds (from the next compute party only), then the reveal (from the
+//! compute party after the result party, or from all three to a result
+//! party outside them).
 
 use arrow::datatypes::i256;
 
 use crate::encode::OutOfRange;
 use crate::program::{Op, Program};
-use crate::rep3::{Arith, Rep3};
+use crate::rep3::{recv_revealed, send_input, Arith, Rep3};
 use crate::shares::{ShareColumn, SharedTable, Width};
 use crate::transport::{Step, Transport};
 use crate::{Engine, ExecError, MessageShape, TableShape};
@@ -69,9 +71,13 @@ pub fn min_output(revealed: i256, max: bool) -> Option<i128> {
 
 #[derive(Debug)]
 pub struct ReplicatedEngine {
-    /// The three compute parties, in the agreed (sorted) order.
+    /// The three compute parties, in the stage's (sorted) order.
     pub parties: [String; 3],
+    /// Every input party, compute parties first (in their order), then the
+    /// others in sorted order: the tournament's columns.
+    pub inputs: Vec<String>,
     pub me: String,
+    /// The result party: a compute party, or an input party outside them.
     pub leader: String,
     /// Largest rather than smallest.
     pub max: bool,
@@ -86,23 +92,36 @@ fn layer_rounds(m: usize) -> [usize; 11] {
     [m, m, 2 * m, 2 * m, 2 * m, 2 * m, 2 * m, m, m, m, m]
 }
 
+/// Step 0 is the set-up, 1 to 3 the compute parties' own inputs (a step
+/// without a message where that party has none), 4 every other input
+/// party's, and the tournament starts at 5.
+const OTHERS_STEP: u16 = 4;
+const FIRST_ROUND: u16 = 5;
+
 impl ReplicatedEngine {
     pub fn for_program(program: &Program, me: &str) -> Result<Self, String> {
-        let parties: Vec<String> = program.roles.keys().cloned().collect();
-        let parties: [String; 3] = parties.try_into().map_err(|p: Vec<String>| {
+        let stage = match &program.stages[..] {
+            [s] => s,
+            _ => return Err("the replicated engine runs one stage".into()),
+        };
+        let parties: [String; 3] = stage.compute.clone().try_into().map_err(|p: Vec<String>| {
             format!(
-                "the replicated engine runs on exactly three parties, not {}",
+                "the replicated engine runs on exactly three compute parties, not {}",
                 p.len()
             )
         })?;
+        let data = program.with(|r| r.input);
+        let mut inputs: Vec<String> = parties
+            .iter()
+            .filter(|p| data.contains(p))
+            .cloned()
+            .collect();
+        inputs.extend(data.iter().filter(|p| !parties.contains(p)).cloned());
         let e = ReplicatedEngine {
             parties,
+            inputs,
             me: me.to_string(),
-            leader: program
-                .with(|r| r.result)
-                .first()
-                .cloned()
-                .unwrap_or_default(),
+            leader: program.result_party(),
             max: program.single().first() == Some(&Op::Max),
         };
         e.supports(program)?;
@@ -113,16 +132,17 @@ impl ReplicatedEngine {
         self.parties.iter().position(|q| q == p)
     }
 
-    /// The steps of the tournament and of the reveal, for `n` shared
-    /// values: (first tournament step, words per tournament step, reveal
-    /// step).
-    fn schedule(n: usize) -> (u16, Vec<usize>, u16) {
-        // Three columns: a layer of one pair, then a layer of one pair
-        // (the winner against the third).
-        let rounds: Vec<usize> = (0..2).flat_map(|_| layer_rounds(n)).collect();
-        let first = 4;
-        let reveal = first + rounds.len() as u16;
-        (first, rounds, reveal)
+    /// The tournament's words per step, and the step of the reveal, for
+    /// `n` shared values per input party.
+    fn schedule(&self, n: usize) -> (Vec<usize>, u16) {
+        let mut rounds = Vec::new();
+        let mut cols = self.inputs.len();
+        while cols > 1 {
+            rounds.extend(layer_rounds((cols / 2) * n));
+            cols = cols / 2 + cols % 2;
+        }
+        let reveal = FIRST_ROUND + rounds.len() as u16;
+        (rounds, reveal)
     }
 }
 
@@ -139,21 +159,32 @@ impl Engine for ReplicatedEngine {
                 program.describe()
             ));
         }
-        if program.roles.len() != 3 {
+        let compute = &program.stages[0].compute;
+        let mut distinct = compute.clone();
+        distinct.sort();
+        distinct.dedup();
+        if compute.len() != 3 || distinct.len() != 3 {
             return Err(format!(
-                "the replicated engine runs on exactly three parties, not {}",
-                program.roles.len()
+                "the replicated engine runs on exactly three distinct compute parties, not {}",
+                compute.join(", ")
             ));
         }
-        if let Some((p, _)) = program.roles.iter().find(|(_, r)| !(r.input && r.compute)) {
-            return Err(format!(
-                "the replicated engine needs each of its three parties to contribute input and compute; {p} does not"
-            ));
+        if let Some(p) = compute.iter().find(|p| !program.roles.contains_key(*p)) {
+            return Err(format!("compute party {p} is not a party of the program"));
         }
-        if program.with(|r| r.result).len() != 1 {
-            return Err("the replicated engine reveals to exactly one party".into());
+        let inputs = program.with(|r| r.input);
+        if inputs.len() < 2 {
+            return Err("a comparison across parties needs at least two input parties".into());
         }
-        Ok(())
+        // Every tournament layer's steps fit in a stage's.
+        if inputs.len() > 64 {
+            return Err(format!("{} input parties, above 64", inputs.len()));
+        }
+        let result = program.with(|r| r.result);
+        match &result[..] {
+            [p] if compute.contains(p) || inputs.contains(p) => Ok(()),
+            _ => Err("the replicated engine reveals to exactly one compute or input party".into()),
+        }
     }
 
     /// Each value within ±(2^62 − 1), as Z_2^64 words.
@@ -185,8 +216,7 @@ impl Engine for ReplicatedEngine {
     }
 
     fn expects(&self, from: &str, step: Step, shape: &TableShape) -> Option<MessageShape> {
-        let (me, sender) = (self.index(&self.me)?, self.index(from)?);
-        if me == sender {
+        if from == self.me {
             return None;
         }
         let n = shape.rows.checked_mul(shape.widths.len())?;
@@ -199,16 +229,31 @@ impl Engine for ReplicatedEngine {
             key_bytes: 0,
             before_start,
         };
+        let (rounds, reveal) = self.schedule(n);
+        let Some(me) = self.index(&self.me) else {
+            // An input party that does not compute hears only the reveal,
+            // from each compute party, if it is the result party.
+            return (step.0 == reveal && self.me == self.leader && self.index(from).is_some())
+                .then(|| words(n, false));
+        };
+        // Inputs may reach a compute party before it started: their
+        // senders start on the leader's word alone.
+        if step.0 == OTHERS_STEP {
+            let other = self.index(from).is_none() && self.inputs.iter().any(|p| p == from);
+            return other.then(|| words(2 * n, true));
+        }
+        let sender = self.index(from)?;
         let next = (me + 1) % 3;
-        let (first, rounds, reveal) = Self::schedule(n);
         match step.0 {
             0 if sender == next => Some(words(4, true)),
-            // Party 0's input may reach a party that has not started yet;
-            // parties 1 and 2 send theirs only after hearing from both
-            // receivers, which had started by then.
-            1..=3 if sender == usize::from(step.0 - 1) => Some(words(2 * n, step.0 == 1)),
-            s if (first..reveal).contains(&s) && sender == next => {
-                Some(words(rounds[usize::from(s - first)], false))
+            1..=3
+                if sender == usize::from(step.0 - 1)
+                    && self.inputs.contains(&self.parties[sender]) =>
+            {
+                Some(words(2 * n, true))
+            }
+            s if (FIRST_ROUND..reveal).contains(&s) && sender == next => {
+                Some(words(rounds[usize::from(s - FIRST_ROUND)], false))
             }
             s if s == reveal && self.me == self.leader && sender == next => Some(words(n, false)),
             _ => None,
@@ -220,12 +265,6 @@ impl Engine for ReplicatedEngine {
         transport: &dyn Transport,
         input: &SharedTable,
     ) -> Result<Option<Vec<Vec<i256>>>, ExecError> {
-        let me = self
-            .index(&self.me)
-            .ok_or_else(|| ExecError::Encode(format!("{} is not a compute party", self.me)))?;
-        let leader = self
-            .index(&self.leader)
-            .ok_or_else(|| ExecError::Encode(format!("{} is not a compute party", self.leader)))?;
         let (rows, cols) = (input.rows, input.columns.len());
         let n = rows * cols;
         if n == 0 {
@@ -233,31 +272,23 @@ impl Engine for ReplicatedEngine {
                 "the replicated engine needs at least one group and one column".into(),
             ));
         }
-        // This party's columns, one after another.
-        let mut mine = Vec::with_capacity(n);
-        for c in &input.columns {
-            match c {
-                ShareColumn::Z64(v) if v.len() == rows => mine.extend_from_slice(v),
-                _ => {
-                    return Err(ExecError::Encode(
-                        "the replicated engine takes Z_2^64 columns".into(),
-                    ))
+        let has_input = self.inputs.contains(&self.me);
+        // This party's columns, one after another (none at a helper).
+        let mut mine = Vec::with_capacity(if has_input { n } else { 0 });
+        if has_input {
+            for c in &input.columns {
+                match c {
+                    ShareColumn::Z64(v) if v.len() == rows => mine.extend_from_slice(v),
+                    _ => {
+                        return Err(ExecError::Encode(
+                            "the replicated engine takes Z_2^64 columns".into(),
+                        ))
+                    }
                 }
             }
         }
-        let mut r = Rep3::setup(transport, self.parties.clone(), &self.me, Step(0)).await?;
-        let mut shared: Vec<Arith> = Vec::with_capacity(3);
-        for owner in 0..3 {
-            shared.push(
-                r.input(owner, (owner == me).then_some(&mine[..]), n)
-                    .await?,
-            );
-        }
-        let extreme = r.extreme(shared, self.max).await?;
-        let Some(words) = r.reveal_to(&extreme, leader).await? else {
-            return Ok(None);
-        };
-        Ok(Some(
+        let (_, reveal) = self.schedule(n);
+        let decode = |words: Vec<u64>| -> Vec<Vec<i256>> {
             words
                 .chunks(rows.max(1))
                 .take(cols)
@@ -266,8 +297,64 @@ impl Engine for ReplicatedEngine {
                         .map(|&w| i256::from_i128(w as i64 as i128))
                         .collect()
                 })
-                .collect(),
-        ))
+                .collect()
+        };
+        let Some(me) = self.index(&self.me) else {
+            // An input party that does not compute: its shares to the
+            // three, then, at the result party, the reveal.
+            if !has_input {
+                return Err(ExecError::Encode(format!(
+                    "{} neither computes nor inputs",
+                    self.me
+                )));
+            }
+            send_input(transport, &self.parties, Step(OTHERS_STEP), &mine).await?;
+            if self.me != self.leader {
+                return Ok(None);
+            }
+            let words = recv_revealed(transport, &self.parties, Step(reveal), n).await?;
+            return Ok(Some(decode(words)));
+        };
+        let mut r = Rep3::setup(transport, self.parties.clone(), &self.me, Step(0)).await?;
+        let mut shared: Vec<Arith> = Vec::with_capacity(self.inputs.len());
+        for owner in 0..3 {
+            if self.inputs.contains(&self.parties[owner]) {
+                shared.push(
+                    r.input(owner, (owner == me).then_some(&mine[..]), n)
+                        .await?,
+                );
+            } else {
+                r.skip_step()?;
+            }
+        }
+        let others: Vec<String> = self
+            .inputs
+            .iter()
+            .filter(|p| self.index(p).is_none())
+            .cloned()
+            .collect();
+        if others.is_empty() {
+            r.skip_step()?;
+        } else {
+            shared.extend(r.inputs_from(&others, n).await?);
+        }
+        let extreme = r.extreme(shared, self.max).await?;
+        if r.next_step() != Step(reveal) {
+            return Err(ExecError::Encode(format!(
+                "the tournament ended at {}, not at {reveal}",
+                r.next_step()
+            )));
+        }
+        match self.index(&self.leader) {
+            Some(leader) => match r.reveal_to(&extreme, leader).await? {
+                Some(words) => Ok(Some(decode(words))),
+                None => Ok(None),
+            },
+            None => {
+                r.reveal_to_outsider(&extreme, &self.leader).await?;
+                Ok(None)
+            }
+        }
     }
 }
 
@@ -315,103 +402,152 @@ mod tests {
         p
     }
 
-    /// The extremes of three parties' columns equal plaintext, only the
+    /// A federation: its parties, helpers (no input), the three compute
+    /// parties and the result party.
+    fn federation(
+        parties: &[&str],
+        helpers: &[&str],
+        compute: [&str; 3],
+        leader: &str,
+        op: Op,
+    ) -> Program {
+        let s = |v: &[&str]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        Program::with_stages(
+            &s(parties),
+            &s(helpers),
+            leader,
+            vec![crate::program::Stage {
+                ops: vec![op, Op::Reveal],
+                columns: 2,
+                compute: s(&compute),
+            }],
+        )
+    }
+
+    /// The extremes of the input parties' columns equal plaintext, only the
     /// result party learns them, and every message sent is one the
-    /// receiver's engine expects at that step, with exactly those rows.
+    /// receiver's engine expects at that step, with exactly those rows; and
+    /// every message an engine expects is sent. Three parties; two and a
+    /// data-less helper; five (the leader a compute party, or not).
     #[tokio::test]
-    async fn min_and_max_of_three_parties_match_plaintext_and_the_schedule() {
-        for rows in [1usize, 9] {
-            let values = |party: usize, col: usize, g: usize| -> i64 {
-                match (party, g) {
-                    (_, 0) => 0,
-                    (0, 1) => COMPARE_BOUND,
-                    (1, 1) => -COMPARE_BOUND,
-                    (_, 2) => 7, // a tie everywhere
-                    _ => ((g * 31 + party * 17 + col * 5) as i64 % 23) - 11,
+    async fn min_and_max_match_plaintext_and_the_schedule() {
+        let cases: [(&[&str], &[&str], [&str; 3], &str); 4] = [
+            (&["a", "b", "c"], &[], ["a", "b", "c"], "b"),
+            (&["a", "b", "h"], &["h"], ["a", "b", "h"], "a"),
+            (&["a", "b", "c", "d", "e"], &[], ["a", "b", "c"], "c"),
+            (&["a", "b", "c", "d", "e"], &[], ["a", "b", "c"], "e"),
+        ];
+        for (parties, helpers, compute, leader) in cases {
+            for rows in [1usize, 9] {
+                for op in [Op::Min, Op::Max] {
+                    run_case(parties, helpers, compute, leader, rows, op).await;
                 }
-            };
-            for op in [Op::Min, Op::Max] {
-                let prog = program(op, "b");
-                let ps: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
-                let log = Arc::new(Mutex::new(Vec::new()));
-                let net = InMemoryNetwork::connect(&ps, Duration::from_secs(20));
-                let mut tasks = Vec::new();
-                for (i, t) in net.into_iter().enumerate() {
-                    let (prog, log, me) = (prog.clone(), log.clone(), ps[i].clone());
-                    tasks.push(tokio::spawn(async move {
-                        let e = ReplicatedEngine::for_program(&prog, &me).unwrap();
-                        let cols: Vec<Vec<i256>> = (0..2)
-                            .map(|c| {
-                                (0..rows)
-                                    .map(|g| i256::from_i128(values(i, c, g) as i128))
-                                    .collect()
-                            })
-                            .collect();
-                        let columns = e.encode(&cols, &[Width::Z64, Width::Z64]).unwrap();
-                        let t = Recording {
-                            inner: t,
-                            me: me.clone(),
-                            log,
-                        };
-                        e.run(
-                            &t,
-                            &SharedTable {
-                                keys: vec![],
-                                columns,
-                                rows,
-                            },
-                        )
-                        .await
-                        .unwrap()
-                    }));
-                }
-                let mut outs = Vec::new();
-                for t in tasks {
-                    outs.push(t.await.unwrap());
-                }
-                assert!(outs[0].is_none() && outs[2].is_none());
-                let got = outs[1].as_ref().unwrap();
-                for c in 0..2 {
-                    for g in 0..rows {
-                        let vs = (0..3).map(|p| values(p, c, g));
-                        let want = if op == Op::Max { vs.max() } else { vs.min() }.unwrap();
-                        assert_eq!(
-                            got[c][g],
-                            i256::from_i128(want as i128),
-                            "{op:?} col {c} group {g}"
-                        );
-                    }
-                }
-                let shape = TableShape {
-                    rows,
-                    widths: vec![Width::Z64; 2],
-                    key_columns: 0,
-                    key_bytes: 0,
+            }
+        }
+    }
+
+    async fn run_case(
+        parties: &[&str],
+        helpers: &[&str],
+        compute: [&str; 3],
+        leader: &str,
+        rows: usize,
+        op: Op,
+    ) {
+        let values = |party: usize, col: usize, g: usize| -> i64 {
+            match (party, g) {
+                (_, 0) => 0,
+                (0, 1) => COMPARE_BOUND,
+                (1, 1) => -COMPARE_BOUND,
+                (_, 2) => 7, // a tie everywhere
+                (_, 3) => -1,
+                _ => ((g * 31 + party * 17 + col * 5) as i64 % 23) - 11,
+            }
+        };
+        let prog = federation(parties, helpers, compute, leader, op);
+        let ps: Vec<String> = parties.iter().map(|p| p.to_string()).collect();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let net = InMemoryNetwork::connect(&ps, Duration::from_secs(20));
+        let mut tasks = Vec::new();
+        for (i, t) in net.into_iter().enumerate() {
+            let (prog, log, me) = (prog.clone(), log.clone(), ps[i].clone());
+            tasks.push(tokio::spawn(async move {
+                let e = ReplicatedEngine::for_program(&prog, &me).unwrap();
+                let cols: Vec<Vec<i256>> = (0..2)
+                    .map(|c| {
+                        (0..rows)
+                            .map(|g| i256::from_i128(values(i, c, g) as i128))
+                            .collect()
+                    })
+                    .collect();
+                let columns = e.encode(&cols, &[Width::Z64, Width::Z64]).unwrap();
+                let t = Recording {
+                    inner: t,
+                    me: me.clone(),
+                    log,
                 };
-                let log = log.lock().unwrap().clone();
-                assert!(log.len() > 20);
-                for (from, to, step, n) in &log {
-                    let receiver = ReplicatedEngine::for_program(&prog, to).unwrap();
-                    let expected = receiver.expects(from, *step, &shape);
-                    assert_eq!(
-                        expected.map(|s| s.rows),
-                        Some(*n),
-                        "{from} → {to} at {step}"
-                    );
-                }
-                // And every message an engine expects was sent.
-                for to in &ps {
-                    let receiver = ReplicatedEngine::for_program(&prog, to).unwrap();
-                    for from in &ps {
-                        for step in (0..40).map(Step) {
-                            if receiver.expects(from, step, &shape).is_some() {
-                                assert!(
-                                    log.iter()
-                                        .any(|(f, t, s, _)| f == from && t == to && *s == step),
-                                    "{to} expects {from}'s {step}, never sent"
-                                );
-                            }
-                        }
+                e.run(
+                    &t,
+                    &SharedTable {
+                        keys: vec![],
+                        columns,
+                        rows,
+                    },
+                )
+                .await
+                .unwrap()
+            }));
+        }
+        let mut outs = Vec::new();
+        for t in tasks {
+            outs.push(t.await.unwrap());
+        }
+        let at = ps.iter().position(|p| p == leader).unwrap();
+        for (i, o) in outs.iter().enumerate() {
+            assert_eq!(o.is_some(), i == at, "{parties:?}: only {leader} learns");
+        }
+        let got = outs[at].as_ref().unwrap();
+        let data: Vec<usize> = (0..ps.len())
+            .filter(|&i| !helpers.contains(&parties[i]))
+            .collect();
+        for c in 0..2 {
+            for g in 0..rows {
+                let vs = data.iter().map(|&p| values(p, c, g));
+                let want = if op == Op::Max { vs.max() } else { vs.min() }.unwrap();
+                assert_eq!(
+                    got[c][g],
+                    i256::from_i128(want as i128),
+                    "{parties:?} {op:?} col {c} group {g}"
+                );
+            }
+        }
+        let shape = TableShape {
+            rows,
+            widths: vec![Width::Z64; 2],
+            key_columns: 0,
+            key_bytes: 0,
+        };
+        let log = log.lock().unwrap().clone();
+        assert!(log.len() > 20);
+        for (from, to, step, n) in &log {
+            let receiver = ReplicatedEngine::for_program(&prog, to).unwrap();
+            let expected = receiver.expects(from, *step, &shape);
+            assert_eq!(
+                expected.map(|s| s.rows),
+                Some(*n),
+                "{parties:?}: {from} → {to} at {step}"
+            );
+        }
+        for to in &ps {
+            let receiver = ReplicatedEngine::for_program(&prog, to).unwrap();
+            for from in &ps {
+                for step in (0..80).map(Step) {
+                    if receiver.expects(from, step, &shape).is_some() {
+                        assert!(
+                            log.iter()
+                                .any(|(f, t, s, _)| f == from && t == to && *s == step),
+                            "{parties:?}: {to} expects {from}'s {step}, never sent"
+                        );
                     }
                 }
             }
@@ -429,6 +565,14 @@ mod tests {
         assert!(ReplicatedEngine::for_program(&p, "a")
             .unwrap_err()
             .contains("exactly three"));
+        // A helper cannot be the only input party's partner in a tournament
+        // of one column, and no party outside the program computes.
+        let one = federation(&["a", "h", "k"], &["h", "k"], ["a", "h", "k"], "a", Op::Min);
+        assert!(ReplicatedEngine::for_program(&one, "a")
+            .unwrap_err()
+            .contains("at least two input parties"));
+        let stranger = federation(&["a", "b", "c"], &[], ["a", "b", "z"], "a", Op::Min);
+        assert!(ReplicatedEngine::for_program(&stranger, "a").is_err());
         let e2 = e
             .encode(&[vec![i256::from_i128(1 << 62)]], &[Width::Z64])
             .unwrap_err();

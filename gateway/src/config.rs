@@ -45,6 +45,11 @@ struct RawConfig {
     tables: BTreeMap<String, RawTable>,
     #[serde(default)]
     analysts: Vec<AnalystCredential>,
+    /// The federation's data-less helper parties (every gateway lists the
+    /// same ones; this one is a helper if it is listed): they complete the
+    /// three compute parties of a comparison and hold no tables.
+    #[serde(default)]
+    helpers: Vec<String>,
 }
 
 /// A database holding some of this party's tables: exactly one of
@@ -180,6 +185,8 @@ pub struct GatewayConfig {
     pub pg_listen: Option<String>,
     /// Other parties: id → address.
     pub peers: BTreeMap<String, String>,
+    /// The federation's data-less helper parties (this one may be one).
+    pub helpers: Vec<String>,
     pub catalog: Catalog,
     pub policy: Policy,
     pub tables: Vec<TableFile>,
@@ -363,7 +370,24 @@ impl GatewayConfig {
                 }
             }
         }
-        for t in catalog.tables().keys() {
+        for h in &raw.helpers {
+            if *h != raw.party && !peers.contains_key(h) {
+                bail!(
+                    "config {}: helper `{h}` is neither this gateway nor one of its peers",
+                    path.display()
+                );
+            }
+        }
+        let helper = raw.helpers.contains(&raw.party);
+        if helper && !(tables.is_empty() && db_tables.is_empty()) {
+            bail!(
+                "config {}: `{}` is a helper party, which holds no data; remove its [tables.*] (or remove it \
+                 from `helpers`)",
+                path.display(),
+                raw.party
+            );
+        }
+        for t in catalog.tables().keys().filter(|_| !helper) {
             if !tables.iter().any(|f| &f.table.name == t)
                 && !db_tables.iter().any(|d| &d.table.table.name == t)
             {
@@ -396,6 +420,7 @@ impl GatewayConfig {
         }
         Ok(GatewayConfig {
             party: raw.party,
+            helpers: raw.helpers,
             peer_listen: raw.peer_listen,
             analyst_listen: raw.analyst_listen,
             pg_listen: raw.pg_listen,

@@ -115,6 +115,8 @@ pub struct Gateway {
     /// Every party of the federation, sorted; the order shares are dealt in.
     pub parties: Vec<String>,
     pub peers: BTreeMap<String, String>,
+    /// The federation's data-less helper parties (this one may be one).
+    helpers: Vec<String>,
     catalog: Catalog,
     policy: Policy,
     source: Arc<dyn LocalSource>,
@@ -188,6 +190,7 @@ impl Gateway {
             party: cfg.party.clone(),
             parties,
             peers: cfg.peers.clone(),
+            helpers: cfg.helpers.clone(),
             catalog: cfg.catalog.clone(),
             policy: cfg.policy.clone(),
             source: Arc::new(source),
@@ -267,7 +270,14 @@ impl Gateway {
     ) -> Result<FederatedPlan, planner::PlanError> {
         plan_query(sql, &self.catalog, &self.parties, options)
             .await?
+            .among(&self.helpers)?
             .led_by(leader)
+    }
+
+    /// Whether this party is a data-less helper: it runs no local part and
+    /// its policy only decides whom it serves.
+    pub(crate) fn is_helper(&self) -> bool {
+        self.helpers.contains(&self.party)
     }
 
     /// Records a query that ended here: settles its DP charge (kept or

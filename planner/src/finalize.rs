@@ -401,6 +401,22 @@ fn final_values(
                 .extreme
                 .ok_or_else(|| PlanError::Internal("an extreme without its partial".into()))?;
             let max = a.kind == AggKind::Max;
+            // Every value a plan lets through is below 10^18 units; a
+            // revealed extreme beyond that (and not NO_VALUE) means a
+            // compute party deviated from the protocol: refused, never
+            // shown (it does not catch every deviation: see the README).
+            let cap = 10i128.pow(crate::plan::SQUARE_DIGITS as u32);
+            for &g in groups {
+                if let Some(v) = total(i, g) {
+                    if v != executor::replicated::NO_VALUE as i128 && v.abs() >= cap {
+                        return Err(PlanError::Internal(
+                            "a revealed MIN or MAX is outside the range of every value a query lets through: \
+                             a compute party did not follow the protocol; nothing is shown"
+                                .into(),
+                        ));
+                    }
+                }
+            }
             let value = |g: usize| {
                 total(i, g).and_then(|v| executor::replicated::min_output(i256::from_i128(v), max))
             };

@@ -56,7 +56,7 @@ impl Engine {
         match self {
             Engine::Additive => format!(
                 "additive secret sharing over Z_2^64 for counts, Z_2^128 for sums and sums of squares, \
-                 Z_2^256 for sums of squares of wide values, among all {parties} parties"
+                 Z_2^256 for sums of squares of wide values, among all {parties} parties with data"
             ),
         }
     }
@@ -706,6 +706,8 @@ pub struct FederatedPlan {
     /// party's roles. Planned without a leader, no party receives the
     /// result and no engine runs it; [`FederatedPlan::led_by`] assigns it.
     pub program: executor::Program,
+    /// Parties that hold no data ([`FederatedPlan::among`]), sorted.
+    pub helpers: Vec<String>,
 }
 
 impl FederatedPlan {
@@ -718,9 +720,67 @@ impl FederatedPlan {
                 "{leader} is not a party of this federation"
             )));
         }
-        self.restage(leader);
+        if self.helpers.iter().any(|p| p == leader) {
+            return Err(PlanError::not_permitted(
+                format!("a query at {leader}"),
+                "the query",
+                format!(
+                    "{leader} is a helper party: it holds no data and computes only on shares, so it does not \
+                     lead queries; ask at a party that holds data"
+                ),
+            ));
+        }
+        self.restage(leader)?;
         self.fingerprint = fingerprint(&self);
         Ok(self)
+    }
+
+    /// The plan in a federation whose `helpers` hold no data (the same list
+    /// at every party, from each gateway's config; it is in the roles and so
+    /// in the fingerprint): they contribute no input and compute only
+    /// where a comparison needs a third party.
+    pub fn among(mut self, helpers: &[String]) -> Result<FederatedPlan, PlanError> {
+        if let Some(h) = helpers.iter().find(|h| !self.parties.contains(h)) {
+            return Err(PlanError::Invalid(format!(
+                "helper party {h} is not a party of this federation"
+            )));
+        }
+        let mut helpers = helpers.to_vec();
+        helpers.sort();
+        helpers.dedup();
+        if helpers.len() >= self.parties.len() {
+            return Err(PlanError::Invalid(
+                "every party of this federation is a helper: none holds data".into(),
+            ));
+        }
+        self.helpers = helpers;
+        let leader = self.leader();
+        self.restage(&leader)?;
+        self.fingerprint = fingerprint(&self);
+        Ok(self)
+    }
+
+    /// The parties that hold data, sorted.
+    pub fn data_parties(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .parties
+            .iter()
+            .filter(|p| !self.helpers.contains(p))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The three compute parties of a comparison: the helpers first, then
+    /// the data parties, each in sorted order, the first three. Decided so
+    /// that every party computes the same choice from the agreed list, and
+    /// that a helper, which exists to be one, always is.
+    pub fn comparison_parties(&self) -> Vec<String> {
+        let mut v = self.helpers.clone();
+        v.extend(self.data_parties());
+        v.truncate(3);
+        v
     }
 
     /// The program's stages from the shared partials, `leader` receiving
@@ -729,7 +789,7 @@ impl FederatedPlan {
     /// by the additive engine over every other shared partial (any
     /// coalition short of all parties). [`FederatedPlan::shared_partials`]
     /// orders the partials so.
-    fn restage(&mut self, leader: &str) {
+    fn restage(&mut self, leader: &str) -> Result<(), PlanError> {
         let shared = self.shared_partials();
         let extremes = shared
             .iter()
@@ -737,16 +797,44 @@ impl FederatedPlan {
             .count();
         let mut stages = Vec::new();
         if extremes > 0 {
+            let compute = self.comparison_parties();
+            if compute.len() < 3 || self.data_parties().len() < 2 {
+                let f = if self.aggregates.iter().any(|a| a.kind == AggKind::Min) {
+                    "MIN"
+                } else {
+                    "MAX"
+                };
+                return Err(PlanError::not_supported(
+                    format!(
+                        "{f} in a federation of {} data part{} and {} helper{}",
+                        self.data_parties().len(),
+                        if self.data_parties().len() == 1 { "y" } else { "ies" },
+                        self.helpers.len(),
+                        if self.helpers.len() == 1 { "" } else { "s" }
+                    ),
+                    crate::ast_check::function_position(
+                        &crate::ast_check::parse_and_check(&self.sql)?,
+                        &f.to_ascii_lowercase(),
+                    )
+                    .unwrap_or_else(|| "the SELECT list".into()),
+                    "a secure comparison runs on three compute parties and needs at least two parties with \
+                     data; a federation of two adds a data-less helper party (`helpers` in every gateway's \
+                     config, and a gateway without tables)",
+                ));
+            }
             stages.push(executor::Stage {
                 ops: vec![executor::Op::Min, executor::Op::Reveal],
                 columns: extremes,
+                compute,
             });
         }
         stages.push(executor::Stage {
             ops: vec![executor::Op::Sum, executor::Op::Reveal],
             columns: shared.len() - extremes,
+            compute: self.data_parties(),
         });
-        self.program = executor::Program::with_stages(&self.parties, leader, stages);
+        self.program = executor::Program::with_stages(&self.parties, &self.helpers, leader, stages);
+        Ok(())
     }
 
     /// The party that receives the result (empty before [`Self::led_by`]).
@@ -877,7 +965,7 @@ impl FederatedPlan {
             // of that size says nothing, and Council has no mechanism for
             // it (an exponential mechanism over a public range would be).
             return Err(refuse(
-                format!("{:?}(...) under differential privacy", a.kind).to_uppercase(),
+                format!("{}(...) under differential privacy", a.kind.policy_name().to_uppercase()),
                 "MIN and MAX have no differentially private mechanism in Council; a party requires DP for \
                  this query, so ask for COUNT, SUM or AVG instead"
                     .into(),
@@ -1033,7 +1121,7 @@ impl FederatedPlan {
         }
         self.privacy = Some(params);
         let leader = self.leader();
-        self.restage(&leader);
+        self.restage(&leader)?;
         self.fingerprint = fingerprint(&self);
         Ok(self)
     }
@@ -1087,7 +1175,7 @@ impl FederatedPlan {
         let _ = writeln!(
             s,
             "  engine: {}",
-            self.options.engine.describe(self.parties.len())
+            self.options.engine.describe(self.data_parties().len())
         );
         if self.program.needs_honest_majority() {
             let _ = writeln!(
@@ -1132,12 +1220,13 @@ impl FederatedPlan {
         for (k, stage) in self.program.stages.iter().enumerate() {
             let cols = &shared[at.min(shared.len())..(at + stage.columns).min(shared.len())];
             at += stage.columns;
-            let compute = self.program.with(|r| r.compute).join(", ");
+            let compute = stage.compute.join(", ");
             if stage.compares() {
                 let _ = writeln!(
                     s,
                     "2.{}. Secure step (replicated engine; compute parties {compute}; security: {}): each party \
-                     splits its values into 2-out-of-3 replicated shares over Z_2^64, and the three compare them \
+                     with data splits its values into 2-out-of-3 replicated shares over Z_2^64 for the three compute \
+                     parties, and the three compare them \
                      in a tournament (a parallel-prefix comparison, one round per circuit layer for every group \
                      at once); which party held an extreme is never revealed:",
                     k + 1,
@@ -1585,20 +1674,6 @@ async fn plan_query_here(
         aggregates.push(out);
     }
 
-    // Comparisons run on three compute parties (the replicated engine).
-    if partials.iter().any(|p| p.kind.is_extreme()) && parties.len() != 3 {
-        let f = if aggregates.iter().any(|a| a.kind == AggKind::Min) {
-            "min"
-        } else {
-            "max"
-        };
-        return Err(PlanError::not_supported(
-            format!("MIN and MAX across {} parties", parties.len()),
-            at_function(f),
-            "a secure comparison runs on exactly three compute parties; a federation of two (with a \
-             data-less helper party) or of more than three does not run it yet",
-        ));
-    }
     // A result share carries up to two 8-byte words per group and partial
     // (a Z_2^256 sum of squares four, for its three limb partials); peers
     // refuse shares beyond a fixed size, so a plan whose shares would not
@@ -1642,8 +1717,9 @@ async fn plan_query_here(
         privacy: None,
         noise: Vec::new(),
         program: executor::Program::sum_and_reveal(parties, ""),
+        helpers: Vec::new(),
     };
-    plan.restage("");
+    plan.restage("")?;
     plan.fingerprint = fingerprint(&plan);
     Ok(plan)
 }
@@ -1991,21 +2067,62 @@ columns = [
                 "{sql}: {e}"
             );
         }
-        // Two or four parties: refused, naming the three compute parties.
-        for n in [2, 4] {
-            let ps: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
-            let cat = Catalog::from_toml(CATALOG, "catalog.toml").unwrap();
-            let e = plan_query(
-                "SELECT MAX(los) FROM patients",
-                &cat,
-                &ps,
-                &QueryOptions::default(),
-            )
+        // Two parties: refused, naming the three compute parties and the
+        // helper that completes them.
+        let cat = Catalog::from_toml(CATALOG, "catalog.toml").unwrap();
+        let two: Vec<String> = vec!["p0".into(), "p1".into()];
+        let e = plan_query(
+            "SELECT MAX(los) FROM patients",
+            &cat,
+            &two,
+            &QueryOptions::default(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("three compute parties") && e.contains("helper"),
+            "{e}"
+        );
+        // Two and a helper: the helper computes the comparison, and takes
+        // no part in the sums; it may not lead.
+        let three: Vec<String> = vec!["h".into(), "p0".into(), "p1".into()];
+        let sql = "SELECT sex, MIN(los), COUNT(*) FROM patients GROUP BY sex";
+        let p = plan_query(sql, &cat, &three, &QueryOptions::default())
             .await
+            .unwrap()
+            .among(&["h".into()])
+            .unwrap();
+        assert!(p
+            .clone()
+            .led_by("h")
+            .unwrap_err()
+            .to_string()
+            .contains("helper party"));
+        let p = p.led_by("p1").unwrap();
+        assert_eq!(p.program.stages[0].compute, three);
+        assert_eq!(
+            p.program.stages[1].compute,
+            vec!["p0".to_string(), "p1".into()]
+        );
+        assert!(!p.program.roles_of("h").input && p.program.roles_of("h").compute);
+        // Five: the first three compute, the other two send them shares.
+        let five: Vec<String> = (0..5).map(|i| format!("p{i}")).collect();
+        let p = plan_query(sql, &cat, &five, &QueryOptions::default())
+            .await
+            .unwrap()
+            .led_by("p4")
+            .unwrap();
+        assert_eq!(p.program.stages[0].compute, five[..3].to_vec());
+        assert_eq!(p.program.stages[1].compute, five);
+        // One data party and two helpers cannot compare across parties.
+        let e = plan_query(sql, &cat, &three, &QueryOptions::default())
+            .await
+            .unwrap()
+            .among(&["h".into(), "p0".into()])
             .unwrap_err()
             .to_string();
-            assert!(e.contains("three compute parties"), "{e}");
-        }
+        assert!(e.contains("1 data party and 2 helpers"), "{e}");
     }
 
     #[tokio::test]
@@ -2216,7 +2333,7 @@ columns = [
         let text = a.explain(&leader);
         assert!(
             text.contains(&format!(
-                "secure part: sum → reveal over 3 column(s); roles {leader}=input+compute+result"
+                "secure part: sum → reveal over 3 column(s) by a, b, c; roles {leader}=input+compute+result"
             )),
             "{text}"
         );

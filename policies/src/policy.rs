@@ -50,8 +50,9 @@ struct RawPolicy {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEngines {
-    /// `false`: refuse every query whose secure part relies on an honest
-    /// majority among three compute parties (secure comparison: MIN, MAX).
+    /// `true`: accept a secure part that relies on an honest majority
+    /// among three compute parties (secure comparison: MIN, MAX); unset or
+    /// `false`: refuse it.
     honest_majority: Option<bool>,
 }
 
@@ -137,9 +138,12 @@ pub struct Policy {
     pub trust_identities_from: Vec<String>,
     pub min_group_size: u64,
     /// Whether this party accepts a secure part that relies on an honest
-    /// majority among three compute parties (`engines.honest_majority`,
-    /// default true); the additive engine's sums hold against any
-    /// coalition short of all parties and are always accepted.
+    /// majority among three compute parties (`engines.honest_majority`).
+    /// Off unless the policy says so: the replicated engine is secure only
+    /// while every compute party follows the protocol (one that deviates
+    /// can learn another party's value), where the additive engine's sums
+    /// keep every input private against any coalition short of all
+    /// parties, deviating or not, and are always accepted.
     pub honest_majority: bool,
     pub tables: BTreeMap<String, TablePolicy>,
     /// The party's differential-privacy settings (mechanism, ε and δ per
@@ -602,10 +606,24 @@ impl Policy {
                 .min_group_size
                 .map(|m| m.into_inner())
                 .unwrap_or(0),
-            honest_majority: raw.engines.honest_majority.unwrap_or(true),
+            honest_majority: raw.engines.honest_majority.unwrap_or(false),
             tables,
             privacy,
         })
+    }
+
+    /// The check at a data-less helper party: it holds no data, so its
+    /// policy decides only whom it serves (`analysts.allow`); it sees
+    /// shares and never a result.
+    pub fn check_as_helper(&self, analyst: &Analyst) -> Decision {
+        if self.admits(analyst) {
+            Decision::Allow
+        } else {
+            Decision::Deny {
+                rule: "analysts.allow".into(),
+                reason: format!("analyst {analyst} may not use this party as a helper"),
+            }
+        }
     }
 
     /// What this party demands of `plan` for `analyst` under differential
@@ -840,6 +858,9 @@ impl Policy {
                     "avg" => &["sum", "count"],
                     "var" => &["sum", "stddev", "count"],
                     "stddev" => &["sum", "var", "count"],
+                    // MIN(-x) is -MAX(x): either grants the other.
+                    "min" => &["max"],
+                    "max" => &["min"],
                     _ => &[],
                 };
                 for r in reveals.iter().filter(|r| **r != "count" || !own_dp) {
@@ -876,7 +897,9 @@ impl Policy {
                 "engines.honest_majority".into(),
                 "this party does not accept a result that relies on an honest majority among three compute \
                  parties, and this query's MIN or MAX needs one (secure comparison runs on the replicated \
-                 engine); ask for COUNT, SUM, AVG, VAR or STDDEV, which the additive engine computes"
+                 engine, which is secure only while every compute party follows the protocol); ask for \
+                 COUNT, SUM, AVG, VAR or STDDEV, which the additive engine computes, or have the party's \
+                 governance team set `[engines] honest_majority = true`"
                     .into(),
             );
         }
@@ -1177,7 +1200,8 @@ mod fail_closed {
     }
 
     /// A party that refuses the honest-majority model refuses MIN and MAX
-    /// (and only them), naming the rule; by default it accepts them.
+    /// (and only them), naming the rule; it accepts them only if its policy
+    /// opts in. MIN and MAX are granted together (MIN(-x) = -MAX(x)).
     #[tokio::test]
     async fn a_party_can_refuse_the_honest_majority_model() {
         let cat = Catalog::from_toml(
@@ -1187,12 +1211,19 @@ mod fail_closed {
         .unwrap();
         let text = "[analysts]\nallow = [\"a:*\"]\n[tables.t]\ncount_star = true\n[tables.t.columns.g]\ngroup_by = true\n\
                     [tables.t.columns.x]\naggregate = [\"count\", \"sum\", \"min\", \"max\"]\n";
-        let accepting = Policy::parse(text, Some(&cat)).unwrap();
-        let refusing = Policy::parse(
+        // Off unless the policy opts in.
+        let refusing = Policy::parse(text, Some(&cat)).unwrap();
+        let accepting = Policy::parse(
+            &format!("{text}[engines]\nhonest_majority = true\n"),
+            Some(&cat),
+        )
+        .unwrap();
+        let explicit = Policy::parse(
             &format!("{text}[engines]\nhonest_majority = false\n"),
             Some(&cat),
         )
         .unwrap();
+        assert!(!explicit.honest_majority && !refusing.honest_majority);
         let parties: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
         let plan = |sql: &'static str| {
             let (cat, parties) = (cat.clone(), parties.clone());
@@ -1217,6 +1248,21 @@ mod fail_closed {
             Decision::Deny { rule, reason } => {
                 assert_eq!(rule, "engines.honest_majority");
                 assert!(reason.contains("MIN or MAX"), "{reason}");
+            }
+            d => panic!("{d:?}"),
+        }
+        let only_min = Policy::parse(
+            &format!(
+                "{}[engines]\nhonest_majority = true\n",
+                text.replace("\"min\", \"max\"", "\"min\"")
+            ),
+            Some(&cat),
+        )
+        .unwrap();
+        match only_min.check(&plan("SELECT MIN(x) FROM t").await, &who) {
+            Decision::Deny { rule, reason } => {
+                assert_eq!(rule, "tables.t.columns.x");
+                assert!(reason.contains("allow max too"), "{reason}");
             }
             d => panic!("{d:?}"),
         }

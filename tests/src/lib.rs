@@ -34,7 +34,7 @@ columns = [
 pub fn open_policy(party: &str, parties: &[String]) -> String {
     let allow: Vec<String> = parties.iter().map(|p| format!("\"{p}:*\"")).collect();
     let mut s = format!(
-        "party = \"{party}\"\n[analysts]\nallow = [{}]\n[tables.t]\ncount_star = true\n",
+        "party = \"{party}\"\n[analysts]\nallow = [{}]\n[engines]\nhonest_majority = true\n[tables.t]\ncount_star = true\n",
         allow.join(", ")
     );
     for c in ["id", "g", "h", "flag", "x", "d", "f", "label", "ts"] {

@@ -73,7 +73,12 @@ impl Gateway {
         };
         entry.fingerprint = Some(plan.fingerprint.clone());
         phases.span("plan", t);
-        let decision = match self.policy.check(&plan, &p.analyst) {
+        let verdict = if self.is_helper() {
+            self.policy.check_as_helper(&p.analyst)
+        } else {
+            self.policy.check(&plan, &p.analyst)
+        };
+        let decision = match verdict {
             Decision::Allow => self.own_requirement(&plan, &p.analyst),
             Decision::Deny { rule, reason } => Err((rule, reason)),
         };
@@ -94,7 +99,11 @@ impl Gateway {
             self.audit(entry);
             return Verdict::Allow {
                 fingerprint,
-                source: self.source.explain(&plan.local).await,
+                source: if self.is_helper() {
+                    vec!["a data-less helper: no local part, it computes only on shares".into()]
+                } else {
+                    self.source.explain(&plan.local).await
+                },
                 privacy: requirement,
             };
         }

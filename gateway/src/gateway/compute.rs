@@ -10,6 +10,7 @@ use std::time::Instant;
 use arrow::array::RecordBatch;
 use arrow::datatypes::i256;
 use executor::encode::{dense_partials, sum_cannot_wrap};
+use executor::pipeline::Idle;
 use executor::{
     AbortKind, AbortReason, AdditiveEngine, Engine, GroupIndex, Pipeline, ReplicatedEngine,
     SharedTable,
@@ -81,18 +82,23 @@ impl Gateway {
         if plan.privacy.is_some() {
             spent.local_ran.store(true, Ordering::SeqCst);
         }
-        let batches = self
-            .source
-            .run(&plan.local)
-            .await
-            .map_err(|e| PartyFailure {
-                local: e.to_string(),
-                shared: AbortReason::new(
-                    AbortKind::Data,
-                    &self.party,
-                    "its local part failed (details in its gateway log)",
-                ),
-            })?;
+        // A helper holds no data: its input is that of a party without
+        // rows (no engine reads it; the helper inputs nothing).
+        let batches = if self.is_helper() {
+            Vec::new()
+        } else {
+            self.source
+                .run(&plan.local)
+                .await
+                .map_err(|e| PartyFailure {
+                    local: e.to_string(),
+                    shared: AbortReason::new(
+                        AbortKind::Data,
+                        &self.party,
+                        "its local part failed (details in its gateway log)",
+                    ),
+                })?
+        };
         s.phases.span("local part", t);
         let t = Instant::now();
         let keys = if plan.grouped {
@@ -224,7 +230,14 @@ impl Gateway {
             let one = program
                 .stage(k)
                 .ok_or_else(|| format!("the program has no stage {k}"))?;
-            let engine: Box<dyn Engine> = if stage.compares() {
+            // A party outside a stage (a helper among sums, or a stage of
+            // comparisons whose inputs and compute parties it is not) has
+            // no message in it.
+            let takes_part = stage.compute.contains(&self.party)
+                || (stage.compares() && program.roles_of(&self.party).input);
+            let engine: Box<dyn Engine> = if !takes_part {
+                Box::new(Idle)
+            } else if stage.compares() {
                 Box::new(ReplicatedEngine::for_program(&one, &self.party)?)
             } else {
                 match plan.options.engine {

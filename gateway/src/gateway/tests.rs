@@ -140,6 +140,7 @@ impl Federation {
                     .filter(|p| *p != party)
                     .map(|p| (p.clone(), format!("memory:{p}")))
                     .collect(),
+                helpers: Vec::new(),
                 catalog: catalog.clone(),
                 policy: policies::Policy::parse(
                     &policy(party, setup.sum_allowed[i]),

@@ -89,36 +89,106 @@ async fn three_gateways_agree_on_min_and_max() {
     .await;
 }
 
-/// MIN and MAX need exactly three compute parties for now: with two or
-/// five the query is refused before anything runs, naming why.
+/// Five parties: the first three compute the comparison and the other two
+/// send them shares; every party leads in turn, including those outside
+/// the three.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn min_and_max_outside_three_parties_are_refused_with_the_reason() {
-    for n in [2, 5] {
+async fn five_gateways_agree_on_min_and_max() {
+    for seed in [36, 37] {
+        check_queries(5, Shape { seed, large: false }, EXTREME_QUERIES).await;
+    }
+}
+
+/// Two hospitals and a data-less helper gateway (no tables): the helper
+/// completes the three compute parties of each comparison, takes no part
+/// in the sums, cannot lead, and the answers equal plaintext over the two
+/// hospitals' rows. Without the helper, two parties are refused with the
+/// reason and the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_parties_and_a_helper_agree_on_min_and_max() {
+    use council::federation::{LocalFederation, PartySpec};
+    use council_tests::{open_policy, party_ids, spec_for, write_random_data};
+    for seed in [38, 39, 40] {
         let dir = tempfile::tempdir().unwrap();
-        let fed = start_random(
-            dir.path(),
-            n,
+        let data = party_ids(2);
+        write_random_data(
+            &dir.path().join("data"),
+            &data,
             Shape {
-                seed: 35,
-                large: false,
+                seed,
+                large: seed == 40,
             },
-            Duration::from_secs(20),
         )
-        .await
         .unwrap();
-        let client = fed.client("p0", USER, PASSWORD).await.unwrap();
-        let e = client
-            .query("SELECT g, MIN(x) FROM t GROUP BY g")
+        let mut spec = spec_for(dir.path(), &data, Duration::from_secs(20));
+        let mut all = data.clone();
+        all.push("helper".into());
+        for p in &mut spec.parties {
+            p.policy_toml = open_policy(&p.id, &all);
+        }
+        let empty = dir.path().join("data").join("helper");
+        std::fs::create_dir_all(&empty).unwrap();
+        let mut helper = PartySpec::new(
+            "helper",
+            empty,
+            open_policy("helper", &all),
+            vec![(USER.into(), PASSWORD.into(), vec![])],
+        );
+        helper.helper = true;
+        spec.parties.push(helper);
+        let fed = LocalFederation::start(&spec, &dir.path().join("run"))
+            .await
+            .unwrap();
+        let pooled = fed.pooled_context().await.unwrap();
+        for (qi, (sql, ordered)) in EXTREME_QUERIES.iter().chain(QUERIES).enumerate() {
+            let leader = format!("p{}", qi % 2);
+            let client = fed.client(&leader, USER, PASSWORD).await.unwrap();
+            let secure = client
+                .query(sql)
+                .await
+                .unwrap_or_else(|e| panic!("2 + helper, seed {seed}, {sql}: {e}"));
+            let plain = plaintext(&pooled, sql).await.unwrap();
+            if let Err(d) = compare(&secure, &plain, *ordered) {
+                panic!("2 + helper, seed {seed}, leader {leader}: {sql}\n{d}");
+            }
+        }
+        let at_helper = fed.client("helper", USER, PASSWORD).await.unwrap();
+        let e = at_helper
+            .query("SELECT MIN(x) FROM t")
             .await
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains(&format!("MIN and MAX across {n} parties"))
-                && e.contains("three compute parties"),
+            e.contains("helper party") && e.contains("does not lead"),
             "{e}"
         );
         fed.stop().await;
     }
+    // Two parties alone.
+    let dir = tempfile::tempdir().unwrap();
+    let fed = start_random(
+        dir.path(),
+        2,
+        Shape {
+            seed: 35,
+            large: false,
+        },
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    let client = fed.client("p0", USER, PASSWORD).await.unwrap();
+    let e = client
+        .query("SELECT g, MIN(x) FROM t GROUP BY g")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("MIN in a federation of 2 data parties and 0 helpers")
+            && e.contains("helper party"),
+        "{e}"
+    );
+    fed.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
