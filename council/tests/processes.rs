@@ -409,7 +409,7 @@ fn bench_checks_tpch_q1_and_q6_answers_exactly() {
             "--sf",
             "0.002",
             "--parties",
-            "2",
+            "3",
             "--reps",
             "1",
             "--groups",
@@ -426,11 +426,11 @@ fn bench_checks_tpch_q1_and_q6_answers_exactly() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Q1, Q6 and the group sweep's one size.
-    assert_eq!(stdout.matches("answers equal").count(), 3, "{stdout}");
+    // Q1, Q6, Q1 with MIN and MAX, and the group sweep's one size.
+    assert_eq!(stdout.matches("answers equal").count(), 4, "{stdout}");
     let figures: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
-    assert_eq!(figures["tpch"].as_array().map(|a| a.len()), Some(2));
+    assert_eq!(figures["tpch"].as_array().map(|a| a.len()), Some(3));
     assert!(figures["tpch"][0]["rows"].as_u64().unwrap() > 10_000);
     assert_eq!(figures["groups"][0]["groups"].as_u64(), Some(5000));
     assert_eq!(figures["groups"][0]["equal"].as_bool(), Some(true));

@@ -12,6 +12,7 @@
 
 pub mod additive;
 pub mod encode;
+pub mod gate;
 pub mod groups;
 pub mod noise;
 pub mod pipeline;
@@ -79,6 +80,13 @@ pub trait Engine: Send + Sync {
         values: &[Vec<arrow::datatypes::i256>],
         widths: &[Width],
     ) -> Result<Vec<ShareColumn>, encode::OutOfRange>;
+
+    /// What this engine's input holds for a group that a minimum group size
+    /// left out ([`crate::gate`]): the encoded value that contributes
+    /// nothing (zero for a sum).
+    fn neutral(&self) -> u64 {
+        0
+    }
 
     /// The message `from` may send this party at `step` of a query whose
     /// input has `shape`, known before it is decoded; `None`: the protocol

@@ -14,6 +14,7 @@
 use arrow::datatypes::i256;
 
 use crate::encode::OutOfRange;
+use crate::gate::Gate;
 use crate::shares::{ShareColumn, SharedTable, Width};
 use crate::transport::{Inbound, Outbound, Step, Transport, TransportError};
 use crate::{Engine, ExecError, MessageShape, TableShape};
@@ -56,32 +57,73 @@ impl Engine for Idle {
     }
 }
 
-/// The stages of one program, with the number of shared columns each takes.
+/// The stages of one program, with the number of shared columns each
+/// takes, after an optional gate (a minimum group size, over one column:
+/// the row count, at steps and column 0).
 pub struct Pipeline {
+    gate: Option<(Gate, String)>,
     stages: Vec<(Box<dyn Engine>, usize)>,
 }
 
 impl Pipeline {
     /// At most `u16::MAX / STAGE_STEPS` stages, each of at least one column.
     pub fn new(stages: Vec<(Box<dyn Engine>, usize)>) -> Result<Self, String> {
-        if stages.is_empty() || stages.len() > usize::from(u16::MAX / STAGE_STEPS) {
+        if stages.is_empty() || stages.len() > usize::from(u16::MAX / STAGE_STEPS) - 1 {
             return Err(format!("a program of {} stages", stages.len()));
         }
         if stages.iter().any(|(_, c)| *c == 0) {
             return Err("a stage without columns".into());
         }
-        Ok(Pipeline { stages })
+        Ok(Pipeline { gate: None, stages })
+    }
+
+    /// The stages after `gate`, whose pass bits reach every party, and the
+    /// result party `leader` (which also receives them, as a first column).
+    pub fn gated(
+        gate: Gate,
+        leader: &str,
+        stages: Vec<(Box<dyn Engine>, usize)>,
+    ) -> Result<Self, String> {
+        let mut p = Self::new(stages)?;
+        p.gate = Some((gate, leader.to_string()));
+        Ok(p)
+    }
+
+    /// Columns and steps the gate takes before the stages.
+    fn offset(&self) -> usize {
+        usize::from(self.gate.is_some())
     }
 
     /// The column range of stage `k`.
     fn columns(&self, k: usize) -> std::ops::Range<usize> {
-        let start: usize = self.stages[..k].iter().map(|(_, c)| c).sum();
+        let start: usize = self.offset() + self.stages[..k].iter().map(|(_, c)| c).sum::<usize>();
         start..start + self.stages[k].1
     }
 
     fn total_columns(&self) -> usize {
-        self.stages.iter().map(|(_, c)| c).sum()
+        self.offset() + self.stages.iter().map(|(_, c)| c).sum::<usize>()
     }
+}
+
+/// `table` with every row of a group that did not pass replaced by
+/// `neutral` (all limbs zero in the wide rings).
+fn withhold(mut table: SharedTable, pass: &[bool], neutral: u64) -> SharedTable {
+    for c in &mut table.columns {
+        let limbs: Vec<&mut Vec<u64>> = match c {
+            ShareColumn::Z64(v) => vec![v],
+            ShareColumn::Z128 { lo, hi } => vec![lo, hi],
+            ShareColumn::Z256(l) => l.iter_mut().collect(),
+        };
+        let z64 = limbs.len() == 1;
+        for v in limbs {
+            for (x, p) in v.iter_mut().zip(pass) {
+                if !p {
+                    *x = if z64 { neutral } else { 0 };
+                }
+            }
+        }
+    }
+    table
 }
 
 /// A stage's view of the transport: its steps shifted to the stage's range.
@@ -120,16 +162,20 @@ impl Engine for Pipeline {
     }
 
     fn supports(&self, program: &crate::Program) -> Result<(), String> {
-        if program.stages.len() != self.stages.len() {
+        if program.stages.len() != self.stages.len() + self.offset() {
             return Err(format!(
                 "a pipeline of {} stages for a program of {}",
                 self.stages.len(),
                 program.stages.len()
             ));
         }
+        if let Some((gate, _)) = &self.gate {
+            let stage = program.stage(0).ok_or("the program has no gate")?;
+            Gate::for_program(&stage, &gate.me)?;
+        }
         for (k, (engine, _)) in self.stages.iter().enumerate() {
             let stage = program
-                .stage(k)
+                .stage(k + self.offset())
                 .ok_or_else(|| format!("the program has no stage {k}"))?;
             engine.supports(&stage)?;
         }
@@ -142,6 +188,12 @@ impl Engine for Pipeline {
         widths: &[Width],
     ) -> Result<Vec<ShareColumn>, OutOfRange> {
         let mut out = Vec::with_capacity(values.len());
+        if self.gate.is_some() {
+            // The gate's row counts, as the words it compares.
+            out.extend(crate::replicated::encode_words(
+                values.get(..1).unwrap_or(&[]),
+            )?);
+        }
         for (k, (engine, _)) in self.stages.iter().enumerate() {
             let r = self.columns(k);
             let (Some(v), Some(w)) = (values.get(r.clone()), widths.get(r.clone())) else {
@@ -166,12 +218,18 @@ impl Engine for Pipeline {
             return None;
         }
         let k = usize::from(step.0 / STAGE_STEPS);
-        let (engine, _) = self.stages.get(k)?;
+        let sub_step = Step(step.0 % STAGE_STEPS);
+        if let Some((gate, _)) = &self.gate {
+            if k == 0 {
+                return gate.expects(from, sub_step, shape.rows);
+            }
+        }
+        let (engine, _) = self.stages.get(k.checked_sub(self.offset())?)?;
         let sub = TableShape {
-            widths: shape.widths.get(self.columns(k))?.to_vec(),
+            widths: shape.widths.get(self.columns(k - self.offset()))?.to_vec(),
             ..shape.clone()
         };
-        engine.expects(from, Step(step.0 % STAGE_STEPS), &sub)
+        engine.expects(from, sub_step, &sub)
     }
 
     async fn run(
@@ -186,33 +244,52 @@ impl Engine for Pipeline {
                 self.total_columns()
             )));
         }
-        let mut revealed: Option<Vec<Vec<i256>>> = None;
+        // The gate first: every party learns which groups pass, and from
+        // then on contributes nothing computed from a group that does not.
+        let mut outs: Vec<Option<Vec<Vec<i256>>>> = Vec::new();
+        let mut pass: Option<Vec<bool>> = None;
+        if let Some((gate, leader)) = &self.gate {
+            let counts = match input.columns.first() {
+                Some(ShareColumn::Z64(v)) if gate.inputs.contains(&gate.me) => Some(&v[..]),
+                _ => None,
+            };
+            let shifted = Shifted {
+                inner: transport,
+                base: 0,
+            };
+            let bits = gate.run(&shifted, counts, input.rows).await?;
+            outs.push(
+                (&gate.me == leader)
+                    .then(|| vec![bits.iter().map(|&b| i256::from_i128(b as i128)).collect()]),
+            );
+            pass = Some(bits);
+        }
         for (k, (engine, _)) in self.stages.iter().enumerate() {
-            let sub = SharedTable {
+            let mut sub = SharedTable {
                 keys: input.keys.clone(),
                 columns: input.columns[self.columns(k)].to_vec(),
                 rows: input.rows,
             };
+            if let Some(pass) = &pass {
+                sub = withhold(sub, pass, engine.neutral());
+            }
             let shifted = Shifted {
                 inner: transport,
-                base: (k as u16) * STAGE_STEPS,
+                base: ((k + self.offset()) as u16) * STAGE_STEPS,
             };
-            let out = engine.run(&shifted, &sub).await?;
-            // Every stage reveals to the same party (the program's one
-            // result party), so either all stages return totals here or
-            // none does.
-            match (k, out, &mut revealed) {
-                (0, Some(cols), r) => *r = Some(cols),
-                (0, None, _) => {}
-                (_, Some(cols), Some(r)) => r.extend(cols),
-                (_, None, None) => {}
-                _ => {
-                    return Err(ExecError::Encode(
-                        "the stages of one program revealed to different parties".into(),
-                    ))
-                }
-            }
+            outs.push(engine.run(&shifted, &sub).await?);
         }
+        // Every stage reveals to the same party (the program's one result
+        // party), so either all stages return totals here or none does.
+        let revealed = if outs.iter().all(Option::is_none) {
+            None
+        } else if outs.iter().all(Option::is_some) {
+            Some(outs.into_iter().flatten().flatten().collect())
+        } else {
+            return Err(ExecError::Encode(
+                "the stages of one program revealed to different parties".into(),
+            ));
+        };
         Ok(revealed)
     }
 }
@@ -354,5 +431,195 @@ mod tests {
         assert!(Pipeline::new(vec![]).is_err());
         assert!(Pipeline::new(vec![(a(), 0)]).is_err());
         assert!(Pipeline::new(vec![(a(), 1)]).is_ok());
+    }
+
+    /// Records every message sent: (from, to, step, rows).
+    struct Recording {
+        inner: crate::transport::InMemoryTransport,
+        me: String,
+        log: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Step, usize)>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Transport for Recording {
+        async fn send(&self, to: &str, step: Step, m: Outbound) -> Result<(), TransportError> {
+            self.log
+                .lock()
+                .unwrap()
+                .push((self.me.clone(), to.to_string(), step, m.rows));
+            self.inner.send(to, step, m).await
+        }
+        async fn recv(&self, from: &str, step: Step) -> Result<Inbound, TransportError> {
+            self.inner.recv(from, step).await
+        }
+    }
+
+    /// A minimum group size of 5 before a minimum and a sum, with three
+    /// parties and with five (two of them outside the compute parties):
+    /// every party learns the same pass bits, the result party receives
+    /// them first, and for a group that fails it receives nothing computed
+    /// from its rows (a sum of 0, a minimum of NO_VALUE) even where some
+    /// party has rows there; every message sent is one its receiver
+    /// expects, and every expected one is sent.
+    #[tokio::test]
+    async fn a_gate_withholds_every_group_below_the_minimum() {
+        use crate::gate::Gate;
+        use crate::replicated::NO_VALUE;
+        for n in [3usize, 5] {
+            let parties: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+            let leader = parties[n - 1].clone();
+            let compute: Vec<String> = parties[..3].to_vec();
+            let program = Program::with_stages(
+                &parties,
+                &[],
+                &leader,
+                vec![
+                    Stage {
+                        ops: vec![Op::AtLeast(5), Op::Reveal],
+                        columns: 1,
+                        compute: compute.clone(),
+                    },
+                    Stage {
+                        ops: vec![Op::Min, Op::Reveal],
+                        columns: 1,
+                        compute: compute.clone(),
+                    },
+                    Stage {
+                        ops: vec![Op::Sum, Op::Reveal],
+                        columns: 1,
+                        compute: parties.clone(),
+                    },
+                ],
+            );
+            // Rows per party and group: group 0 has 1 + 1 + … (fails at
+            // three parties, passes at five), group 1 has 2 per party
+            // (passes), group 2 has 4 at one party only (fails), group 3
+            // none (fails).
+            let rows = |p: usize, g: usize| -> u64 {
+                match g {
+                    0 => 1,
+                    1 => 2,
+                    2 => u64::from(p == 0) * 4,
+                    _ => 0,
+                }
+            };
+            let groups = 4;
+            let shape = TableShape {
+                rows: groups,
+                widths: vec![Width::Z64, Width::Z64, Width::Z128],
+                key_columns: 0,
+                key_bytes: 0,
+            };
+            let build = |me: &str| -> Pipeline {
+                let stage = |k: usize| program.stage(k).unwrap();
+                let gate = Gate::for_program(&stage(0), me).unwrap();
+                let rep: Box<dyn Engine> =
+                    Box::new(ReplicatedEngine::for_program(&stage(1), me).unwrap());
+                let add: Box<dyn Engine> =
+                    Box::new(AdditiveEngine::for_program(&stage(2), me).unwrap());
+                let p = Pipeline::gated(gate, &leader, vec![(rep, 1), (add, 1)]).unwrap();
+                p.supports(&program).unwrap();
+                p
+            };
+            let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let net = InMemoryNetwork::connect(&parties, Duration::from_secs(20));
+            let mut tasks = Vec::new();
+            for (i, t) in net.into_iter().enumerate() {
+                let me = parties[i].clone();
+                let p = build(&me);
+                let log = log.clone();
+                let shape = shape.clone();
+                tasks.push(tokio::spawn(async move {
+                    let w = |v: i128| i256::from_i128(v);
+                    let counts: Vec<i256> = (0..groups).map(|g| w(rows(i, g) as i128)).collect();
+                    let least: Vec<i256> = (0..groups)
+                        .map(|g| {
+                            if rows(i, g) > 0 {
+                                w(10 * g as i128 - i as i128)
+                            } else {
+                                w(NO_VALUE as i128)
+                            }
+                        })
+                        .collect();
+                    let sums: Vec<i256> =
+                        (0..groups).map(|g| w(rows(i, g) as i128 * 100)).collect();
+                    let columns = p.encode(&[counts, least, sums], &shape.widths).unwrap();
+                    let t = Recording {
+                        inner: t,
+                        me: me.clone(),
+                        log,
+                    };
+                    p.run(
+                        &t,
+                        &SharedTable {
+                            keys: vec![],
+                            columns,
+                            rows: groups,
+                        },
+                    )
+                    .await
+                    .unwrap()
+                }));
+            }
+            let mut outs = Vec::new();
+            for t in tasks {
+                outs.push(t.await.unwrap());
+            }
+            for (i, o) in outs.iter().enumerate() {
+                assert_eq!(
+                    o.is_some(),
+                    i == n - 1,
+                    "{n} parties: only the leader learns"
+                );
+            }
+            let got = outs[n - 1].clone().unwrap();
+            let total = |g: usize| (0..n).map(|p| rows(p, g)).sum::<u64>();
+            for g in 0..groups {
+                let passes = total(g) >= 5;
+                assert_eq!(
+                    got[0][g],
+                    i256::from_i128(passes as i128),
+                    "{n}: pass bit of {g}"
+                );
+                let (want_min, want_sum) = if passes {
+                    let least = (0..n)
+                        .filter(|&p| rows(p, g) > 0)
+                        .map(|p| 10 * g as i128 - p as i128)
+                        .min()
+                        .unwrap();
+                    (least, total(g) as i128 * 100)
+                } else {
+                    (NO_VALUE as i128, 0)
+                };
+                assert_eq!(got[1][g], i256::from_i128(want_min), "{n}: min of {g}");
+                assert_eq!(got[2][g], i256::from_i128(want_sum), "{n}: sum of {g}");
+            }
+            let log = log.lock().unwrap().clone();
+            for (from, to, step, rows) in &log {
+                let expected = build(to).expects(from, *step, &shape);
+                assert_eq!(
+                    expected.map(|s| s.rows),
+                    Some(*rows),
+                    "{n}: {from} → {to} at {step}"
+                );
+            }
+            for to in &parties {
+                let receiver = build(to);
+                for from in &parties {
+                    for stage in 0..3u16 {
+                        for s in 0..64u16 {
+                            let step = Step(stage * STAGE_STEPS + s);
+                            if receiver.expects(from, step, &shape).is_some() {
+                                assert!(
+                                    log.iter()
+                                        .any(|(f, t, st, _)| f == from && t == to && *st == step),
+                                    "{n}: {to} expects {from}'s {step}, never sent"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }

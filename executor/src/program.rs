@@ -56,6 +56,10 @@ pub enum Op {
     Min,
     /// The largest, as [`Op::Min`] (the engine runs it; plans do not emit it).
     Max,
+    /// Whether each group's row count, summed over the input parties,
+    /// reaches the public minimum group size (a gate: [`crate::gate`]);
+    /// only the pass bits are revealed, to every party.
+    AtLeast(u64),
 }
 
 /// A run of operators over `columns` consecutive shared columns (after
@@ -73,7 +77,17 @@ impl Stage {
     /// Whether the stage compares, and so needs an honest majority among
     /// its three compute parties.
     pub fn compares(&self) -> bool {
-        self.ops.iter().any(|o| matches!(o, Op::Min | Op::Max))
+        self.ops
+            .iter()
+            .any(|o| matches!(o, Op::Min | Op::Max | Op::AtLeast(_)))
+    }
+
+    /// The minimum group size of a gate stage.
+    pub fn gate(&self) -> Option<u64> {
+        match self.ops[..] {
+            [Op::AtLeast(k), Op::Reveal] => Some(k),
+            _ => None,
+        }
     }
 
     /// The security model of the stage, for EXPLAIN and policies.
@@ -188,14 +202,15 @@ impl Program {
             .stages
             .iter()
             .map(|s| {
-                let ops: Vec<&str> = s
+                let ops: Vec<String> = s
                     .ops
                     .iter()
                     .map(|o| match o {
-                        Op::Sum => "sum",
-                        Op::Reveal => "reveal",
-                        Op::Min => "min",
-                        Op::Max => "max",
+                        Op::Sum => "sum".to_string(),
+                        Op::Reveal => "reveal".to_string(),
+                        Op::Min => "min".to_string(),
+                        Op::Max => "max".to_string(),
+                        Op::AtLeast(k) => format!("at_least {k}"),
                     })
                     .collect();
                 format!(

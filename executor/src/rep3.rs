@@ -687,6 +687,21 @@ fn split<'a>(
     })
 }
 
+/// Words as a message (`words_message`), for protocols built on this one.
+pub fn words_outbound(words: Vec<u64>) -> Outbound {
+    words_message(words)
+}
+
+/// Reads exactly `n` words from `from` at `step` (`recv_words`).
+pub async fn recv_words_from(
+    t: &dyn Transport,
+    from: &str,
+    step: Step,
+    n: usize,
+) -> Result<Vec<u64>, ExecError> {
+    recv_words(t, from, step, n).await
+}
+
 /// A round's words as a message: one UInt64 column `w`, in batches.
 fn words_message(words: Vec<u64>) -> Outbound {
     let n = words.len();

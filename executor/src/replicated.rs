@@ -56,6 +56,32 @@ pub fn min_input(dense: &[i128], max: bool) -> Vec<i256> {
         .collect()
 }
 
+/// Values within ±(2^62 − 1) as Z_2^64 words, one column each: what the
+/// replicated engine and the gate compare. `Err` names the first that is
+/// not.
+pub fn encode_words(values: &[Vec<i256>]) -> Result<Vec<ShareColumn>, OutOfRange> {
+    let bound = i256::from_i128(COMPARE_BOUND as i128);
+    values
+        .iter()
+        .enumerate()
+        .map(|(k, col)| {
+            col.iter()
+                .enumerate()
+                .map(|(g, v)| match v.to_i128() {
+                    Some(x) if x.unsigned_abs() <= COMPARE_BOUND as u128 => Ok(x as i64 as u64),
+                    _ => Err(OutOfRange {
+                        partial: k,
+                        group: g,
+                        value: *v,
+                        bound,
+                    }),
+                })
+                .collect::<Result<Vec<u64>, _>>()
+                .map(ShareColumn::Z64)
+        })
+        .collect()
+}
+
 /// The revealed minimum back to the value it stands for: `None` where no
 /// party had a value (SQL's NULL).
 pub fn min_output(revealed: i256, max: bool) -> Option<i128> {
@@ -187,32 +213,18 @@ impl Engine for ReplicatedEngine {
         }
     }
 
+    /// A group left out inputs no value.
+    fn neutral(&self) -> u64 {
+        NO_VALUE as u64
+    }
+
     /// Each value within ±(2^62 − 1), as Z_2^64 words.
     fn encode(
         &self,
         values: &[Vec<i256>],
         _widths: &[Width],
     ) -> Result<Vec<ShareColumn>, OutOfRange> {
-        let bound = i256::from_i128(COMPARE_BOUND as i128);
-        values
-            .iter()
-            .enumerate()
-            .map(|(k, col)| {
-                col.iter()
-                    .enumerate()
-                    .map(|(g, v)| match v.to_i128() {
-                        Some(x) if x.unsigned_abs() <= COMPARE_BOUND as u128 => Ok(x as i64 as u64),
-                        _ => Err(OutOfRange {
-                            partial: k,
-                            group: g,
-                            value: *v,
-                            bound,
-                        }),
-                    })
-                    .collect::<Result<Vec<u64>, _>>()
-                    .map(ShareColumn::Z64)
-            })
-            .collect()
+        encode_words(values)
     }
 
     fn expects(&self, from: &str, step: Step, shape: &TableShape) -> Option<MessageShape> {

@@ -226,6 +226,9 @@ pub enum Fault {
     GarbageResult,
     /// Delay every share message (a slow peer within the timeout).
     Slow,
+    /// Take part in a comparison until its tenth round, then fall silent
+    /// (a compute party that dies mid-protocol).
+    SilentMidComparison,
 }
 
 /// `budget.sqlite` in the audit log's folder.

@@ -443,6 +443,11 @@ impl Transport for QueryTransport {
         let mut message = message;
         match (self.fault, step) {
             (Some(Fault::SilentAfterInput), RESULT_SHARES) => std::future::pending::<()>().await,
+            (Some(Fault::SilentMidComparison), s)
+                if (10..executor::pipeline::STAGE_STEPS).contains(&s.0) =>
+            {
+                std::future::pending::<()>().await
+            }
             (Some(Fault::Slow), _) => {
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await
             }

@@ -104,3 +104,48 @@ async fn a_fault_at_any_step_reveals_nothing_and_settles_every_budget() {
     );
     fed.stop().await;
 }
+
+/// A compute party that dies in the middle of a comparison (MIN/MAX on the
+/// replicated engine) ends the query at every party with nothing revealed,
+/// whichever party leads; the same query answers once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_compute_party_dying_mid_comparison_reveals_nothing() {
+    let sql = "SELECT g, MIN(x), MAX(d), COUNT(*) FROM t GROUP BY g";
+    let (_dir, fed) = super::adversary::start(3, 81, |spec, _| {
+        spec.peer_timeout = Duration::from_secs(2);
+        spec.parties[2].fault = Some(Fault::SilentMidComparison);
+    })
+    .await;
+    for leader in ["p0", "p1"] {
+        let c = fed.client(leader, USER, PASSWORD).await.unwrap();
+        let e = c.query(sql).await.unwrap_err().message;
+        assert!(e.contains("nothing was revealed"), "{leader}: {e}");
+        // Sums alone never reach a tenth round: the fault is in the comparison.
+        c.query("SELECT g, COUNT(*) FROM t GROUP BY g")
+            .await
+            .unwrap();
+    }
+    for p in ["p0", "p1"] {
+        let log = std::fs::read_to_string(fed.work_dir.join(format!("audit/{p}.log"))).unwrap();
+        let extremes: Vec<&str> = log.lines().filter(|l| l.contains("MIN(x)")).collect();
+        assert!(!extremes.is_empty(), "{p}: the query is on record");
+        assert!(
+            extremes.iter().all(|l| !l.contains("revealed to analyst")),
+            "{p}: {extremes:?}"
+        );
+    }
+    for _ in 0..100 {
+        let open: usize = ["p0", "p1"]
+            .iter()
+            .map(|p| fed.gateway(p).unwrap().gateway.open_sessions())
+            .sum();
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for p in ["p0", "p1"] {
+        assert_eq!(fed.gateway(p).unwrap().gateway.open_sessions(), 0, "{p}");
+    }
+    fed.stop().await;
+}
