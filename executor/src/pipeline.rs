@@ -22,6 +22,12 @@ use crate::{Engine, ExecError, MessageShape, TableShape};
 /// Steps each stage may use.
 pub const STAGE_STEPS: u16 = 1024;
 
+/// The first step of a gate: the last range of steps, so that a plan's
+/// stages take the same steps with or without a gate (a gate's messages
+/// may reach a party that has not yet learned, at `start`, that the plan
+/// is gated; their shapes do not depend on the threshold).
+pub const GATE_BASE: u16 = (u16::MAX / STAGE_STEPS) * STAGE_STEPS;
+
 /// The engine of a stage in which this party takes no part (a data-less
 /// helper in a stage of sums): no message, no result.
 pub struct Idle;
@@ -68,7 +74,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// At most `u16::MAX / STAGE_STEPS` stages, each of at least one column.
     pub fn new(stages: Vec<(Box<dyn Engine>, usize)>) -> Result<Self, String> {
-        if stages.is_empty() || stages.len() > usize::from(u16::MAX / STAGE_STEPS) - 1 {
+        if stages.is_empty() || stages.len() > usize::from(GATE_BASE / STAGE_STEPS) {
             return Err(format!("a program of {} stages", stages.len()));
         }
         if stages.iter().any(|(_, c)| *c == 0) {
@@ -89,7 +95,7 @@ impl Pipeline {
         Ok(p)
     }
 
-    /// Columns and steps the gate takes before the stages.
+    /// Columns the gate takes before the stages'.
     fn offset(&self) -> usize {
         usize::from(self.gate.is_some())
     }
@@ -219,14 +225,13 @@ impl Engine for Pipeline {
         }
         let k = usize::from(step.0 / STAGE_STEPS);
         let sub_step = Step(step.0 % STAGE_STEPS);
-        if let Some((gate, _)) = &self.gate {
-            if k == 0 {
-                return gate.expects(from, sub_step, shape.rows);
-            }
+        if step.0 >= GATE_BASE {
+            let (gate, _) = self.gate.as_ref()?;
+            return gate.expects(from, sub_step, shape.rows);
         }
-        let (engine, _) = self.stages.get(k.checked_sub(self.offset())?)?;
+        let (engine, _) = self.stages.get(k)?;
         let sub = TableShape {
-            widths: shape.widths.get(self.columns(k - self.offset()))?.to_vec(),
+            widths: shape.widths.get(self.columns(k))?.to_vec(),
             ..shape.clone()
         };
         engine.expects(from, sub_step, &sub)
@@ -255,7 +260,7 @@ impl Engine for Pipeline {
             };
             let shifted = Shifted {
                 inner: transport,
-                base: 0,
+                base: GATE_BASE,
             };
             let bits = gate.run(&shifted, counts, input.rows).await?;
             outs.push(
@@ -275,7 +280,7 @@ impl Engine for Pipeline {
             }
             let shifted = Shifted {
                 inner: transport,
-                base: ((k + self.offset()) as u16) * STAGE_STEPS,
+                base: (k as u16) * STAGE_STEPS,
             };
             outs.push(engine.run(&shifted, &sub).await?);
         }
@@ -606,9 +611,9 @@ mod tests {
             for to in &parties {
                 let receiver = build(to);
                 for from in &parties {
-                    for stage in 0..3u16 {
+                    for base in [GATE_BASE, 0, STAGE_STEPS, 2 * STAGE_STEPS] {
                         for s in 0..64u16 {
-                            let step = Step(stage * STAGE_STEPS + s);
+                            let step = Step(base + s);
                             if receiver.expects(from, step, &shape).is_some() {
                                 assert!(
                                     log.iter()

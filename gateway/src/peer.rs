@@ -166,6 +166,9 @@ pub enum Verdict {
         /// What this party's policy demands under differential privacy.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         privacy: Option<planner::privacy::Requirement>,
+        /// The minimum group size this party's policy requires (0: none).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        min_group_size: u64,
     },
     Deny {
         rule: String,
@@ -191,6 +194,14 @@ pub struct Start {
     pub privacy: Option<planner::privacy::DpParams>,
     #[serde(default)]
     pub fingerprint: Option<String>,
+    /// The minimum group size enforced in shares without DP (0: none):
+    /// every party's requirement, the largest.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub threshold: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -495,6 +506,7 @@ mod tests {
             query_id: "q".into(),
             privacy: None,
             fingerprint: Some("f".into()),
+            threshold: 0,
         });
         let (kind, body) = start.encode();
         assert_eq!(kind, action::START);

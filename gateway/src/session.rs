@@ -152,6 +152,11 @@ pub enum Agreement {
         plan: FederatedPlan,
         charge: Option<Charge>,
     },
+    /// With a minimum group size decided in shares (its gate reads a
+    /// second copy of the row count, so the local part is prepared again).
+    Thresholded {
+        plan: FederatedPlan,
+    },
 }
 
 impl Agreed {
@@ -190,6 +195,12 @@ impl Agreed {
                     task.abort();
                 }
                 (Arc::new(plan), charge)
+            }
+            Agreement::Thresholded { plan } => {
+                if let Some(task) = self.prepared.take() {
+                    task.abort();
+                }
+                (Arc::new(plan), None)
             }
         };
         let prepared = match self.prepared.take() {

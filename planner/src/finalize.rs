@@ -26,6 +26,9 @@ pub struct Revealed {
     pub totals: Vec<Vec<i128>>,
     /// Totals shared in Z_2^256 (a sum of squares in limbs), by partial.
     pub wide: std::collections::BTreeMap<usize, Vec<i256>>,
+    /// With a minimum group size in shares: whether each group reached it
+    /// (a group that did not is left out, and its totals are zero).
+    pub passing: Option<Vec<bool>>,
 }
 
 /// The groups that exist: with GROUP BY, those with at least one row (as in
@@ -43,9 +46,15 @@ pub fn present_groups(plan: &FederatedPlan, revealed: &Revealed) -> Vec<usize> {
             .collect();
     }
     let rows = &revealed.totals[plan.row_count];
+    let passes = |g: usize| {
+        revealed
+            .passing
+            .as_ref()
+            .is_none_or(|p| p.get(g).copied().unwrap_or(false))
+    };
     if plan.grouped {
         (0..plan.groups.len())
-            .filter(|&g| rows.get(g).copied().unwrap_or(0) > 0)
+            .filter(|&g| passes(g) && rows.get(g).copied().unwrap_or(0) > 0)
             .collect()
     } else {
         vec![0]
@@ -71,10 +80,14 @@ pub fn revealed_batch(plan: &FederatedPlan, revealed: &Revealed) -> Result<Recor
     // An ungrouped answer under a minimum group size it does not reach is
     // all NULL.
     let blank = !plan.grouped
-        && plan
+        && (plan
             .privacy
             .as_ref()
-            .is_some_and(|p| suppressed(plan, revealed, 0, p.min_group_size));
+            .is_some_and(|p| suppressed(plan, revealed, 0, p.min_group_size))
+            || revealed
+                .passing
+                .as_ref()
+                .is_some_and(|p| !p.first().copied().unwrap_or(false)));
     for a in &plan.aggregates {
         let c = final_values(a, &groups, revealed, plan.privacy.is_some())?;
         columns.push(if blank {
@@ -143,7 +156,10 @@ pub fn post_plan(plan: &FederatedPlan, batch: RecordBatch) -> Result<LogicalPlan
             if matches!(node, LogicalPlan::Aggregate(_)) {
                 Ok(Transformed::yes(relabel.clone()))
             } else {
-                Ok(Transformed::no(node))
+                // The nodes above take the revealed columns' schema (an
+                // answer left out by a minimum group size is NULL even in
+                // a column DataFusion declared non-nullable, as COUNT's).
+                Ok(Transformed::yes(node.recompute_schema()?))
             }
         })
         .map(|t| t.data)

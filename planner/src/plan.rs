@@ -708,6 +708,9 @@ pub struct FederatedPlan {
     pub program: executor::Program,
     /// Parties that hold no data ([`FederatedPlan::among`]), sorted.
     pub helpers: Vec<String>,
+    /// The minimum group size enforced in shares (0: none;
+    /// [`FederatedPlan::with_threshold`]).
+    pub threshold: u64,
 }
 
 impl FederatedPlan {
@@ -760,6 +763,42 @@ impl FederatedPlan {
         Ok(self)
     }
 
+    /// The plan with a minimum group size of `k` rows decided in shares,
+    /// without differential privacy (under DP the threshold applies to
+    /// noised counts instead): a gate stage first compares each group's
+    /// row count with `k` among three compute parties and reveals only
+    /// whether it passes, to every party; each party then contributes
+    /// nothing for a group that fails, so that neither its count nor any
+    /// total or extreme computed from its rows is revealed. The gate needs
+    /// three compute parties (a helper completes two).
+    pub fn with_threshold(mut self, k: u64) -> Result<FederatedPlan, PlanError> {
+        if self.privacy.is_some() {
+            return Err(PlanError::Internal(
+                "a minimum group size in shares is for plans without DP".into(),
+            ));
+        }
+        if k > executor::replicated::COMPARE_BOUND as u64 {
+            return Err(PlanError::Invalid(format!(
+                "a minimum group size of {k} rows is beyond 2^62 − 1"
+            )));
+        }
+        if k > 0 && self.comparison_parties().len() < 3 {
+            return Err(PlanError::not_permitted(
+                format!("a query at a party that requires groups of at least {k} rows"),
+                "the query",
+                "without differential privacy, a minimum group size is enforced by a secure comparison among \
+                 three compute parties, and this federation has fewer; add a data-less helper party \
+                 (`helpers` in every gateway's config) or require differential privacy \
+                 (policy: results.min_group_size)",
+            ));
+        }
+        self.threshold = k;
+        let leader = self.leader();
+        self.restage(&leader)?;
+        self.fingerprint = fingerprint(&self);
+        Ok(self)
+    }
+
     /// The parties that hold data, sorted.
     pub fn data_parties(&self) -> Vec<String> {
         let mut v: Vec<String> = self
@@ -796,6 +835,15 @@ impl FederatedPlan {
             .filter(|&&i| self.local.partials[i].kind.is_extreme())
             .count();
         let mut stages = Vec::new();
+        if self.gated() {
+            // The gate's column is the row count, shared a second time
+            // (`shared_partials`).
+            stages.push(executor::Stage {
+                ops: vec![executor::Op::AtLeast(self.threshold), executor::Op::Reveal],
+                columns: 1,
+                compute: self.comparison_parties(),
+            });
+        }
         if extremes > 0 {
             let compute = self.comparison_parties();
             if compute.len() < 3 || self.data_parties().len() < 2 {
@@ -830,11 +878,17 @@ impl FederatedPlan {
         }
         stages.push(executor::Stage {
             ops: vec![executor::Op::Sum, executor::Op::Reveal],
-            columns: shared.len() - extremes,
+            columns: shared.len() - extremes - usize::from(self.gated()),
             compute: self.data_parties(),
         });
         self.program = executor::Program::with_stages(&self.parties, &self.helpers, leader, stages);
         Ok(())
+    }
+
+    /// Whether a gate decides which groups pass (a minimum group size
+    /// without DP).
+    pub fn gated(&self) -> bool {
+        self.threshold > 0 && self.privacy.is_none()
     }
 
     /// The party that receives the result (empty before [`Self::led_by`]).
@@ -865,6 +919,10 @@ impl FederatedPlan {
             })
             .collect();
         idx.sort_by_key(|&i| !self.local.partials[i].kind.is_extreme());
+        if self.gated() {
+            // The gate's own copy of the row count comes first.
+            idx.insert(0, self.row_count);
+        }
         idx
     }
 
@@ -1221,7 +1279,18 @@ impl FederatedPlan {
             let cols = &shared[at.min(shared.len())..(at + stage.columns).min(shared.len())];
             at += stage.columns;
             let compute = stage.compute.join(", ");
-            if stage.compares() {
+            if let Some(k) = stage.gate() {
+                let _ = writeln!(
+                    s,
+                    "2.{}. Minimum group size in shares (replicated engine; compute parties {compute}; security: {}): \
+                     each party with data shares its row count per group; the three compare each group's total \
+                     with {k} and reveal, to every party, only whether it reaches it. For a group that does not, \
+                     every party then contributes nothing (zero to a sum, no value to a minimum): it is left out \
+                     of the answer and neither its count nor anything computed from its rows is revealed:",
+                    k + 1,
+                    stage.model()
+                );
+            } else if stage.compares() {
                 let _ = writeln!(
                     s,
                     "2.{}. Secure step (replicated engine; compute parties {compute}; security: {}): each party \
@@ -1259,6 +1328,13 @@ impl FederatedPlan {
                 s,
                 "   {leader} learns only the noised totals listed, for every group of the domain; \
                  no party learns another party's partials or the noise."
+            );
+        } else if self.gated() {
+            let _ = writeln!(
+                s,
+                "   every party learns which groups reach {} rows; {leader} learns, for those groups only, their \
+                 row counts (even if not selected) and the totals listed; no party learns another party's partials.",
+                self.threshold
             );
         } else {
             let _ = writeln!(
@@ -1718,6 +1794,7 @@ async fn plan_query_here(
         noise: Vec::new(),
         program: executor::Program::sum_and_reveal(parties, ""),
         helpers: Vec::new(),
+        threshold: 0,
     };
     plan.restage("")?;
     plan.fingerprint = fingerprint(&plan);

@@ -903,19 +903,53 @@ impl Policy {
                     .into(),
             );
         }
-        // Under DP the threshold is applied to noised row counts (which
-        // reveals nothing more); without DP it cannot be enforced without
-        // revealing the small counts, so it fails closed.
-        if self.min_group_size > 0 && self.requirement(plan, analyst).is_none() {
+        // A minimum group size is not in the plan yet: every party states
+        // its own in its verdict, and the plan that starts carries the
+        // largest (`check_threshold`). Without its own DP, this party's
+        // threshold is enforced in shares, which needs the honest-majority
+        // model: refused now, before anything runs, if it does not accept it.
+        if self.min_group_size > 0 && !own_dp && !self.honest_majority {
             return deny(
-                "results.min_group_size".into(),
+                "engines.honest_majority".into(),
                 format!(
-                    "this party requires groups of at least {} rows, which Council enforces only on noised counts \
-                     under differential privacy; without DP it cannot enforce a threshold without revealing small \
-                     counts, so it fails closed",
+                    "this party requires groups of at least {} rows, which Council enforces without differential \
+                     privacy by a secure comparison among three compute parties (honest majority), and its policy \
+                     does not accept that model; set `[engines] honest_majority = true` or require differential \
+                     privacy",
                     self.min_group_size
                 ),
             );
+        }
+        Decision::Allow
+    }
+
+    /// Whether the plan that starts (after every party's verdict) enforces
+    /// this party's minimum group size: under DP on noised row counts,
+    /// without DP in shares (a gate, which needs the honest-majority
+    /// model).
+    pub fn check_threshold(&self, plan: &FederatedPlan) -> Decision {
+        let k = self.min_group_size;
+        let enforced = match &plan.privacy {
+            Some(p) => p.min_group_size,
+            None => plan.threshold,
+        };
+        if enforced < k {
+            return Decision::Deny {
+                rule: "results.min_group_size".into(),
+                reason: format!(
+                    "this party requires groups of at least {k} rows, and the query was started with a \
+                     minimum of {enforced}"
+                ),
+            };
+        }
+        if plan.program.needs_honest_majority() && !self.honest_majority {
+            return Decision::Deny {
+                rule: "engines.honest_majority".into(),
+                reason: format!(
+                    "a minimum group size of {enforced} rows without DP needs the honest-majority model, which \
+                     this party does not accept"
+                ),
+            };
         }
         Decision::Allow
     }
@@ -1164,37 +1198,59 @@ mod fail_closed {
     use planner::QueryOptions;
 
     #[tokio::test]
-    async fn a_minimum_group_size_fails_closed() {
+    async fn a_minimum_group_size_is_checked_on_the_plan_that_starts() {
         let cat = Catalog::from_toml(
             "[tables.t]\ncolumns = [{ name = \"g\", type = \"text\", domain = [\"a\"] }]",
             "c",
         )
         .unwrap();
-        let pol = Policy::parse(
-            "[analysts]\nallow = [\"a:*\"]\n[results]\nmin_group_size = 5\n[tables.t]\ncount_star = true\n[tables.t.columns.g]\ngroup_by = true\n",
-            Some(&cat),
-        )
-        .unwrap();
+        let text = "[analysts]\nallow = [\"a:*\"]\n[results]\nmin_group_size = 5\n[tables.t]\ncount_star = true\n[tables.t.columns.g]\ngroup_by = true\n";
+        let pol = Policy::parse(text, Some(&cat)).unwrap();
+        let parties: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
         let plan = planner::plan_query(
             "SELECT g, COUNT(*) FROM t GROUP BY g",
             &cat,
-            &["a".into()],
+            &parties,
             &QueryOptions::default(),
         )
         .await
+        .unwrap()
+        .led_by("a")
         .unwrap();
         let who = Analyst {
             party: "a".into(),
             name: "x".into(),
             roles: vec![],
         };
-        match pol.check(&plan, &who) {
-            Decision::Deny { rule, reason } => {
-                assert_eq!(rule, "results.min_group_size");
-                assert!(reason.contains("at least 5 rows"), "{reason}");
-            }
+        let rule = |d: Decision| match d {
+            Decision::Deny { rule, reason } => (rule, reason),
             d => panic!("{d:?}"),
-        }
+        };
+        // Without DP the threshold needs the honest-majority model: refused
+        // at once by a policy that does not accept it; allowed by one that
+        // does, and the plan that starts must carry the threshold.
+        assert_eq!(rule(pol.check(&plan, &who)).0, "engines.honest_majority");
+        let opted = Policy::parse(
+            &format!("{text}[engines]\nhonest_majority = true\n"),
+            Some(&cat),
+        )
+        .unwrap();
+        assert_eq!(opted.check(&plan, &who), Decision::Allow);
+        let (r, reason) = rule(pol.check_threshold(&plan));
+        assert_eq!(r, "results.min_group_size");
+        assert!(
+            reason.contains("at least 5 rows") && reason.contains("minimum of 0"),
+            "{reason}"
+        );
+        let low = plan.clone().with_threshold(4).unwrap();
+        assert_eq!(rule(pol.check_threshold(&low)).0, "results.min_group_size");
+        // Enforced in shares, it needs the honest-majority model.
+        let gated = plan.clone().with_threshold(7).unwrap();
+        assert_eq!(
+            rule(pol.check_threshold(&gated)).0,
+            "engines.honest_majority"
+        );
+        assert_eq!(opted.check_threshold(&gated), Decision::Allow);
         let bad = Policy::parse("[results]\nrecipients = \"everyone\"\n", None).unwrap_err();
         assert!(bad[0].message.contains("querying_party"), "{bad:?}");
     }

@@ -75,7 +75,7 @@ impl Gateway {
                 return Err(f);
             }
         };
-        let (agreement, privacy) = match self.agree_privacy(agreed.state(), &verdicts) {
+        let (agreement, privacy, threshold) = match self.agree_privacy(agreed.state(), &verdicts) {
             Ok(a) => a,
             Err(f) => {
                 let (agreed, _slot) = agreed.into_parts();
@@ -98,10 +98,10 @@ impl Gateway {
         self.sessions.run(running.state());
         let start = Start {
             query_id: query_id.clone(),
-            fingerprint: privacy
-                .as_ref()
-                .map(|_| running.state().plan.fingerprint.clone()),
+            fingerprint: (privacy.is_some() || threshold > 0)
+                .then(|| running.state().plan.fingerprint.clone()),
             privacy,
+            threshold,
         };
 
         // `start` and our own part of the secure sum go together: our input
@@ -245,6 +245,7 @@ impl Gateway {
                     Vec::new()
                 },
                 privacy: requirement,
+                min_group_size: self.own_min_group_size(),
             },
             Decision::Deny { rule, reason } => Verdict::Deny { rule, reason },
         };
@@ -339,6 +340,52 @@ impl Gateway {
         Ok(verdicts)
     }
 
+    /// The largest minimum group size of any party (from its verdict).
+    fn merged_threshold(verdicts: &[(String, Verdict)]) -> u64 {
+        verdicts
+            .iter()
+            .filter_map(|(_, v)| match v {
+                Verdict::Allow { min_group_size, .. } => Some(*min_group_size),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The plan every party's verdict calls for: under the merged DP
+    /// parameters (their minimum group size at least every party's, on
+    /// noised counts), or without DP with the largest minimum group size
+    /// enforced in shares; checked against this party's own policy.
+    fn agreed_plan(
+        &self,
+        plan: &FederatedPlan,
+        verdicts: &[(String, Verdict)],
+    ) -> Result<(FederatedPlan, Option<DpParams>, u64), String> {
+        let k = Self::merged_threshold(verdicts);
+        let (plan, params, threshold) = match self.merged_privacy(verdicts)? {
+            Some(mut params) => {
+                params.min_group_size = params.min_group_size.max(k);
+                let p = plan
+                    .clone()
+                    .with_privacy(params.clone())
+                    .map_err(|e| e.to_string())?;
+                (p, Some(params), 0)
+            }
+            None if k > 0 => (
+                plan.clone().with_threshold(k).map_err(|e| e.to_string())?,
+                None,
+                k,
+            ),
+            None => (plan.clone(), None, 0),
+        };
+        match self.policy.check_threshold(&plan) {
+            Decision::Allow => Ok((plan, params, threshold)),
+            Decision::Deny { rule, reason } => {
+                Err(format!("{} refused: {reason} (policy: {rule})", self.party))
+            }
+        }
+    }
+
     /// Every party's DP requirement (from its verdict), merged.
     fn merged_privacy(&self, verdicts: &[(String, Verdict)]) -> Result<Option<DpParams>, String> {
         let reqs: Vec<Requirement> = verdicts
@@ -364,24 +411,23 @@ impl Gateway {
         &self,
         agreed: &Agreed,
         verdicts: &[(String, Verdict)],
-    ) -> Result<(Agreement, Option<DpParams>), QueryFailure> {
+    ) -> Result<(Agreement, Option<DpParams>, u64), QueryFailure> {
         let refused = |m: String| QueryFailure::new(FailureKind::Refused, m);
-        let Some(params) = self.merged_privacy(verdicts).map_err(|e| {
+        let (plan, params, threshold) = self.agreed_plan(&agreed.plan, verdicts).map_err(|e| {
             refused(format!(
-                "the parties' privacy requirements cannot be met together: {e}"
+                "the parties' requirements cannot be met together: {e}"
             ))
-        })?
-        else {
-            return Ok((Agreement::AsPlanned, None));
+        })?;
+        let Some(params) = params else {
+            if threshold == 0 {
+                return Ok((Agreement::AsPlanned, None, 0));
+            }
+            return Ok((Agreement::Thresholded { plan }, None, threshold));
         };
-        let plan = (*agreed.plan)
-            .clone()
-            .with_privacy(params.clone())
-            .map_err(|e| QueryFailure::new(FailureKind::Invalid, e.to_string()))?;
         let charge = self
             .charge(agreed.requirement.is_some(), &agreed.query, &plan, &params)
             .map_err(refused)?;
-        Ok((Agreement::UnderDp { plan, charge }, Some(params)))
+        Ok((Agreement::UnderDp { plan, charge }, Some(params), 0))
     }
 
     /// The query failed before its reveal: it ends here first (audit,
@@ -428,18 +474,14 @@ impl Gateway {
         let (plan, own) = self.decide_own(&ask, &phases).await?;
         let verdicts = self.ask_peers(&ask, &plan, own, &phases).await?;
         let base_fingerprint = plan.fingerprint.clone();
-        let (plan, dp_problem) = match self.merged_privacy(&verdicts) {
-            Ok(Some(params)) => match plan.clone().with_privacy(params) {
-                Ok(p) => (p, None),
-                Err(e) => (plan, Some(e.to_string())),
-            },
-            Ok(None) => (plan, None),
+        let (plan, problem) = match self.agreed_plan(&plan, &verdicts) {
+            Ok((p, _, _)) => (p, None),
             Err(e) => (plan, Some(e)),
         };
         let mut s = plan.explain(&self.party);
-        if let Some(e) = dp_problem {
+        if let Some(e) = problem {
             s.push_str(&format!(
-                "Differential privacy: required, but the query cannot run under it: {e}\n"
+                "The parties' requirements (differential privacy, minimum group size) cannot be met together: {e}\n"
             ));
         }
         s.push_str("Verdicts:\n");
@@ -450,6 +492,7 @@ impl Gateway {
                     fingerprint,
                     source,
                     privacy,
+                    min_group_size,
                 } => {
                     for l in &source {
                         sources.push_str(&format!("  {p}: {l}\n"));
@@ -466,6 +509,11 @@ impl Gateway {
                             }
                         ),
                         None => String::new(),
+                    };
+                    let dp = if min_group_size > 0 {
+                        format!("{dp}; requires groups of at least {min_group_size} rows")
+                    } else {
+                        dp
                     };
                     if fingerprint == base_fingerprint {
                         format!("allow (same plan){dp}")

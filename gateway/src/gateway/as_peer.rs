@@ -105,6 +105,7 @@ impl Gateway {
                     self.source.explain(&plan.local).await
                 },
                 privacy: requirement,
+                min_group_size: self.own_min_group_size(),
             };
         }
         let query = Query::new(from, &p.query_id, &p.analyst, self.timeout, phases);
@@ -136,6 +137,7 @@ impl Gateway {
             fingerprint,
             source: Vec::new(),
             privacy: requirement,
+            min_group_size: self.own_min_group_size(),
         }
     }
 
@@ -157,16 +159,20 @@ impl Gateway {
                 return Err(refusal);
             }
         };
-        let agreement =
-            match self.adopt_privacy(&agreed, start.privacy, start.fingerprint.as_deref()) {
-                Ok(a) => a,
-                Err(e) => {
-                    let reason = AbortReason::new(AbortKind::Other, &self.party, e.clone());
-                    self.sessions.close(&key, &reason);
-                    self.finish(agreed.end(format!("not run: {e}")));
-                    return Err(PeerRefusal::Ended(reason));
-                }
-            };
+        let agreement = match self.adopt_privacy(
+            &agreed,
+            start.privacy,
+            start.fingerprint.as_deref(),
+            start.threshold,
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                let reason = AbortReason::new(AbortKind::Other, &self.party, e.clone());
+                self.sessions.close(&key, &reason);
+                self.finish(agreed.end(format!("not run: {e}")));
+                return Err(PeerRefusal::Ended(reason));
+            }
+        };
         if let Some(reason) = agreed.query.mailbox.aborted() {
             // Stopped while `start` was checked: it ends here, and a charge
             // just made is refunded (nothing of this party ran).
@@ -252,10 +258,37 @@ impl Gateway {
         agreed: &Agreed,
         params: Option<DpParams>,
         fingerprint: Option<&str>,
+        threshold: u64,
     ) -> Result<Agreement, String> {
         let refuse = |m: String| format!("{} refused: {m}", self.party);
+        let differs = |plan: &planner::FederatedPlan| {
+            refuse(format!(
+                "the leader's plan differs from the one computed here ({} vs {})",
+                short(fingerprint.unwrap_or("none")),
+                short(&plan.fingerprint)
+            ))
+        };
+        // The started plan must enforce this party's minimum group size
+        // (and may rely on the honest-majority model only if it accepts
+        // it).
+        let threshold_ok = |plan: &planner::FederatedPlan| match self.policy.check_threshold(plan) {
+            Decision::Allow => Ok(()),
+            Decision::Deny { rule, reason } => Err(refuse(format!("{reason} (policy: {rule})"))),
+        };
         let params = match (params, &agreed.requirement) {
-            (None, None) => return Ok(Agreement::AsPlanned),
+            (None, None) => {
+                let plan = (*agreed.plan).clone();
+                if threshold == 0 {
+                    threshold_ok(&plan)?;
+                    return Ok(Agreement::AsPlanned);
+                }
+                let plan = plan.with_threshold(threshold).map_err(|e| refuse(e.to_string()))?;
+                if fingerprint != Some(plan.fingerprint.as_str()) {
+                    return Err(differs(&plan));
+                }
+                threshold_ok(&plan)?;
+                return Ok(Agreement::Thresholded { plan });
+            }
             (None, Some(_)) => {
                 return Err(refuse(
                     "its policy requires differential privacy for this query, and the leader started it without \
@@ -279,14 +312,21 @@ impl Gateway {
             .with_privacy(params.clone())
             .map_err(|e| refuse(e.to_string()))?;
         if fingerprint != Some(plan.fingerprint.as_str()) {
-            return Err(refuse(format!(
-                "the leader's DP plan differs from the one computed here ({} vs {})",
-                short(fingerprint.unwrap_or("none")),
-                short(&plan.fingerprint)
-            )));
+            return Err(differs(&plan));
         }
+        threshold_ok(&plan)?;
         let charge = self.charge(agreed.requirement.is_some(), &agreed.query, &plan, &params)?;
         Ok(Agreement::UnderDp { plan, charge })
+    }
+
+    /// The minimum group size this party states in its verdict (a helper
+    /// holds no rows to protect).
+    pub(super) fn own_min_group_size(&self) -> u64 {
+        if self.is_helper() {
+            0
+        } else {
+            self.policy.min_group_size
+        }
     }
 
     /// `abort` from any party of the query.
@@ -353,10 +393,24 @@ impl Gateway {
         let route = self
             .sessions
             .route(&(leader.to_string(), query_id.to_string()))?;
-        let engine = self
-            .engine_for(&route.plan, None)
-            .map_err(PeerRefusal::Other)?;
-        let Some(shape) = engine.expects(from, step, &table_shape(&route.plan)) else {
+        // Before `start` this party does not know yet whether the plan
+        // that starts has a gate (a minimum group size that some party's
+        // verdict asked for): a gate's message, in its own range of steps,
+        // is checked against the gated plan (its shapes do not depend on
+        // the threshold). Once started, the started plan decides.
+        let gated;
+        let plan =
+            if !route.started && step.0 >= executor::pipeline::GATE_BASE && !route.plan.gated() {
+                gated = (*route.plan)
+                    .clone()
+                    .with_threshold(1)
+                    .map_err(|e| PeerRefusal::Other(e.to_string()))?;
+                &gated
+            } else {
+                &*route.plan
+            };
+        let engine = self.engine_for(plan, None).map_err(PeerRefusal::Other)?;
+        let Some(shape) = engine.expects(from, step, &table_shape(plan)) else {
             return Err(PeerRefusal::Other(format!(
                 "the {} engine has no {step} message from {from} to {} in query {query_id}",
                 engine.name(),

@@ -226,7 +226,19 @@ impl Gateway {
     ) -> Result<Box<dyn Engine>, String> {
         let program = &plan.program;
         let mut stages: Vec<(Box<dyn Engine>, usize)> = Vec::new();
+        // A minimum group size: a gate before the stages (every party takes
+        // part, as compute or input party).
+        let gate = match program.stages.first() {
+            Some(s) if s.gate().is_some() => {
+                let one = program.stage(0).ok_or("the program has no gate")?;
+                Some(executor::gate::Gate::for_program(&one, &self.party)?)
+            }
+            _ => None,
+        };
         for (k, stage) in program.stages.iter().enumerate() {
+            if k == 0 && gate.is_some() {
+                continue;
+            }
             let one = program
                 .stage(k)
                 .ok_or_else(|| format!("the program has no stage {k}"))?;
@@ -250,14 +262,21 @@ impl Gateway {
             };
             stages.push((engine, stage.columns));
         }
+        if plan.privacy.is_some() && (stages.len() != 1 || gate.is_some()) {
+            return Err("a differentially private plan of several stages".into());
+        }
+        if let Some(gate) = gate {
+            return Ok(Box::new(Pipeline::gated(
+                gate,
+                &program.result_party(),
+                stages,
+            )?));
+        }
         if stages.len() == 1 {
             return stages
                 .pop()
                 .map(|(e, _)| e)
                 .ok_or_else(|| "a program without stages".into());
-        }
-        if plan.privacy.is_some() {
-            return Err("a differentially private plan of several stages".into());
         }
         Ok(Box::new(Pipeline::new(stages)?))
     }
@@ -312,7 +331,15 @@ impl Gateway {
         }
         let mut totals = vec![Vec::new(); plan.local.partials.len()];
         let mut wide = std::collections::BTreeMap::new();
-        for (k, &i) in shared_idx.iter().enumerate() {
+        // A gate's pass bits come first, in place of its row-count column.
+        let passing = plan.gated().then(|| {
+            cols[0]
+                .iter()
+                .map(|v| *v == i256::ONE)
+                .collect::<Vec<bool>>()
+        });
+        let skip = usize::from(plan.gated());
+        for (k, &i) in shared_idx.iter().enumerate().skip(skip) {
             let col = cols[k].clone();
             if plan.ring_bits(i) > 128 {
                 wide.insert(i, col);
@@ -321,7 +348,11 @@ impl Gateway {
                 totals[i] = col.iter().map(|v| v.as_i128()).collect();
             }
         }
-        Ok(Some(Revealed { totals, wide }))
+        Ok(Some(Revealed {
+            totals,
+            wide,
+            passing,
+        }))
     }
 }
 

@@ -291,6 +291,7 @@ fn start(id: &str) -> PeerAction {
         query_id: id.into(),
         privacy: None,
         fingerprint: None,
+        threshold: 0,
     })
 }
 

@@ -526,6 +526,7 @@ async fn a_late_start_learns_why_the_query_ended() {
                 query_id: query_id.clone(),
                 privacy: None,
                 fingerprint: None,
+                threshold: 0,
             },
         )
         .unwrap_err();
@@ -544,6 +545,7 @@ async fn a_late_start_learns_why_the_query_ended() {
                 query_id: "f".repeat(32),
                 privacy: None,
                 fingerprint: None,
+                threshold: 0,
             },
         )
         .unwrap_err();

@@ -255,3 +255,153 @@ async fn a_million_group_domain_streams_its_shares() {
     compare(&secure, &plain, true).unwrap_or_else(|d| panic!("{sql}: {d}"));
     fed.stop().await;
 }
+
+/// A minimum group size without differential privacy, decided in shares:
+/// with `min_group_size = 15` at one party the answer equals plaintext
+/// with `HAVING COUNT(*) >= 15` (and an ungrouped answer below it is one
+/// row of NULLs), for three parties, five, and two with a helper; a party
+/// that does not accept the honest-majority model refuses, naming the
+/// rule; two parties without a helper are refused with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_minimum_group_size_without_dp_leaves_small_groups_out() {
+    use council::federation::{LocalFederation, PartySpec};
+    use council_tests::{open_policy, party_ids, spec_for, write_random_data};
+    const K: u64 = 15;
+    let cases: &[(&str, &str)] = &[
+        (
+            "SELECT g, flag, h, COUNT(*) AS n, SUM(x), AVG(d) FROM t GROUP BY g, flag, h ORDER BY g, flag, h",
+            "SELECT g, flag, h, COUNT(*) AS n, SUM(x), AVG(d) FROM t GROUP BY g, flag, h HAVING COUNT(*) >= 15 ORDER BY g, flag, h",
+        ),
+        (
+            "SELECT h, flag, MIN(x), MAX(d), SUM(d) FROM t GROUP BY h, flag ORDER BY h, flag",
+            "SELECT h, flag, MIN(x), MAX(d), SUM(d) FROM t GROUP BY h, flag HAVING COUNT(*) >= 15 ORDER BY h, flag",
+        ),
+        (
+            "SELECT g, COUNT(x) FROM t WHERE x > 0 GROUP BY g ORDER BY g",
+            "SELECT g, COUNT(x) FROM t WHERE x > 0 GROUP BY g HAVING COUNT(*) >= 15 ORDER BY g",
+        ),
+    ];
+    let ungrouped = "SELECT COUNT(*) AS n, SUM(x) FROM t WHERE x > 950";
+    let with_k = |p: &str, all: &[String]| {
+        open_policy(p, all).replace(
+            "[engines]\n",
+            &format!("[results]\nmin_group_size = {K}\n[engines]\n"),
+        )
+    };
+    for (n, helper) in [(3usize, false), (5, false), (2, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = party_ids(n);
+        write_random_data(
+            &dir.path().join("data"),
+            &data,
+            Shape {
+                seed: 50 + n as u64,
+                large: false,
+            },
+        )
+        .unwrap();
+        let mut spec = spec_for(dir.path(), &data, Duration::from_secs(20));
+        let mut all = data.clone();
+        if helper {
+            all.push("helper".into());
+        }
+        for p in &mut spec.parties {
+            p.policy_toml = if p.id == "p1" {
+                with_k(&p.id, &all)
+            } else {
+                open_policy(&p.id, &all)
+            };
+        }
+        if helper {
+            let empty = dir.path().join("data").join("helper");
+            std::fs::create_dir_all(&empty).unwrap();
+            let mut h = PartySpec::new("helper", empty, open_policy("helper", &all), vec![]);
+            h.helper = true;
+            spec.parties.push(h);
+        }
+        let fed = LocalFederation::start(&spec, &dir.path().join("run"))
+            .await
+            .unwrap();
+        let pooled = fed.pooled_context().await.unwrap();
+        let mut left_out = 0;
+        for (qi, (sql, reference)) in cases.iter().enumerate() {
+            let leader = format!("p{}", qi % n);
+            let client = fed.client(&leader, USER, PASSWORD).await.unwrap();
+            let secure = client
+                .query(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{n} parties: {sql}: {e}"));
+            let plain = plaintext(&pooled, reference).await.unwrap();
+            let all_groups = plaintext(&pooled, sql).await.unwrap();
+            let rows =
+                |b: &[arrow::array::RecordBatch]| b.iter().map(|b| b.num_rows()).sum::<usize>();
+            left_out += rows(&all_groups) - rows(&plain);
+            if let Err(d) = compare(&secure, &plain, true) {
+                panic!(
+                    "{n} parties, leader {leader}: {sql}\n{d}\nsecure:\n{}\nplain:\n{}",
+                    arrow::util::pretty::pretty_format_batches(&secure).unwrap(),
+                    arrow::util::pretty::pretty_format_batches(&plain).unwrap()
+                );
+            }
+        }
+        assert!(left_out > 0, "{n} parties: the data must have small groups");
+        // Ungrouped: all NULL below the threshold, the answer above it.
+        let client = fed.client("p0", USER, PASSWORD).await.unwrap();
+        let secure = client.query(ungrouped).await.unwrap();
+        let plain = plaintext(&pooled, ungrouped).await.unwrap();
+        let count = plain[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap()
+            .value(0);
+        if (count as u64) < K {
+            assert!(secure[0].column(0).is_null(0) && secure[0].column(1).is_null(0));
+        } else {
+            compare(&secure, &plain, true).unwrap();
+        }
+        let explain = client.explain(cases[0].0).await.unwrap();
+        assert!(
+            explain.contains("Minimum group size in shares"),
+            "{explain}"
+        );
+        assert!(
+            explain.contains("requires groups of at least 15 rows"),
+            "{explain}"
+        );
+        fed.stop().await;
+    }
+    // A party requiring a threshold without accepting the honest-majority
+    // model, and two parties without a helper: refused, naming the rule.
+    for (n, opt_in) in [(3usize, false), (2, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = party_ids(n);
+        write_random_data(
+            &dir.path().join("data"),
+            &ids,
+            Shape {
+                seed: 60,
+                large: false,
+            },
+        )
+        .unwrap();
+        let mut spec = spec_for(dir.path(), &ids, Duration::from_secs(20));
+        let mut pol = with_k("p1", &ids);
+        if !opt_in {
+            pol = pol.replace("honest_majority = true", "honest_majority = false");
+        }
+        spec.parties[1].policy_toml = pol;
+        let fed = LocalFederation::start(&spec, &dir.path().join("run"))
+            .await
+            .unwrap();
+        let client = fed.client("p0", USER, PASSWORD).await.unwrap();
+        let e = client.query(cases[0].0).await.unwrap_err().to_string();
+        let want = if opt_in {
+            "helper"
+        } else {
+            "engines.honest_majority"
+        };
+        assert!(e.contains(want), "{n}: {e}");
+        fed.stop().await;
+    }
+}

@@ -421,6 +421,7 @@ async fn a_party_refuses_a_leader_that_drops_or_loosens_its_privacy() {
                 query_id: id,
                 privacy: None,
                 fingerprint: None,
+                threshold: 0,
             },
         )
         .unwrap_err();
@@ -439,6 +440,7 @@ async fn a_party_refuses_a_leader_that_drops_or_loosens_its_privacy() {
                 query_id: id,
                 privacy: Some(params.clone()),
                 fingerprint: None,
+                threshold: 0,
             },
         )
         .unwrap_err();
@@ -453,7 +455,8 @@ async fn a_party_refuses_a_leader_that_drops_or_loosens_its_privacy() {
             Start {
                 query_id: id,
                 privacy: Some(params.clone()),
-                fingerprint: None
+                fingerprint: None,
+                threshold: 0,
             }
         )
         .is_err());
@@ -468,6 +471,7 @@ async fn a_party_refuses_a_leader_that_drops_or_loosens_its_privacy() {
                 query_id: id,
                 privacy: Some(params),
                 fingerprint: Some("0".repeat(64)),
+                threshold: 0,
             },
         )
         .unwrap_err();
