@@ -48,11 +48,21 @@ pub struct Gate {
     pub k: u64,
     /// The three compute parties, in order.
     pub parties: [String; 3],
-    /// Every input party, compute parties first, then the others sorted.
+    /// Every input party but the result party, compute parties first,
+    /// then the others sorted. Decided: the result party's rows do not
+    /// count towards the minimum (it knows them, so counting them would let
+    /// it learn a single row of another party's, as 9 of its own and 1 of
+    /// theirs reaching 10), and it sends no count (so it cannot inflate
+    /// one). A group passes if the other parties' rows reach `k`.
     pub inputs: Vec<String>,
-    /// Every party that needs the pass bits (every party of the program
-    /// that is not a compute party but takes part: the input parties).
+    /// The parties outside the three that need the pass bits: the input
+    /// parties and the result party.
+    pub receivers: Vec<String>,
+    pub leader: String,
     pub me: String,
+    /// The plan this run is bound to ([`rep3::Bind`]): the fingerprint
+    /// covers `k`, so parties started with different thresholds stop.
+    pub bind: rep3::Bind,
 }
 
 impl Gate {
@@ -85,9 +95,17 @@ impl Gate {
         if distinct.len() != 3 {
             return Err("a gate's three compute parties must differ".into());
         }
-        let data = program.with(|r| r.input);
+        let leader = program.result_party();
+        if leader.is_empty() {
+            return Err("a gate needs its result party".into());
+        }
+        let data: Vec<String> = program
+            .with(|r| r.input)
+            .into_iter()
+            .filter(|p| *p != leader)
+            .collect();
         if data.is_empty() {
-            return Err("a gate needs at least one input party".into());
+            return Err("a gate needs an input party besides the result party".into());
         }
         let mut inputs: Vec<String> = parties
             .iter()
@@ -95,11 +113,22 @@ impl Gate {
             .cloned()
             .collect();
         inputs.extend(data.iter().filter(|p| !parties.contains(p)).cloned());
+        let mut receivers: Vec<String> = data
+            .iter()
+            .filter(|p| !parties.contains(p))
+            .cloned()
+            .collect();
+        if !parties.contains(&leader) {
+            receivers.push(leader.clone());
+        }
         Ok(Gate {
             k,
             parties,
             inputs,
+            receivers,
+            leader,
             me: me.to_string(),
+            bind: [0; 4],
         })
     }
 
@@ -119,20 +148,20 @@ impl Gate {
             before_start,
         };
         let Some(me) = self.index(&self.me) else {
-            // An input party outside the three hears only the pass bits.
+            // A party outside the three hears only the pass bits.
             return (step.0 == FORWARD_STEP
-                && self.inputs.contains(&self.me)
+                && self.receivers.contains(&self.me)
                 && self.index(from).is_some())
-            .then(|| words(n, false));
+            .then(|| words(n + 4, false));
         };
         if step.0 == OTHERS_STEP {
             let other = self.index(from).is_none() && self.inputs.iter().any(|p| p == from);
-            return other.then(|| words(2 * n, true));
+            return other.then(|| words(2 * n + 4, true));
         }
         let sender = self.index(from)?;
         let next = (me + 1) % 3;
         match step.0 {
-            0 if sender == next => Some(words(4, true)),
+            0 if sender == next => Some(words(8, true)),
             1..=3
                 if sender == usize::from(step.0 - 1)
                     && self.inputs.contains(&self.parties[sender]) =>
@@ -162,16 +191,31 @@ impl Gate {
         }
         let bits = |words: Vec<u64>| words.iter().map(|w| w & 1 == 1).collect::<Vec<bool>>();
         let Some(me) = self.index(&self.me) else {
-            let mine = counts
-                .filter(|c| c.len() == n)
-                .ok_or_else(|| ExecError::Encode(format!("{} has no counts to give", self.me)))?;
-            rep3::send_input(transport, &self.parties, Step(OTHERS_STEP), mine).await?;
+            if !self.receivers.contains(&self.me) {
+                return Err(ExecError::Encode(format!(
+                    "{} takes no part in the gate",
+                    self.me
+                )));
+            }
+            if self.inputs.contains(&self.me) {
+                let mine = counts.filter(|c| c.len() == n).ok_or_else(|| {
+                    ExecError::Encode(format!("{} has no counts to give", self.me))
+                })?;
+                rep3::send_input(
+                    transport,
+                    &self.parties,
+                    Step(OTHERS_STEP),
+                    mine,
+                    &self.bind,
+                )
+                .await?;
+            }
             // The three must agree on every bit: one compute party alone
             // cannot make this party withhold or release a group.
             let got = futures::future::try_join_all(
                 self.parties
                     .iter()
-                    .map(|p| rep3::recv_words_from(transport, p, Step(FORWARD_STEP), n)),
+                    .map(|p| rep3::recv_words_from(transport, p, Step(FORWARD_STEP), n + 4)),
             )
             .await?;
             if got.iter().any(|w| w != &got[0]) {
@@ -180,9 +224,25 @@ impl Gate {
                     reason: "the compute parties sent different pass bits".into(),
                 });
             }
-            return Ok(bits(got[0].clone()));
+            if got[0][n..] != self.bind {
+                return Err(ExecError::Malformed {
+                    peer: self.parties.join(", "),
+                    reason: "they run a different plan (its fingerprint differs from this party's)"
+                        .into(),
+                });
+            }
+            let mut words = got[0].clone();
+            words.truncate(n);
+            return Ok(bits(words));
         };
-        let mut r = Rep3::setup(transport, self.parties.clone(), &self.me, Step(0)).await?;
+        let mut r = Rep3::setup_bound(
+            transport,
+            self.parties.clone(),
+            &self.me,
+            Step(0),
+            self.bind,
+        )
+        .await?;
         let mut total = Arith {
             a: vec![0; n],
             b: vec![0; n],
@@ -217,8 +277,9 @@ impl Gate {
         }
         let words = r.reveal_bool_all(&pass).await?;
         let words: Vec<u64> = words.iter().map(|w| w & 1).collect();
-        futures::future::try_join_all(others.iter().map(|o| {
-            let w = words.clone();
+        futures::future::try_join_all(self.receivers.iter().map(|o| {
+            let mut w = words.clone();
+            w.extend_from_slice(&self.bind);
             async move {
                 transport
                     .send(o, Step(FORWARD_STEP), rep3::words_outbound(w))

@@ -496,19 +496,21 @@ mod tests {
                     },
                 ],
             );
-            // Rows per party and group: group 0 has 1 + 1 + … (fails at
-            // three parties, passes at five), group 1 has 2 per party
-            // (passes), group 2 has 4 at one party only (fails), group 3
-            // none (fails).
-            let rows = |p: usize, g: usize| -> u64 {
+            // Rows per party and group (the leader, last, does not count):
+            // group 0 has 2 per party (4 at three parties: fails; 8 at
+            // five: passes), group 1 has 3 per party (passes), group 2 has
+            // 4 at p0 only (fails), group 3 has 9 at the leader only (fails:
+            // its own rows do not count), group 4 none (fails).
+            let rows = move |p: usize, g: usize| -> u64 {
                 match g {
-                    0 => 1,
-                    1 => 2,
+                    0 => 2,
+                    1 => 3,
                     2 => u64::from(p == 0) * 4,
+                    3 => u64::from(p == n - 1) * 9,
                     _ => 0,
                 }
             };
-            let groups = 4;
+            let groups = 5;
             let shape = TableShape {
                 rows: groups,
                 widths: vec![Width::Z64, Width::Z64, Width::Z128],
@@ -578,7 +580,14 @@ mod tests {
                 );
             }
             let got = outs[n - 1].clone().unwrap();
-            let total = |g: usize| (0..n).map(|p| rows(p, g)).sum::<u64>();
+            // The result party's own rows do not count towards the minimum.
+            let total = |g: usize| (0..n - 1).map(|p| rows(p, g)).sum::<u64>();
+            let all = |g: usize| (0..n).map(|p| rows(p, g)).sum::<u64>();
+            assert_eq!(
+                (0..groups).filter(|&g| total(g) >= 5).count(),
+                if n == 3 { 1 } else { 2 },
+                "both outcomes are exercised"
+            );
             for g in 0..groups {
                 let passes = total(g) >= 5;
                 assert_eq!(
@@ -592,7 +601,7 @@ mod tests {
                         .map(|p| 10 * g as i128 - p as i128)
                         .min()
                         .unwrap();
-                    (least, total(g) as i128 * 100)
+                    (least, all(g) as i128 * 100)
                 } else {
                     (NO_VALUE as i128, 0)
                 };

@@ -129,6 +129,30 @@ pub struct Rep3<'t> {
     next: ChaCha20Rng,
     /// This party's private randomness (input sharing).
     local: ChaCha20Rng,
+    /// What every message of set-up and input carries to bind it to one
+    /// plan ([`Bind`]).
+    bind: Bind,
+}
+
+/// Four words every party derives from the plan it runs (its fingerprint):
+/// carried by the set-up round, every input sent to the compute parties
+/// and every result forwarded to a party outside them, and checked on
+/// arrival, so that parties a dishonest leader started on different plans
+/// (say, different minimum group sizes) stop instead of computing
+/// together. The set-up goes round the three (each to the previous), so
+/// if every receiver's check passes, all three run the same plan.
+pub type Bind = [u64; 4];
+
+/// The words of a plan's fingerprint (hex SHA-256), for [`Bind`].
+pub fn bind_of(fingerprint: &str) -> Bind {
+    let mut out = [0u64; 4];
+    for (i, w) in out.iter_mut().enumerate() {
+        *w = fingerprint
+            .get(16 * i..16 * i + 16)
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+    }
+    out
 }
 
 impl<'t> Rep3<'t> {
@@ -140,6 +164,18 @@ impl<'t> Rep3<'t> {
         parties: [String; 3],
         me: &str,
         first: Step,
+    ) -> Result<Rep3<'t>, ExecError> {
+        Self::setup_bound(transport, parties, me, first, [0; 4]).await
+    }
+
+    /// [`Rep3::setup`] for the plan `bind` stands for: the seed's round
+    /// carries it, and a party whose next party runs another plan stops.
+    pub async fn setup_bound(
+        transport: &'t dyn Transport,
+        parties: [String; 3],
+        me: &str,
+        first: Step,
+        bind: Bind,
     ) -> Result<Rep3<'t>, ExecError> {
         let me = parties
             .iter()
@@ -160,14 +196,23 @@ impl<'t> Rep3<'t> {
             own: ChaCha20Rng::from_seed(seed),
             next: ChaCha20Rng::from_seed([0; 32]),
             local: ChaCha20Rng::from_seed(local_seed),
+            bind,
         };
-        let seed_words: Vec<u64> = seed
+        let mut seed_words: Vec<u64> = seed
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
+        seed_words.extend_from_slice(&bind);
         let got = r.exchange(seed_words).await?;
+        if got[4..] != bind {
+            return Err(ExecError::Malformed {
+                peer: r.next_party().to_string(),
+                reason: "it runs a different plan (its fingerprint differs from this party's)"
+                    .into(),
+            });
+        }
         let mut next_seed = [0u8; 32];
-        for (i, w) in got.iter().enumerate() {
+        for (i, w) in got.iter().take(4).enumerate() {
             next_seed[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
         }
         r.next = ChaCha20Rng::from_seed(next_seed);
@@ -590,17 +635,24 @@ impl Rep3<'_> {
     ) -> Result<Vec<Arith>, ExecError> {
         let step = self.take_step()?;
         let t = self.transport;
-        let got =
-            futures::future::try_join_all(owners.iter().map(|o| recv_words(t, o, step, 2 * n)))
-                .await?;
+        let bind = self.bind;
+        let got = futures::future::try_join_all(owners.iter().map(|o| async move {
+            let w = recv_words(t, o, step, 2 * n + 4).await?;
+            if w[2 * n..] != bind {
+                return Err(ExecError::Malformed {
+                    peer: o.clone(),
+                    reason: "it runs a different plan (its fingerprint differs from this party's)"
+                        .into(),
+                });
+            }
+            Ok(w)
+        }))
+        .await?;
         Ok(got
             .into_iter()
-            .map(|w| {
-                let (a, b) = w.split_at(n);
-                Arith {
-                    a: a.to_vec(),
-                    b: b.to_vec(),
-                }
+            .map(|w| Arith {
+                a: w[..n].to_vec(),
+                b: w[n..2 * n].to_vec(),
             })
             .collect())
     }
@@ -631,6 +683,7 @@ pub async fn send_input(
     parties: &[String; 3],
     step: Step,
     values: &[u64],
+    bind: &Bind,
 ) -> Result<(), ExecError> {
     let mut seed = [0u8; 32];
     rand::rngs::OsRng
@@ -647,6 +700,7 @@ pub async fn send_input(
     futures::future::try_join_all((0..3).map(|j| {
         let mut w = parts[j].clone();
         w.extend_from_slice(&parts[(j + 1) % 3]);
+        w.extend_from_slice(bind);
         async move {
             transport
                 .send(&parties[j], step, words_message(w))
@@ -906,7 +960,7 @@ mod tests {
         let (t0, t1) = (net.next().unwrap(), net.next().unwrap());
         // p1 plays honest set-up towards p0, then sends 2 words where 3
         // belong. p0 receives from p1 (its next party).
-        let seed = words_message(vec![1, 2, 3, 4]);
+        let seed = words_message(vec![1, 2, 3, 4, 0, 0, 0, 0]);
         t1.send("p0", Step(0), seed).await.unwrap();
         t1.send("p0", Step(1), words_message(vec![7, 7]))
             .await
@@ -924,6 +978,25 @@ mod tests {
         assert!(
             e.contains("peer p1") && e.contains("2 words where 3 belong"),
             "{e}"
+        );
+        // A next party bound to another plan stops the set-up.
+        let net = InMemoryNetwork::connect(&names(), Duration::from_secs(5));
+        let mut net = net.into_iter();
+        let (t0, t1) = (net.next().unwrap(), net.next().unwrap());
+        t1.send("p0", Step(0), words_message(vec![1, 2, 3, 4, 9, 9, 9, 9]))
+            .await
+            .unwrap();
+        let t0: &'static _ = Box::leak(Box::new(t0));
+        let e = Rep3::setup_bound(t0, names(), "p0", Step(0), bind_of(&"ab".repeat(32)))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("peer p1") && e.contains("different plan"), "{e}");
+        assert_eq!(
+            bind_of(&"0".repeat(63))[3],
+            0,
+            "a short fingerprint still binds"
         );
     }
 
@@ -1034,7 +1107,9 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 if i >= 3 {
                     // After the compute parties' set-up step.
-                    send_input(t, &names(), Step(1), &counts[i]).await.unwrap();
+                    send_input(t, &names(), Step(1), &counts[i], &[0; 4])
+                        .await
+                        .unwrap();
                     return None;
                 }
                 let mut r = Rep3::setup(t, names(), &names()[i], Step(0)).await.unwrap();

@@ -107,6 +107,8 @@ pub struct ReplicatedEngine {
     pub leader: String,
     /// Largest rather than smallest.
     pub max: bool,
+    /// The plan this run is bound to ([`crate::rep3::Bind`]).
+    pub bind: crate::rep3::Bind,
 }
 
 /// The words each round of a two-way comparison-and-select layer of `m`
@@ -149,6 +151,7 @@ impl ReplicatedEngine {
             me: me.to_string(),
             leader: program.result_party(),
             max: program.single().first() == Some(&Op::Max),
+            bind: [0; 4],
         };
         e.supports(program)?;
         Ok(e)
@@ -252,12 +255,12 @@ impl Engine for ReplicatedEngine {
         // senders start on the leader's word alone.
         if step.0 == OTHERS_STEP {
             let other = self.index(from).is_none() && self.inputs.iter().any(|p| p == from);
-            return other.then(|| words(2 * n, true));
+            return other.then(|| words(2 * n + 4, true));
         }
         let sender = self.index(from)?;
         let next = (me + 1) % 3;
         match step.0 {
-            0 if sender == next => Some(words(4, true)),
+            0 if sender == next => Some(words(8, true)),
             1..=3
                 if sender == usize::from(step.0 - 1)
                     && self.inputs.contains(&self.parties[sender]) =>
@@ -320,14 +323,28 @@ impl Engine for ReplicatedEngine {
                     self.me
                 )));
             }
-            send_input(transport, &self.parties, Step(OTHERS_STEP), &mine).await?;
+            send_input(
+                transport,
+                &self.parties,
+                Step(OTHERS_STEP),
+                &mine,
+                &self.bind,
+            )
+            .await?;
             if self.me != self.leader {
                 return Ok(None);
             }
             let words = recv_revealed(transport, &self.parties, Step(reveal), n).await?;
             return Ok(Some(decode(words)));
         };
-        let mut r = Rep3::setup(transport, self.parties.clone(), &self.me, Step(0)).await?;
+        let mut r = Rep3::setup_bound(
+            transport,
+            self.parties.clone(),
+            &self.me,
+            Step(0),
+            self.bind,
+        )
+        .await?;
         let mut shared: Vec<Arith> = Vec::with_capacity(self.inputs.len());
         for owner in 0..3 {
             if self.inputs.contains(&self.parties[owner]) {

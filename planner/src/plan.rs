@@ -751,6 +751,12 @@ impl FederatedPlan {
         let mut helpers = helpers.to_vec();
         helpers.sort();
         helpers.dedup();
+        if helpers.len() > 3 {
+            return Err(PlanError::Invalid(format!(
+                "{} helper parties: at most three can compute, and a helper that never computes has no part",
+                helpers.len()
+            )));
+        }
         if helpers.len() >= self.parties.len() {
             return Err(PlanError::Invalid(
                 "every party of this federation is a helper: none holds data".into(),

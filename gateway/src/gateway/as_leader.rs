@@ -363,6 +363,20 @@ impl Gateway {
     ) -> Result<(FederatedPlan, Option<DpParams>, u64), String> {
         let k = Self::merged_threshold(verdicts);
         let (plan, params, threshold) = match self.merged_privacy(verdicts)? {
+            Some(_)
+                if verdicts.iter().any(|(_, v)| {
+                    matches!(v, Verdict::Allow { privacy: None, min_group_size, .. } if *min_group_size > 0)
+                }) =>
+            {
+                // A party that requires a minimum group size without DP of
+                // its own does not accept it on noised counts under
+                // another party's DP (as_peer::adopt_privacy).
+                return Err(
+                    "one party requires differential privacy and another a minimum group size without it; \
+                     Council runs a query under one or the other (policy: results.min_group_size)"
+                        .into(),
+                );
+            }
             Some(mut params) => {
                 params.min_group_size = params.min_group_size.max(k);
                 let p = plan

@@ -271,9 +271,15 @@ impl Gateway {
         // The started plan must enforce this party's minimum group size
         // (and may rely on the honest-majority model only if it accepts
         // it).
-        let threshold_ok = |plan: &planner::FederatedPlan| match self.policy.check_threshold(plan) {
-            Decision::Allow => Ok(()),
-            Decision::Deny { rule, reason } => Err(refuse(format!("{reason} (policy: {rule})"))),
+        // A helper holds no rows: its policy decides only whom it serves.
+        let threshold_ok = |plan: &planner::FederatedPlan| match self.is_helper() {
+            true => Ok(()),
+            false => match self.policy.check_threshold(plan) {
+                Decision::Allow => Ok(()),
+                Decision::Deny { rule, reason } => {
+                    Err(refuse(format!("{reason} (policy: {rule})")))
+                }
+            },
         };
         let params = match (params, &agreed.requirement) {
             (None, None) => {
@@ -303,6 +309,17 @@ impl Gateway {
                             "the query's privacy parameters fall short: {e} (policy: privacy)"
                         ))
                     })?;
+                } else if self.own_min_group_size() > 0 {
+                    // Under another party's DP the threshold would apply
+                    // to noised counts at the leader, after every group's
+                    // totals were revealed to it with noise this party did
+                    // not choose (an ε of its choosing): refused.
+                    return Err(refuse(format!(
+                        "its policy requires groups of at least {} rows, enforced in shares without DP, and the \
+                         query was started under another party's DP, which would apply it to noised counts \
+                         with noise this party did not set (policy: results.min_group_size)",
+                        self.own_min_group_size()
+                    )));
                 }
                 p
             }

@@ -225,13 +225,18 @@ impl Gateway {
         spent: Option<&Spent>,
     ) -> Result<Box<dyn Engine>, String> {
         let program = &plan.program;
+        // Every set-up and input of a comparison carries the plan's
+        // fingerprint: parties started on different plans stop.
+        let bind = executor::rep3::bind_of(&plan.fingerprint);
         let mut stages: Vec<(Box<dyn Engine>, usize)> = Vec::new();
         // A minimum group size: a gate before the stages (every party takes
         // part, as compute or input party).
         let gate = match program.stages.first() {
             Some(s) if s.gate().is_some() => {
                 let one = program.stage(0).ok_or("the program has no gate")?;
-                Some(executor::gate::Gate::for_program(&one, &self.party)?)
+                let mut gate = executor::gate::Gate::for_program(&one, &self.party)?;
+                gate.bind = bind;
+                Some(gate)
             }
             _ => None,
         };
@@ -250,7 +255,9 @@ impl Gateway {
             let engine: Box<dyn Engine> = if !takes_part {
                 Box::new(Idle)
             } else if stage.compares() {
-                Box::new(ReplicatedEngine::for_program(&one, &self.party)?)
+                let mut e = ReplicatedEngine::for_program(&one, &self.party)?;
+                e.bind = bind;
+                Box::new(e)
             } else {
                 match plan.options.engine {
                     planner::plan::Engine::Additive => {

@@ -258,7 +258,8 @@ async fn a_million_group_domain_streams_its_shares() {
 
 /// A minimum group size without differential privacy, decided in shares:
 /// with `min_group_size = 15` at one party the answer equals plaintext
-/// with `HAVING COUNT(*) >= 15` (and an ungrouped answer below it is one
+/// with `HAVING` the rows of the parties other than the leader `>= 15`
+/// (the leader's own rows do not count; an ungrouped answer below it is one
 /// row of NULLs), for three parties, five, and two with a helper; a party
 /// that does not accept the honest-majority model refuses, naming the
 /// rule; two parties without a helper are refused with the fix.
@@ -331,7 +332,16 @@ async fn a_minimum_group_size_without_dp_leaves_small_groups_out() {
                 .query(sql)
                 .await
                 .unwrap_or_else(|e| panic!("{n} parties: {sql}: {e}"));
-            let plain = plaintext(&pooled, reference).await.unwrap();
+            // The leader's own rows do not count towards the minimum
+            // (executor::gate); a row's party is its id / 100000.
+            let reference = reference.replace(
+                "HAVING COUNT(*) >= 15",
+                &format!(
+                    "HAVING SUM(CASE WHEN id / 100000 = {} THEN 0 ELSE 1 END) >= 15",
+                    qi % n
+                ),
+            );
+            let plain = plaintext(&pooled, &reference).await.unwrap();
             let all_groups = plaintext(&pooled, sql).await.unwrap();
             let rows =
                 |b: &[arrow::array::RecordBatch]| b.iter().map(|b| b.num_rows()).sum::<usize>();
@@ -349,7 +359,13 @@ async fn a_minimum_group_size_without_dp_leaves_small_groups_out() {
         let client = fed.client("p0", USER, PASSWORD).await.unwrap();
         let secure = client.query(ungrouped).await.unwrap();
         let plain = plaintext(&pooled, ungrouped).await.unwrap();
-        let count = plain[0]
+        let others = plaintext(
+            &pooled,
+            "SELECT COUNT(*) FROM t WHERE x > 950 AND id / 100000 <> 0",
+        )
+        .await
+        .unwrap();
+        let count = others[0]
             .column(0)
             .as_any()
             .downcast_ref::<arrow::array::Int64Array>()
@@ -404,4 +420,39 @@ async fn a_minimum_group_size_without_dp_leaves_small_groups_out() {
         assert!(e.contains(want), "{n}: {e}");
         fed.stop().await;
     }
+    // One party requires DP, another a minimum group size without it: the
+    // threshold is not left to noised counts at the leader; refused.
+    let dir = tempfile::tempdir().unwrap();
+    let ids = party_ids(3);
+    write_random_data(
+        &dir.path().join("data"),
+        &ids,
+        Shape {
+            seed: 61,
+            large: false,
+        },
+    )
+    .unwrap();
+    let mut spec = spec_for(dir.path(), &ids, Duration::from_secs(20));
+    spec.parties[0].policy_toml = super::privacy::dp_policy(
+        "p0",
+        &ids,
+        "mechanism = \"laplace\"\nepsilon_per_query = 1",
+        "{ epsilon = 10, period_days = 30 }",
+    );
+    spec.parties[1].policy_toml = with_k("p1", &ids);
+    let fed = LocalFederation::start(&spec, &dir.path().join("run"))
+        .await
+        .unwrap();
+    let client = fed.client("p2", USER, PASSWORD).await.unwrap();
+    let e = client
+        .query("SELECT g, COUNT(*) FROM t GROUP BY g")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("results.min_group_size") && e.contains("differential privacy"),
+        "{e}"
+    );
+    fed.stop().await;
 }
