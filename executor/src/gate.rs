@@ -36,8 +36,7 @@ fn compare_rounds(n: usize) -> [usize; 8] {
     [n, n, 2 * n, 2 * n, 2 * n, 2 * n, 2 * n, n]
 }
 
-const OTHERS_STEP: u16 = 4;
-const FIRST_ROUND: u16 = 5;
+use crate::replicated::{FIRST_ROUND, OTHERS_STEP};
 /// The step of the reveal to the three, and of the pass bits to the others.
 const REVEAL_STEP: u16 = FIRST_ROUND + 8;
 const FORWARD_STEP: u16 = REVEAL_STEP + 1;
@@ -154,20 +153,14 @@ impl Gate {
                 && self.index(from).is_some())
             .then(|| words(n + 4, false));
         };
-        if step.0 == OTHERS_STEP {
-            let other = self.index(from).is_none() && self.inputs.iter().any(|p| p == from);
-            return other.then(|| words(2 * n + 4, true));
+        if let Some(m) =
+            crate::replicated::intake_expects(&self.parties, &self.inputs, me, from, step, n)
+        {
+            return m;
         }
         let sender = self.index(from)?;
         let next = (me + 1) % 3;
         match step.0 {
-            0 if sender == next => Some(words(8, true)),
-            1..=3
-                if sender == usize::from(step.0 - 1)
-                    && self.inputs.contains(&self.parties[sender]) =>
-            {
-                Some(words(2 * n, true))
-            }
             s if (FIRST_ROUND..REVEAL_STEP).contains(&s) && sender == next => Some(words(
                 compare_rounds(n)[usize::from(s - FIRST_ROUND)],
                 false,

@@ -123,8 +123,42 @@ fn layer_rounds(m: usize) -> [usize; 11] {
 /// Step 0 is the set-up, 1 to 3 the compute parties' own inputs (a step
 /// without a message where that party has none), 4 every other input
 /// party's, and the tournament starts at 5.
-const OTHERS_STEP: u16 = 4;
-const FIRST_ROUND: u16 = 5;
+pub(crate) const OTHERS_STEP: u16 = 4;
+pub(crate) const FIRST_ROUND: u16 = 5;
+
+/// What compute party `me` may receive at the set-up and input steps (0
+/// to 4) of the replicated engine and the gate, which share them: `None`
+/// for a later step. The set-up carries a seed and the plan's binding (8
+/// words), an input pair 2n words, an outside party's pairs and binding
+/// 2n + 4. Inputs may reach a compute party before it started: their
+/// senders start on the leader's word alone.
+pub(crate) fn intake_expects(
+    parties: &[String; 3],
+    inputs: &[String],
+    me: usize,
+    from: &str,
+    step: Step,
+    n: usize,
+) -> Option<Option<MessageShape>> {
+    if step.0 >= FIRST_ROUND {
+        return None;
+    }
+    let words = |rows: usize| MessageShape {
+        rows,
+        max_cols: 1,
+        key_bytes: 0,
+        before_start: true,
+    };
+    let sender = parties.iter().position(|p| p == from);
+    Some(match (step.0, sender) {
+        (OTHERS_STEP, None) if inputs.iter().any(|p| p == from) => Some(words(2 * n + 4)),
+        (0, Some(s)) if s == (me + 1) % 3 => Some(words(8)),
+        (1..=3, Some(s)) if s == usize::from(step.0 - 1) && inputs.contains(&parties[s]) => {
+            Some(words(2 * n))
+        }
+        _ => None,
+    })
+}
 
 impl ReplicatedEngine {
     pub fn for_program(program: &Program, me: &str) -> Result<Self, String> {
@@ -251,22 +285,12 @@ impl Engine for ReplicatedEngine {
             return (step.0 == reveal && self.me == self.leader && self.index(from).is_some())
                 .then(|| words(n, false));
         };
-        // Inputs may reach a compute party before it started: their
-        // senders start on the leader's word alone.
-        if step.0 == OTHERS_STEP {
-            let other = self.index(from).is_none() && self.inputs.iter().any(|p| p == from);
-            return other.then(|| words(2 * n + 4, true));
+        if let Some(m) = intake_expects(&self.parties, &self.inputs, me, from, step, n) {
+            return m;
         }
         let sender = self.index(from)?;
         let next = (me + 1) % 3;
         match step.0 {
-            0 if sender == next => Some(words(8, true)),
-            1..=3
-                if sender == usize::from(step.0 - 1)
-                    && self.inputs.contains(&self.parties[sender]) =>
-            {
-                Some(words(2 * n, true))
-            }
             s if (FIRST_ROUND..reveal).contains(&s) && sender == next => {
                 Some(words(rounds[usize::from(s - FIRST_ROUND)], false))
             }
