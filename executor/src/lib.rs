@@ -26,7 +26,7 @@ pub mod transport;
 pub use additive::AdditiveEngine;
 pub use groups::GroupIndex;
 pub use pipeline::Pipeline;
-pub use program::{Op, Program, Roles, Stage};
+pub use program::{Bound, Op, Program, Roles, Stage};
 pub use replicated::ReplicatedEngine;
 pub use shares::{ShareColumn, SharedTable, Width};
 pub use transport::{

@@ -64,8 +64,8 @@ impl Engine for Idle {
 }
 
 /// The stages of one program, with the number of shared columns each
-/// takes, after an optional gate (a minimum group size, over one column:
-/// the row count, at steps and column 0).
+/// takes, after an optional gate (its conditions, one column each, first;
+/// its steps from [`GATE_BASE`]).
 pub struct Pipeline {
     gate: Option<(Gate, String)>,
     stages: Vec<(Box<dyn Engine>, usize)>,
@@ -90,14 +90,20 @@ impl Pipeline {
         leader: &str,
         stages: Vec<(Box<dyn Engine>, usize)>,
     ) -> Result<Self, String> {
-        let mut p = Self::new(stages)?;
+        // A gate alone is a program (`SELECT g … GROUP BY g HAVING
+        // COUNT(*) >= 5` reveals only which groups pass).
+        let mut p = if stages.is_empty() {
+            Pipeline { gate: None, stages }
+        } else {
+            Self::new(stages)?
+        };
         p.gate = Some((gate, leader.to_string()));
         Ok(p)
     }
 
     /// Columns the gate takes before the stages'.
     fn offset(&self) -> usize {
-        usize::from(self.gate.is_some())
+        self.gate.as_ref().map_or(0, |(g, _)| g.bounds.len())
     }
 
     /// The column range of stage `k`.
@@ -168,7 +174,7 @@ impl Engine for Pipeline {
     }
 
     fn supports(&self, program: &crate::Program) -> Result<(), String> {
-        if program.stages.len() != self.stages.len() + self.offset() {
+        if program.stages.len() != self.stages.len() + usize::from(self.gate.is_some()) {
             return Err(format!(
                 "a pipeline of {} stages for a program of {}",
                 self.stages.len(),
@@ -181,7 +187,7 @@ impl Engine for Pipeline {
         }
         for (k, (engine, _)) in self.stages.iter().enumerate() {
             let stage = program
-                .stage(k + self.offset())
+                .stage(k + usize::from(self.gate.is_some()))
                 .ok_or_else(|| format!("the program has no stage {k}"))?;
             engine.supports(&stage)?;
         }
@@ -194,11 +200,9 @@ impl Engine for Pipeline {
         widths: &[Width],
     ) -> Result<Vec<ShareColumn>, OutOfRange> {
         let mut out = Vec::with_capacity(values.len());
-        if self.gate.is_some() {
-            // The gate's row counts, as the words it compares.
-            out.extend(crate::replicated::encode_words(
-                values.get(..1).unwrap_or(&[]),
-            )?);
+        if let Some((gate, _)) = &self.gate {
+            // The gate's columns, as the words it compares.
+            out.extend(gate.encode(values.get(..self.offset()).unwrap_or(&[]))?);
         }
         for (k, (engine, _)) in self.stages.iter().enumerate() {
             let r = self.columns(k);
@@ -254,15 +258,15 @@ impl Engine for Pipeline {
         let mut outs: Vec<Option<Vec<Vec<i256>>>> = Vec::new();
         let mut pass: Option<Vec<bool>> = None;
         if let Some((gate, leader)) = &self.gate {
-            let counts = match input.columns.first() {
-                Some(ShareColumn::Z64(v)) if gate.inputs.contains(&gate.me) => Some(&v[..]),
-                _ => None,
-            };
+            let words = gate
+                .inputs
+                .contains(&gate.me)
+                .then(|| crate::gate::gate_words(&input.columns[..self.offset()]));
             let shifted = Shifted {
                 inner: transport,
                 base: GATE_BASE,
             };
-            let bits = gate.run(&shifted, counts, input.rows).await?;
+            let bits = gate.run(&shifted, words.as_deref(), input.rows).await?;
             outs.push(
                 (&gate.me == leader)
                     .then(|| vec![bits.iter().map(|&b| i256::from_i128(b as i128)).collect()]),
@@ -336,11 +340,13 @@ mod tests {
                     ops: vec![Op::Min, Op::Reveal],
                     columns: 2,
                     compute: parties.clone(),
+                    bounds: Vec::new(),
                 },
                 Stage {
                     ops: vec![Op::Sum, Op::Reveal],
                     columns: 1,
                     compute: parties.clone(),
+                    bounds: Vec::new(),
                 },
             ],
         );
@@ -460,17 +466,35 @@ mod tests {
     }
 
     /// A minimum group size of 5 before a minimum and a sum, with three
-    /// parties and with five (two of them outside the compute parties):
-    /// every party learns the same pass bits, the result party receives
-    /// them first, and for a group that fails it receives nothing computed
-    /// from its rows (a sum of 0, a minimum of NO_VALUE) even where some
-    /// party has rows there; every message sent is one its receiver
-    /// expects, and every expected one is sent.
+    /// parties and with five (two of them outside the compute parties),
+    /// alone and with HAVING's bounds on every party's sum (at least 250,
+    /// at most 1000: a lower bound and a negated column): every party
+    /// learns the same pass bits, the result party receives them first,
+    /// and for a group that fails it receives nothing computed from its
+    /// rows (a sum of 0, a minimum of NO_VALUE) even where some party has
+    /// rows there; every message sent is one its receiver expects, and
+    /// every expected one is sent.
     #[tokio::test]
     async fn a_gate_withholds_every_group_below_the_minimum() {
         use crate::gate::Gate;
+        use crate::program::Bound;
         use crate::replicated::NO_VALUE;
-        for n in [3usize, 5] {
+        for (n, having) in [(3usize, false), (5, false), (3, true), (5, true)] {
+            let mut bounds = vec![Bound {
+                at_least: 5,
+                result_party: false,
+            }];
+            if having {
+                bounds.push(Bound {
+                    at_least: 250,
+                    result_party: true,
+                });
+                bounds.push(Bound {
+                    at_least: -1000,
+                    result_party: true,
+                });
+            }
+            let c = bounds.len();
             let parties: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
             let leader = parties[n - 1].clone();
             let compute: Vec<String> = parties[..3].to_vec();
@@ -480,19 +504,22 @@ mod tests {
                 &leader,
                 vec![
                     Stage {
-                        ops: vec![Op::AtLeast(5), Op::Reveal],
-                        columns: 1,
+                        ops: vec![Op::Pass, Op::Reveal],
+                        columns: c,
                         compute: compute.clone(),
+                        bounds: bounds.clone(),
                     },
                     Stage {
                         ops: vec![Op::Min, Op::Reveal],
                         columns: 1,
                         compute: compute.clone(),
+                        bounds: Vec::new(),
                     },
                     Stage {
                         ops: vec![Op::Sum, Op::Reveal],
                         columns: 1,
                         compute: parties.clone(),
+                        bounds: Vec::new(),
                     },
                 ],
             );
@@ -511,9 +538,11 @@ mod tests {
                 }
             };
             let groups = 5;
+            let mut widths = vec![Width::Z64; c];
+            widths.extend([Width::Z64, Width::Z128]);
             let shape = TableShape {
                 rows: groups,
-                widths: vec![Width::Z64, Width::Z64, Width::Z128],
+                widths,
                 key_columns: 0,
                 key_bytes: 0,
             };
@@ -550,7 +579,13 @@ mod tests {
                         .collect();
                     let sums: Vec<i256> =
                         (0..groups).map(|g| w(rows(i, g) as i128 * 100)).collect();
-                    let columns = p.encode(&[counts, least, sums], &shape.widths).unwrap();
+                    let mut values = vec![counts];
+                    if having {
+                        values.push(sums.clone());
+                        values.push(sums.iter().map(|&v| -v).collect());
+                    }
+                    values.extend([least, sums]);
+                    let columns = p.encode(&values, &shape.widths).unwrap();
                     let t = Recording {
                         inner: t,
                         me: me.clone(),
@@ -583,13 +618,15 @@ mod tests {
             // The result party's own rows do not count towards the minimum.
             let total = |g: usize| (0..n - 1).map(|p| rows(p, g)).sum::<u64>();
             let all = |g: usize| (0..n).map(|p| rows(p, g)).sum::<u64>();
+            let passes =
+                |g: usize| total(g) >= 5 && (!having || (250..=1000).contains(&(all(g) * 100)));
             assert_eq!(
-                (0..groups).filter(|&g| total(g) >= 5).count(),
-                if n == 3 { 1 } else { 2 },
+                (0..groups).filter(|&g| passes(g)).count(),
+                if n == 3 || having { 1 } else { 2 },
                 "both outcomes are exercised"
             );
             for g in 0..groups {
-                let passes = total(g) >= 5;
+                let passes = passes(g);
                 assert_eq!(
                     got[0][g],
                     i256::from_i128(passes as i128),

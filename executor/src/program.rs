@@ -56,10 +56,25 @@ pub enum Op {
     Min,
     /// The largest, as [`Op::Min`] (the engine runs it; plans do not emit it).
     Max,
-    /// Whether each group's row count, summed over the input parties,
-    /// reaches the public minimum group size (a gate: [`crate::gate`]);
-    /// only the pass bits are revealed, to every party.
-    AtLeast(u64),
+    /// A gate ([`crate::gate`]): whether each group meets every one of the
+    /// stage's [`Bound`]s (a minimum group size, HAVING over shared totals),
+    /// one column each; only the AND of them, the pass bit, is revealed,
+    /// to every party.
+    Pass,
+}
+
+/// One condition of a gate: its column's total over the input parties is
+/// at least `at_least`. A column is a party's own partial, or its negation
+/// for an upper bound, so every condition of a gate has this one form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bound {
+    pub at_least: i64,
+    /// Whether the result party's rows count. Not for a minimum group
+    /// size: the querying party knows its own rows, so counting them
+    /// would let it learn one row of another party's (9 of its own and 1
+    /// of theirs reaching 10), and it could inflate them. For HAVING, as
+    /// SQL has it, every party's rows count.
+    pub result_party: bool,
 }
 
 /// A run of operators over `columns` consecutive shared columns (after
@@ -71,6 +86,11 @@ pub struct Stage {
     pub ops: Vec<Op>,
     pub columns: usize,
     pub compute: Vec<String>,
+    /// A gate's conditions, one per column (empty for every other stage,
+    /// and then not serialised, so that other stages' fingerprints do not
+    /// change).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bounds: Vec<Bound>,
 }
 
 impl Stage {
@@ -79,13 +99,13 @@ impl Stage {
     pub fn compares(&self) -> bool {
         self.ops
             .iter()
-            .any(|o| matches!(o, Op::Min | Op::Max | Op::AtLeast(_)))
+            .any(|o| matches!(o, Op::Min | Op::Max | Op::Pass))
     }
 
-    /// The minimum group size of a gate stage.
-    pub fn gate(&self) -> Option<u64> {
+    /// The conditions of a gate stage.
+    pub fn gate(&self) -> Option<&[Bound]> {
         match self.ops[..] {
-            [Op::AtLeast(k), Op::Reveal] => Some(k),
+            [Op::Pass, Op::Reveal] => Some(&self.bounds),
             _ => None,
         }
     }
@@ -125,6 +145,7 @@ impl Program {
                 ops: vec![Op::Sum, Op::Reveal],
                 columns: 0,
                 compute,
+                bounds: Vec::new(),
             }],
         )
     }
@@ -210,7 +231,24 @@ impl Program {
                         Op::Reveal => "reveal".to_string(),
                         Op::Min => "min".to_string(),
                         Op::Max => "max".to_string(),
-                        Op::AtLeast(k) => format!("at_least {k}"),
+                        Op::Pass => {
+                            let b: Vec<String> = s
+                                .bounds
+                                .iter()
+                                .map(|b| {
+                                    format!(
+                                        "≥ {}{}",
+                                        b.at_least,
+                                        if b.result_party {
+                                            ""
+                                        } else {
+                                            " (result party's rows not counted)"
+                                        }
+                                    )
+                                })
+                                .collect();
+                            format!("pass [{}]", b.join(", "))
+                        }
                     })
                     .collect();
                 format!(

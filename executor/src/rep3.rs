@@ -84,6 +84,13 @@ impl Bool {
     pub fn len(&self) -> usize {
         self.a.len()
     }
+    /// The words in `r` (a column of a batch of several).
+    pub fn slice(&self, r: std::ops::Range<usize>) -> Bool {
+        Bool {
+            a: self.a[r.clone()].to_vec(),
+            b: self.b[r].to_vec(),
+        }
+    }
     pub fn is_empty(&self) -> bool {
         self.a.is_empty()
     }
@@ -610,12 +617,23 @@ impl Rep3<'_> {
     /// minimum group size compares the shared counts so; only the bits
     /// are revealed, and then only the passing groups' totals.
     pub async fn at_least(&mut self, x: &Arith, k: i64) -> Result<Bool, ExecError> {
-        if k.unsigned_abs() > crate::replicated::COMPARE_BOUND as u64 {
+        self.at_least_each(x, &vec![k; x.len()]).await
+    }
+
+    /// Whether each x is at least its own public bound (as
+    /// [`Rep3::at_least`], one bound per value, all in one comparison).
+    pub async fn at_least_each(&mut self, x: &Arith, k: &[i64]) -> Result<Bool, ExecError> {
+        check_len(x.len(), k.len())?;
+        if let Some(k) = k
+            .iter()
+            .find(|k| k.unsigned_abs() > crate::replicated::COMPARE_BOUND as u64)
+        {
             return Err(ExecError::Encode(format!(
                 "a threshold of {k} is beyond ±(2^62 − 1)"
             )));
         }
-        let k = self.constant(&vec![k as u64; x.len()]);
+        let k: Vec<u64> = k.iter().map(|&k| k as u64).collect();
+        let k = self.constant(&k);
         let below = self.less_than(x, &k).await?;
         Ok(self.not_bit(&below))
     }

@@ -60,7 +60,15 @@ pub fn min_input(dense: &[i128], max: bool) -> Vec<i256> {
 /// replicated engine and the gate compare. `Err` names the first that is
 /// not.
 pub fn encode_words(values: &[Vec<i256>]) -> Result<Vec<ShareColumn>, OutOfRange> {
-    let bound = i256::from_i128(COMPARE_BOUND as i128);
+    encode_words_within(values, COMPARE_BOUND as u64)
+}
+
+/// As [`encode_words`], each value within ±`limit` (a gate's bound).
+pub fn encode_words_within(
+    values: &[Vec<i256>],
+    limit: u64,
+) -> Result<Vec<ShareColumn>, OutOfRange> {
+    let bound = i256::from_i128(limit as i128);
     values
         .iter()
         .enumerate()
@@ -68,7 +76,7 @@ pub fn encode_words(values: &[Vec<i256>]) -> Result<Vec<ShareColumn>, OutOfRange
             col.iter()
                 .enumerate()
                 .map(|(g, v)| match v.to_i128() {
-                    Some(x) if x.unsigned_abs() <= COMPARE_BOUND as u128 => Ok(x as i64 as u64),
+                    Some(x) if x.unsigned_abs() <= u128::from(limit) => Ok(x as i64 as u64),
                     _ => Err(OutOfRange {
                         partial: k,
                         group: g,
@@ -473,6 +481,7 @@ mod tests {
                 ops: vec![op, Op::Reveal],
                 columns: 2,
                 compute: s(&compute),
+                bounds: Vec::new(),
             }],
         )
     }

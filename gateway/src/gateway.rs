@@ -458,13 +458,18 @@ impl Gateway {
 
 /// The ring of each shared partial, in `shared_partials` order.
 fn share_widths(plan: &FederatedPlan) -> Vec<Width> {
-    plan.shared_partials()
-        .iter()
-        .map(|&i| match plan.ring_bits(i) {
-            64 => Width::Z64,
-            128 => Width::Z128,
-            _ => Width::Z256,
-        })
+    // A gate's columns (64-bit words) come first.
+    let gate = plan.gate_columns().len();
+    std::iter::repeat_n(Width::Z64, gate)
+        .chain(
+            plan.shared_partials()
+                .iter()
+                .map(|&i| match plan.ring_bits(i) {
+                    64 => Width::Z64,
+                    128 => Width::Z128,
+                    _ => Width::Z256,
+                }),
+        )
         .collect()
 }
 

@@ -26,8 +26,9 @@ pub struct Revealed {
     pub totals: Vec<Vec<i128>>,
     /// Totals shared in Z_2^256 (a sum of squares in limbs), by partial.
     pub wide: std::collections::BTreeMap<usize, Vec<i256>>,
-    /// With a minimum group size in shares: whether each group reached it
-    /// (a group that did not is left out, and its totals are zero).
+    /// With a gate (a minimum group size, HAVING in shares): whether each
+    /// group passed it (a group that did not is left out, and its totals
+    /// are zero).
     pub passing: Option<Vec<bool>>,
 }
 
@@ -45,7 +46,11 @@ pub fn present_groups(plan: &FederatedPlan, revealed: &Revealed) -> Vec<usize> {
             .filter(|&g| !suppressed(plan, revealed, g, p.min_group_size))
             .collect();
     }
-    let rows = &revealed.totals[plan.row_count];
+    let rows = revealed
+        .totals
+        .get(plan.row_count)
+        .map(|r| &r[..])
+        .unwrap_or(&[]);
     let passes = |g: usize| {
         revealed
             .passing
@@ -53,8 +58,13 @@ pub fn present_groups(plan: &FederatedPlan, revealed: &Revealed) -> Vec<usize> {
             .is_none_or(|p| p.get(g).copied().unwrap_or(false))
     };
     if plan.grouped {
+        // A gate decided in shares which groups exist (the row count is
+        // then revealed only if asked for); otherwise the revealed count.
         (0..plan.groups.len())
-            .filter(|&g| passes(g) && rows.get(g).copied().unwrap_or(0) > 0)
+            .filter(|&g| match &revealed.passing {
+                Some(_) => passes(g),
+                None => rows.get(g).copied().unwrap_or(0) > 0,
+            })
             .collect()
     } else {
         vec![0]
@@ -292,7 +302,7 @@ fn pow10(n: u32) -> i128 {
 /// With `noised` totals, a SUM is never NULL (whether a group has values
 /// is private) and an AVG or variance is NULL where the noised count is too
 /// small to divide by.
-fn final_values(
+pub(crate) fn final_values(
     a: &AggregateOutput,
     groups: &[usize],
     r: &Revealed,

@@ -23,6 +23,7 @@
 pub mod ast_check;
 pub mod catalog;
 pub mod finalize;
+pub mod having;
 pub mod limits;
 pub mod plan;
 pub mod privacy;

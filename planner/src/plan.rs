@@ -711,6 +711,38 @@ pub struct FederatedPlan {
     /// The minimum group size enforced in shares (0: none;
     /// [`FederatedPlan::with_threshold`]).
     pub threshold: u64,
+    /// HAVING's conjuncts that the gate decides in shares, where a gate can
+    /// run ([`crate::having`]; none under DP, where HAVING applies to
+    /// noised values).
+    pub having: Vec<crate::having::SharedCondition>,
+    /// HAVING's other conjuncts, evaluated on the revealed values at the
+    /// result party (for EXPLAIN).
+    pub having_left: Vec<String>,
+}
+
+/// One column of the gate: each party's value of `partial` (negated if
+/// `negate`), and the condition on its total.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateColumn {
+    pub partial: usize,
+    pub negate: bool,
+    pub bound: executor::Bound,
+    pub text: String,
+    /// A HAVING condition: a value beyond the gate's exact range makes it
+    /// pass ([`executor::gate::FORCED_PASS`]), for the post part to decide.
+    pub having: bool,
+}
+
+impl GateColumn {
+    /// What a party inputs to this column for its partial `v`.
+    pub fn value(&self, v: i128) -> i256 {
+        let v = if self.negate { v.saturating_neg() } else { v };
+        if self.having && v.unsigned_abs() > u128::from(executor::gate::EXACT_BOUND) {
+            i256::from_i128(executor::gate::FORCED_PASS as i128)
+        } else {
+            i256::from_i128(v)
+        }
+    }
 }
 
 impl FederatedPlan {
@@ -783,12 +815,12 @@ impl FederatedPlan {
                 "a minimum group size in shares is for plans without DP".into(),
             ));
         }
-        if k > executor::replicated::COMPARE_BOUND as u64 {
+        if k > executor::gate::GATE_INPUT_BOUND {
             return Err(PlanError::Invalid(format!(
-                "a minimum group size of {k} rows is beyond 2^62 − 1"
+                "a minimum group size of {k} rows is beyond 2^58"
             )));
         }
-        if k > 0 && self.comparison_parties().len() < 3 {
+        if k > 0 && !self.can_gate() {
             return Err(PlanError::not_permitted(
                 format!("a query at a party that requires groups of at least {k} rows"),
                 "the query",
@@ -841,13 +873,14 @@ impl FederatedPlan {
             .filter(|&&i| self.local.partials[i].kind.is_extreme())
             .count();
         let mut stages = Vec::new();
-        if self.gated() {
-            // The gate's column is the row count, shared a second time
-            // (`shared_partials`).
+        let gate = self.gate_columns();
+        if !gate.is_empty() {
+            // The gate's columns come before the shared partials.
             stages.push(executor::Stage {
-                ops: vec![executor::Op::AtLeast(self.threshold), executor::Op::Reveal],
-                columns: 1,
+                ops: vec![executor::Op::Pass, executor::Op::Reveal],
+                columns: gate.len(),
                 compute: self.comparison_parties(),
+                bounds: gate.iter().map(|g| g.bound).collect(),
             });
         }
         if extremes > 0 {
@@ -880,13 +913,17 @@ impl FederatedPlan {
                 ops: vec![executor::Op::Min, executor::Op::Reveal],
                 columns: extremes,
                 compute,
+                bounds: Vec::new(),
             });
         }
-        stages.push(executor::Stage {
-            ops: vec![executor::Op::Sum, executor::Op::Reveal],
-            columns: shared.len() - extremes - usize::from(self.gated()),
-            compute: self.data_parties(),
-        });
+        if shared.len() > extremes || stages.is_empty() {
+            stages.push(executor::Stage {
+                ops: vec![executor::Op::Sum, executor::Op::Reveal],
+                columns: shared.len() - extremes,
+                compute: self.data_parties(),
+                bounds: Vec::new(),
+            });
+        }
         self.program = executor::Program::with_stages(&self.parties, &self.helpers, leader, stages);
         Ok(())
     }
@@ -894,7 +931,74 @@ impl FederatedPlan {
     /// Whether a gate decides which groups pass (a minimum group size
     /// without DP).
     pub fn gated(&self) -> bool {
-        self.threshold > 0 && self.privacy.is_none()
+        self.privacy.is_none()
+            && (self.threshold > 0 || (!self.having.is_empty() && self.can_gate()))
+    }
+
+    /// Whether a gate can run in this federation: three compute parties,
+    /// at least two parties with data (the querying one and another), and
+    /// at most 16 (`executor::gate`). Otherwise HAVING stays in the post
+    /// part, and a minimum group size without DP is refused.
+    fn can_gate(&self) -> bool {
+        let data = self.data_parties().len();
+        self.comparison_parties().len() == 3 && (2..=16).contains(&data)
+    }
+
+    /// The gate's columns, in order (none without a gate). The first is
+    /// always the row count, so that the gate's shape is the same with a
+    /// minimum group size or without one (a party may receive gate
+    /// messages before it learns, at `start`, which minimum applies): with
+    /// one, the rows of every party but the result party, at least k;
+    /// without, every party's rows, at least one (the group exists;
+    /// without GROUP BY the single group always does). Then HAVING's
+    /// conditions, over every party's rows.
+    pub fn gate_columns(&self) -> Vec<GateColumn> {
+        if !self.gated() {
+            return Vec::new();
+        }
+        let first = if self.threshold > 0 {
+            GateColumn {
+                partial: self.row_count,
+                negate: false,
+                bound: executor::Bound {
+                    at_least: self.threshold as i64,
+                    result_party: false,
+                },
+                text: format!(
+                    "at least {} rows at the parties other than the querying one (minimum group size)",
+                    self.threshold
+                ),
+                having: false,
+            }
+        } else {
+            GateColumn {
+                partial: self.row_count,
+                negate: false,
+                bound: executor::Bound {
+                    at_least: i64::from(self.grouped),
+                    result_party: true,
+                },
+                text: "the group has rows".into(),
+                having: false,
+            }
+        };
+        let mut v = vec![first];
+        v.extend(self.having.iter().map(|h| GateColumn {
+            partial: h.partial,
+            negate: h.negate,
+            bound: executor::Bound {
+                at_least: h.at_least,
+                result_party: true,
+            },
+            text: format!(
+                "HAVING {}: the total{} at least {}",
+                h.text,
+                if h.negate { ", negated," } else { "" },
+                h.at_least
+            ),
+            having: true,
+        }));
+        v
     }
 
     /// The party that receives the result (empty before [`Self::led_by`]).
@@ -925,9 +1029,15 @@ impl FederatedPlan {
             })
             .collect();
         idx.sort_by_key(|&i| !self.local.partials[i].kind.is_extreme());
-        if self.gated() {
-            // The gate's own copy of the row count comes first.
-            idx.insert(0, self.row_count);
+        if self.gated()
+            && !self
+                .aggregates
+                .iter()
+                .any(|a| a.count == Some(self.row_count))
+        {
+            // The gate decides which groups exist: the row count is
+            // revealed only where an aggregate asks for it.
+            idx.retain(|&i| i != self.row_count);
         }
         idx
     }
@@ -1282,20 +1392,30 @@ impl FederatedPlan {
         let shared = self.shared_partials();
         let mut at = 0;
         for (k, stage) in self.program.stages.iter().enumerate() {
-            let cols = &shared[at.min(shared.len())..(at + stage.columns).min(shared.len())];
-            at += stage.columns;
+            let gate = stage.gate().is_some();
+            let cols = if gate {
+                &[][..]
+            } else {
+                let c = &shared[at.min(shared.len())..(at + stage.columns).min(shared.len())];
+                at += stage.columns;
+                c
+            };
             let compute = stage.compute.join(", ");
-            if let Some(k) = stage.gate() {
+            if gate {
                 let _ = writeln!(
                     s,
-                    "2.{}. Minimum group size in shares (replicated engine; compute parties {compute}; security: {}): \
-                     each party with data shares its row count per group; the three compare each group's total \
-                     with {k} and reveal, to every party, only whether it reaches it. For a group that does not, \
-                     every party then contributes nothing (zero to a sum, no value to a minimum): it is left out \
-                     of the answer and neither its count nor anything computed from its rows is revealed:",
+                    "2.{}. Gate in shares (replicated engine; compute parties {compute}; security: {}): each party \
+                     with data shares one value per group and condition; the three compare each group's totals \
+                     with the bounds and reveal, to every party, only whether the group meets all of them. For a \
+                     group that does not, every party then contributes nothing (zero to a sum, no value to a \
+                     minimum): it is left out of the answer and nothing computed from its rows is revealed, not \
+                     its count, not how far it missed. Conditions:",
                     k + 1,
                     stage.model()
                 );
+                for c in self.gate_columns() {
+                    let _ = writeln!(s, "     {}", c.text);
+                }
             } else if stage.compares() {
                 let _ = writeln!(
                     s,
@@ -1338,9 +1458,13 @@ impl FederatedPlan {
         } else if self.gated() {
             let _ = writeln!(
                 s,
-                "   every party learns which groups reach {} rows; {leader} learns, for those groups only, their \
-                 row counts (even if not selected) and the totals listed; no party learns another party's partials.",
-                self.threshold
+                "   every party learns which groups pass the gate; {leader} learns, for those groups only, the \
+                 totals listed{}; no party learns another party's partials.",
+                if shared.contains(&self.row_count) {
+                    " (the row count among them)"
+                } else {
+                    " (not their row counts)"
+                }
             );
         } else {
             let _ = writeln!(
@@ -1355,6 +1479,21 @@ impl FederatedPlan {
         let _ = writeln!(s, "4. Post part at {leader}, on revealed values only:");
         for line in post_lines(&self.logical) {
             let _ = writeln!(s, "     {line}");
+        }
+        if !self.having_left.is_empty() && self.privacy.is_none() {
+            let _ = writeln!(
+                s,
+                "   HAVING {} is evaluated here, on the revealed values: {leader} learns the totals of the groups it \
+                 removes (only a COUNT or SUM compared with a constant is decided in shares, and only with three \
+                 compute parties).",
+                self.having_left.join(" AND ")
+            );
+        } else if !self.having.is_empty() && !self.gated() && self.privacy.is_none() {
+            let _ = writeln!(
+                s,
+                "   HAVING is evaluated here, on the revealed values: {leader} learns the totals of the groups it \
+                 removes (this federation has no third compute party for a gate in shares; add a data-less helper)."
+            );
         }
         let _ = writeln!(
             s,
@@ -1801,7 +1940,12 @@ async fn plan_query_here(
         program: executor::Program::sum_and_reveal(parties, ""),
         helpers: Vec::new(),
         threshold: 0,
+        having: Vec::new(),
+        having_left: Vec::new(),
     };
+    let (having, left) = crate::having::shared_conditions(&plan, &analyzed);
+    plan.having = having;
+    plan.having_left = left;
     plan.restage("")?;
     plan.fingerprint = fingerprint(&plan);
     Ok(plan)
@@ -1944,17 +2088,10 @@ fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate, PlanError> {
 
 /// The HAVING conditions: filters above the aggregate.
 fn having_predicates(plan: &LogicalPlan) -> Vec<&Expr> {
-    match plan {
-        LogicalPlan::Projection(p) => having_predicates(&p.input),
-        LogicalPlan::Sort(s) => having_predicates(&s.input),
-        LogicalPlan::Limit(l) => having_predicates(&l.input),
-        LogicalPlan::Filter(f) => {
-            let mut v = having_predicates(&f.input);
-            v.push(&f.predicate);
-            v
-        }
-        _ => Vec::new(),
-    }
+    crate::having::having_filters(plan)
+        .into_iter()
+        .map(|(e, _)| e)
+        .collect()
 }
 
 fn local_input(plan: &LogicalPlan) -> Result<(Option<Expr>, String), PlanError> {
@@ -1997,6 +2134,15 @@ fn fingerprint(plan: &FederatedPlan) -> String {
     }
     for c in &plan.groups.columns {
         let _ = writeln!(s, "group {} {:?}", c.name, c.values);
+    }
+    // Which partial each gate column carries, and how: gateways that map
+    // them differently must not agree on the plan.
+    for c in plan.gate_columns() {
+        let _ = writeln!(
+            s,
+            "gate partial {} negate {} bound {} result party {} having {}",
+            c.partial, c.negate, c.bound.at_least, c.bound.result_party, c.having
+        );
     }
     for a in &plan.aggregates {
         let _ = writeln!(
@@ -2563,5 +2709,106 @@ columns = [
             .unwrap_err()
             .to_string();
         assert!(e.contains("narrow `clamp` of patients.los"), "{e}");
+    }
+
+    /// HAVING's comparisons of a COUNT or SUM with a constant become the
+    /// gate's bounds, decided as DataFusion decides them on the value
+    /// (a decimal SUM in cents compared with a float, an integer COUNT with
+    /// a fraction); anything else stays in the post part.
+    #[tokio::test]
+    async fn having_on_a_count_or_sum_against_a_constant_is_decided_in_shares() {
+        let bounds = |p: &FederatedPlan| -> Vec<(PartialKind, bool, i64)> {
+            p.gate_columns()
+                .iter()
+                .map(|c| (p.local.partials[c.partial].kind, c.negate, c.bound.at_least))
+                .collect()
+        };
+        let p = plan(
+            "SELECT age_band, SUM(cost) FROM patients GROUP BY age_band HAVING COUNT(*) >= 20",
+        )
+        .await
+        .unwrap();
+        assert!(p.gated());
+        assert_eq!(
+            bounds(&p),
+            vec![
+                (PartialKind::RowCount, false, 1),
+                (PartialKind::RowCount, false, 20)
+            ]
+        );
+        // Beyond the exact range a HAVING value forces its condition to
+        // pass (the post part decides on the revealed total); the row
+        // count's column never does.
+        let cols = p.gate_columns();
+        let forced = i256::from_i128(executor::gate::FORCED_PASS as i128);
+        assert_eq!(cols[1].value(1 << 60), forced);
+        assert_eq!(cols[1].value(-(1 << 60)), forced);
+        assert_eq!(cols[1].value(1 << 53), i256::from_i128(1 << 53));
+        assert_eq!(cols[0].value(1 << 60), i256::from_i128(1 << 60));
+        // COUNT(*) is an aggregate of the query (HAVING uses it), so revealed.
+        assert!(p.shared_partials().contains(&p.row_count));
+        let explain = p.clone().led_by("a").unwrap().explain("a");
+        assert!(explain.contains("Gate in shares"), "{explain}");
+        let p = plan(
+            "SELECT age_band, SUM(cost) FROM patients GROUP BY age_band HAVING COUNT(*) > 2.5",
+        )
+        .await
+        .unwrap();
+        assert_eq!(bounds(&p)[1], (PartialKind::RowCount, false, 3));
+        // cost is decimal(12,2): a SUM in cents, compared with 1e6 as
+        // DataFusion compares them; its count of values at least one (NULL
+        // fails, as in SQL).
+        let p = plan("SELECT age_band, COUNT(*) FROM patients GROUP BY age_band HAVING SUM(cost) > 1e6 AND 5 >= SUM(los)")
+            .await
+            .unwrap();
+        let b = bounds(&p);
+        assert!(b.contains(&(PartialKind::Sum, false, 100_000_001)), "{b:?}");
+        assert!(b.contains(&(PartialKind::Sum, true, -5)), "{b:?}");
+        assert_eq!(
+            b.iter().filter(|x| x.0 == PartialKind::Count).count(),
+            2,
+            "{b:?}"
+        );
+        assert!(p.having_left.is_empty());
+        let p =
+            plan("SELECT age_band, COUNT(*) FROM patients GROUP BY age_band HAVING SUM(los) = 7")
+                .await
+                .unwrap();
+        let b = bounds(&p);
+        assert!(
+            b.contains(&(PartialKind::Sum, false, 7)) && b.contains(&(PartialKind::Sum, true, -7)),
+            "{b:?}"
+        );
+        // Without a gate the row count decides which groups exist; with
+        // one, it is revealed only if asked for.
+        let p =
+            plan("SELECT age_band, SUM(los) FROM patients GROUP BY age_band HAVING SUM(los) < 100")
+                .await
+                .unwrap();
+        assert!(!p.shared_partials().contains(&p.row_count));
+        for sql in [
+            "SELECT age_band, AVG(los) FROM patients GROUP BY age_band HAVING AVG(los) > 3",
+            "SELECT age_band, COUNT(*) FROM patients GROUP BY age_band HAVING COUNT(*) > 3 OR SUM(los) > 1",
+            "SELECT age_band, COUNT(*) FROM patients GROUP BY age_band HAVING COUNT(*) <> 3",
+            "SELECT age_band, SUM(los) FROM patients GROUP BY age_band HAVING SUM(los) > SUM(patient_id)",
+            // NULL beyond TINYINT: not monotone in the count.
+            "SELECT age_band, COUNT(*) FROM patients GROUP BY age_band HAVING TRY_CAST(COUNT(*) AS TINYINT) > 5",
+            "SELECT age_band, COUNT(*) FROM patients GROUP BY age_band HAVING CAST(COUNT(*) AS TEXT) > '5'",
+        ] {
+            let p = plan(sql).await.unwrap();
+            assert!(p.having.is_empty() && !p.gated(), "{sql}");
+            assert_eq!(p.having_left.len(), 1, "{sql}");
+        }
+        // Two parties have no third compute party: the post part decides.
+        let cat = Catalog::from_toml(CATALOG, "catalog.toml").unwrap();
+        let two = plan_query(
+            "SELECT age_band, COUNT(*) FROM patients GROUP BY age_band HAVING COUNT(*) > 3",
+            &cat,
+            &["a".to_string(), "b".to_string()],
+            &QueryOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert!(!two.having.is_empty() && !two.gated());
     }
 }

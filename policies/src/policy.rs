@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use planner::privacy::{Clamp, Dec, Mechanism, Requirement, MICRO};
-use planner::{Catalog, FederatedPlan};
+use planner::{AggKind, Catalog, FederatedPlan};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
@@ -893,14 +893,33 @@ impl Policy {
             }
         }
         if plan.program.needs_honest_majority() && !self.honest_majority {
+            let mut what = Vec::new();
+            if plan
+                .aggregates
+                .iter()
+                .any(|a| matches!(a.kind, AggKind::Min | AggKind::Max))
+            {
+                what.push("its MIN or MAX");
+            }
+            if plan.gated() && !plan.having.is_empty() {
+                what.push(
+                    "its HAVING, which Council decides in shares so that the groups it removes reveal nothing \
+                     (with three compute parties)",
+                );
+            }
+            if what.is_empty() {
+                what.push("a secure comparison");
+            }
             return deny(
                 "engines.honest_majority".into(),
-                "this party does not accept a result that relies on an honest majority among three compute \
-                 parties, and this query's MIN or MAX needs one (secure comparison runs on the replicated \
-                 engine, which is secure only while every compute party follows the protocol); ask for \
-                 COUNT, SUM, AVG, VAR or STDDEV, which the additive engine computes, or have the party's \
-                 governance team set `[engines] honest_majority = true`"
-                    .into(),
+                format!(
+                    "this party does not accept a result that relies on an honest majority among three compute \
+                     parties, and this query needs one for {} (secure comparison runs on the replicated \
+                     engine, which is secure only while every compute party follows the protocol); ask for \
+                     COUNT, SUM, AVG, VAR or STDDEV without HAVING on them, which the additive engine computes, \
+                     or have the party's governance team set `[engines] honest_majority = true`",
+                    what.join(" and ")
+                ),
             );
         }
         // A minimum group size is not in the plan yet: every party states
@@ -1307,6 +1326,17 @@ mod fail_closed {
             }
             d => panic!("{d:?}"),
         }
+        // HAVING in shares needs the model too, and the refusal says so.
+        let having = plan("SELECT g, SUM(x) FROM t GROUP BY g HAVING SUM(x) > 10").await;
+        assert!(having.gated());
+        match refusing.check(&having, &who) {
+            Decision::Deny { rule, reason } => {
+                assert_eq!(rule, "engines.honest_majority");
+                assert!(reason.contains("its HAVING"), "{reason}");
+            }
+            d => panic!("{d:?}"),
+        }
+        assert_eq!(accepting.check(&having, &who), Decision::Allow);
         let only_min = Policy::parse(
             &format!(
                 "{}[engines]\nhonest_majority = true\n",

@@ -201,6 +201,25 @@ pub const QUERIES: &[(&str, bool)] = &[
     ("SELECT g, COUNT(f), SUM(f), AVG(f), VAR_SAMP(f), COUNT(x), SUM(x), VAR_POP(x) FROM t GROUP BY g ORDER BY g", true),
 ];
 
+/// Queries whose HAVING compares a COUNT or SUM with a constant, decided in
+/// shares where three compute parties exist (upper and lower bounds,
+/// reversed operands, a decimal SUM against a float, a float SUM, NULL
+/// sums, conjuncts in shares beside one left to the post part, an
+/// ungrouped answer): groups that fail reveal nothing, and the answer is
+/// the same SQL's over the pooled rows.
+pub const HAVING_QUERIES: &[(&str, bool)] = &[
+    ("SELECT g, COUNT(*) AS n, SUM(x) FROM t GROUP BY g HAVING COUNT(*) >= 40 ORDER BY g", true),
+    ("SELECT h, flag, SUM(d) FROM t GROUP BY h, flag HAVING SUM(d) > 1e6 AND COUNT(*) < 30 ORDER BY h, flag", true),
+    ("SELECT g, h, AVG(x) FROM t GROUP BY g, h HAVING SUM(x) <= 0 ORDER BY g, h", true),
+    ("SELECT g, h FROM t GROUP BY g, h HAVING 12 > COUNT(x) ORDER BY g, h", true),
+    ("SELECT flag, MIN(x), MAX(d) FROM t GROUP BY flag HAVING SUM(x) > -100 AND AVG(d) > 0 ORDER BY flag", true),
+    ("SELECT COUNT(*) AS n, SUM(x) FROM t WHERE x > 900 HAVING COUNT(*) >= 8", true),
+    ("SELECT g, SUM(f) FROM t GROUP BY g HAVING SUM(f) > 100.5 ORDER BY g", true),
+    ("SELECT h, COUNT(d) FROM t WHERE flag GROUP BY h HAVING COUNT(d) = 20 OR COUNT(d) > 25 ORDER BY h", true),
+    ("SELECT g, SUM(x) FROM t GROUP BY g HAVING SUM(x) >= -2500 AND SUM(x) <= 2500 ORDER BY g", true),
+    ("SELECT h, COUNT(*) FROM t GROUP BY h HAVING TRY_CAST(COUNT(*) AS TINYINT) > 5 ORDER BY h", true),
+];
+
 /// Queries with MIN and MAX (secure comparison, three parties): groups
 /// present at one party, NULLs, all-NULL groups, empty filters, negative
 /// values, extremes beside sums, arithmetic and HAVING on extremes.

@@ -137,6 +137,14 @@ impl Gateway {
             .iter()
             .map(|&i| plan.shared_values(i, &dense))
             .collect();
+        // A gate's columns: this party's partial, or its negation for an
+        // upper bound of HAVING (beyond the gate's exact range, a value
+        // that makes the condition pass: `GateColumn::value`).
+        let gate = plan.gate_columns();
+        let gate_values: Vec<Vec<i256>> = gate
+            .iter()
+            .map(|c| dense[c.partial].iter().map(|&v| c.value(v)).collect())
+            .collect();
         let rows = index.len();
         drop((dense, index));
         // Differential privacy: this party's noise is drawn now (its
@@ -179,11 +187,17 @@ impl Gateway {
             s.phases.span("noise", t_noise);
         }
         let widths = share_widths(plan);
+        let shared: Vec<Vec<i256>> = gate_values.into_iter().chain(shared).collect();
+        let column_partials: Vec<usize> = gate
+            .iter()
+            .map(|c| c.partial)
+            .chain(shared_idx.iter().copied())
+            .collect();
         let engine = self
             .engine_for(plan, None)
             .map_err(|e| mine(format!("no engine runs this query: {e}")))?;
         let ring = engine.encode(&shared, &widths).map_err(|o| {
-            let p = &plan.local.partials[shared_idx[o.partial]];
+            let p = &plan.local.partials[column_partials[o.partial]];
             PartyFailure {
                 local: format!(
                     "partial {:?} of {:?} in group {} is {} and exceeds the per-party bound ±{} of the ring with {} parties",
@@ -326,10 +340,11 @@ impl Gateway {
         let Some(cols) = out else {
             return Ok(None);
         };
-        if cols.len() != shared_idx.len() {
+        let skip = usize::from(plan.gated());
+        if cols.len() != shared_idx.len() + skip {
             return Err(PartyFailure {
                 local: format!(
-                    "{} totals for {} shared partials",
+                    "{} totals for {} shared partials and {skip} gate",
                     cols.len(),
                     shared_idx.len()
                 ),
@@ -338,16 +353,15 @@ impl Gateway {
         }
         let mut totals = vec![Vec::new(); plan.local.partials.len()];
         let mut wide = std::collections::BTreeMap::new();
-        // A gate's pass bits come first, in place of its row-count column.
+        // A gate's pass bits come first, in place of its columns.
         let passing = plan.gated().then(|| {
             cols[0]
                 .iter()
                 .map(|v| *v == i256::ONE)
                 .collect::<Vec<bool>>()
         });
-        let skip = usize::from(plan.gated());
-        for (k, &i) in shared_idx.iter().enumerate().skip(skip) {
-            let col = cols[k].clone();
+        for (col, &i) in cols.iter().skip(skip).zip(&shared_idx) {
+            let col = col.clone();
             if plan.ring_bits(i) > 128 {
                 wide.insert(i, col);
             } else {
