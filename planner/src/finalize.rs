@@ -98,7 +98,16 @@ pub fn revealed_batch(plan: &FederatedPlan, revealed: &Revealed) -> Result<Recor
                 .passing
                 .as_ref()
                 .is_some_and(|p| !p.first().copied().unwrap_or(false)));
-    for a in &plan.aggregates {
+    for (k, a) in plan.aggregates.iter().enumerate() {
+        if !plan.revealed_aggregate(k) {
+            // Used only by conjuncts the gate decided, which the post part
+            // takes as TRUE: never revealed, so NULL here.
+            columns.push(datafusion::arrow::array::new_null_array(
+                a.field.data_type(),
+                groups.len(),
+            ));
+            continue;
+        }
         let c = final_values(a, &groups, revealed, plan.privacy.is_some())?;
         columns.push(if blank {
             datafusion::arrow::array::new_null_array(c.data_type(), c.len())
@@ -160,11 +169,33 @@ pub fn post_plan(plan: &FederatedPlan, batch: RecordBatch) -> Result<LogicalPlan
         .collect();
     let relabel =
         LogicalPlan::Projection(Projection::try_new(exprs, Arc::new(scan)).map_err(internal)?);
+    // With a gate, HAVING's conjuncts it decided are TRUE here (their
+    // aggregates may not be revealed); the filters above the aggregate are
+    // numbered innermost first, as `having::having_filters` does.
+    let decided: &[(usize, usize)] = if plan.gated() {
+        &plan.having_decided
+    } else {
+        &[]
+    };
+    let mut above = false;
+    let mut filter = 0;
     plan.logical
         .clone()
         .transform_up(|node| {
             if matches!(node, LogicalPlan::Aggregate(_)) {
+                above = true;
                 Ok(Transformed::yes(relabel.clone()))
+            } else if let (true, LogicalPlan::Filter(f)) = (above, &node) {
+                let mine: Vec<usize> = decided
+                    .iter()
+                    .filter(|(fi, _)| *fi == filter)
+                    .map(|(_, ci)| *ci)
+                    .collect();
+                filter += 1;
+                let predicate = crate::having::without_decided(&f.predicate, &mine);
+                Ok(Transformed::yes(LogicalPlan::Filter(
+                    datafusion::logical_expr::Filter::try_new(predicate, f.input.clone())?,
+                )))
             } else {
                 // The nodes above take the revealed columns' schema (an
                 // answer left out by a minimum group size is NULL even in

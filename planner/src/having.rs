@@ -56,6 +56,11 @@ pub struct SharedCondition {
     pub at_least: i64,
     /// What it stands for, for EXPLAIN.
     pub text: String,
+    /// Where it stands: the HAVING filter (innermost first) and the
+    /// conjunct within it.
+    pub at: (usize, usize),
+    /// The aggregate output it compares.
+    pub column: String,
 }
 
 /// The conditions in shares of `analyzed`'s HAVING (DataFusion's analysed
@@ -67,8 +72,8 @@ pub(crate) fn shared_conditions(
 ) -> (Vec<SharedCondition>, Vec<String>) {
     let mut shared = Vec::new();
     let mut left = Vec::new();
-    for (pred, schema) in having_filters(analyzed) {
-        for conjunct in split_conjunction(pred) {
+    for (fi, (pred, schema)) in having_filters(analyzed).into_iter().enumerate() {
+        for (ci, conjunct) in split_conjunction(pred).into_iter().enumerate() {
             // Bounded: each condition is a gate column and some hundred
             // evaluations to find its bound.
             if shared.len() >= MAX_CONDITIONS {
@@ -77,7 +82,8 @@ pub(crate) fn shared_conditions(
             }
             match condition(plan, conjunct, schema) {
                 Some(mut c) => {
-                    for x in c.drain(..) {
+                    for mut x in c.drain(..) {
+                        x.at = (fi, ci);
                         if !shared.contains(&x) {
                             shared.push(x);
                         }
@@ -208,6 +214,8 @@ fn condition(plan: &FederatedPlan, e: &Expr, schema: &DFSchema) -> Option<Vec<Sh
             negate,
             at_least,
             text: text.clone(),
+            at: (0, 0),
+            column: col.name.clone(),
         });
     }
     if let Some(c) = has_value {
@@ -216,6 +224,8 @@ fn condition(plan: &FederatedPlan, e: &Expr, schema: &DFSchema) -> Option<Vec<Sh
             negate: false,
             at_least: 1,
             text: format!("{} is not NULL", col.name),
+            at: (0, 0),
+            column: col.name.clone(),
         });
     }
     Some(out)
@@ -256,4 +266,115 @@ fn bound(p: impl Fn(i64) -> Option<bool>, negate: bool) -> Option<i64> {
         }
     }
     Some(t)
+}
+
+/// The conjuncts of `logical`'s HAVING (the query's own plan, which the
+/// post part runs) that the gate decides, as (filter, conjunct): each one
+/// checked to compare the same aggregate there as in the analysed plan the
+/// conditions came from, or none is dropped. With a gate the post part
+/// replaces them by TRUE, so that an aggregate they alone use need not be
+/// revealed (`FederatedPlan::revealed_aggregate`).
+///
+/// Only conjuncts over counts, and only with GROUP BY: a SUM's condition passes in the gate where
+/// a party's value is beyond the gate's exact range
+/// ([`executor::gate::FORCED_PASS`]), and then the post part must decide it
+/// on the revealed SUM. A count never leaves that range.
+pub(crate) fn decided_conjuncts(
+    plan: &FederatedPlan,
+    conditions: &[SharedCondition],
+    logical: &LogicalPlan,
+) -> Vec<(usize, usize)> {
+    // Without GROUP BY a failing gate leaves one row of NULLs (a minimum
+    // group size's answer), which only the post part's HAVING removes.
+    if !plan.grouped {
+        return Vec::new();
+    }
+    let filters = having_filters(logical);
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    let on_sum = |at: (usize, usize)| {
+        conditions.iter().any(|c| {
+            c.at == at
+                && !matches!(
+                    plan.local.partials[c.partial].kind,
+                    crate::PartialKind::RowCount | crate::PartialKind::Count
+                )
+        })
+    };
+    for c in conditions {
+        if on_sum(c.at) {
+            continue;
+        }
+        let (fi, ci) = c.at;
+        let Some(conjunct) = filters
+            .get(fi)
+            .and_then(|(p, _)| split_conjunction(p).get(ci).copied())
+        else {
+            return Vec::new();
+        };
+        if !conjunct.column_refs().iter().all(|r| r.name == c.column) {
+            return Vec::new();
+        }
+        if !out.contains(&c.at) {
+            out.push(c.at);
+        }
+    }
+    out
+}
+
+/// The column names referenced above the aggregate of `logical`, but for
+/// the `decided` conjuncts.
+pub(crate) fn referenced_above(logical: &LogicalPlan, decided: &[(usize, usize)]) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut stack = vec![logical];
+    while let Some(node) = stack.pop() {
+        let exprs: Vec<&Expr> = match node {
+            LogicalPlan::Projection(p) => {
+                stack.push(&p.input);
+                p.expr.iter().collect()
+            }
+            LogicalPlan::Sort(s) => {
+                stack.push(&s.input);
+                s.expr.iter().map(|e| &e.expr).collect()
+            }
+            LogicalPlan::Limit(l) => {
+                stack.push(&l.input);
+                Vec::new()
+            }
+            LogicalPlan::Filter(f) => {
+                stack.push(&f.input);
+                Vec::new()
+            }
+            _ => Vec::new(),
+        };
+        for e in exprs {
+            names.extend(e.column_refs().into_iter().map(|c| c.name.clone()));
+        }
+    }
+    // The filters, innermost first as `having_filters` numbers them.
+    for (fi, (pred, _)) in having_filters(logical).into_iter().enumerate() {
+        for (ci, conjunct) in split_conjunction(pred).into_iter().enumerate() {
+            if !decided.contains(&(fi, ci)) {
+                names.extend(conjunct.column_refs().into_iter().map(|c| c.name.clone()));
+            }
+        }
+    }
+    names
+}
+
+/// `predicate` with the conjuncts at `decided` (of this filter) replaced
+/// by TRUE.
+pub(crate) fn without_decided(predicate: &Expr, decided: &[usize]) -> Expr {
+    let kept: Vec<Expr> = split_conjunction(predicate)
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            if decided.contains(&i) {
+                datafusion::logical_expr::lit(true)
+            } else {
+                e.clone()
+            }
+        })
+        .collect();
+    datafusion::logical_expr::utils::conjunction(kept)
+        .unwrap_or_else(|| datafusion::logical_expr::lit(true))
 }

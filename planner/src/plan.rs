@@ -718,6 +718,13 @@ pub struct FederatedPlan {
     /// HAVING's other conjuncts, evaluated on the revealed values at the
     /// result party (for EXPLAIN).
     pub having_left: Vec<String>,
+    /// The conjuncts of `logical`'s HAVING that a gate decides (filter,
+    /// conjunct): with a gate the post part takes them as TRUE.
+    pub having_decided: Vec<(usize, usize)>,
+    /// Per aggregate: whether only conjuncts the gate decides use it, so
+    /// that with a gate it is not revealed (`HAVING COUNT(*) >= 20` alone
+    /// reveals no count).
+    pub having_only: Vec<bool>,
 }
 
 /// One column of the gate: each party's value of `partial` (negated if
@@ -944,6 +951,12 @@ impl FederatedPlan {
         self.comparison_parties().len() == 3 && (2..=16).contains(&data)
     }
 
+    /// Whether aggregate `k`'s value is revealed: always, except with a
+    /// gate for one that only HAVING's conjuncts decided in the gate use.
+    pub fn revealed_aggregate(&self, k: usize) -> bool {
+        !self.gated() || !self.having_only.get(k).copied().unwrap_or(false)
+    }
+
     /// The gate's columns, in order (none without a gate). The first is
     /// always the row count, so that the gate's shape is the same with a
     /// minimum group size or without one (a party may receive gate
@@ -1029,15 +1042,21 @@ impl FederatedPlan {
             })
             .collect();
         idx.sort_by_key(|&i| !self.local.partials[i].kind.is_extreme());
-        if self.gated()
-            && !self
-                .aggregates
-                .iter()
-                .any(|a| a.count == Some(self.row_count))
-        {
-            // The gate decides which groups exist: the row count is
-            // revealed only where an aggregate asks for it.
-            idx.retain(|&i| i != self.row_count);
+        if self.gated() {
+            // The gate decides which groups exist: a partial is revealed
+            // only where an aggregate that is revealed needs it (not the
+            // row count for its own sake, not an aggregate that only
+            // conjuncts decided in the gate use).
+            let mut needed = BTreeSet::new();
+            for (k, a) in self.aggregates.iter().enumerate() {
+                if self.revealed_aggregate(k) {
+                    needed.extend(a.count);
+                    needed.extend(a.sum);
+                    needed.extend(a.extreme);
+                    needed.extend(a.sum_squares.iter().flat_map(|q| q.partials()));
+                }
+            }
+            idx.retain(|i| needed.contains(i));
         }
         idx
     }
@@ -1942,8 +1961,17 @@ async fn plan_query_here(
         threshold: 0,
         having: Vec::new(),
         having_left: Vec::new(),
+        having_decided: Vec::new(),
+        having_only: Vec::new(),
     };
     let (having, left) = crate::having::shared_conditions(&plan, &analyzed);
+    plan.having_decided = crate::having::decided_conjuncts(&plan, &having, &plan.logical);
+    let used = crate::having::referenced_above(&plan.logical, &plan.having_decided);
+    plan.having_only = plan
+        .aggregates
+        .iter()
+        .map(|a| !plan.having_decided.is_empty() && !used.iter().any(|n| n == a.field.name()))
+        .collect();
     plan.having = having;
     plan.having_left = left;
     plan.restage("")?;
@@ -2135,6 +2163,14 @@ fn fingerprint(plan: &FederatedPlan) -> String {
     for c in &plan.groups.columns {
         let _ = writeln!(s, "group {} {:?}", c.name, c.values);
     }
+    // Which partials are revealed, and which conjuncts of HAVING the gate
+    // decided for the post part.
+    let _ = writeln!(
+        s,
+        "revealed {:?} decided {:?}",
+        plan.shared_partials(),
+        plan.having_decided
+    );
     // Which partial each gate column carries, and how: gateways that map
     // them differently must not agree on the plan.
     for c in plan.gate_columns() {
@@ -2745,8 +2781,16 @@ columns = [
         assert_eq!(cols[1].value(-(1 << 60)), forced);
         assert_eq!(cols[1].value(1 << 53), i256::from_i128(1 << 53));
         assert_eq!(cols[0].value(1 << 60), i256::from_i128(1 << 60));
-        // COUNT(*) is an aggregate of the query (HAVING uses it), so revealed.
-        assert!(p.shared_partials().contains(&p.row_count));
+        // Only the conjunct decided in the gate uses COUNT(*): the post part
+        // takes it as TRUE, and no count is revealed.
+        assert_eq!(p.having_decided, vec![(0, 0)]);
+        assert!(!p.shared_partials().contains(&p.row_count));
+        let count = p
+            .aggregates
+            .iter()
+            .position(|a| a.kind == AggKind::CountStar)
+            .unwrap();
+        assert!(!p.revealed_aggregate(count));
         let explain = p.clone().led_by("a").unwrap().explain("a");
         assert!(explain.contains("Gate in shares"), "{explain}");
         let p = plan(
@@ -2769,6 +2813,11 @@ columns = [
             2,
             "{b:?}"
         );
+        // A SUM's condition stays in the post part too (a value beyond the
+        // gate's exact range passes there for the post part to decide), so
+        // the SUMs are revealed.
+        assert!(p.having_decided.is_empty());
+        assert!((0..p.aggregates.len()).all(|k| p.revealed_aggregate(k)));
         assert!(p.having_left.is_empty());
         let p =
             plan("SELECT age_band, COUNT(*) FROM patients GROUP BY age_band HAVING SUM(los) = 7")

@@ -144,6 +144,15 @@ async fn having_in_shares_agrees_with_plaintext() {
     }
     assert!(kept > 0 && removed > 0, "kept {kept}, removed {removed}");
     let client = fed.client("p1", USER, PASSWORD).await.unwrap();
+    // A count that only HAVING uses, decided in the gate, is never
+    // revealed: the program is the gate alone.
+    let text = client.explain(HAVING_QUERIES[3].0).await.unwrap();
+    assert!(
+        text.contains("Gate in shares")
+            && !text.contains("Secure step (additive")
+            && text.contains("(not their row counts)"),
+        "{text}"
+    );
     let text = client.explain(HAVING_QUERIES[1].0).await.unwrap();
     assert!(
         text.contains("Gate in shares")
