@@ -192,6 +192,9 @@ pub fn post_plan(plan: &FederatedPlan, batch: RecordBatch) -> Result<LogicalPlan
                     .map(|(_, ci)| *ci)
                     .collect();
                 filter += 1;
+                if mine.is_empty() {
+                    return Ok(Transformed::yes(node.recompute_schema()?));
+                }
                 let predicate = crate::having::without_decided(&f.predicate, &mine);
                 Ok(Transformed::yes(LogicalPlan::Filter(
                     datafusion::logical_expr::Filter::try_new(predicate, f.input.clone())?,
@@ -205,6 +208,16 @@ pub fn post_plan(plan: &FederatedPlan, batch: RecordBatch) -> Result<LogicalPlan
         })
         .map(|t| t.data)
         .map_err(internal)
+        .and_then(|p| {
+            // The filters above the aggregate were numbered as the planner
+            // numbered them, or the decided conjuncts would be the wrong ones.
+            if !decided.is_empty() && filter != crate::having::having_filters(&plan.logical).len() {
+                return Err(PlanError::Internal(
+                    "the HAVING filters of the post part do not match the plan's".into(),
+                ));
+            }
+            Ok(p)
+        })
 }
 
 /// What an output column's noise is, for analysts: the distribution of

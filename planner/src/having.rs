@@ -84,7 +84,12 @@ pub(crate) fn shared_conditions(
                 Some(mut c) => {
                     for mut x in c.drain(..) {
                         x.at = (fi, ci);
-                        if !shared.contains(&x) {
+                        // One gate column per distinct condition (two
+                        // bounds on one SUM need its "not NULL" once).
+                        let same = |y: &SharedCondition| {
+                            (y.partial, y.negate, y.at_least) == (x.partial, x.negate, x.at_least)
+                        };
+                        if !shared.iter().any(same) {
                             shared.push(x);
                         }
                     }
