@@ -54,6 +54,9 @@ struct RawEngines {
     /// among three compute parties (secure comparison: MIN, MAX); unset or
     /// `false`: refuse it.
     honest_majority: Option<bool>,
+    /// Parties this party does not accept as compute parties of a secure
+    /// comparison (whose security rests on them).
+    refuse_compute: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,6 +148,12 @@ pub struct Policy {
     /// keep every input private against any coalition short of all
     /// parties, deviating or not, and are always accepted.
     pub honest_majority: bool,
+    /// Parties this party does not accept as one of the three compute
+    /// parties of a secure comparison (`engines.refuse_compute`): a query
+    /// whose comparison the federation would run on one of them is refused.
+    /// The choice is deterministic (`FederatedPlan::comparison_parties`),
+    /// so the refusal is too.
+    pub refuse_compute: Vec<String>,
     pub tables: BTreeMap<String, TablePolicy>,
     /// The party's differential-privacy settings (mechanism, ε and δ per
     /// query, the budget), used by every table that requires DP.
@@ -607,6 +616,13 @@ impl Policy {
                 .map(|m| m.into_inner())
                 .unwrap_or(0),
             honest_majority: raw.engines.honest_majority.unwrap_or(false),
+            refuse_compute: raw
+                .engines
+                .refuse_compute
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| p.into_inner())
+                .collect(),
             tables,
             privacy,
         })
@@ -939,7 +955,32 @@ impl Policy {
                 ),
             );
         }
-        Decision::Allow
+        self.check_compute_parties(plan)
+    }
+
+    /// The refusal of a plan whose secure comparison runs on a party this
+    /// policy does not accept as a compute party, if it does.
+    pub fn check_compute_parties(&self, plan: &FederatedPlan) -> Decision {
+        let refused = plan
+            .program
+            .stages
+            .iter()
+            .filter(|s| s.compares())
+            .flat_map(|s| s.compute.iter())
+            .find(|p| self.refuse_compute.contains(p));
+        match refused {
+            Some(p) => Decision::Deny {
+                rule: "engines.refuse_compute".into(),
+                reason: format!(
+                    "this query's secure comparison would run on {p} as one of its three compute parties \
+                     (the helpers, then the parties with data, in sorted order, the first three), and this party \
+                     does not accept {p} as one: its security rests on an honest majority of them; ask for \
+                     COUNT, SUM, AVG, VAR or STDDEV without HAVING on them, or have the governance team change \
+                     `[engines] refuse_compute`"
+                ),
+            },
+            None => Decision::Allow,
+        }
     }
 
     /// Whether the plan that starts (after every party's verdict) enforces
@@ -970,7 +1011,7 @@ impl Policy {
                 ),
             };
         }
-        Decision::Allow
+        self.check_compute_parties(plan)
     }
 }
 
@@ -1337,6 +1378,28 @@ mod fail_closed {
             d => panic!("{d:?}"),
         }
         assert_eq!(accepting.check(&having, &who), Decision::Allow);
+        // A party it does not accept as a compute party: every comparison
+        // that would run on it is refused, naming the rule; sums are not.
+        let wary = Policy::parse(
+            &format!("{text}[engines]\nhonest_majority = true\nrefuse_compute = [\"c\"]\n"),
+            Some(&cat),
+        )
+        .unwrap();
+        for p in [&extremes, &having] {
+            match wary.check(p, &who) {
+                Decision::Deny { rule, reason } => {
+                    assert_eq!(rule, "engines.refuse_compute");
+                    assert!(reason.contains("would run on c"), "{reason}");
+                }
+                d => panic!("{d:?}"),
+            }
+        }
+        assert_eq!(wary.check(&sums, &who), Decision::Allow);
+        let gated = sums.clone().with_threshold(3).unwrap();
+        assert!(matches!(
+            wary.check_threshold(&gated),
+            Decision::Deny { rule, .. } if rule == "engines.refuse_compute"
+        ));
         let only_min = Policy::parse(
             &format!(
                 "{}[engines]\nhonest_majority = true\n",
