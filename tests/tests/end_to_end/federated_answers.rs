@@ -161,6 +161,49 @@ async fn having_in_shares_agrees_with_plaintext() {
         "{text}"
     );
     fed.stop().await;
+    // A party that does not accept the honest-majority model refuses a
+    // HAVING its federation decides in shares, and one that does not accept
+    // p1 as a compute party refuses every comparison on it, each naming its
+    // rule; sums without HAVING still run.
+    use council_tests::{open_policy, party_ids, spec_for, write_random_data};
+    for (replacement, rule, refused) in [
+        (
+            "honest_majority = false\n",
+            "engines.honest_majority",
+            HAVING_QUERIES[0].0,
+        ),
+        (
+            "honest_majority = true\nrefuse_compute = [\"p1\"]\n",
+            "engines.refuse_compute",
+            "SELECT g, MIN(x) FROM t GROUP BY g",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = party_ids(3);
+        write_random_data(
+            &dir.path().join("data"),
+            &ids,
+            Shape {
+                seed: 46,
+                large: false,
+            },
+        )
+        .unwrap();
+        let mut spec = spec_for(dir.path(), &ids, Duration::from_secs(20));
+        spec.parties[2].policy_toml =
+            open_policy("p2", &ids).replace("honest_majority = true\n", replacement);
+        let fed = council::federation::LocalFederation::start(&spec, &dir.path().join("run"))
+            .await
+            .unwrap();
+        let client = fed.client("p0", USER, PASSWORD).await.unwrap();
+        let e = client.query(refused).await.unwrap_err().to_string();
+        assert!(e.contains(rule) && e.contains("p2"), "{rule}: {e}");
+        let pooled = fed.pooled_context().await.unwrap();
+        let sums = "SELECT g, SUM(x) FROM t GROUP BY g ORDER BY g";
+        let secure = client.query(sums).await.unwrap();
+        compare(&secure, &plaintext(&pooled, sums).await.unwrap(), true).unwrap();
+        fed.stop().await;
+    }
 }
 
 /// Five parties: the first three compute the comparison and the other two
