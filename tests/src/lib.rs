@@ -155,10 +155,22 @@ pub async fn start_random(
     shape: Shape,
     timeout: Duration,
 ) -> anyhow::Result<LocalFederation> {
+    let (_, spec) = random_spec(dir, n, shape, timeout)?;
+    LocalFederation::start(&spec, &dir.join("run")).await
+}
+
+/// `n` parties' random data under `dir` and their spec (open policies), for
+/// a test to change before it starts them.
+pub fn random_spec(
+    dir: &Path,
+    n: usize,
+    shape: Shape,
+    timeout: Duration,
+) -> anyhow::Result<(Vec<String>, FederationSpec)> {
     let ids = party_ids(n);
     write_random_data(&dir.join("data"), &ids, shape)?;
     let spec = spec_for(dir, &ids, timeout);
-    LocalFederation::start(&spec, &dir.join("run")).await
+    Ok((ids, spec))
 }
 
 pub fn spec_for(dir: &Path, ids: &[String], timeout: Duration) -> FederationSpec {

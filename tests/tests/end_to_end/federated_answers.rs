@@ -165,7 +165,7 @@ async fn having_in_shares_agrees_with_plaintext() {
     // HAVING its federation decides in shares, and one that does not accept
     // p1 as a compute party refuses every comparison on it, each naming its
     // rule; sums without HAVING still run.
-    use council_tests::{open_policy, party_ids, spec_for, write_random_data};
+    use council_tests::open_policy;
     for (replacement, rule, refused) in [
         (
             "honest_majority = false\n",
@@ -179,17 +179,12 @@ async fn having_in_shares_agrees_with_plaintext() {
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let ids = party_ids(3);
-        write_random_data(
-            &dir.path().join("data"),
-            &ids,
-            Shape {
-                seed: 46,
-                large: false,
-            },
-        )
-        .unwrap();
-        let mut spec = spec_for(dir.path(), &ids, Duration::from_secs(20));
+        let shape = Shape {
+            seed: 46,
+            large: false,
+        };
+        let (ids, mut spec) =
+            council_tests::random_spec(dir.path(), 3, shape, Duration::from_secs(20)).unwrap();
         spec.parties[2].policy_toml =
             open_policy("p2", &ids).replace("honest_majority = true\n", replacement);
         let fed = council::federation::LocalFederation::start(&spec, &dir.path().join("run"))
