@@ -197,12 +197,16 @@ impl Gateway {
             .engine_for(plan, None)
             .map_err(|e| mine(format!("no engine runs this query: {e}")))?;
         let ring = engine.encode(&shared, &widths).map_err(|o| {
-            let p = &plan.local.partials[column_partials[o.partial]];
+            // The engine names the column; an index it should never give
+            // is reported, not indexed.
+            let p = column_partials
+                .get(o.partial)
+                .and_then(|&i| plan.local.partials.get(i));
             PartyFailure {
                 local: format!(
                     "partial {:?} of {:?} in group {} is {} and exceeds the per-party bound ±{} of the ring with {} parties",
-                    p.kind,
-                    p.arg.as_ref().map(|a| a.to_string()),
+                    p.map(|p| p.kind),
+                    p.and_then(|p| p.arg.as_ref()).map(|a| a.to_string()),
                     o.group,
                     o.value,
                     o.bound,
